@@ -9,24 +9,25 @@ import torch.multiprocessing as mp
 from helpers import tiny_job
 from polypythia.job import teardown
 from polypythia.net import free_port
+from polypythia.train.checkpoint import verify
 from polypythia.train.loop import set_rendezvous, train
 
 pytestmark = pytest.mark.integration
 
 
-def _rank(rank, world_size, port, tmp_path, cache_dir, queue):
+def _rank(rank, world_size, port, tmp_path, cache_dir, queue, zero_stage):
     set_rendezvous(rank, world_size, "127.0.0.1", port)
-    cfg = tiny_job(tmp_path, cache_dir, train__zero_stage=0, train__threads=1, train__keep_resume_states=None,
-                   launcher__workers_per_run=world_size)
+    cfg = tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__threads=1,
+                   train__keep_resume_states=None, launcher__workers_per_run=world_size)
     result = train(cfg)
     queue.put((rank, result.start_step, result.losses))
 
 
-def train_ranks(world_size, tmp_path, cache_dir):
+def train_ranks(world_size, tmp_path, cache_dir, zero_stage):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world_size, port, tmp_path, cache_dir, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_rank, args=(r, world_size, port, tmp_path, cache_dir, queue, zero_stage)) for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -36,29 +37,44 @@ def train_ranks(world_size, tmp_path, cache_dir):
     return results[0][1], results[0][2]
 
 
-def single(tmp_path, cache_dir):
+def single(tmp_path, cache_dir, zero_stage):
     try:
-        r = train(tiny_job(tmp_path, cache_dir, train__zero_stage=0, train__threads=1, train__keep_resume_states=None))
+        r = train(tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__threads=1,
+                           train__keep_resume_states=None))
         return r.start_step, r.losses
     finally:
         teardown()
 
 
-def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir):
-    _, reference = single(tmp_path / "one", cache_dir)
-    _, two = train_ranks(2, tmp_path / "two", cache_dir)
+def resumable_again(run_dir, step):
+    """Drop the checkpoints after ``step`` so that the next start resumes from it."""
+    for path in (run_dir / "checkpoints").iterdir():
+        if int(path.name.removeprefix("step")) > step:
+            shutil.rmtree(path)
+
+
+# ZeRO-0 state is whole on every rank and loads as it is; ZeRO-1/2 state is split across the
+# ranks that wrote it and goes through DeepSpeed's universal checkpoint layout. One fp32 worker
+# always runs ZeRO-0, so with zero_stage=1 the two directions are 1 -> 0 and 0 -> 1.
+@pytest.mark.parametrize("zero_stage", [0, 1, 2])
+def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero_stage):
+    _, reference = single(tmp_path / "one", cache_dir, zero_stage)
+    _, two = train_ranks(2, tmp_path / "two", cache_dir, zero_stage)
     np.testing.assert_allclose(two, reference, rtol=1e-5, atol=1e-6)
 
     # written by 2 workers, resumed by 1
     run_dir = tmp_path / "two" / "runs" / "polypythia" / "tiny-seed1"
-    shutil.rmtree(run_dir / "checkpoints" / "step6")
-    start, rest = single(tmp_path / "two", cache_dir)
+    resumable_again(run_dir, 4)
+    start, rest = single(tmp_path / "two", cache_dir, zero_stage)
     assert start == 4
     np.testing.assert_allclose(rest, reference[4:], rtol=1e-5, atol=1e-6)
+    # the converted copy is gone and the checkpoint it came from still verifies
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step{s}" for s in (0, 1, 2, 3, 4, 6)]
+    verify(run_dir / "checkpoints" / "step4")
 
     # written by 1 worker, resumed by 2
     run_dir = tmp_path / "one" / "runs" / "polypythia" / "tiny-seed1"
-    shutil.rmtree(run_dir / "checkpoints" / "step6")
-    start, rest = train_ranks(2, tmp_path / "one", cache_dir)
+    resumable_again(run_dir, 4)
+    start, rest = train_ranks(2, tmp_path / "one", cache_dir, zero_stage)
     assert start == 4
     np.testing.assert_allclose(rest, reference[4:], rtol=1e-5, atol=1e-6)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,10 +20,11 @@ from typing import Sequence
 import torch
 
 from polypythia.config import JobConfig
-from polypythia.errors import CheckpointError, DivergenceError
+from polypythia.errors import DivergenceError
 from polypythia.model import build_model, padded_vocab_size
 from polypythia.net import free_port
 from polypythia.train import checkpoint as ckpt
+from polypythia.train import universal
 from polypythia.train.data import TrainingData, load_training_data
 from polypythia.train.schedule import checkpoint_steps, lr_at
 
@@ -130,12 +132,16 @@ def resolve_precision(precision: str) -> str:
 
 
 def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
-    """ZeRO partitions optimizer state across data-parallel ranks; with one rank there is nothing
-    to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use stage 0."""
-    return cfg.train.zero_stage if world_size > 1 else 0
+    """ZeRO partitions optimizer state across data-parallel ranks; with one fp32 rank there is
+    nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
+    stage 0. Mixed precision keeps the configured stage: there DeepSpeed's ZeRO optimizer is
+    what keeps the fp32 master weights, and what reads checkpoints from other worker counts."""
+    if world_size == 1 and resolve_precision(cfg.train.precision) == "fp32":
+        return 0
+    return cfg.train.zero_stage
 
 
-def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
+def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = False) -> dict:
     budget, train = cfg.budget, cfg.train
     micro_per_step = budget.global_batch_size // (budget.micro_batch_size * world_size)
     ds = {
@@ -148,6 +154,8 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint written by another number of workers
+        ds["checkpoint"] = {"load_universal": True}
     precision = resolve_precision(train.precision)
     if precision == "fp16":  # Pythia: fp16 with dynamic loss scaling
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}
@@ -156,15 +164,24 @@ def deepspeed_config(cfg: JobConfig, world_size: int) -> dict:
     return ds
 
 
+def _decayed(name: str, param: torch.nn.Parameter) -> bool:
+    return param.ndim >= 2 and "norm" not in name
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """GPT-NeoX decays weight matrices only; biases and LayerNorm parameters are not decayed."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if _decayed(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not _decayed(n, p)], "weight_decay": 0.0}]
 
 
-def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int):
+def optimizer_order(model: torch.nn.Module) -> list[str]:
+    """Parameter names in the order :func:`param_groups` hands them to the optimizer."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if _decayed(n, p)] + [n for n, p in named if not _decayed(n, p)]
+
+
+def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_universal: bool = False):
     import deepspeed
 
     train = cfg.train
@@ -183,7 +200,7 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int):
         lambda s: lr_at(s, budget.steps, peak, budget.warmup_fraction, budget.min_lr_ratio) / peak,
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size)
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size, load_universal)
     )
     return engine
 
@@ -225,12 +242,13 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     )
     if cfg.train.activation_checkpointing:  # renamed in transformers 5
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
-    engine = build_engine(cfg, model, world_size)
+    run_dir = Path(cfg.run_dir)
+    plan = _resume_plan(cfg, run_dir, world_size)
+    engine = build_engine(cfg, model, world_size, load_universal=plan.universal and plan.stage > 0)
     forward = torch.compile(engine.module) if cfg.train.compile else engine
 
-    run_dir = Path(cfg.run_dir)
     schedule = checkpoint_steps(cfg.budget.steps, cfg.budget.checkpoint_every_steps, cfg.budget.log_spaced_checkpoints)
-    start_step, resumed_loss = _resume(engine, run_dir)
+    start_step, resumed_loss = _resume(engine, plan)
     info = {"rank": rank, "world_size": world_size, "start_step": start_step, "vocab_size": vocab_size,
             "zero_stage": effective_zero_stage(cfg, world_size),
             "num_params": sum(p.numel() for p in model.parameters()), "checkpoint_steps": schedule}
@@ -332,30 +350,55 @@ def _global_mean(value: torch.Tensor, world_size: int) -> float:
     return float(value)
 
 
-def _resume(engine, run_dir: Path) -> tuple[int, float]:
-    """(step to continue from, loss of the last step before it) from the newest valid checkpoint."""
+@dataclass
+class ResumePlan:
+    checkpoint: ckpt.Checkpoint | None  # the newest valid checkpoint, if any
+    state: dict  # its trainer state
+    stage: int  # ZeRO stage of this run
+    universal: bool  # written by another worker count: load through the universal layout
+
+
+def _resume_plan(cfg: JobConfig, run_dir: Path, world_size: int) -> ResumePlan:
+    stage = effective_zero_stage(cfg, world_size)
     latest = ckpt.latest_valid_checkpoint(run_dir)
     if latest is None:
-        return 0, float("nan")
+        return ResumePlan(None, {}, stage, False)
     state = ckpt.load_trainer_state(latest.path)
-    _check_layout(state, latest.path, engine)
-    engine.load_checkpoint(str(latest.path / "state"), tag=ckpt.STATE_TAG, load_module_strict=True)
+    saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
+    return ResumePlan(latest, state, stage, universal.needs_conversion(saved_world, saved_stage, world_size, stage))
+
+
+def _resume(engine, plan: ResumePlan) -> tuple[int, float]:
+    """(step to continue from, loss of the last step before it) from the newest valid checkpoint."""
+    latest, state = plan.checkpoint, plan.state
+    if latest is None:
+        return 0, float("nan")
+    if plan.universal:
+        _load_across_worker_counts(engine, latest, state)
+    else:
+        engine.load_checkpoint(str(latest.path / "state"), tag=ckpt.STATE_TAG, load_module_strict=True)
     ckpt.set_rng_state(state["rng"])
-    log.info("Resuming %s from checkpoint step %d.", run_dir.name, latest.step)
+    log.info("Resuming %s from checkpoint step %d.", latest.path.parent.parent.name, latest.step)
     return int(state["step"]), float(state.get("loss", float("nan")))
 
 
-def _check_layout(state: dict, path: Path, engine) -> None:
-    """ZeRO-1/2 optimizer state is split per rank: it resumes only on as many workers as wrote it."""
-    world_size = torch.distributed.get_world_size()
+def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> None:
+    """Rank 0 rewrites the checkpoint's state in the universal layout next to it; every rank loads
+    that, then it is removed (the checkpoint itself is left as it was)."""
+    rank = torch.distributed.get_rank()
     saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
-    stage = engine.zero_optimization_stage()
-    if saved_world != world_size and (saved_stage > 0 or stage > 0):
-        raise CheckpointError(
-            f"Checkpoint {path} was written by {saved_world} worker(s) with ZeRO stage {saved_stage} and cannot "
-            f"resume on {world_size} with ZeRO stage {stage}; resume with launcher.workers_per_run={saved_world}, "
-            "or train with train.zero_stage=0, whose checkpoints resume on any number of workers."
-        )
+    converted = latest.path.parent / f"{latest.path.name}.universal"
+    if rank == 0:
+        log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
+                 "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage,
+                 torch.distributed.get_world_size(), engine.zero_optimization_stage())
+        universal.to_universal(latest.path / "state" / ckpt.STATE_TAG, converted / ckpt.STATE_TAG, saved_stage,
+                               optimizer_order(engine.module))
+    _barrier()
+    universal.load(engine, converted, ckpt.STATE_TAG)
+    _barrier()
+    if rank == 0:
+        shutil.rmtree(converted, ignore_errors=True)
 
 
 def _save(cfg: JobConfig, engine, data: TrainingData, step: int, callbacks, result: TrainResult) -> None:

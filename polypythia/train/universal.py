@@ -1,0 +1,124 @@
+"""Resume a checkpoint on a different number of workers, through DeepSpeed universal checkpoints.
+
+ZeRO-1/2 split the optimizer state across the data-parallel ranks that wrote it, so a checkpoint
+only loads as it is on as many workers. To resume on another count, the resume state is first
+rewritten in DeepSpeed's *universal* layout, one folder per parameter holding its fp32 master
+value and Adam moments, which any partitioning can read::
+
+    <tag>/mp_rank_00_model_states.pt                  # LR schedule, step counters (copied)
+    <tag>/zero/optimizer_state.pt                     # param groups, loss scaler, clipping
+    <tag>/zero/<param name>/{fp32,exp_avg,exp_avg_sq,step}.pt
+
+A ZeRO-1/2 checkpoint is converted by DeepSpeed's own ``ds_to_universal``; a ZeRO-0 one (what
+a single fp32 worker writes) already holds the whole torch AdamW state, which :func:`to_universal`
+rewrites per parameter. A ZeRO-1/2 engine loads the result with DeepSpeed's universal loader
+(``checkpoint.load_universal``); a ZeRO-0 engine, which that loader does not serve, gets the
+values set on its parameters and its torch optimizer by :func:`load`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+
+from polypythia.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# Parameter-group entries that belong to this process's optimizer, not to the training state.
+IMPLEMENTATION_KEYS = {"params", "fused", "foreach", "capturable", "differentiable"}
+
+
+def needs_conversion(saved_world: int, saved_stage: int, world: int, stage: int) -> bool:
+    """Whether a checkpoint written by ``saved_world`` workers at ZeRO ``saved_stage`` must go
+    through the universal layout to load on ``world`` workers at ZeRO ``stage`` (ZeRO-0 state is
+    whole on every rank, so only partitioned state on either side needs it)."""
+    return (saved_world, saved_stage) != (world, stage) and (saved_stage > 0 or stage > 0)
+
+
+def to_universal(tag_dir: Path, out_tag_dir: Path, saved_stage: int, names: list[str]) -> None:
+    """Write the universal form of the DeepSpeed state in ``tag_dir`` to ``out_tag_dir``.
+
+    ``names`` are the model's parameter names in the order of the optimizer's parameter groups
+    (what a ZeRO-0 torch optimizer's state dict numbers its parameters by).
+    """
+    shutil.rmtree(out_tag_dir, ignore_errors=True)
+    out_tag_dir.parent.mkdir(parents=True, exist_ok=True)
+    if saved_stage > 0:
+        from deepspeed.checkpoint import ds_to_universal
+
+        args = Namespace(input_folder=str(tag_dir), output_folder=str(out_tag_dir), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner per phase
+            ds_to_universal.main(args)
+    else:
+        _zero0_to_universal(tag_dir, out_tag_dir, names)
+
+
+def _zero0_to_universal(tag_dir: Path, out: Path, names: list[str]) -> None:
+    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    optim = states.get("optimizer")
+    if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
+        raise CheckpointError(
+            f"Checkpoint {tag_dir} was written at ZeRO stage 0 in fp16, whose optimizer state cannot be "
+            "repartitioned; resume it with train.zero_stage=0."
+        )
+    if len(names) != sum(len(g["params"]) for g in optim["param_groups"]):
+        raise CheckpointError(f"Checkpoint {tag_dir} has optimizer state for a different model; check model=.")
+    zero = out / "zero"
+    module = states["module"]
+    for index, name in enumerate(names):
+        folder = zero / name
+        folder.mkdir(parents=True)
+        torch.save({"param": module[name].float(), "cat_dim": 0}, folder / "fp32.pt")
+        state = optim["state"].get(index)
+        if state:  # a parameter that never had a gradient has no moments yet
+            for key in ADAM_KEYS:
+                torch.save({"param": state[key].float(), "cat_dim": 0}, folder / f"{key}.pt")
+            torch.save(torch.as_tensor(state["step"], dtype=torch.float32), folder / "step.pt")
+    import deepspeed
+
+    # No loss scaler or clipping entries: the loading engine keeps those of its own configuration.
+    torch.save({"zero_stage": 0, "ds_version": states.get("ds_version") or deepspeed.__version__,
+                "param_groups": optim["param_groups"]}, zero / "optimizer_state.pt")
+    shutil.copy2(tag_dir / MODEL_STATES, out / MODEL_STATES)
+
+
+def load(engine, load_dir: Path, tag: str) -> None:
+    """Load the universal checkpoint ``load_dir/tag`` into ``engine``.
+
+    A ZeRO-1/2 engine must have been built with ``checkpoint.load_universal``.
+    """
+    if engine.zero_optimization_stage() > 0:
+        engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+        return
+    optimizer = engine.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's fp16 wrapper holds the master weights
+        raise CheckpointError("A ZeRO stage 0 run in fp16 cannot load a checkpoint written at ZeRO stage 1/2; "
+                              "resume it with the train.zero_stage it was written with.")
+    # ZeRO-0: module, LR schedule and step counters as usual, then fp32 values and Adam moments.
+    engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=False)
+    zero = load_dir / tag / "zero"
+    saved_groups = torch.load(zero / "optimizer_state.pt", weights_only=False)["param_groups"]
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):  # lr, betas, ...
+        group.update({k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS})
+    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
+    with torch.no_grad():
+        for name, param in engine.module.named_parameters():
+            folder = zero / name
+            param.copy_(torch.load(folder / "fp32.pt", weights_only=False)["param"].view_as(param))
+            if (folder / "exp_avg.pt").exists():
+                step = torch.load(folder / "step.pt", weights_only=False).float().reshape(())
+                optimizer.state[param] = {
+                    "step": step.to(param.device) if on_device else step,
+                    **{key: torch.load(folder / f"{key}.pt", weights_only=False)["param"].to(param).view_as(param)
+                       for key in ADAM_KEYS},
+                }
