@@ -204,6 +204,11 @@ class JobConfig:
         self.data.check()
         self.train.check()
         self.launcher.check()
+        if self.train.precision == "fp16" and self.launcher.num_gpus_per_job <= 0:
+            raise ConfigError(
+                "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
+                "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
+            )
 
     @property
     def effective_weight_seed(self) -> int:

@@ -47,6 +47,7 @@ def test_seeds_and_run_names(tmp_path):
     ("budget.micro_batch_size=3", "multiple of"),
     ("seed=abc", "seed"),
     ("data=indexed", "data.path"),
+    ("train.precision=fp16", "fp16 needs a GPU per worker"),
 ])
 def test_bad_values_raise_config_error(override, fragment, tmp_path):
     try:

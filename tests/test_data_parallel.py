@@ -15,19 +15,19 @@ from polypythia.train.loop import set_rendezvous, train
 pytestmark = pytest.mark.integration
 
 
-def _rank(rank, world_size, port, tmp_path, cache_dir, queue, zero_stage):
+def _rank(rank, world_size, port, tmp_path, cache_dir, queue, zero_stage, precision):
     set_rendezvous(rank, world_size, "127.0.0.1", port)
-    cfg = tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__threads=1,
+    cfg = tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__precision=precision, train__threads=1,
                    train__keep_resume_states=None, launcher__workers_per_run=world_size)
     result = train(cfg)
     queue.put((rank, result.start_step, result.losses))
 
 
-def train_ranks(world_size, tmp_path, cache_dir, zero_stage):
+def train_ranks(world_size, tmp_path, cache_dir, zero_stage, precision):
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_rank, args=(r, world_size, port, tmp_path, cache_dir, queue, zero_stage)) for r in range(world_size)]
+    procs = [ctx.Process(target=_rank, args=(r, world_size, port, tmp_path, cache_dir, queue, zero_stage, precision)) for r in range(world_size)]
     for p in procs:
         p.start()
     for p in procs:
@@ -37,10 +37,10 @@ def train_ranks(world_size, tmp_path, cache_dir, zero_stage):
     return results[0][1], results[0][2]
 
 
-def single(tmp_path, cache_dir, zero_stage):
+def single(tmp_path, cache_dir, zero_stage, precision):
     try:
-        r = train(tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__threads=1,
-                           train__keep_resume_states=None))
+        r = train(tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__precision=precision,
+                           train__threads=1, train__keep_resume_states=None))
         return r.start_step, r.losses
     finally:
         teardown()
@@ -55,17 +55,18 @@ def resumable_again(run_dir, step):
 
 # ZeRO-0 state is whole on every rank and loads as it is; ZeRO-1/2 state is split across the
 # ranks that wrote it and goes through DeepSpeed's universal checkpoint layout. One fp32 worker
-# always runs ZeRO-0, so with zero_stage=1 the two directions are 1 -> 0 and 0 -> 1.
-@pytest.mark.parametrize("zero_stage", [0, 1, 2])
-def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero_stage):
-    _, reference = single(tmp_path / "one", cache_dir, zero_stage)
-    _, two = train_ranks(2, tmp_path / "two", cache_dir, zero_stage)
+# always runs ZeRO-0, so with zero_stage=1 the two directions are 1 -> 0 and 0 -> 1; in bf16 both
+# sides run ZeRO-1 (DeepSpeed's bf16 optimizer, as on a GPU).
+@pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")])
+def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero_stage, precision):
+    _, reference = single(tmp_path / "one", cache_dir, zero_stage, precision)
+    _, two = train_ranks(2, tmp_path / "two", cache_dir, zero_stage, precision)
     np.testing.assert_allclose(two, reference, rtol=1e-5, atol=1e-6)
 
     # written by 2 workers, resumed by 1
     run_dir = tmp_path / "two" / "runs" / "polypythia" / "tiny-seed1"
     resumable_again(run_dir, 4)
-    start, rest = single(tmp_path / "two", cache_dir, zero_stage)
+    start, rest = single(tmp_path / "two", cache_dir, zero_stage, precision)
     assert start == 4
     np.testing.assert_allclose(rest, reference[4:], rtol=1e-5, atol=1e-6)
     # the converted copy is gone and the checkpoint it came from still verifies
@@ -75,6 +76,6 @@ def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero
     # written by 1 worker, resumed by 2
     run_dir = tmp_path / "one" / "runs" / "polypythia" / "tiny-seed1"
     resumable_again(run_dir, 4)
-    start, rest = train_ranks(2, tmp_path / "one", cache_dir, zero_stage)
+    start, rest = train_ranks(2, tmp_path / "one", cache_dir, zero_stage, precision)
     assert start == 4
     np.testing.assert_allclose(rest, reference[4:], rtol=1e-5, atol=1e-6)

@@ -146,6 +146,55 @@ def test_activation_checkpointing_gives_the_same_curve(tmp_path, cache_dir):
     np.testing.assert_allclose(recomputed, plain, rtol=1e-6)
 
 
+class KeepMetrics(Callback):
+    def __init__(self):
+        self.metrics = []
+
+    def on_step_end(self, step, metrics):
+        self.metrics.append(dict(metrics))
+
+
+def test_model_flops_utilisation_is_logged_against_the_given_peak(tmp_path, cache_dir):
+    """On a GPU the peak is looked up by name; train.peak_tflops gives it on any device."""
+    from polypythia.train.loop import flops_per_token
+
+    keep = KeepMetrics()
+    cfg = tiny_job(tmp_path, cache_dir, budget__steps=2, train__peak_tflops=0.5)
+    info = {}
+
+    class KeepInfo(Callback):
+        def on_train_start(self, i):
+            info.update(i)
+
+    run(cfg, [keep, KeepInfo()])
+    per_token = flops_per_token(info["num_params"], 2, 64, 32)
+    for m in keep.metrics:
+        assert m["train/mfu"] == pytest.approx(m["train/tokens_per_s"] * per_token / 0.5e12, rel=1e-9)
+        assert 0 < m["train/mfu"] < 1
+
+
+def test_bf16_trains_on_cpu_with_bf16_weights(tmp_path, cache_dir):
+    """The mixed-precision path DeepSpeed takes on a GPU (ZeRO-1 keeps fp32 master weights); fp16
+    has no CPU kernels in DeepSpeed and is refused at configuration (tests/test_config.py)."""
+    from safetensors import safe_open
+
+    fp32 = run(tiny_job(tmp_path / "fp32", cache_dir, budget__steps=3)).losses
+    cfg = tiny_job(tmp_path / "bf16", cache_dir, budget__steps=3, train__precision="bf16")
+    bf16 = run(cfg)
+    assert bf16.losses != fp32
+    np.testing.assert_allclose(bf16.losses, fp32, rtol=1e-2)
+    with safe_open(f"{bf16.checkpoints[-1]}/model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_same_curve(tmp_path, cache_dir):
+    """Inductor on CPU (a C++ compiler builds the kernels; about 30 s for the tiny model)."""
+    plain = run(tiny_job(tmp_path / "plain", cache_dir, budget__steps=3)).losses
+    compiled = run(tiny_job(tmp_path / "compiled", cache_dir, budget__steps=3, train__compile=True)).losses
+    np.testing.assert_allclose(compiled, plain, rtol=1e-5)
+
+
 def test_the_engine_applies_the_logged_learning_rate(tmp_path, cache_dir):
     """Two micro-batches per step: DeepSpeed steps the schedule once per optimizer step."""
     from polypythia.model import build_model
