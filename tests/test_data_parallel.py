@@ -56,7 +56,7 @@ def resumable_again(run_dir, step):
 # ZeRO-0 state is whole on every rank and loads as it is; ZeRO-1/2 state is split across the
 # ranks that wrote it and goes through DeepSpeed's universal checkpoint layout. One fp32 worker
 # always runs ZeRO-0, so with zero_stage=1 the two directions are 1 -> 0 and 0 -> 1; in bf16 both
-# sides run ZeRO-1 (DeepSpeed's bf16 optimizer, as on a GPU).
+# sides run ZeRO-1 (DeepSpeed's ZeRO optimizer keeping fp32 master weights, as on a GPU).
 @pytest.mark.parametrize(("zero_stage", "precision"), [(0, "fp32"), (1, "fp32"), (2, "fp32"), (1, "bf16")])
 def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero_stage, precision):
     _, reference = single(tmp_path / "one", cache_dir, zero_stage, precision)
@@ -79,3 +79,38 @@ def test_checkpoints_cross_between_one_and_two_workers(tmp_path, cache_dir, zero
     start, rest = train_ranks(2, tmp_path / "one", cache_dir, zero_stage, precision)
     assert start == 4
     np.testing.assert_allclose(rest, reference[4:], rtol=1e-5, atol=1e-6)
+
+
+def _rank_failing_conversion(rank, world_size, port, tmp_path, cache_dir, queue):
+    """Rank 0's conversion fails (as on a full disk): every rank must raise, none may wait."""
+    from polypythia.train import universal
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    universal.to_universal = full_disk
+    set_rendezvous(rank, world_size, "127.0.0.1", port)
+    try:
+        train(tiny_job(tmp_path, cache_dir, budget__steps=2, train__threads=1, launcher__workers_per_run=world_size))
+        queue.put((rank, "no error"))
+    except Exception as exc:
+        queue.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_a_failed_conversion_stops_every_rank(tmp_path, cache_dir):
+    single(tmp_path, cache_dir, 1, "fp32")  # 6 steps on one worker
+    ctx = mp.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_failing_conversion, args=(r, 2, port, tmp_path, cache_dir, queue)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    hung = [p for p in procs if p.is_alive()]
+    for p in hung:
+        p.kill()
+    assert not hung and all(p.exitcode == 0 for p in procs), "a rank hung or died instead of raising"
+    errors = sorted(queue.get() for _ in range(2))
+    for rank, error in errors:
+        assert error.startswith("CheckpointError: Converting checkpoint") and "No space left" in error, (rank, error)

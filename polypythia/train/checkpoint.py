@@ -129,6 +129,17 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def conversion_dir(checkpoint: Path) -> Path:
+    """Where a checkpoint's state is rewritten for another worker count (see train/universal.py)."""
+    return checkpoint.parent / f"{checkpoint.name}.universal"
+
+
+def remove_conversions(run_dir: str | Path) -> None:
+    """Remove conversions left by a resume that died before it could clean up."""
+    for path in checkpoints_dir(run_dir).glob("step*.universal"):
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def partial_dir(run_dir: str | Path, step: int) -> Path:
     return checkpoints_dir(run_dir) / f"step{step}.partial"
 

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from polypythia.config import JobConfig
-from polypythia.errors import DivergenceError
+from polypythia.errors import CheckpointError, DivergenceError
 from polypythia.model import build_model, padded_vocab_size
 from polypythia.net import free_port
 from polypythia.train import checkpoint as ckpt
@@ -355,17 +355,32 @@ class ResumePlan:
     checkpoint: ckpt.Checkpoint | None  # the newest valid checkpoint, if any
     state: dict  # its trainer state
     stage: int  # ZeRO stage of this run
-    universal: bool  # written by another worker count: load through the universal layout
+    universal: bool  # written by another worker count or stage: load through the universal layout
 
 
 def _resume_plan(cfg: JobConfig, run_dir: Path, world_size: int) -> ResumePlan:
     stage = effective_zero_stage(cfg, world_size)
+    if torch.distributed.get_rank() == 0:
+        ckpt.remove_conversions(run_dir)  # left by a resume that died half-way
     latest = ckpt.latest_valid_checkpoint(run_dir)
     if latest is None:
         return ResumePlan(None, {}, stage, False)
     state = ckpt.load_trainer_state(latest.path)
     saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
-    return ResumePlan(latest, state, stage, universal.needs_conversion(saved_world, saved_stage, world_size, stage))
+    if not universal.needs_conversion(saved_world, saved_stage, world_size, stage):
+        return ResumePlan(latest, state, stage, False)
+    if state["step"] == 0:  # the initial weights, which this run builds identically from its seed
+        return ResumePlan(None, {}, stage, False)
+    precision = resolve_precision(cfg.train.precision)
+    saved_precision = state.get("precision", "fp32")
+    if (stage == 0 and precision != "fp32") or (saved_stage == 0 and saved_precision != "fp32"):
+        raise CheckpointError(
+            f"Checkpoint {latest.path} (ZeRO stage {saved_stage}, {saved_world} worker(s), {saved_precision}) cannot "
+            f"resume at ZeRO stage {stage} on {world_size} worker(s) in {precision}: DeepSpeed's mixed-precision "
+            "optimizer state at ZeRO stage 0 cannot be repartitioned; resume with the worker count and "
+            "train.zero_stage it was written with."
+        )
+    return ResumePlan(latest, state, stage, True)
 
 
 def _resume(engine, plan: ResumePlan) -> tuple[int, float]:
@@ -384,21 +399,52 @@ def _resume(engine, plan: ResumePlan) -> tuple[int, float]:
 
 def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> None:
     """Rank 0 rewrites the checkpoint's state in the universal layout next to it; every rank loads
-    that, then it is removed (the checkpoint itself is left as it was)."""
+    that, then it is removed (the checkpoint itself is left as it was).
+
+    The other ranks wait for the conversion on a gloo group with a long timeout (converting a large
+    model's state can outlast NCCL's collective timeout), and an error on rank 0 is raised on every
+    rank instead of leaving them waiting.
+    """
+    import datetime
+
     rank = torch.distributed.get_rank()
     saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
-    converted = latest.path.parent / f"{latest.path.name}.universal"
-    if rank == 0:
-        log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
-                 "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage,
-                 torch.distributed.get_world_size(), engine.zero_optimization_stage())
-        universal.to_universal(latest.path / "state" / ckpt.STATE_TAG, converted / ckpt.STATE_TAG, saved_stage,
-                               optimizer_order(engine.module))
-    _barrier()
-    universal.load(engine, converted, ckpt.STATE_TAG)
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(converted, ignore_errors=True)
+    converted = ckpt.conversion_dir(latest.path)
+    waiting = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
+    outcome: list = [None]
+    try:
+        if rank == 0:
+            log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
+                     "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage,
+                     torch.distributed.get_world_size(), engine.zero_optimization_stage())
+            try:
+                universal.to_universal(latest.path / "state" / ckpt.STATE_TAG, converted / ckpt.STATE_TAG,
+                                       saved_stage, optimizer_order(engine.module))
+            except Exception as exc:  # every rank raises it, below
+                outcome[0] = f"{type(exc).__name__}: {exc}"
+        torch.distributed.broadcast_object_list(outcome, src=0, group=waiting)
+        if outcome[0] is not None:
+            raise CheckpointError(f"Converting checkpoint {latest.path} for another number of workers failed: "
+                                  f"{outcome[0]}")
+        universal.load(engine, converted, ckpt.STATE_TAG)
+        _fused_steps_on_device(engine)
+        _barrier()
+    finally:
+        if rank == 0:
+            shutil.rmtree(converted, ignore_errors=True)
+        torch.distributed.destroy_process_group(waiting)
+
+
+def _fused_steps_on_device(engine) -> None:
+    """A fused (GPU) AdamW keeps its step counts on the parameters' device; DeepSpeed's universal
+    loader leaves them where the file put them."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in getattr(inner, "param_groups", []):
+        if group.get("fused") or group.get("capturable"):
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device)
 
 
 def _save(cfg: JobConfig, engine, data: TrainingData, step: int, callbacks, result: TrainResult) -> None:
@@ -416,6 +462,7 @@ def _save(cfg: JobConfig, engine, data: TrainingData, step: int, callbacks, resu
                                             "data_seed": cfg.effective_data_seed,
                                             "world_size": torch.distributed.get_world_size(),
                                             "zero_stage": engine.zero_optimization_stage(),
+                                            "precision": resolve_precision(cfg.train.precision),
                                             "loss": result.losses[-1] if result.losses else result.final_loss})
     _barrier()
     if rank == 0:

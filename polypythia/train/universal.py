@@ -68,8 +68,8 @@ def _zero0_to_universal(tag_dir: Path, out: Path, names: list[str]) -> None:
     optim = states.get("optimizer")
     if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
         raise CheckpointError(
-            f"Checkpoint {tag_dir} was written at ZeRO stage 0 in fp16, whose optimizer state cannot be "
-            "repartitioned; resume it with train.zero_stage=0."
+            f"Checkpoint {tag_dir} was written at ZeRO stage 0 in fp16 or bf16, whose optimizer state cannot "
+            "be repartitioned; resume it with the worker count and train.zero_stage it was written with."
         )
     if len(names) != sum(len(g["params"]) for g in optim["param_groups"]):
         raise CheckpointError(f"Checkpoint {tag_dir} has optimizer state for a different model; check model=.")
@@ -101,9 +101,9 @@ def load(engine, load_dir: Path, tag: str) -> None:
         engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
         return
     optimizer = engine.optimizer
-    if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's fp16 wrapper holds the master weights
-        raise CheckpointError("A ZeRO stage 0 run in fp16 cannot load a checkpoint written at ZeRO stage 1/2; "
-                              "resume it with the train.zero_stage it was written with.")
+    if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's fp16/bf16 wrapper: master weights
+        raise CheckpointError("A ZeRO stage 0 run in fp16 or bf16 cannot load a checkpoint written at ZeRO stage "
+                              "1/2; resume it with the train.zero_stage it was written with.")
     # ZeRO-0: module, LR schedule and step counters as usual, then fp32 values and Adam moments.
     engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=False)
     zero = load_dir / tag / "zero"
