@@ -1,7 +1,6 @@
 """Failures a long study meets: killed processes, NaN losses, several workers, impossible requests."""
 
 import json
-import os
 import uuid
 
 import numpy as np
@@ -97,19 +96,27 @@ def test_two_workers_match_one_worker(tmp_path, mlflow_uri, cache_dir):
     np.testing.assert_allclose(two_workers, reference, rtol=1e-5, atol=1e-6)
     assert run.data.tags["zero_stage"] == "1"
 
-    # The ZeRO-1 checkpoint of those two workers resumes on one (through DeepSpeed's universal
-    # checkpoint layout; both directions and ZeRO-0/2: tests/test_data_parallel.py).
-    import shutil
 
-    src = tmp_path / "runs" / study / "tiny-seed1" / "checkpoints"
-    cfg = tiny_job(tmp_path / "single", cache_dir, train__threads=1)
-    shutil.copytree(src, os.path.join(cfg.run_dir, "checkpoints"), ignore=shutil.ignore_patterns("step6"))
-    try:
-        resumed = train(cfg)
-    finally:
-        teardown()
-    assert resumed.start_step == 4
-    np.testing.assert_allclose(resumed.losses, reference[4:], rtol=1e-5, atol=1e-6)
+
+def test_a_run_of_two_workers_that_died_resumes_on_one(tmp_path, mlflow_uri, cache_dir):
+    """A node is lost for good: the 2-worker run (ZeRO-1) dies after step 5 and is not retried;
+    launched again with one worker, it converts its step-4 checkpoint and finishes in the same
+    MLflow run, every step logged once (both directions and ZeRO-0/2: tests/test_data_parallel.py)."""
+    study = f"dp-shrink-{uuid.uuid4().hex[:8]}"
+    common = ("-m", "seed=1", "model=tiny", "budget=smoke", f"study={study}", f"data.cache_dir={cache_dir}")
+    out = launch(tmp_path, *common, "launcher.workers_per_run=2", "launcher.max_retries=0",
+                 "train.fault.kill_at_step=5", uri=mlflow_uri)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    out = launch(tmp_path, *common, "launcher.workers_per_run=1", uri=mlflow_uri)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_uri)
+    _, (run,) = child_runs(client, study)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed_from_step"] == "4"
+    assert (run.data.tags["world_size"], run.data.tags["zero_stage"]) == ("1", "0")
+    points = history(client, run.info.run_id)
+    assert [s for s, _ in points] == list(range(1, 7))
+    np.testing.assert_allclose([v for _, v in points], reference_losses(tmp_path, cache_dir), rtol=1e-5, atol=1e-6)
+    assert not list((tmp_path / "runs" / study / "tiny-seed1" / "checkpoints").glob("*.universal"))
 
 
 def test_a_dead_rank_restarts_the_whole_run(tmp_path, mlflow_uri, cache_dir):
