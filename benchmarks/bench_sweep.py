@@ -72,7 +72,6 @@ def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
     import ray
 
     from polypythia import tracking
-    from polypythia.config import job_config
     from polypythia.data.embedded import ensure_embedded_dataset
 
     pieces: dict[str, float] = {}
