@@ -22,7 +22,7 @@ source is auto-detected:
   anything else     an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
 
 examples:
-  python -m analysis my-study --tracking-uri http://127.0.0.1:5000            # final-loss summary
+  python -m analysis my-study --tracking-uri http://127.0.0.1:5050            # final-loss summary
   python -m analysis my-study --parent-run 3f2a... --out results/my-study     # full analysis
   python -m analysis polypythias-evals/ --out results/evals --tasks arc_easy piqa
   python -m analysis study.csv --out results/csv --metrics 'train/*' 'weights/*'

@@ -16,8 +16,9 @@ import pandas as pd
 from analysis.load import tidy
 
 TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
+# The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there).
 WEIGHT_FEATURES = tuple(f"weights/{name}" for name in (
-    "l1_norm", "l2_norm", "trace", "spectral_norm", "code_sparsity", "computational_sparsity", "sv_mean",
+    "l1", "l2", "trace", "spectral", "code_sparsity", "computational_sparsity", "sv_mean",
     "sv_var", "w_mean", "w_median", "w_var", "b_mean", "b_median", "b_var"))
 
 

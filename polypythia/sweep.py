@@ -95,12 +95,15 @@ class Sweep:
         import ray
 
         total = ray.cluster_resources()
-        need_gpus = self.launcher.num_gpus_per_job
+        workers = self.launcher.workers_per_run
+        need_gpus = self.launcher.num_gpus_per_job * workers
         if need_gpus > 0 and total.get("GPU", 0) < need_gpus:
             self.shutdown()
+            per_worker = f" ({self.launcher.num_gpus_per_job:g} per worker x {workers} workers)" if workers > 1 else ""
             raise ConfigError(
-                f"Each job asks for {need_gpus:g} GPU(s) (launcher.num_gpus_per_job) but the Ray cluster has "
-                f"{total.get('GPU', 0):g}; set launcher.num_gpus_per_job=0 or attach to a cluster with GPUs."
+                f"Each job asks for {need_gpus:g} GPU(s){per_worker} (launcher.num_gpus_per_job) but the Ray "
+                f"cluster has {total.get('GPU', 0):g}; lower launcher.num_gpus_per_job or launcher.workers_per_run, "
+                "or attach to a cluster with more GPUs."
             )
         need_cpus = self.launcher.num_cpus_per_job * self.launcher.workers_per_run
         if total.get("CPU", 0) < need_cpus:

@@ -136,8 +136,10 @@ def test_a_dead_rank_restarts_the_whole_run(tmp_path, mlflow_uri, cache_dir):
 
 
 def test_asking_for_missing_gpus_is_an_error_at_launch(tmp_path):
-    out = launch(tmp_path, "-m", "seed=1", "model=tiny", "budget=smoke", "launcher.num_gpus_per_job=1", timeout=180)
+    """Counted over all of a run's workers (a placement group asking for more would wait forever)."""
+    out = launch(tmp_path, "-m", "seed=1", "model=tiny", "budget=smoke", "launcher.num_gpus_per_job=64",
+                 "launcher.workers_per_run=2", timeout=180)
     assert out.returncode == 2
-    assert "asks for 1 GPU(s)" in out.stderr and "has 0" in out.stderr
+    assert "asks for 128 GPU(s) (64 per worker x 2 workers)" in out.stderr and "the Ray cluster has" in out.stderr
     assert not (tmp_path / "runs").exists()
     assert not (tmp_path / "mlflow").exists()  # no tracking server was started (none left running)
