@@ -164,21 +164,18 @@ def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = Fal
     return ds
 
 
-def _decayed(name: str, param: torch.nn.Parameter) -> bool:
-    return param.ndim >= 2 and "norm" not in name
-
-
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """GPT-NeoX decays weight matrices only; biases and LayerNorm parameters are not decayed."""
-    named = list(model.named_parameters())
-    return [{"params": [p for n, p in named if _decayed(n, p)], "weight_decay": weight_decay},
-            {"params": [p for n, p in named if not _decayed(n, p)], "weight_decay": 0.0}]
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def optimizer_order(model: torch.nn.Module) -> list[str]:
     """Parameter names in the order :func:`param_groups` hands them to the optimizer."""
-    named = list(model.named_parameters())
-    return [n for n, p in named if _decayed(n, p)] + [n for n, p in named if not _decayed(n, p)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
 
 
 def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_universal: bool = False):
@@ -250,7 +247,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     schedule = checkpoint_steps(cfg.budget.steps, cfg.budget.checkpoint_every_steps, cfg.budget.log_spaced_checkpoints)
     start_step, resumed_loss = _resume(engine, plan)
     info = {"rank": rank, "world_size": world_size, "start_step": start_step, "vocab_size": vocab_size,
-            "zero_stage": effective_zero_stage(cfg, world_size),
+            "zero_stage": plan.stage,
             "num_params": sum(p.numel() for p in model.parameters()), "checkpoint_steps": schedule}
     for cb in callbacks:
         cb.on_train_start(info)
@@ -380,6 +377,9 @@ def _resume_plan(cfg: JobConfig, run_dir: Path, world_size: int) -> ResumePlan:
             "optimizer state at ZeRO stage 0 cannot be repartitioned; resume with the worker count and "
             "train.zero_stage it was written with."
         )
+    if torch.distributed.get_rank() == 0:
+        log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
+                 "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage, world_size, stage)
     return ResumePlan(latest, state, stage, True)
 
 
@@ -408,18 +408,14 @@ def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> 
     import datetime
 
     rank = torch.distributed.get_rank()
-    saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
     converted = ckpt.conversion_dir(latest.path)
     waiting = torch.distributed.new_group(backend="gloo", timeout=datetime.timedelta(hours=6))
     outcome: list = [None]
     try:
         if rank == 0:
-            log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
-                     "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage,
-                     torch.distributed.get_world_size(), engine.zero_optimization_stage())
             try:
                 universal.to_universal(latest.path / "state" / ckpt.STATE_TAG, converted / ckpt.STATE_TAG,
-                                       saved_stage, optimizer_order(engine.module))
+                                       state.get("zero_stage", 0), optimizer_order(engine.module))
             except Exception as exc:  # every rank raises it, below
                 outcome[0] = f"{type(exc).__name__}: {exc}"
         torch.distributed.broadcast_object_list(outcome, src=0, group=waiting)
@@ -427,24 +423,11 @@ def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> 
             raise CheckpointError(f"Converting checkpoint {latest.path} for another number of workers failed: "
                                   f"{outcome[0]}")
         universal.load(engine, converted, ckpt.STATE_TAG)
-        _fused_steps_on_device(engine)
         _barrier()
     finally:
         if rank == 0:
             shutil.rmtree(converted, ignore_errors=True)
         torch.distributed.destroy_process_group(waiting)
-
-
-def _fused_steps_on_device(engine) -> None:
-    """A fused (GPU) AdamW keeps its step counts on the parameters' device; DeepSpeed's universal
-    loader leaves them where the file put them."""
-    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
-    for group in getattr(inner, "param_groups", []):
-        if group.get("fused") or group.get("capturable"):
-            for param in group["params"]:
-                state = inner.state.get(param)
-                if state and torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].to(param.device)
 
 
 def _save(cfg: JobConfig, engine, data: TrainingData, step: int, callbacks, result: TrainResult) -> None:

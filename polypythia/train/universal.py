@@ -99,7 +99,12 @@ def load(engine, load_dir: Path, tag: str) -> None:
     """
     if engine.zero_optimization_stage() > 0:
         engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
-        return
+    else:
+        _load_zero0(engine, load_dir, tag)
+    _fused_steps_on_device(engine)
+
+
+def _load_zero0(engine, load_dir: Path, tag: str) -> None:
     optimizer = engine.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's fp16/bf16 wrapper: master weights
         raise CheckpointError("A ZeRO stage 0 run in fp16 or bf16 cannot load a checkpoint written at ZeRO stage "
@@ -110,15 +115,25 @@ def load(engine, load_dir: Path, tag: str) -> None:
     saved_groups = torch.load(zero / "optimizer_state.pt", weights_only=False)["param_groups"]
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):  # lr, betas, ...
         group.update({k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS})
-    on_device = any(g.get("fused") or g.get("capturable") for g in optimizer.param_groups)
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
             folder = zero / name
             param.copy_(torch.load(folder / "fp32.pt", weights_only=False)["param"].view_as(param))
             if (folder / "exp_avg.pt").exists():
-                step = torch.load(folder / "step.pt", weights_only=False).float().reshape(())
                 optimizer.state[param] = {
-                    "step": step.to(param.device) if on_device else step,
+                    "step": torch.load(folder / "step.pt", weights_only=False).float().reshape(()),
                     **{key: torch.load(folder / f"{key}.pt", weights_only=False)["param"].to(param).view_as(param)
                        for key in ADAM_KEYS},
                 }
+
+
+def _fused_steps_on_device(engine) -> None:
+    """A fused (GPU) AdamW keeps its step counts on the parameters' device; both loaders above
+    leave them on the device the files were saved from."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    for group in getattr(inner, "param_groups", []):
+        if group.get("fused") or group.get("capturable"):
+            for param in group["params"]:
+                state = inner.state.get(param)
+                if state and torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].to(param.device)
