@@ -27,3 +27,14 @@ def tiny_job(tmp_path: Path, cache_dir: Path, **overrides):
             node = node.setdefault(p, {})
         node[leaf] = value
     return job_config(raw)
+
+
+def train_here(cfg, callbacks=()):
+    """Train ``cfg`` in this process, then leave its process group, so the next test can start one."""
+    from polypythia.job import teardown
+    from polypythia.train.loop import train
+
+    try:
+        return train(cfg, callbacks)
+    finally:
+        teardown()

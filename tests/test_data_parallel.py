@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch.multiprocessing as mp
 
-from helpers import tiny_job
-from polypythia.job import teardown
+from helpers import tiny_job, train_here
 from polypythia.net import free_port
 from polypythia.train.checkpoint import verify
 from polypythia.train.loop import set_rendezvous, train
@@ -38,12 +37,9 @@ def train_ranks(world_size, tmp_path, cache_dir, zero_stage, precision):
 
 
 def single(tmp_path, cache_dir, zero_stage, precision):
-    try:
-        r = train(tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__precision=precision,
-                           train__threads=1, train__keep_resume_states=None))
-        return r.start_step, r.losses
-    finally:
-        teardown()
+    r = train_here(tiny_job(tmp_path, cache_dir, train__zero_stage=zero_stage, train__precision=precision,
+                            train__threads=1, train__keep_resume_states=None))
+    return r.start_step, r.losses
 
 
 def resumable_again(run_dir, step):

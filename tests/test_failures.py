@@ -7,9 +7,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import tiny_job
-from polypythia.job import teardown
-from polypythia.train.loop import train
+from helpers import tiny_job, train_here
 from test_launch import child_runs, launch
 
 pytestmark = pytest.mark.integration
@@ -21,9 +19,8 @@ def reference_losses(tmp_path, cache_dir):
 
     threads = torch.get_num_threads()
     try:
-        return train(tiny_job(tmp_path / "reference", cache_dir, train__threads=1)).losses
+        return train_here(tiny_job(tmp_path / "reference", cache_dir, train__threads=1)).losses
     finally:
-        teardown()
         torch.set_num_threads(threads)
 
 

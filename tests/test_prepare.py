@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from helpers import tiny_job
+from helpers import tiny_job, train_here
 from polypythia.data import prepare as prepare_module
 from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
 from polypythia.data.indexed import IndexedDataset
@@ -127,9 +127,6 @@ def test_errors_are_one_clear_sentence(tmp_path, tokenizer_file, capsys, case, m
 
 @pytest.mark.integration
 def test_a_run_trains_on_a_prepared_dataset(tmp_path, cache_dir, tokenizer_file):
-    from polypythia.job import teardown
-    from polypythia.train.loop import train
-
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for i, text in enumerate(stdlib_texts(40_000)):
@@ -138,8 +135,5 @@ def test_a_run_trains_on_a_prepared_dataset(tmp_path, cache_dir, tokenizer_file)
     assert main([str(corpus), "--tokenizer", str(tokenizer_file), "--out", str(prefix), "--quiet"]) == 0
     cfg = tiny_job(tmp_path, cache_dir, data__kind="indexed", data__path=str(prefix),
                    data__tokenizer=str(tokenizer_file))
-    try:
-        result = train(cfg)
-    finally:
-        teardown()
+    result = train_here(cfg)
     assert len(result.losses) == 6 and all(np.isfinite(result.losses))

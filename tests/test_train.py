@@ -8,11 +8,10 @@ import pytest
 import torch
 from transformers import GPTNeoXForCausalLM
 
-from helpers import tiny_job
-from polypythia.job import teardown
+from helpers import tiny_job, train_here as run
 from polypythia.train.checkpoint import is_resumable, list_checkpoints, verify
 from polypythia.train.data import load_training_data
-from polypythia.train.loop import Callback, train
+from polypythia.train.loop import Callback
 
 PROBE = torch.arange(24).reshape(2, 12) % 200
 
@@ -45,13 +44,6 @@ class KeepNorms(Callback):
 
     def on_step_end(self, step, metrics):
         self.norms.append(metrics["train/grad_norm"])
-
-
-def run(cfg, callbacks=()):
-    try:
-        return train(cfg, callbacks)
-    finally:
-        teardown()
 
 
 def test_same_seed_is_bit_identical_and_seeds_differ(tmp_path, cache_dir):

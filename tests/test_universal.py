@@ -5,9 +5,7 @@ import math
 
 import pytest
 
-from helpers import tiny_job
-from polypythia.job import teardown
-from polypythia.train.loop import train
+from helpers import tiny_job, train_here as run
 from polypythia.train.loop import deepspeed_config, effective_zero_stage
 from polypythia.train.universal import needs_conversion
 
@@ -35,13 +33,6 @@ def test_one_fp32_worker_runs_zero0_and_mixed_precision_keeps_the_stage(tmp_path
     assert (effective_zero_stage(bf16, 1), effective_zero_stage(bf16, 2)) == (1, 1)
     assert "checkpoint" not in deepspeed_config(cfg, 2)
     assert deepspeed_config(cfg, 2, load_universal=True)["checkpoint"] == {"load_universal": True}
-
-
-def run(cfg):
-    try:
-        return train(cfg)
-    finally:
-        teardown()
 
 
 def test_a_step0_checkpoint_needs_no_conversion_and_stale_conversions_are_removed(tmp_path, cache_dir):
