@@ -16,16 +16,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import REPO, bench_home, job_dict, load_average, machine_description, timed
-
-from polypythia.train.loop import RENDEZVOUS_ENV
-
+from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, timed
 
 
 def launch(home: Path, seeds: list[int], model: str, steps: int, study: str) -> dict:
@@ -34,8 +30,7 @@ def launch(home: Path, seeds: list[int], model: str, steps: int, study: str) -> 
 
     cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, seeds)), f"model={model}",
            "budget=demo", f"budget.steps={steps}", "launcher.progress=false", f"study={study}"]
-    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}
-    env["POLYPYTHIA_HOME"] = str(home)
+    env = child_env(home)
     started = time.time()
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True)
     wall_s = time.time() - started
@@ -118,12 +113,9 @@ def main() -> None:
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
     args = parser.parse_args()
 
-    from polypythia import tracking
-
-    home = bench_home("bench_sweep_", args.home)
-    print(machine_description())
-    seeds = list(range(1, args.seeds + 1))
-    try:
+    with bench_home("bench_sweep_", args.home) as home:
+        print(machine_description())
+        seeds = list(range(1, args.seeds + 1))
         cold = launch(home, seeds, args.model, args.steps, "cold")
         print(f"cold sweep ({args.seeds} x {args.model}, {args.steps} steps): wall {cold['wall_s']:.1f} s, first training "
               f"step after {', '.join(f'{s:.1f}' for s in cold['first_step_s'])} s ({load_average()})", flush=True)
@@ -136,11 +128,6 @@ def main() -> None:
         print("\ncold start-up pieces, timed separately:")
         for label, seconds in breakdown(home, args.model, args.threads).items():
             print(f"  {seconds:6.1f} s  {label}")
-    finally:
-        tracking.stop_server(home / "mlflow")
-        tracking.stop_server(home / "mlflow-breakdown")
-        if not args.home:
-            shutil.rmtree(home, ignore_errors=True)
     print(machine_description())
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import shutil
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -148,20 +147,15 @@ def main() -> None:
 
     from polypythia import tracking
 
-    home = bench_home("bench_tracking_", args.home)
-    os.environ["POLYPYTHIA_HOME"] = str(home)
-    print(machine_description())
-    started = time.perf_counter()
-    uri = tracking.start_server(home / "mlflow", port=0)
-    print(f"MLflow server (SQLite, 2 workers) up in {time.perf_counter() - started:.1f} s at {uri}; writing to {home}")
-    try:
+    with bench_home("bench_tracking_", args.home) as home:
+        os.environ["POLYPYTHIA_HOME"] = str(home)
+        print(machine_description())
+        started = time.perf_counter()
+        uri = tracking.start_server(home / "mlflow", port=0)
+        print(f"MLflow server (SQLite, 2 workers) up in {time.perf_counter() - started:.1f} s at {uri}; writing to {home}")
         concurrent_writers(uri, args.writers, args.steps)
         logging_overhead(home, uri, args.overhead_steps, args.overhead_rounds, args.threads)
         read_back(uri, args.read_runs, args.read_steps)
-    finally:
-        tracking.stop_server(home / "mlflow")
-        if not args.home:
-            shutil.rmtree(home, ignore_errors=True)
     print(machine_description())
 
 

@@ -35,9 +35,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, bench_home, job_dict, load_average, machine_description, mean, median
+from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, mean, median
 
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE")
 VARIANTS = ("bare", "deepspeed", "+logging", "+checkpoints")
 
 
@@ -137,13 +136,6 @@ def run_variant(variant: str, home: Path, model: str, args, uri: str, tag: str) 
         shutil.rmtree(run_home, ignore_errors=True)
 
 
-def clean_env(home: Path) -> dict:
-    """This process's environment for a child, less the rendezvous variables the in-process
-    engine set (a child inheriting MASTER_PORT would try to bind this process's port)."""
-    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
-    return {**env, "POLYPYTHIA_HOME": str(home)}
-
-
 def launched(home: Path, model: str, args, uri: str) -> dict:
     """One job through launch.py -m (Hydra + Ray + job.run); step times read back from MLflow."""
     from polypythia import tracking
@@ -153,7 +145,7 @@ def launched(home: Path, model: str, args, uri: str) -> dict:
            f"budget.steps={args.steps}", f"train.threads={args.threads}",
            f"launcher.num_cpus_per_job={args.threads}", "launcher.progress=false",
            f"data.cache_dir={home / 'cache'}", f"study={study}"]
-    env = clean_env(home)
+    env = child_env(home)
     started = time.time()
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True)
     wall_s = time.time() - started
@@ -220,15 +212,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     job.quiet_libraries()
-    home = bench_home("bench_train_", args.home)
-    os.environ["POLYPYTHIA_HOME"] = str(home)
-    print(machine_description())
-    print(f"budget: seq_length 128, global batch 8 = micro batch 8 ({8 * 128} tokens/step), {args.steps} steps, "
-          f"first {args.warmup} dropped, {args.repeats} interleaved rounds, {args.threads} torch threads; writing to {home}")
-    ensure_embedded_dataset(home / "cache", 8192)
-    uri = tracking.start_server(home / "mlflow", port=0)
-    models = [m for m in args.models.split(",") if m]
-    try:
+    with bench_home("bench_train_", args.home) as home:
+        os.environ["POLYPYTHIA_HOME"] = str(home)
+        print(machine_description())
+        print(f"budget: seq_length 128, global batch 8 = micro batch 8 ({8 * 128} tokens/step), {args.steps} steps, "
+              f"first {args.warmup} dropped, {args.repeats} interleaved rounds, {args.threads} torch threads; writing to {home}")
+        ensure_embedded_dataset(home / "cache", 8192)
+        uri = tracking.start_server(home / "mlflow", port=0)
+        models = [m for m in args.models.split(",") if m]
         if args.profile:
             for model in models:
                 profile_deepspeed(home, model, args)
@@ -248,10 +239,6 @@ def main() -> None:
                 print(f"  {model} launched: median step {median(launch['intervals']) * 1000:7.1f} ms between logged "
                       f"steps, {median(launch['in_loop']) * 1000:7.1f} ms in-loop; wall {launch['wall_s']:.1f} s ({load_average()})")
             report(model, steps_by_variant, launch)
-    finally:
-        tracking.stop_server(home / "mlflow")
-        if not args.home:
-            shutil.rmtree(home, ignore_errors=True)
     print(machine_description())
 
 

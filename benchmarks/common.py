@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: what machine a figure came from, a timer, job configs.
 
-Every benchmark writes under a temporary folder (``bench_home``), never into the repository, and
-prints :func:`machine_description` with its figures so a number always says where it was taken.
+The training, sweep and tracking benchmarks write under ``bench_home`` (a temporary folder, never the
+repository), and every benchmark prints :func:`machine_description` with its figures so a number
+always says where it was taken.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -84,13 +86,36 @@ def timed(label: str, into: dict[str, float]) -> Iterator[None]:
         into[label] = into.get(label, 0.0) + time.perf_counter() - started
 
 
-def bench_home(prefix: str, keep: str | None = None) -> Path:
-    """A fresh folder for everything the benchmark writes (``keep``: use this one instead)."""
+@contextmanager
+def bench_home(prefix: str, keep: str | None = None) -> Iterator[Path]:
+    """A fresh folder for everything the benchmark writes (``keep``: use this one instead). On the
+    way out every MLflow server started under it (``mlflow*/``) is stopped and, unless kept, the
+    folder is removed."""
     if keep:
         path = Path(keep).resolve()
         path.mkdir(parents=True, exist_ok=True)
-        return path
-    return Path(tempfile.mkdtemp(prefix=prefix))
+    else:
+        path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        from polypythia import tracking
+
+        for server_dir in path.glob("mlflow*"):
+            tracking.stop_server(server_dir)
+        if not keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+# What an in-process training run leaves in this process's environment (polypythia's rendezvous,
+# and DeepSpeed's): a child inheriting MASTER_PORT would try to bind this process's port.
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE")
+
+
+def child_env(home: Path) -> dict:
+    """This process's environment for a child writing under ``home``, less :data:`DIST_VARS`."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, "POLYPYTHIA_HOME": str(home)}
 
 
 def model_shape(name: str) -> dict:
