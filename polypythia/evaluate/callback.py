@@ -20,11 +20,12 @@ class CheckpointEvalCallback(Callback):
     """Computes ``valid/loss``, ``valid/ppl`` and ``weights/<feature>`` at each checkpoint step."""
 
     def __init__(self, cfg: JobConfig, log):
-        from polypythia.train.data import load_training_data
-
         self.cfg = cfg
         self.log = log  # log(step, {key: value})
-        self.valid_rows = load_training_data(cfg).sequences.valid_rows(cfg.train.valid_max_rows)
+        self.valid_rows = None
+
+    def on_train_start(self, info: dict) -> None:
+        self.valid_rows = info["data"].sequences.valid_rows(self.cfg.train.valid_max_rows)  # the job's own data
 
     def before_checkpoint(self, step: int, model: torch.nn.Module) -> None:
         started = time.perf_counter()

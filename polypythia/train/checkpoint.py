@@ -61,7 +61,11 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
-    manifest = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    _save_manifest(directory, {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                               for p in files})
+
+
+def _save_manifest(directory: Path, manifest: dict) -> None:
     tmp = directory / "MANIFEST.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
     os.replace(tmp, directory / "MANIFEST.json")
@@ -167,7 +171,8 @@ def prune_resume_states(run_dir: str | Path, keep: int | None) -> list[int]:
 
     The Hugging Face weights stay (they are what evaluation and training maps read); only the
     optimizer and model state needed to resume go, which is most of a checkpoint's size. Each
-    pruned checkpoint's manifest is rewritten, so it still verifies.
+    pruned checkpoint's manifest drops the entries of ``state/`` (the rest keep the checksums
+    taken when the checkpoint was sealed), so it still verifies.
     """
     if keep is None:
         return []
@@ -175,7 +180,8 @@ def prune_resume_states(run_dir: str | Path, keep: int | None) -> list[int]:
     pruned = []
     for ckpt in resumable[: max(0, len(resumable) - keep)]:
         shutil.rmtree(ckpt.path / "state")
-        write_manifest(ckpt.path)
+        manifest = json.loads((ckpt.path / "MANIFEST.json").read_text())
+        _save_manifest(ckpt.path, {rel: meta for rel, meta in manifest.items() if not rel.startswith("state/")})
         pruned.append(ckpt.step)
     return pruned
 

@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 class Callback:
     """Hooks into the training job; every method is optional."""
 
-    def on_train_start(self, info: dict) -> None: ...
+    def on_train_start(self, info: dict) -> None:
+        """``info``: rank, world_size, start_step, vocab_size, zero_stage, num_params,
+        checkpoint_steps and data (the job's :class:`TrainingData`)."""
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -248,7 +250,8 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     start_step, resumed_loss = _resume(engine, plan)
     info = {"rank": rank, "world_size": world_size, "start_step": start_step, "vocab_size": vocab_size,
             "zero_stage": plan.stage,
-            "num_params": sum(p.numel() for p in model.parameters()), "checkpoint_steps": schedule}
+            "num_params": sum(p.numel() for p in model.parameters()), "checkpoint_steps": schedule,
+            "data": data}
     for cb in callbacks:
         cb.on_train_start(info)
 
