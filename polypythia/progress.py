@@ -113,11 +113,13 @@ class ProgressDisplay:
             return
         now = time.time()
         changed = {i for i, r in rows.items() if self._last_states.get(i) != r["state"]}
-        if changed or now - self._last_line >= self.line_every_s:
+        due = now - self._last_line >= self.line_every_s  # every row, now and then; else changes only
+        if changed or due:
             for i, row in sorted(rows.items()):
-                if i in changed or now - self._last_line >= self.line_every_s:
+                if due or i in changed:
                     print(line(row), flush=True)
-            self._last_line = now if now - self._last_line >= self.line_every_s else self._last_line
+            if due:
+                self._last_line = now
             self._last_states = {i: r["state"] for i, r in rows.items()}
 
     def __exit__(self, *exc) -> None:

@@ -97,17 +97,15 @@ class Sweep:
         total = ray.cluster_resources()
         workers = self.launcher.workers_per_run
         need_gpus = self.launcher.num_gpus_per_job * workers
-        if need_gpus > 0 and total.get("GPU", 0) < need_gpus:
-            self.shutdown()
+        if need_gpus > 0 and total.get("GPU", 0) < need_gpus:  # prepare() shuts Ray down again
             per_worker = f" ({self.launcher.num_gpus_per_job:g} per worker x {workers} workers)" if workers > 1 else ""
             raise ConfigError(
                 f"Each job asks for {need_gpus:g} GPU(s){per_worker} (launcher.num_gpus_per_job) but the Ray "
                 f"cluster has {total.get('GPU', 0):g}; lower launcher.num_gpus_per_job or launcher.workers_per_run, "
                 "or attach to a cluster with more GPUs."
             )
-        need_cpus = self.launcher.num_cpus_per_job * self.launcher.workers_per_run
+        need_cpus = self.launcher.num_cpus_per_job * workers
         if total.get("CPU", 0) < need_cpus:
-            self.shutdown()
             raise ConfigError(
                 f"Each job asks for {need_cpus:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; "
                 "lower launcher.num_cpus_per_job or launcher.workers_per_run."

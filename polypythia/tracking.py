@@ -163,13 +163,17 @@ def default_tracking_uri() -> str | None:
 def resolve_tracking_uri(uri: str | None, server_dir: str, host: str, port: int) -> str:
     """The configured server if it answers, else a clear error; with no URI, the local server."""
     if uri:
-        if uri.startswith(("http://", "https://")) and not is_healthy(uri, timeout_s=5.0):
-            raise TrackingError(
-                f"The MLflow tracking server at {uri} does not answer; start it, fix tracking.uri "
-                "(or MLFLOW_TRACKING_URI), or set tracking.uri=null for a local server."
-            )
+        require_reachable(uri, "start it, fix tracking.uri (or MLFLOW_TRACKING_URI), or set tracking.uri=null "
+                               "for a local server")
         return uri
     return start_server(server_dir, host, port)
+
+
+def require_reachable(uri: str, fix: str) -> None:
+    """Fail fast on an HTTP tracking URI nobody answers (the MLflow client retries for minutes);
+    ``fix`` says what to do about it."""
+    if uri.startswith(("http://", "https://")) and not is_healthy(uri, timeout_s=5.0):
+        raise TrackingError(f"The MLflow tracking server at {uri} does not answer; {fix}.")
 
 
 # ----------------------------------------------------------------------------- runs
@@ -209,7 +213,6 @@ class MetricsLogger:
         self._queue: queue.Queue = queue.Queue()
         self._client = client(uri)
         self.error: TrackingError | None = None
-        self.points_sent = 0
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
@@ -242,7 +245,6 @@ class MetricsLogger:
         while True:
             try:
                 self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
-                self.points_sent += len(metrics)
                 return
             except Exception as exc:  # the server is away, restarting, or overloaded: retry
                 now = time.monotonic()
@@ -290,14 +292,17 @@ class MetricsLogger:
             raise self.error
 
 
+def stored_points(mlflow_client, run_id: str, keys: list[str] | None = None) -> dict[str, dict[int, float]]:
+    """key -> {step: value} of the points stored in the run (for ``keys``, or every metric)."""
+    present = set(mlflow_client.get_run(run_id).data.metrics)
+    if keys is not None:
+        present &= set(keys)
+    return {key: {m.step: m.value for m in mlflow_client.get_metric_history(run_id, key)} for key in sorted(present)}
+
+
 def logged_through(mlflow_client, run_id: str) -> dict[str, int]:
     """The highest step already stored for each of the run's metric keys (to resume without duplicates)."""
-    out = {}
-    for key in mlflow_client.get_run(run_id).data.metrics:
-        history = mlflow_client.get_metric_history(run_id, key)
-        if history:
-            out[key] = max(m.step for m in history)
-    return out
+    return {key: max(points) for key, points in stored_points(mlflow_client, run_id).items() if points}
 
 
 def main(argv: list[str] | None = None) -> int:

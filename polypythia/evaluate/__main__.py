@@ -92,8 +92,7 @@ def tracking_client(args):
     folder = Path(args.source).is_dir()
     if not args.tracking_uri or (folder and not args.experiment):
         return None
-    if args.tracking_uri.startswith(("http://", "https://")) and not tracking.is_healthy(args.tracking_uri, timeout_s=5.0):
-        raise tracking.TrackingError(f"The MLflow tracking server at {args.tracking_uri} does not answer; start it or fix --tracking-uri.")
+    tracking.require_reachable(args.tracking_uri, "start it or fix --tracking-uri")
     return tracking.client(args.tracking_uri)
 
 

@@ -38,9 +38,11 @@ from typing import Any, Iterator
 
 import pandas as pd
 
+from polypythia import tracking
 from polypythia.errors import PolypythiaError
 from polypythia.evaluate.tasks import TASK_NAMES
 from polypythia.evaluate.weight_stats import FEATURE_NAMES
+from polypythia.train.checkpoint import STEP_DIR
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,6 @@ TIDY_COLUMNS = ["model", "seed", "step", "metric", "value"]
 AGREEMENT_COLUMNS = ["model", "task", "seed", "step", "kind", "kappa"]
 # "pythia-160m-seed3" -> (160m, 3); "70m-seed1" -> (70m, 1); "pythia-410m" -> (410m, 0): the original run.
 _RUN_NAME = re.compile(r"^(?:pythia-)?(?P<model>.+?)(?:-seed(?P<seed>\d+))?$")
-_STEP_DIR = re.compile(r"^step(\d+)$")
-MAX_METRICS_PER_BATCH = 1000
 
 
 class EvaluationError(PolypythiaError, ValueError):
@@ -116,7 +116,7 @@ def step_folders(run_folder: Path) -> list[tuple[int, Path]]:
         if not parent.is_dir():
             continue
         for child in parent.iterdir():
-            match = _STEP_DIR.match(child.name)
+            match = STEP_DIR.match(child.name)
             if match and (child / "config.json").is_file():
                 found.append((int(match.group(1)), child))
     return sorted(found)
@@ -199,7 +199,6 @@ def targets_from_mlflow(mlflow_client, experiment: str, parent_run_id: str | Non
 
 def attach_folder_runs(mlflow_client, experiment: str, targets: list[RunTarget]) -> None:
     """Give each folder target an MLflow run named after its folder (found again on a later pass)."""
-    from polypythia import tracking
 
     exp_id = tracking.experiment_id(mlflow_client, experiment)
     for target in targets:
@@ -263,8 +262,7 @@ def logged_metrics(mlflow_client, run_id: str | None, keys: list[str]) -> dict[s
     """key -> {step: value} of the run's stored points for ``keys`` (empty without a run)."""
     if mlflow_client is None or run_id is None:
         return {}
-    present = set(mlflow_client.get_run(run_id).data.metrics) & set(keys)
-    return {key: {m.step: m.value for m in mlflow_client.get_metric_history(run_id, key)} for key in sorted(present)}
+    return tracking.stored_points(mlflow_client, run_id, keys)
 
 
 def whats(options: EvalOptions) -> list[str]:
@@ -423,8 +421,8 @@ def log_new_metrics(mlflow_client, target: RunTarget, options: EvalOptions, logg
             for key, value in (result or {}).get("metrics", {}).items():
                 if checkpoint.step not in logged.get(key, {}):
                     points.append(Metric(key=key, value=float(value), timestamp=now_ms, step=checkpoint.step))
-    for start in range(0, len(points), MAX_METRICS_PER_BATCH):
-        mlflow_client.log_batch(target.run_id, metrics=points[start : start + MAX_METRICS_PER_BATCH], synchronous=True)
+    for start in range(0, len(points), tracking.MAX_METRICS_PER_BATCH):
+        mlflow_client.log_batch(target.run_id, metrics=points[start : start + tracking.MAX_METRICS_PER_BATCH], synchronous=True)
     return len(points)
 
 
@@ -582,7 +580,6 @@ def evaluate_run(run_dir: str | Path, *, cfg=None, tracking_uri: str | None = No
     ``cfg`` (a JobConfig) gives the validation rows and names; without it they come from the run's
     MLflow params. The MLflow run is ``run_id`` or the one recorded in ``<run_dir>/mlflow_run.json``.
     """
-    from polypythia import tracking
     from polypythia.config import to_dict
 
     record = Path(run_dir) / "mlflow_run.json"

@@ -34,7 +34,7 @@ from polypythia.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 STATE_TAG = "state"
-_STEP_DIR = re.compile(r"^step(\d+)$")
+STEP_DIR = re.compile(r"^step(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_DIR.match(child.name)
+        match = STEP_DIR.match(child.name)
         if match and child.is_dir():
             found.append(Checkpoint(int(match.group(1)), child))
     return sorted(found, key=lambda c: c.step)

@@ -437,7 +437,7 @@ def _save(cfg: JobConfig, engine, data: TrainingData, step: int, callbacks, resu
     run_dir = Path(cfg.run_dir)
     rank = torch.distributed.get_rank()
     if rank == 0:
-        directory = ckpt.begin(run_dir, step)
+        ckpt.begin(run_dir, step)
     _barrier()
     directory = ckpt.partial_dir(run_dir, step)
     engine.save_checkpoint(str(directory / "state"), tag=ckpt.STATE_TAG)
