@@ -199,15 +199,17 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
 
 def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, band_sd: float = 2.0, mad_threshold: float = 3.5,
                   min_checkpoints: int = 3, final_metrics=("train/loss", "valid/loss"),
-                  final_min_relative_deviation: float = 0.01) -> pd.DataFrame:
+                  final_min_relative_deviation: float = 0.01, score: pd.DataFrame | None = None) -> pd.DataFrame:
     """All outlier rows of a study: the band rule and the MAD rule on the standardised accuracy
     (when task accuracies are present) and the MAD rule on the final value of ``final_metrics``
     (which must also be ``final_min_relative_deviation`` away from the median, see
-    :func:`flag_mad_outliers`)."""
+    :func:`flag_mad_outliers`). ``score``: the :func:`standardised_accuracy` of ``metrics`` and
+    ``tasks`` when the caller has it already."""
     frames = []
     present = set(map(str, metrics["metric"].unique()))
-    if any(accuracy_metric(t, present) for t in tasks):
+    if score is None and any(accuracy_metric(t, present) for t in tasks):
         score = standardised_accuracy(metrics, tasks)
+    if score is not None:
         frames.append(flag_band_outliers(score, band_sd=band_sd, min_checkpoints=min_checkpoints))
         frames.append(flag_mad_outliers(score, STANDARDISED_METRIC, mad_threshold, min_checkpoints))
     for metric in final_metrics:

@@ -66,12 +66,19 @@ class AnalysisResult:
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
 
 
-def with_standardised_accuracy(metrics: pd.DataFrame, tasks) -> pd.DataFrame:
-    """The metrics plus ``standardised_accuracy`` rows when any of ``tasks`` has accuracies."""
+def standardised_score(metrics: pd.DataFrame, tasks) -> pd.DataFrame | None:
+    """The ``standardised_accuracy`` rows, or None when none of ``tasks`` has accuracies."""
     present = set(map(str, metrics["metric"].unique()))
     if not any(accuracy_metric(t, present) for t in tasks):
+        return None
+    return standardised_accuracy(metrics, tasks)
+
+
+def with_standardised_accuracy(metrics: pd.DataFrame, score: pd.DataFrame | None) -> pd.DataFrame:
+    """The metrics plus the ``standardised_accuracy`` rows of :func:`standardised_score`, if any."""
+    if score is None:
         return metrics
-    score = standardised_accuracy(metrics, tasks)
+    score = score.copy()
     metrics = metrics.copy()
     for column in ("model", "metric"):  # concatenate as categoricals: 14M strings would take minutes
         categories = list(pd.unique(pd.Series([*map(str, metrics[column].cat.categories), *score[column]])))
@@ -115,7 +122,8 @@ def timed(seconds: dict, stage: str):
 
 def compute(study: Study, options: AnalysisOptions, seconds: dict) -> dict:
     """All tables of the analysis (no files written)."""
-    metrics = with_standardised_accuracy(study.metrics, options.tasks)
+    score = standardised_score(study.metrics, options.tasks)
+    metrics = with_standardised_accuracy(study.metrics, score)
     names = key_metrics(metrics, options.tasks)
     with timed(seconds, "stats"):
         stats = cross_seed_stats(metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples,
@@ -127,7 +135,7 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict) -> dict:
                                            threshold_sd=options.spike_threshold_sd)
     with timed(seconds, "outliers"):
         outliers = find_outliers(study.metrics, options.tasks, options.band_sd, options.mad_threshold,
-                                 options.min_checkpoints)
+                                 options.min_checkpoints, score=score)
     maps = None
     with timed(seconds, "training_maps"):
         try:

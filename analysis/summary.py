@@ -12,7 +12,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.load import find_experiment, mlflow_client, runs_table, search_job_runs, sort_models
-from analysis.outliers import MAD_TO_SD
+from analysis.outliers import robust_deviation
 
 SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min", "max", "flagged_seeds",
                    "diverged_or_failed_seeds"]
@@ -27,14 +27,9 @@ def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float
     Needs at least ``MIN_SEEDS_FOR_MAD`` values; fewer flag nothing."""
     if len(values) < MIN_SEEDS_FOR_MAD:
         return []
+    deviation = robust_deviation(values.to_frame().T).iloc[0]  # outliers.py's rule, on one row of seeds
     median = values.median()
-    scale = (values - median).abs().median() * MAD_TO_SD
-    if scale == 0:
-        scale = (values - median).abs().mean() * 1.2533
-    if scale == 0:
-        return []
-    distance = (values - median).abs()
-    flagged = (distance / scale > threshold) & (distance > min_relative_deviation * abs(median))
+    flagged = (deviation.abs() > threshold) & ((values - median).abs() > min_relative_deviation * abs(median))
     return sorted(int(seed) for seed in values.index[flagged])
 
 
