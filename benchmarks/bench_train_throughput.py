@@ -36,12 +36,13 @@ import time
 from pathlib import Path
 
 from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, mean, median
+from polypythia.train.loop import Callback
 
 VARIANTS = ("bare", "deepspeed", "+logging", "+checkpoints")
 
 
-class StepTimer:
-    """A training callback (duck-typed) that records when each optimizer step ended."""
+class StepTimer(Callback):
+    """A training callback that records when each optimizer step ended."""
 
     def __init__(self) -> None:
         self.ends: list[float] = []
@@ -52,12 +53,6 @@ class StepTimer:
 
     def on_step_end(self, step: int, metrics: dict) -> None:
         self.ends.append(time.perf_counter())
-
-    def before_checkpoint(self, step, model) -> None: ...
-
-    def on_checkpoint(self, step, path, model) -> None: ...
-
-    def on_train_end(self, result) -> None: ...
 
     def step_seconds(self) -> list[float]:
         points = [self.started, *self.ends]
@@ -70,6 +65,7 @@ def bare_loop(cfg, steps: int, after_step=None) -> list[float]:
 
     from polypythia.model import build_model, padded_vocab_size
     from polypythia.train.data import load_training_data
+    from polypythia.train.loop import param_groups
     from polypythia.train.schedule import lr_at
 
     torch.set_num_threads(cfg.train.threads)
@@ -78,11 +74,7 @@ def bare_loop(cfg, steps: int, after_step=None) -> list[float]:
     model = build_model(m.num_layers, m.hidden_size, m.num_heads, padded_vocab_size(data.tokenizer_vocab_size),
                         cfg.effective_weight_seed, m.max_positions, t.attn_implementation)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "norm" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=m.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
+    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=m.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_at(s, b.steps, m.lr, b.warmup_fraction, b.min_lr_ratio) / m.lr)
     n_micro = b.global_batch_size // b.micro_batch_size

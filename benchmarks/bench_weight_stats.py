@@ -14,27 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from common import cpu_model
 from polypythia.evaluate.weight_stats import FEATURE_NAMES, weight_stats
 
 LAYERS_410M = 24
 HEADS_410M = 16
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def build_410m_state_dict() -> dict[str, torch.Tensor]:

@@ -64,18 +64,6 @@ def load_average() -> str:
         return "load avg unknown"
 
 
-class Timer:
-    """``with Timer() as t: ...`` then ``t.seconds``."""
-
-    def __enter__(self) -> "Timer":
-        self.started = time.perf_counter()
-        self.seconds = 0.0
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.seconds = time.perf_counter() - self.started
-
-
 @contextmanager
 def timed(label: str, into: dict[str, float]) -> Iterator[None]:
     """Add the seconds the block took to ``into[label]``."""
