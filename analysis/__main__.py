@@ -11,6 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from analysis.errors import AnalysisError
 from polypythia.tracking import default_tracking_uri
 
@@ -26,6 +28,12 @@ examples:
   python -m analysis my-study --parent-run 3f2a... --out results/my-study     # full analysis
   python -m analysis polypythias-evals/ --out results/evals --tasks arc_easy piqa
   python -m analysis study.csv --out results/csv --metrics 'train/*' 'weights/*'
+  python -m analysis training_maps.tsv --out results/map --outlier-metric score --steps polypythias
+
+outliers: a run starts an outlier episode where its distance from the other runs (leave-one-out,
+their SD pooled over recent checkpoints) exceeds the level that healthy studies of the same shape
+exceed with probability --false-alarm-rate; the study's +/-2 SD band deviation is a column of
+outliers.csv. See docs/analysis.md for the method and its measured false-alarm and detection rates.
 """
 
 
@@ -44,29 +52,65 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the standardised accuracy (default: arc_easy lambada_openai piqa sciq)")
     p.add_argument("--map-features", nargs="+", help="features of the training maps (default: every weights/* metric)")
-    p.add_argument("--band-sd", type=float, default=2.0, help="outlier band half-width in SDs (default 2)")
-    p.add_argument("--mad-threshold", type=float, default=3.5, help="robust z-score limit of the MAD rule (default 3.5)")
-    p.add_argument("--min-checkpoints", type=int, default=3,
-                   help="consecutive checkpoints outside the band that make an outlier episode (default 3)")
+    p.add_argument("--steps", help="keep only these steps: a comma list (0,1,2,512) or 'polypythias' "
+                   "(the study's 27 evaluation checkpoints)")
+    p.add_argument("--model", help="model name for a table without a model column (default: a size in the file name)")
+    p.add_argument("--outlier-metric", action="append", metavar="NAME",
+                   help="judge outlier runs on this metric as it is (repeatable; default: the standardised "
+                        "accuracy when task accuracies are present, and valid/loss; failing both, every "
+                        "continuous checkpoint metric); the rule does not depend on the metric's scale")
+    p.add_argument("--false-alarm-rate", type=float, default=0.001,
+                   help="chance that a study of healthy runs of the same shape has any outlier episode, per "
+                        "model and metric; sets the decision threshold (default 0.001)")
+    p.add_argument("--band-sd", type=float, default=2.0,
+                   help="the study's band in SDs: an episode lasts while the run is beyond it (default 2)")
+    p.add_argument("--mad-threshold", type=float, default=3.5,
+                   help="robust z-score limit of the final-loss rule (default 3.5)")
+    p.add_argument("--min-checkpoints", type=int, default=1,
+                   help="checkpoints beyond the threshold needed to start an episode (default 1)")
     p.add_argument("--spike-window", type=int, default=1000, help="rolling window of the spike score, in values")
     p.add_argument("--spike-threshold", type=float, default=7.0, help="spike threshold in rolling SDs (default 7)")
     p.add_argument("--max-states", type=int, default=8, help="largest number of HMM states tried (default 8)")
-    p.add_argument("--restarts", type=int, default=3, help="random restarts per number of HMM states (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="random seed of bootstraps and HMM fits (default 0)")
+    p.add_argument("--restarts", type=int, default=5,
+                   help="HMM restarts per number of states: the first N of the PolyPythias random states "
+                        "5329 2332 4642 6432 4754 (default 5)")
+    p.add_argument("--states", type=int, help="fit the training maps with exactly N HMM states (default: choose)")
+    p.add_argument("--map-criterion", choices=("bic", "aic", "ll"), default="bic",
+                   help="how the number of HMM states is chosen on the held-out checkpoint rows: lowest BIC "
+                        "(default), lowest AIC, or highest log-likelihood")
+    p.add_argument("--map-heldout-fraction", type=float, default=0.2,
+                   help="share of checkpoint rows held out to choose the number of states (default 0.2)")
+    p.add_argument("--map-split-seed", type=int, default=2546, help="random state of that split (default 2546)")
+    p.add_argument("--map-steps", help="decode and draw the maps only at these steps: a comma list or "
+                   "'polypythias' (default: every checkpoint)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the bootstraps (default 0)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     p.add_argument("--no-mlflow-log", action="store_true", help="do not log the output folder to MLflow")
+    p.add_argument("--replay", action="store_true",
+                   help="replay the study in step order, each decision from data up to that step only, as the "
+                        "live monitor would have: print each run's first alert and its lead time over the "
+                        "offline outlier onset (and write alerts.csv into --out)")
     return p
 
 
 def options_from(args):
-    from analysis.outliers import DEFAULT_TASKS
+    from analysis.load import parse_steps
+    from analysis.outliers import DEFAULT_TASKS, OutlierRule
     from analysis.report import AnalysisOptions
 
+    if not 0 < args.map_heldout_fraction < 1 or (args.states is not None and args.states < 1) or args.restarts < 1:
+        raise AnalysisError("--map-heldout-fraction must lie between 0 and 1 (the study: 0.2), and --states and "
+                            "--restarts must be at least 1.")
+    rule = OutlierRule(false_alarm_rate=args.false_alarm_rate, band_sd=args.band_sd,
+                       min_checkpoints=args.min_checkpoints)
     return AnalysisOptions(
-        tasks=tuple(args.tasks or DEFAULT_TASKS), band_sd=args.band_sd, mad_threshold=args.mad_threshold,
-        min_checkpoints=args.min_checkpoints, spike_window_values=args.spike_window,
+        tasks=tuple(args.tasks or DEFAULT_TASKS), outlier_metrics=args.outlier_metric, outlier_rule=rule,
+        mad_threshold=args.mad_threshold, spike_window_values=args.spike_window,
         spike_threshold_sd=args.spike_threshold, map_features=args.map_features, max_states=args.max_states,
-        n_restarts=args.restarts, random_state=args.seed, make_plots=not args.no_plots)
+        n_restarts=args.restarts, map_states=args.states, map_criterion=args.map_criterion,
+        map_heldout_fraction=args.map_heldout_fraction, map_split_seed=args.map_split_seed,
+        map_steps=None if args.map_steps is None else parse_steps(args.map_steps),
+        random_state=args.seed, make_plots=not args.no_plots)
 
 
 def is_file_source(source: str) -> bool:
@@ -84,7 +128,7 @@ def summarise(args) -> None:
     if not is_file_source(args.source):
         print_summary(args.tracking_uri, args.source, args.parent_run)
         return
-    study = load_study(args.source)
+    study = load_study(args.source, steps=args.steps, model=args.model)
     Console().print(summary_table(final_loss_summary(study.metrics, study.runs), f"Final train/loss of {args.source}"))
 
 
@@ -98,7 +142,7 @@ def analyse(args) -> None:
     console = Console(stderr=True)
     with console.status(f"Loading {args.source} ..."):
         study = load_study(args.source, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run,
-                           metrics=args.metrics)
+                           metrics=args.metrics, steps=args.steps, model=args.model)
     with console.status("Analysing ..."):
         result = run_analysis(study, args.out, options_from(args), log_to_mlflow=not args.no_mlflow_log)
     console.print(f"Wrote {result.out_dir / 'report.md'} ({len(result.outliers)} outlier episodes, "
@@ -107,10 +151,46 @@ def analyse(args) -> None:
         console.print(note)
 
 
+def replay_study(args) -> None:
+    """The causal replay: alerts per run and signal, with lead times; alerts.csv into ``args.out``."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from analysis.load import load_study
+    from analysis.outliers import find_outliers
+    from analysis.replay import replay
+    from analysis.report import standardised_score
+
+    options = options_from(args)
+    study = load_study(args.source, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run,
+                       metrics=args.metrics, steps=args.steps, model=args.model)
+    score = standardised_score(study.metrics, options.tasks)
+    outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
+                             options.mad_threshold, score=score)
+    alerts = replay(study.metrics, outliers, options.outlier_metrics, options.outlier_rule, score=score)
+    table = Table(title=f"Causal replay of {args.source}: first alert per run and signal")
+    for column in ("model", "run", "signal", "alert step", "deviation (SD)", "outlier onset", "lead (steps)"):
+        table.add_column(column, justify="right" if column not in ("model", "run", "signal") else "left")
+    for row in alerts.itertuples():
+        onset = "-" if row.onset_step is pd.NA else str(row.onset_step)
+        lead = "-" if row.lead_steps is pd.NA else str(row.lead_steps)
+        table.add_row(row.model, row.seed, row.signal, str(row.alert_step), f"{row.deviation_sd:.1f}", onset, lead)
+    console = Console()
+    console.print(table if len(alerts) else f"No alert in {args.source}: every run stayed with its siblings.")
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        alerts.to_csv(args.out / "alerts.csv", index=False)
+        console.print(f"Wrote {args.out / 'alerts.csv'}.")
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        options_from(args)  # a bad option is an error before anything is loaded
+        if args.replay:
+            replay_study(args)
+            return 0
         if args.out is None or args.summary:
             summarise(args)
         if args.out is not None:

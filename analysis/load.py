@@ -6,7 +6,10 @@ Three sources are understood:
   tagged ``polypythia.kind=job``; see :func:`load_mlflow`),
 * a folder of lm-evaluation-harness v0.4 result files in the published PolyPythias layout
   ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json`` (:func:`load_lm_eval_folder`),
-* a tidy CSV/TSV file with the five columns (:func:`load_tidy_file`).
+* a tidy CSV/TSV file with the five columns, or a wide one with ``seed``, ``step`` and one column
+  per metric such as the study's released training map table (:func:`load_tidy_file`).
+
+``load_study(..., steps=POLYPYTHIAS_EVAL_STEPS)`` keeps only the study's 27 evaluation checkpoints.
 
 :func:`load_study` picks one by looking at the source and returns a :class:`Study`: the tidy
 metrics table plus a runs table (one row per (model, seed) with its status, so that diverged or
@@ -19,6 +22,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,16 +31,37 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
+from polypythia.study import TIDY_COLUMNS, label_order, parse_run_label, run_label, search_job_runs, seeds_from_tags
 
 log = logging.getLogger(__name__)
 
-TIDY_COLUMNS = ["model", "seed", "step", "metric", "value"]
-RUN_COLUMNS = ["model", "seed", "run_id", "status", "diverged", "weight_seed", "data_seed", "budget"]
+# One row per run: (model, weight_seed, data_seed); ``seed`` is its label (polypythia.study.run_label).
+RUN_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "run_id", "status", "diverged", "budget"]
 
-# lm-eval: "pythia-410m", "pythia-410m-seed3", "pythia-410m-deduped-seed3" (size = "410m-deduped")
-_LM_EVAL_MODEL_DIR = re.compile(r"^pythia-(?P<size>.+?)(?:-seed(?P<seed>\d+))?$")
+# lm-eval: "pythia-410m", "pythia-410m-seed3", "pythia-410m-seed10", "pythia-410m-deduped-seed3"
+# (size = "410m-deduped"); the same pattern reads model names ("EleutherAI/pythia-410m-seed3").
+_LM_EVAL_MODEL_DIR = re.compile(r"^pythia-(?P<size>.+?)(?:-seed(?P<seed>\d+))?$", re.IGNORECASE)
 _LM_EVAL_STEP_DIR = re.compile(r"^step(?P<step>\d+)$")
 _LM_EVAL_RESULT_FILE = re.compile(r"^results_(?P<stamp>.+)\.json$")
+# lm-eval names its output folder after the model with "/" (and other path characters) replaced by
+# "__": "EleutherAI/pythia-410m" -> "EleutherAI__pythia-410m" (lm_eval.utils, model_name_sanitized).
+_LM_EVAL_NAME_SEPARATOR = "__"
+
+# The 27 checkpoints the PolyPythias analyses use (van der Wal et al., "PolyPythias", ICLR 2025,
+# arXiv 2503.09543; EleutherAI/pythia branch polypythias, polypythias/data/training_maps.tsv):
+# step 0, the log-spaced steps 1, 2, 4, ..., 512, then 1000, 3000 and every 10,000 from 13,000 to 143,000.
+POLYPYTHIAS_EVAL_STEPS: tuple[int, ...] = (0, *(2 ** i for i in range(10)), 1000, 3000,
+                                            *range(13000, 143001, 10000))
+STEP_PRESETS = {"polypythias": POLYPYTHIAS_EVAL_STEPS}
+
+# Tables: pandas names an unnamed header cell (a written index) "Unnamed: 0".
+_UNNAMED_COLUMN = re.compile(r"^(unnamed: \d+(_level_\d+)?|)$")
+# Columns of a wide table that identify a row rather than hold a metric.
+_ID_COLUMNS = ("model", "seed", "step", "run_id", "weight_seed", "data_seed")
+# A model size in a file name: "pythia-410m", "410m", "1.4b", "410m-deduped".
+_SIZE_IN_NAME = re.compile(r"(?<![0-9a-z.])(?:pythia-)?(\d+(?:\.\d+)?[mb](?:-deduped)?)(?![0-9a-z])")
+# A run label the analysis writes when weight and data seeds differ ("w1-d2").
+_RUN_LABEL = re.compile(r"^w\d+-d\d+$")
 
 
 @dataclass
@@ -81,12 +106,30 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
     out = frame[TIDY_COLUMNS].copy()
     out["value"] = pd.to_numeric(out["value"], errors="coerce").astype("float64")
     out = out[np.isfinite(out["value"].to_numpy())]
-    out["seed"] = pd.to_numeric(out["seed"], errors="raise").astype("int64")
+    out["seed"] = run_label_column(out["seed"])
     out["step"] = pd.to_numeric(out["step"], errors="raise").astype("int64")
     out["model"] = as_string_category(out["model"])
     out["model"] = out["model"].cat.reorder_categories(sort_models(out["model"].cat.categories))
     out["metric"] = as_string_category(out["metric"])
     return out.sort_values(["model", "seed", "metric", "step"], kind="stable").reset_index(drop=True)
+
+
+def run_label_column(column: pd.Series) -> pd.Series:
+    """The ``seed`` column as run labels (categorical strings, see :mod:`polypythia.study`): a seed
+    number k (also 3.0 or "3") becomes "k"; "w1-d2" stays; anything else is an AnalysisError."""
+    column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
+    column = column.cat.remove_unused_categories()
+    labels = []
+    for category in column.cat.categories:
+        number = pd.to_numeric(pd.Series([category]), errors="coerce").iloc[0]
+        label = str(int(number)) if pd.notna(number) and float(number).is_integer() else str(category).strip()
+        if parse_run_label(label) is None:
+            raise AnalysisError(f"The seed column holds {category!r}, which is neither a seed number nor a run "
+                                "label like w1-d2; give whole seed numbers.")
+        labels.append(label)
+    column = column.cat.rename_categories(range(len(labels))).astype("int64").map(dict(enumerate(labels)))
+    order = sorted(set(labels), key=label_order)
+    return pd.Series(pd.Categorical(column, categories=order), index=column.index)
 
 
 def as_string_category(column: pd.Series) -> pd.Series:
@@ -101,10 +144,12 @@ def as_string_category(column: pd.Series) -> pd.Series:
 
 
 def runs_from_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
-    """A runs table for sources that carry no run metadata: every (model, seed) is FINISHED."""
-    pairs = metrics[["model", "seed"]].drop_duplicates().astype({"model": str})
-    runs = pairs.assign(run_id=None, status="FINISHED", diverged=False, weight_seed=pairs["seed"],
-                        data_seed=pairs["seed"], budget=None)
+    """A runs table for sources that carry no run metadata: every (model, run) is FINISHED, its
+    weight and data seeds read from its label."""
+    pairs = metrics[["model", "seed"]].drop_duplicates().astype({"model": str, "seed": str})
+    seeds = [parse_run_label(label) for label in pairs["seed"]]
+    runs = pairs.assign(run_id=None, status="FINISHED", diverged=False, weight_seed=[w for w, _ in seeds],
+                        data_seed=[d for _, d in seeds], budget=None)
     return runs[RUN_COLUMNS].reset_index(drop=True)
 
 
@@ -113,27 +158,65 @@ def runs_from_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
 
 
 def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
-               parent_run_id: str | None = None, metrics: list[str] | None = None) -> Study:
+               parent_run_id: str | None = None, metrics: list[str] | None = None,
+               steps: Iterable[int] | str | None = None, model: str | None = None) -> Study:
     """Load a study from an MLflow experiment name, a folder of lm-eval results or a CSV/TSV file.
 
     ``metrics`` optionally restricts which metric keys are read (MLflow) or kept (files);
-    an entry ending in ``*`` is a prefix (``"weights/*"``).
+    an entry ending in ``*`` is a prefix (``"weights/*"``). ``steps`` optionally keeps only those
+    training steps, from any source: a list of steps, or text that :func:`parse_steps` reads
+    (``"polypythias"`` = :data:`POLYPYTHIAS_EVAL_STEPS`, or ``"0,1,2,512"``). ``model`` names the
+    model of a table that has no ``model`` column (see :func:`load_tidy_file`).
     """
+    wanted_steps = None if steps is None else (parse_steps(steps) if isinstance(steps, str)
+                                               else sorted({int(s) for s in steps}))
     path = Path(source)
     if path.is_dir():
-        study = load_lm_eval_folder(path)
+        study = load_lm_eval_folder(path, steps=wanted_steps)
     elif path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
-        study = load_tidy_file(path)
+        study = load_tidy_file(path, model=model)
     else:
         study = load_mlflow(str(source), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                             metric_keys=metrics)
     if metrics:
         study.metrics = study.metrics[select_metrics(study.metrics["metric"], metrics)].reset_index(drop=True)
         study.metrics["metric"] = study.metrics["metric"].cat.remove_unused_categories()
+    if wanted_steps is not None:
+        restrict_steps(study, wanted_steps)
     if study.metrics.empty:
-        raise AnalysisError(f"The source {source} holds no metric values{' matching --metrics' if metrics else ''}; "
+        matching = " and ".join(what for what, given in (("--metrics", metrics), ("--steps", wanted_steps))
+                                if given is not None)
+        raise AnalysisError(f"The source {source} holds no metric values{' matching ' + matching if matching else ''}; "
                             "check the path or experiment name.")
     return study
+
+
+def parse_steps(text: str) -> list[int]:
+    """The steps a ``--steps`` value names: a preset (``"polypythias"``) or a comma list (``"0,1,2,512"``)."""
+    cleaned = str(text).strip()
+    if cleaned.lower() in STEP_PRESETS:
+        return list(STEP_PRESETS[cleaned.lower()])
+    parts = [part.strip() for part in cleaned.split(",")]
+    if not cleaned or not all(re.fullmatch(r"\d+", part) for part in parts):
+        presets = ", ".join(repr(name) for name in STEP_PRESETS)
+        raise AnalysisError(f"The steps {text!r} are neither a comma-separated list of whole step numbers "
+                            f"(such as 0,1,2,512) nor a preset ({presets}); give one of those.")
+    return sorted({int(part) for part in parts})
+
+
+def restrict_steps(study: Study, steps: Iterable[int]) -> None:
+    """Keep only the metric rows at ``steps`` (in place); a note lists requested steps the source lacks."""
+    wanted = sorted({int(s) for s in steps})
+    metrics = study.metrics
+    present = set(pd.unique(metrics["step"]).tolist())
+    study.metrics = metrics[metrics["step"].isin(wanted)].reset_index(drop=True)
+    for column in ("model", "metric"):
+        if isinstance(study.metrics[column].dtype, pd.CategoricalDtype):
+            study.metrics[column] = study.metrics[column].cat.remove_unused_categories()
+    missing = [s for s in wanted if s not in present]
+    if missing and not study.metrics.empty:
+        shown = ", ".join(str(s) for s in missing[:10]) + (", ..." if len(missing) > 10 else "")
+        study.notes.append(f"{len(missing)} of the {len(wanted)} requested steps are not in the source: {shown}.")
 
 
 def select_metrics(names: pd.Series, patterns: list[str]) -> np.ndarray:
@@ -147,20 +230,161 @@ def select_metrics(names: pd.Series, patterns: list[str]) -> np.ndarray:
 # Tidy CSV / TSV
 
 
-def load_tidy_file(path: str | os.PathLike) -> Study:
-    """Read a tidy CSV or TSV file (tab-separated when the name ends in .tsv)."""
+def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
+    """Read a CSV or TSV table (tab-separated when the name ends in .tsv or the header has only tabs).
+
+    Two shapes are understood:
+
+    * tidy: the columns ``model, seed, step, metric, value``;
+    * wide: ``seed`` and ``step`` columns and one numeric column per metric, like the PolyPythias
+      training map table (EleutherAI/pythia, branch polypythias, ``polypythias/data/training_maps.tsv``:
+      an unnamed index, ``score, state, step, seed, group``). Every numeric column other than the
+      identifying ones becomes a metric; non-numeric columns (``group``) and unnamed index
+      columns are left out.
+
+    A table without a ``model`` column gets ``model``, else the size in its file name
+    (``pythia-410m``, ``410m``), else ``"unknown"``; a note says which. Seeds must be whole
+    numbers (or ``w<k>-d<k>`` run labels) and steps whole numbers. Repeated
+    (model, seed, step, metric) rows keep the last value, with a note counting those that disagree.
+    Non-finite values are passed on unchanged.
+    """
     path = Path(path)
     if not path.is_file():
         raise AnalysisError(f"The file {path} does not exist; give an existing .csv or .tsv file.")
-    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    frame = read_table(path)
+    notes: list[str] = []
+    frame = frame.drop(columns=[c for c in frame.columns if _UNNAMED_COLUMN.match(str(c).strip().lower())])
+    known = set(TIDY_COLUMNS) | set(_ID_COLUMNS)
+    frame.columns = [str(c).strip().lower() if str(c).strip().lower() in known else str(c).strip()
+                     for c in frame.columns]
+    if frame.columns.duplicated().any():
+        repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+        raise AnalysisError(f"The table {path} has the column(s) {', '.join(repeated)} more than once; "
+                            "give each column once.")
+    if "seed" in frame.columns:
+        frame["seed"] = checked_seeds(frame["seed"], path)
+    if "step" in frame.columns:
+        frame["step"] = checked_steps(frame["step"], path)
+    if not {"metric", "value"} <= set(frame.columns) and {"seed", "step"} <= set(frame.columns):
+        frame, skipped = wide_to_tidy(frame, path)
+        if skipped:
+            notes.append(f"The table {path.name} has non-numeric column(s) {', '.join(skipped)}, "
+                         "which were left out of the metrics.")
+    if "model" not in frame.columns:
+        name, note = table_model(path, model)
+        frame["model"] = name
+        notes.append(note)
+    if set(TIDY_COLUMNS) <= set(frame.columns):
+        frame, note = drop_repeated_rows(frame, path)
+        if note:
+            notes.append(note)
+    metrics = tidy(frame)
+    for note in notes:
+        log.warning(note)
+    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(path), kind="table", notes=notes)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """The raw table in ``path``; binary, non-UTF-8, empty or malformed files give an AnalysisError."""
+    with open(path, "rb") as handle:
+        head = handle.read(65536)
+    if b"\x00" in head:
+        raise AnalysisError(f"The file {path} holds binary data, not a CSV or TSV table; give a text table "
+                            f"with the columns {', '.join(TIDY_COLUMNS)} (or seed, step and one column per metric).")
+    first_line = head.split(b"\n", 1)[0]
+    tab = path.suffix.lower() == ".tsv" or (b"\t" in first_line and b"," not in first_line)
+    kind = "TSV" if tab else "CSV"
     try:
-        frame = pd.read_csv(path, sep=sep)
+        return pd.read_csv(path, sep="\t" if tab else ",")
     except pd.errors.EmptyDataError:
         raise AnalysisError(f"The file {path} is empty; give a table with the columns "
                             f"{', '.join(TIDY_COLUMNS)}.") from None
-    frame.columns = [str(c).strip().lower() for c in frame.columns]
-    metrics = tidy(frame)
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(path), kind="table")
+    except UnicodeDecodeError:
+        raise AnalysisError(f"The file {path} is not UTF-8 text; give a {kind} table saved as UTF-8.") from None
+    except pd.errors.ParserError as error:
+        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        raise AnalysisError(f"The file {path} is not a well-formed {kind} table ({reason}); "
+                            "repair it so that every row has as many fields as the header.") from None
+
+
+def first_bad(column: pd.Series, good: np.ndarray) -> str:
+    """'<value> (data row N)' for the first entry of ``column`` where ``good`` is False."""
+    index = int(np.flatnonzero(~good)[0])
+    value = column.iloc[index]
+    shown = "an empty cell" if pd.isna(value) else repr(value.item() if hasattr(value, "item") else value)
+    return f"{shown} (data row {index + 1})"
+
+
+def checked_seeds(column: pd.Series, path: Path) -> pd.Series:
+    """Seeds as int64, or as strings when some are run labels ("w1-d2"); anything else is an error."""
+    numbers = pd.to_numeric(column, errors="coerce").astype("float64").to_numpy()
+    whole = np.isfinite(numbers) & (numbers >= 0) & (np.round(numbers) == numbers)
+    text = column.astype(str).str.strip()
+    labels = (~whole) & text.str.fullmatch(_RUN_LABEL.pattern).fillna(False).to_numpy(dtype=bool)
+    good = whole | labels
+    if not good.all():
+        raise AnalysisError(f"The column seed of {path} holds {first_bad(column, good)}, which is not a seed "
+                            "number; give whole-number seeds (0, 1, 2, ...).")
+    if not labels.any():
+        return pd.Series(numbers.astype("int64"), index=column.index)
+    as_text = [t if label else str(int(n)) for t, n, label in zip(text, numbers, labels)]
+    return pd.Series(as_text, index=column.index, dtype=object)
+
+
+def checked_steps(column: pd.Series, path: Path) -> pd.Series:
+    """Steps as int64; a step that is not a whole non-negative number is an error."""
+    numbers = pd.to_numeric(column, errors="coerce").astype("float64").to_numpy()
+    good = np.isfinite(numbers) & (numbers >= 0) & (np.round(numbers) == numbers)
+    if not good.all():
+        raise AnalysisError(f"The column step of {path} holds {first_bad(column, good)}, which is not a "
+                            "training step; give whole-number steps (0, 1, 1000, ...).")
+    return pd.Series(numbers.astype("int64"), index=column.index)
+
+
+def wide_to_tidy(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[str]]:
+    """Long rows from a wide table (one numeric column per metric) and the non-numeric columns skipped."""
+    others = [c for c in frame.columns if c not in _ID_COLUMNS]
+    numeric = [c for c in others if pd.api.types.is_numeric_dtype(frame[c])]
+    skipped = [str(c) for c in others if c not in numeric]
+    if not numeric:
+        raise AnalysisError(f"The table {path} has seed and step columns but no metric/value columns and no "
+                            "numeric metric column; give a tidy table (model, seed, step, metric, value) or "
+                            "one numeric column per metric.")
+    ids = [c for c in ("model", "seed", "step") if c in frame.columns]
+    values = frame[ids].copy()
+    for name in numeric:
+        values[name] = frame[name].astype("float64")
+    long = values.melt(id_vars=ids, value_vars=numeric, var_name="metric", value_name="value")
+    return long, skipped
+
+
+def table_model(path: Path, model: str | None) -> tuple[str, str]:
+    """The model of a table without a model column, and a note saying where it came from."""
+    if model:
+        return str(model), f"The table {path.name} has no model column; its rows are model {model} (as given)."
+    found = _SIZE_IN_NAME.search(path.stem.lower())
+    if found:
+        return found.group(1), (f"The table {path.name} has no model column; its rows are model "
+                                f"{found.group(1)}, read from the file name.")
+    return "unknown", (f"The table {path.name} has no model column and its name gives no model size; its rows "
+                       "are model 'unknown' (pass model=..., or add a model column).")
+
+
+def drop_repeated_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, str | None]:
+    """Keep the last of repeated (model, seed, step, metric) rows; a note counts those with differing values."""
+    keys = ["model", "seed", "step", "metric"]
+    keyed = frame.astype({"model": str, "seed": str, "metric": str})
+    repeated = keyed.duplicated(keys, keep=False).to_numpy()
+    if not repeated.any():
+        return frame, None
+    values = pd.to_numeric(keyed.loc[repeated, "value"], errors="coerce")
+    differing = int((values.groupby([keyed.loc[repeated, k] for k in keys], sort=False)
+                     .nunique(dropna=False) > 1).sum())
+    kept = frame[~keyed.duplicated(keys, keep="last").to_numpy()]
+    if not differing:
+        return kept, None
+    return kept, (f"The table {path.name} repeats {differing} (model, seed, step, metric) row(s) with "
+                  "different values; the last row of each was kept.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +392,16 @@ def load_tidy_file(path: str | os.PathLike) -> Study:
 
 
 def parse_lm_eval_path(path: Path, root: Path) -> tuple[str, int, int, str] | None:
-    """(model, seed, step, timestamp) from ``pythia-<size>[-seed<k>]/step<S>/.../results_<ts>.json``."""
+    """(model, seed, step, timestamp) from ``pythia-<size>[-seed<k>]/step<S>/.../results_<ts>.json``.
+
+    The seed folder ``pythia-<size>`` without ``-seed<k>`` is seed 0, the original Pythia run.
+    """
+    layout = lm_eval_layout(path, root)
+    return None if layout is None else layout[:4]
+
+
+def lm_eval_layout(path: Path, root: Path) -> tuple[str, int, int, str, tuple[str, ...]] | None:
+    """Like :func:`parse_lm_eval_path`, plus the folder names between ``step<S>`` and the file."""
     file_match = _LM_EVAL_RESULT_FILE.match(path.name)
     if not file_match:
         return None
@@ -178,8 +411,67 @@ def parse_lm_eval_path(path: Path, root: Path) -> tuple[str, int, int, str] | No
         step_match = _LM_EVAL_STEP_DIR.match(parts[index + 1])
         if model_match and step_match:
             seed = int(model_match.group("seed") or 0)
-            return model_match.group("size"), seed, int(step_match.group("step")), file_match.group("stamp")
+            return (model_match.group("size"), seed, int(step_match.group("step")), file_match.group("stamp"),
+                    parts[index + 2:])
     return None
+
+
+def pythia_identity(name: str) -> tuple[str, int] | None:
+    """(size, seed) of a model name such as ``EleutherAI/pythia-410m-seed3`` or the folder lm-eval names
+    after it, ``EleutherAI__pythia-410m-seed3`` (seed 0 without -seed<k>).
+
+    The last ``/``- or ``__``-separated component that reads as ``pythia-...`` counts (so local paths
+    work too); None when no component does (a name that says nothing about which Pythia model it is).
+    """
+    components = re.split(r"/+|" + _LM_EVAL_NAME_SEPARATOR + "+", str(name).strip())
+    for component in reversed([c for c in components if c]):
+        match = _LM_EVAL_MODEL_DIR.match(component)
+        if match:
+            return match.group("size").lower(), int(match.group("seed") or 0)
+    return None
+
+
+def lm_eval_named_models(data: dict, inner_folders: tuple[str, ...]) -> list[str]:
+    """The model names an lm-eval result file gives for itself: its output folder(s) named after the
+    model (``EleutherAI__pythia-410m``), the ``pretrained=`` entry of ``config.model_args``, and the
+    top-level ``model_name`` that newer lm-eval versions write."""
+    names = [folder for folder in inner_folders if pythia_identity(folder)]
+    config = data.get("config")
+    model_args = config.get("model_args") if isinstance(config, dict) else None
+    if isinstance(model_args, dict):
+        pretrained = model_args.get("pretrained")
+    elif isinstance(model_args, str):
+        entries = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
+        pretrained = entries.get("pretrained")
+    else:
+        pretrained = None
+    for name in (pretrained, data.get("model_name")):
+        if isinstance(name, str) and pythia_identity(name):
+            names.append(name.strip())
+    return names
+
+
+def read_lm_eval_file(path: Path) -> dict:
+    """The JSON object of one lm-eval result file; anything else is an AnalysisError naming the file."""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as error:
+        raise AnalysisError(f"The result file {path} could not be read ({error.strerror or error}); "
+                            "check its permissions, or remove it.") from None
+    except UnicodeDecodeError:
+        raise AnalysisError(f"The result file {path} is not JSON text (it holds binary data); "
+                            "remove or repair it.") from None
+    except json.JSONDecodeError as error:
+        raise AnalysisError(f"The result file {path} is not valid JSON ({error.msg} at line {error.lineno}); "
+                            "remove or repair it.") from None
+    if not isinstance(data, dict):
+        kind = {list: "a list", str: "a string", type(None): "null"}.get(type(data), "a number")
+        raise AnalysisError(f"The result file {path} holds {kind}, not an lm-eval result object; "
+                            "remove or repair it.")
+    if not isinstance(data.get("results"), dict):
+        raise AnalysisError(f"The result file {path} has no 'results' object, so it is not an lm-eval v0.4 "
+                            "result file; remove or repair it.")
+    return data
 
 
 def lm_eval_metrics(results: dict) -> list[tuple[str, float]]:
@@ -203,32 +495,61 @@ def lm_eval_metrics(results: dict) -> list[tuple[str, float]]:
     return pairs
 
 
-def load_lm_eval_folder(root: str | os.PathLike) -> Study:
-    """Read every ``results_*.json`` below ``root``; for duplicates the latest timestamp wins."""
+def load_lm_eval_folder(root: str | os.PathLike, steps: Iterable[int] | None = None) -> Study:
+    """Read every ``results_*.json`` below ``root`` (optionally only those at ``steps``).
+
+    Laid out as the published PolyPythias evaluations (HF dataset ``EleutherAI/polypythias-evals``):
+    ``pythia-<size>[-seed<k>]/step<S>/EleutherAI__pythia-<size>[-seed<k>]/results_<timestamp>.json``.
+    When several files give one (task, metric) of one model, seed and step, the latest timestamp
+    wins; this is per metric, not per file, since two files may hold different tasks (as in
+    EleutherAI/pythia, branch polypythias, ``polypythias/plots.ipynb``). Files whose own model name
+    (output folder, ``config.model_args`` or ``model_name``) differs from their seed folder's hold
+    another model's results (e.g. the base model filed under a seed) and are left out, with one
+    warning and note counting them. Non-finite values are passed on unchanged.
+    """
     root = Path(root)
-    found = {}
-    for path in root.rglob("results_*.json"):
-        key = parse_lm_eval_path(path, root)
-        if key is None:
+    wanted = None if steps is None else {int(s) for s in steps}
+    rows, foreign, laid_out, other_steps = [], [], 0, set()
+    for path in sorted(root.rglob("results_*.json")):
+        layout = lm_eval_layout(path, root)
+        if layout is None:
             continue
-        model, seed, step, stamp = key
-        # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
-        previous = found.get((model, seed, step))
-        if previous is None or stamp > previous[0]:
-            found[(model, seed, step)] = (stamp, path)
-    if not found:
+        model, seed, step, stamp, inner = layout
+        if wanted is not None and step not in wanted:
+            other_steps.add(step)
+            continue
+        laid_out += 1
+        data = read_lm_eval_file(path)
+        expected = (model.lower(), seed)
+        others = [name for name in lm_eval_named_models(data, inner) if pythia_identity(name) != expected]
+        if others:
+            foreign.append((path, others[0]))
+            continue
+        rows.extend((model, seed, step, name, value, stamp, str(path))
+                    for name, value in lm_eval_metrics(data["results"]))
+    if not laid_out and other_steps:
+        shown = ", ".join(str(s) for s in sorted(other_steps)[:10]) + (", ..." if len(other_steps) > 10 else "")
+        raise AnalysisError(f"The folder {root} holds no metric values matching --steps (its lm-eval results "
+                            f"are at steps {shown}); choose other steps.")
+    if not laid_out:
         raise AnalysisError(f"The folder {root} holds no lm-eval result files laid out as "
                             "pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json; check the path.")
-    rows = []
-    for (model, seed, step), (_, path) in found.items():
-        try:
-            results = json.loads(path.read_text()).get("results", {})
-        except (OSError, json.JSONDecodeError) as error:
-            raise AnalysisError(f"The result file {path} could not be read as JSON ({error}); "
-                                "remove or repair it.") from None
-        rows.extend((model, seed, step, name, value) for name, value in lm_eval_metrics(results))
-    metrics = tidy(pd.DataFrame(rows, columns=TIDY_COLUMNS))
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(root), kind="lm-eval")
+    notes = []
+    if foreign:
+        example, name = foreign[0]
+        note = (f"{len(foreign)} of {laid_out} lm-eval result files were left out because they name another "
+                f"model than their seed folder (e.g. {example.relative_to(root)} is for {name}).")
+        log.warning(note)
+        notes.append(note)
+    if not rows and foreign:
+        raise AnalysisError(f"Every lm-eval result file under {root} names another model than its seed folder "
+                            f"(e.g. {foreign[0][0]}); check that the folders hold the right models' results.")
+    frame = pd.DataFrame(rows, columns=[*TIDY_COLUMNS, "stamp", "file"])
+    # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
+    frame = frame.sort_values(["stamp", "file"], kind="stable")
+    frame = frame.drop_duplicates(["model", "seed", "step", "metric"], keep="last")
+    metrics = tidy(frame[TIDY_COLUMNS])
+    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(root), kind="lm-eval", notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -237,31 +558,17 @@ def load_lm_eval_folder(root: str | os.PathLike) -> Study:
 
 def mlflow_client(tracking_uri: str | None):
     """An MlflowClient for ``tracking_uri`` (or env MLFLOW_TRACKING_URI); error if neither is set."""
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
         raise AnalysisError("No MLflow tracking URI is set; pass --tracking-uri or set MLFLOW_TRACKING_URI "
                             "(or give a folder or .csv/.tsv file as the source).")
-    check_reachable(uri)
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri), uri
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on an HTTP tracking URI nobody answers (the MLflow client retries for minutes)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    import urllib.error
-    import urllib.request
+    from polypythia import tracking
 
     try:
-        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
-    except urllib.error.HTTPError:
-        return  # something answered (a proxy, or a server without /health): let the client talk to it
-    except OSError as error:
-        raise AnalysisError(f"The MLflow tracking server at {uri} does not answer ({error}); "
-                            "start it or fix --tracking-uri / MLFLOW_TRACKING_URI.") from None
+        tracking.require_reachable(uri, "start it or fix --tracking-uri / MLFLOW_TRACKING_URI")
+    except tracking.TrackingError as error:
+        raise AnalysisError(str(error)) from None
+    return tracking.client(uri), uri
 
 
 def find_experiment(client, name: str):
@@ -277,45 +584,31 @@ def find_experiment(client, name: str):
     return experiment
 
 
-def search_job_runs(client, experiment_id: str, parent_run_id: str | None = None) -> list:
-    """All child runs (``polypythia.kind=job``) of the experiment, or of one sweep's parent run."""
-    query = "tags.`polypythia.kind` = 'job'"
-    if parent_run_id:
-        query += f" and tags.`mlflow.parentRunId` = '{parent_run_id}'"
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
 def run_record(run) -> dict | None:
     """The runs-table row of an MLflow job run, or None when it lacks the model or seed tag."""
     tags = run.data.tags
     if "model" not in tags or "seed" not in tags:
         log.warning("Run %s has no model/seed tag and is skipped.", run.info.run_id)
         return None
-    seed = int(tags["seed"])
+    weight_seed, data_seed = seeds_from_tags(tags)
     diverged = str(tags.get("diverged", "false")).lower() not in ("false", "0", "", "no")
     return {
-        "model": tags["model"], "seed": seed, "run_id": run.info.run_id, "status": run.info.status,
-        "diverged": diverged, "weight_seed": int(tags.get("weight_seed", seed)),
-        "data_seed": int(tags.get("data_seed", seed)), "budget": tags.get("budget"),
-        "start_time": run.info.start_time or 0,
+        "model": tags["model"], "seed": run_label(weight_seed, data_seed), "weight_seed": weight_seed,
+        "data_seed": data_seed, "run_id": run.info.run_id, "status": run.info.status, "diverged": diverged,
+        "budget": tags.get("budget"), "start_time": run.info.start_time or 0,
     }
 
 
 def runs_table(runs: list) -> pd.DataFrame:
-    """One row per (model, seed); when a pair was run twice the most recently started run is kept."""
+    """One row per run (model, weight seed, data seed); a run logged twice keeps its latest MLflow run."""
     records = [r for r in (run_record(run) for run in runs) if r is not None]
     if not records:
         return pd.DataFrame(columns=RUN_COLUMNS)
     table = pd.DataFrame(records).sort_values("start_time")
     duplicated = table.duplicated(["model", "seed"], keep="last")
     for _, row in table[duplicated].iterrows():
-        log.warning("Run %s repeats model %s seed %s; the later run is used.", row.run_id, row.model, row.seed)
+        log.warning("MLflow run %s repeats model %s run %s (weight seed %s, data seed %s); the later one is used.",
+                    row.run_id, row.model, row.seed, row.weight_seed, row.data_seed)
     return table[~duplicated][RUN_COLUMNS].reset_index(drop=True)
 
 

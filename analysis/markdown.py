@@ -9,6 +9,7 @@ import pandas as pd
 
 from analysis.load import sort_models
 from analysis.outliers import STANDARDISED_METRIC
+from polypythia.study import label_order, seed_design
 
 MAX_TABLE_ROWS = 40
 
@@ -46,7 +47,12 @@ def by_model_order(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def runs_section(study, runs: pd.DataFrame) -> list[str]:
-    counts = by_model_order(runs).groupby("model", sort=False)["seed"].apply(lambda s: ", ".join(map(str, sorted(s)))).reset_index(name="seeds")
+    """Runs per model, which seed the study varied, and the runs that did not finish cleanly."""
+    rows = []
+    for model, group in by_model_order(runs).groupby("model", sort=False):
+        rows.append({"model": model, "runs": len(group), "seeds": ", ".join(sorted(map(str, group["seed"]), key=label_order)),
+                     "varied": seed_design(group["weight_seed"], group["data_seed"])})
+    counts = pd.DataFrame(rows, columns=["model", "runs", "seeds", "varied"])
     bad = runs[runs["diverged"].astype(bool) | (runs["status"].astype(str) != "FINISHED")]
     lines = ["## Runs\n", f"Source: `{study.source}` ({study.kind}).\n", markdown_table(counts)]
     if not bad.empty:
@@ -58,15 +64,30 @@ def runs_section(study, runs: pd.DataFrame) -> list[str]:
 def maps_section(maps) -> list[str]:
     if maps is None:
         return ["## Training maps\n", "_Not computed (no weight statistics in the study)._\n"]
-    chosen = maps.selection[maps.selection["chosen"]][["model", "n_states", "bic"]]
+    chosen = maps.chosen()
+    how = {"bic": "the lowest BIC", "aic": "the lowest AIC", "ll": "the highest log-likelihood"}
+    if maps.criterion == "fixed":
+        choice = "The number of states was fixed (`--states`)"
+    else:
+        choice = (f"The number of states is the one with {how[maps.criterion]} on the held-out rows "
+                  f"(`--map-criterion {maps.criterion}`)")
+    per_model = "; ".join(f"{row.model}: {row.n_states} states" for row in chosen.itertuples())
+    settings = maps.settings
+    tried = settings.get("states") or f"1..{settings.get('max_states')}"
+    restarts = len(settings.get("restarts", []))
+    best = maps.best_per_n()[["model", "n_states", "heldout_log_likelihood", "bic", "aic", "converged", "chosen"]]
     lines = ["## Training maps\n",
-             f"Gaussian HMM (diagonal covariance) on {len(maps.features)} features z-scored per run; "
-             "states chosen by BIC, numbered by when in training they are visited. "
-             "Full BIC table: `training_map_bic.csv`; paths: `training_maps.csv`.\n",
-             markdown_table(chosen), "Seeds whose order of states departs from the majority path:\n",
-             markdown_table(maps.departures)]
+             f"Gaussian HMM (diagonal covariance) on {len(maps.features)} features, fitted as the PolyPythias release "
+             f"does: {settings.get('heldout_fraction', 0.2):g} of the checkpoint rows held out (split seed "
+             f"{settings.get('split_seed', 2546)}), each seed z-scored within each split, {tried} states with "
+             f"{restarts} restarts each, the restart with the best held-out "
+             f"log-likelihood kept per number of states. {choice}: {per_model}. States are numbered by when in "
+             "training they are visited. Every restart: `training_map_selection.csv`; paths: `training_maps.csv`.\n",
+             "Kept restart per number of states (held-out rows):\n", markdown_table(best),
+             "Seeds whose order of states departs from the majority path:\n", markdown_table(maps.departures)]
     for model in chosen["model"]:
         lines.append(f"![training map {model}](analysis_training_map_{model}.png)\n")
+        lines.append(f"![training map model selection {model}](analysis_map_selection_{model}.png)\n")
     return lines
 
 
@@ -94,10 +115,17 @@ def write_report(study, tables: dict, result, options, path: Path) -> Path:
               markdown_table(spikes[spikes["n_spikes"] > 0]), "Spikes:\n", markdown_table(tables["spikes"])]
     if (Path(path).parent / "analysis_loss_curves.png").exists():
         lines.append("![loss curves](analysis_loss_curves.png)\n")
+    rule = options.outlier_rule
+    judged = ", ".join(f"`{m}`" for m in sorted(set(tables["outliers"]["metric"]))) or "none flagged"
     lines += ["## Outlier runs\n",
-              f"`band_{options.band_sd:g}sd`: outside the leave-one-out mean +/- {options.band_sd:g} SD of the other seeds; "
-              f"`mad_{options.mad_threshold:g}`: |x - median| / (1.4826 MAD) > {options.mad_threshold:g}; an episode needs "
-              f"{options.min_checkpoints} consecutive checkpoints on one side (one for final-value rules).\n",
+              f"`calibrated`: a run starts an episode where its distance from the other runs (leave-one-out mean, "
+              f"their SD pooled over up to {rule.scale_window} past checkpoints) exceeds `threshold_sd`, the level a "
+              f"healthy study of the same shape exceeds anywhere with probability {rule.false_alarm_rate:g} "
+              f"(correlated-noise null models, see docs/analysis.md); the episode lasts while the run stays beyond "
+              f"the study's +/-{rule.band_sd:g} SD band and has recovered when it is back inside. "
+              f"`band_deviation_sd` is the study's plain leave-one-out deviation at the onset. "
+              f"`mad_{options.mad_threshold:g}`: a final value with |x - median| / (1.4826 MAD) > "
+              f"{options.mad_threshold:g} and 1% from the median. Metrics with outliers: {judged}.\n",
               markdown_table(tables["outliers"])]
     lines += maps_section(tables["maps"])
     if study.notes:

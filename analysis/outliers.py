@@ -1,22 +1,40 @@
-"""Outlier runs: seeds whose trajectory leaves the cross-seed band.
+"""Outlier runs: runs whose trajectory of a metric leaves the band of their sibling seeds.
 
-Two rules, both reported per episode (a stretch of consecutive checkpoints outside the band):
+PolyPythias (Van der Wal et al., ICLR 2025, section 4 and Fig. 4) calls a seed an outlier when
+its standardised downstream score leaves the cross-seed band, about +/-2 SD. Read literally, as
+"outside 2 SD at some checkpoint", that rule calls healthy seeds outliers: with ten seeds and 27
+checkpoints there are 270 chances, consecutive checkpoints are nearly the same model (their noise
+is correlated, so "three checkpoints in a row" is not rare), and some seeds sit persistently a
+little above or below the rest. So the decision here is made differently, and the study's band
+deviation is still reported beside it as a column.
 
-* ``band_2sd`` - the PolyPythias rule on the *standardised accuracy* (each task's accuracy
-  z-scored over all (seed, step) rows of a size, then averaged over ARC-Easy, LAMBADA, PIQA and
-  SciQ, or whichever of them are present). At each step a seed is compared with the mean and SD
-  of the *other* seeds (leave-one-out), so an outlier does not widen its own band, and seeds
-  more than 4 such SDs away are left out of the others' bands as well (two simultaneous
-  outliers do not mask each other); it is outside when more than ``band_sd`` (2) SDs away.
-* ``mad`` - a robust rule for studies with few seeds, usable on any metric (including the final
-  train loss): outside when |x - median| / (1.4826 MAD) > ``threshold`` (3.5), with median and
-  MAD taken over all seeds at that step.
+The deviation (:func:`pooled_deviation`). At each checkpoint, each run is compared with the
+*other* runs (leave-one-out, so an outlier does not widen its own band): its distance from their
+mean, in units of their standard deviation. Runs far from the median (more than ``exclude_sd``
+robust SDs, 1.4826 x MAD) are left out of everyone else's band too, so that two runs collapsing
+together do not hide each other (410M in the study). Ten seeds give a noisy SD at any one
+checkpoint, so the variance is pooled over the current and the previous ``scale_window - 1``
+checkpoints. Every number at a checkpoint uses that checkpoint and earlier ones only: the same
+code decides offline, live during a sweep, and in a causal replay of a finished study: it lives in
+:mod:`polypythia.stability` (the sweep's driver uses it; ``polypythia`` never imports ``analysis``)
+and is re-exported here.
 
-Noise alone puts a seed outside a 2-SD leave-one-out band at about one step in ten (10 seeds), so
-an episode counts only when it stays on one side of the band for ``min_checkpoints`` consecutive
-checkpoints (default 3: about 1e-4 per window for independent noise; a single step is enough when
-only one step is looked at, e.g. the final loss). An episode has recovered when the next
-checkpoint is back inside the band (``recovery_step``).
+The decision (:func:`decision_threshold`). A run starts an outlier episode at the first
+checkpoint where |deviation| exceeds a threshold chosen so that a study of healthy runs of the
+same shape (runs x checkpoints) has any episode with probability ``false_alarm_rate`` (1%). The
+threshold is the (1 - rate) quantile of the largest |deviation| over healthy studies simulated
+with Gaussian noise that is independent between checkpoints, AR(1) with correlation 0.9, and
+fully persistent (each run a constant offset); the largest of the three is used, so that neither
+correlated checkpoints nor persistent offsets raise the rate. The deviation does not depend on
+the metric's location or scale at a checkpoint, so the threshold holds for any metric. Ten runs
+and 27 checkpoints give about 5.5 SD. The episode lasts while the run stays beyond the study's
+band (``band_sd``, 2 SD) on the same side, and has *recovered* when it comes back inside.
+``docs/analysis.md`` gives the false-alarm and detection rates measured by
+``benchmarks/bench_outliers.py``.
+
+A second rule, for studies' final losses: ``mad`` - |x - median| / (1.4826 MAD) > 3.5 over the
+runs' final values, which must also be 1% away from the median (a loss 0.3% off is not an
+outlier whatever its robust z-score).
 """
 
 from __future__ import annotations
@@ -25,12 +43,31 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
+from polypythia import stability
+from polypythia.stability import (CALIBRATION_STUDIES, MAD_TO_SD, NULL_MODELS, _deviation_array,  # noqa: F401
+                                  _others, _window_mean, decision_threshold, for_study_length,
+                                  largest_null_deviations, null_studies, pooled_deviation)
+from polypythia.study import label_order, parse_run_label
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 STANDARDISED_METRIC = "standardised_accuracy"
-OUTLIER_COLUMNS = ["model", "seed", "metric", "rule", "onset_step", "end_step", "n_checkpoints_out",
-                   "onset_deviation_sd", "max_deviation_sd", "recovered", "recovery_step"]
-MAD_TO_SD = 1.4826
+OUTLIER_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "metric", "rule", "onset_step", "end_step",
+                   "n_checkpoints_out", "onset_deviation_sd", "max_deviation_sd", "band_deviation_sd",
+                   "threshold_sd", "recovered", "recovery_step"]
+# Metric families that are not trajectories to judge runs by: dense per-step training curves
+# (spikes.py looks at those), weight statistics (training maps use them) and system samples.
+NOT_OUTLIER_TARGETS = ("train/", "weights/", "system/", "monitor/", "seeds/")
+
+
+class OutlierRule(stability.OutlierRule):
+    """The knobs of the trajectory rule (see the module docstring; the rule's numeric core is
+    :mod:`polypythia.stability`, shared with the sweep's live monitor); a bad knob is an AnalysisError."""
+
+    error = AnalysisError
+
+
+# ---------------------------------------------------------------------------------------------
+# Deviations
 
 
 def accuracy_metric(task: str, metrics: set[str]) -> str | None:
@@ -45,14 +82,15 @@ def standardised_accuracy(metrics: pd.DataFrame, tasks=DEFAULT_TASKS) -> pd.Data
     """Tidy rows of the standardised accuracy per (model, seed, step), metric ``standardised_accuracy``.
 
     Each task's accuracy is z-scored over all (seed, step) rows of a size, then the z-scores are
-    averaged over the tasks present at that (seed, step). Raises when none of ``tasks`` is present.
+    averaged over the tasks present at that (seed, step) (PolyPythias, section 4). Raises when none
+    of ``tasks`` is present.
     """
     present = set(map(str, metrics["metric"].unique()))
     names = {accuracy_metric(t, present): t for t in tasks}
     names.pop(None, None)
     if not names:
         raise AnalysisError(f"None of the tasks {', '.join(tasks)} has an accuracy metric in the study; "
-                            "name tasks it holds with --tasks.")
+                            "name tasks it holds with --tasks, or judge another metric with --outlier-metric.")
     rows = metrics[metrics["metric"].isin(list(names))].copy()
     rows["metric"] = rows["metric"].astype(str)
     grouped = rows.groupby(["model", "metric"], observed=True)["value"]
@@ -64,46 +102,28 @@ def standardised_accuracy(metrics: pd.DataFrame, tasks=DEFAULT_TASKS) -> pd.Data
 
 
 def wide_by_seed(metrics: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per model, a (step x seed) table of one metric."""
+    """Per model, a (step x run) table of one metric, runs in seed order."""
     rows = metrics[metrics["metric"] == metric]
-    return {str(model): group.pivot_table(index="step", columns="seed", values="value", aggfunc="last")
-            for model, group in rows.groupby("model", observed=True)}
+    tables = {}
+    for model, group in rows.groupby("model", observed=True):
+        table = group.pivot_table(index="step", columns="seed", values="value", aggfunc="last", observed=True)
+        tables[str(model)] = table[sorted(table.columns, key=label_order)]
+    return tables
 
 
-def deviation_from_others(values: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """Each entry's distance from the mean of the kept entries of the other seeds in its row, in their SDs."""
-    kept = np.where(keep, values, 0.0)
-    count = keep.sum(axis=1, keepdims=True) - keep
-    total = kept.sum(axis=1, keepdims=True) - kept
-    square = (kept ** 2).sum(axis=1, keepdims=True) - kept ** 2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        variance = (square - count * mean ** 2) / (count - 1)
-        deviation = (values - mean) / np.sqrt(np.clip(variance, 0, None))
-    deviation[count < 3] = np.nan
-    return deviation
-
-
-def leave_one_out_deviation(table: pd.DataFrame, exclude_sd: float = 5.0) -> pd.DataFrame:
-    """Each seed's distance from the mean of the other seeds, in SDs of the other seeds (step x seed).
-
-    Seeds whose robust z-score (median / 1.4826 MAD over all seeds) exceeds ``exclude_sd`` are
-    left out of the *other* seeds' bands as well, so that two seeds collapsing together (410m in
-    the study) do not hide each other by widening each other's band. Noise rarely goes that far
-    (about 1 seed-step in 250 with ten seeds), so the band of a healthy study is hardly narrowed.
-    """
+def band_deviation(table: pd.DataFrame) -> pd.DataFrame:
+    """The study's band: each run's distance from the mean of all other runs at that step, in their SD."""
     values = table.to_numpy(dtype="float64")
     present = ~np.isnan(values)
-    far = present & (np.abs(np.nan_to_num(robust_deviation(table).to_numpy())) > exclude_sd)
-    plain = deviation_from_others(values, present)
-    deviation = deviation_from_others(values, present & ~far)
-    deviation = np.where(np.isnan(deviation), plain, deviation)
-    deviation[~present] = np.nan
+    count, mean, variance = _others(np.nan_to_num(values), present)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        deviation = (values - mean) / np.sqrt(variance)
+    deviation[~present | (count < 2) | ~(variance > 0)] = np.nan
     return pd.DataFrame(deviation, index=table.index, columns=table.columns)
 
 
 def robust_deviation(table: pd.DataFrame) -> pd.DataFrame:
-    """Each seed's distance from the median over seeds, in robust SDs (1.4826 x MAD) (step x seed)."""
+    """Each run's distance from the median over runs, in robust SDs (1.4826 x MAD) (step x run)."""
     values = table.to_numpy(dtype="float64")
     median = np.nanmedian(values, axis=1, keepdims=True)
     mad = np.nanmedian(np.abs(values - median), axis=1, keepdims=True) * MAD_TO_SD
@@ -116,76 +136,74 @@ def robust_deviation(table: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(deviation, index=table.index, columns=table.columns)
 
 
-def episodes(steps: np.ndarray, deviation: np.ndarray, limit: float, min_checkpoints: int) -> list[dict]:
-    """Stretches of at least ``min_checkpoints`` consecutive steps with deviation > limit, or < -limit
-    (a stretch stays on one side: alternating noise above and below the band does not add up)."""
+# ---------------------------------------------------------------------------------------------
+# Episodes
+
+
+def episodes(steps: np.ndarray, deviation: np.ndarray, threshold: float, band_sd: float,
+             min_checkpoints: int = 1, band: np.ndarray | None = None) -> list[dict]:
+    """Stretches that start where |deviation| > threshold and last while the run stays beyond
+    ``band_sd`` on the same side and more than ``band_sd`` away from its own level before the onset
+    (the median of its last three deviations: a healthy run may sit persistently off-centre);
+    recovered when a later checkpoint is back inside the band or at its own level."""
     valid = ~np.isnan(deviation)
     steps, deviation = steps[valid], deviation[valid]
-    if len(steps) == 0:  # fewer than three seeds: no band
-        return []
-    side = np.where(deviation > limit, 1, np.where(deviation < -limit, -1, 0))
-    changes = np.flatnonzero(np.r_[True, side[1:] != side[:-1], True])
-    starts, stops = changes[:-1], changes[1:]
-    found = []
-    for start, stop in zip(starts, stops):
-        if side[start] == 0:
+    band = band[valid] if band is not None else np.full(len(steps), np.nan)
+    found, start = [], 0
+    while start < len(steps):
+        if abs(deviation[start]) <= threshold:
+            start += 1
             continue
-        if stop - start < min(min_checkpoints, len(steps)):
-            continue
+        side = np.sign(deviation[start])
+        level = float(np.median(deviation[max(0, start - 3):start])) if start else 0.0
+        stop = start + 1
+        while stop < len(steps) and side * deviation[stop] > band_sd and side * (deviation[stop] - level) > band_sd:
+            stop += 1
         stretch = deviation[start:stop]
-        found.append({
-            "onset_step": int(steps[start]), "end_step": int(steps[stop - 1]), "n_checkpoints_out": int(stop - start),
-            "onset_deviation_sd": float(stretch[0]), "max_deviation_sd": float(stretch[np.argmax(np.abs(stretch))]),
-            "recovered": bool(stop < len(steps) and side[stop] == 0),
-            "recovery_step": int(steps[stop]) if stop < len(steps) and side[stop] == 0 else None,
-        })
+        if np.sum(np.abs(stretch) > threshold) >= min_checkpoints:
+            recovered = stop < len(steps)
+            found.append({
+                "onset_step": int(steps[start]), "end_step": int(steps[stop - 1]), "n_checkpoints_out": int(stop - start),
+                "onset_deviation_sd": float(stretch[0]), "max_deviation_sd": float(stretch[np.argmax(np.abs(stretch))]),
+                "band_deviation_sd": float(band[start]), "threshold_sd": float(threshold),
+                "recovered": bool(recovered), "recovery_step": int(steps[stop]) if recovered else None,
+            })
+        start = stop
     return found
 
 
-def flag_episodes(deviations: dict[str, pd.DataFrame], metric: str, rule: str, limit: float,
-                  min_checkpoints: int) -> pd.DataFrame:
-    """Outlier rows for every seed of every model from (step x seed) deviation tables."""
+def outlier_frame(rows: list[dict]) -> pd.DataFrame:
+    """Outlier rows with the seeds of each run label filled in, in the column order of OUTLIER_COLUMNS."""
+    for row in rows:
+        seeds = parse_run_label(row["seed"])
+        row["weight_seed"], row["data_seed"] = seeds if seeds else (None, None)
+    frame = pd.DataFrame(rows, columns=OUTLIER_COLUMNS)
+    return frame.astype({"recovery_step": "Int64", "weight_seed": "Int64", "data_seed": "Int64", "seed": str})
+
+
+def flag_trajectory_outliers(metrics: pd.DataFrame, metric: str, rule: OutlierRule = OutlierRule()) -> pd.DataFrame:
+    """Outlier episodes of every run of every model on one metric (the calibrated rule)."""
     rows = []
-    for model, table in deviations.items():
+    for model, table in wide_by_seed(metrics, metric).items():
+        table = table.dropna(how="all")
+        rule = for_study_length(rule, table.shape[0])
+        threshold = decision_threshold(table.shape[1], table.shape[0], rule)
+        if not np.isfinite(threshold):
+            continue
+        deviation, band = pooled_deviation(table, rule), band_deviation(table)
         steps = table.index.to_numpy()
         for seed in table.columns:
-            for episode in episodes(steps, table[seed].to_numpy(dtype="float64"), limit, min_checkpoints):
-                rows.append({"model": model, "seed": int(seed), "metric": metric, "rule": rule, **episode})
-    return pd.DataFrame(rows, columns=OUTLIER_COLUMNS).astype({"recovery_step": "Int64"})
-
-
-def flag_band_outliers(metrics: pd.DataFrame, metric: str = STANDARDISED_METRIC, band_sd: float = 2.0,
-                       min_checkpoints: int = 3) -> pd.DataFrame:
-    """The study's rule: leave-one-out mean +/- ``band_sd`` SD at each step (see module docstring)."""
-    deviations = {m: leave_one_out_deviation(t) for m, t in wide_by_seed(metrics, metric).items()}
-    return flag_episodes(deviations, metric, f"band_{band_sd:g}sd", band_sd, min_checkpoints)
-
-
-def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5, min_checkpoints: int = 3,
-                      final_only: bool = False, min_relative_deviation: float = 0.0) -> pd.DataFrame:
-    """Robust rule: |x - median| / (1.4826 MAD) > ``threshold`` over seeds at each step (or the final step only).
-
-    With ten seeds from one distribution the MAD itself is so noisy that some seed exceeds 3.5 in
-    about one study in eight; ``min_relative_deviation`` (e.g. 0.01 for losses) also asks that
-    |x - median| exceed that share of |median|, so that a seed 0.3% off is never called an outlier.
-    """
-    tables = wide_by_seed(metrics, metric)
-    if final_only:
-        tables = {m: final_row(t) for m, t in tables.items()}
-    deviations = {m: robust_deviation(t) for m, t in tables.items()}
-    if min_relative_deviation > 0:
-        for model, table in tables.items():
-            median = table.median(axis=1)
-            small = table.sub(median, axis=0).abs().le(min_relative_deviation * median.abs(), axis=0)
-            deviations[model] = deviations[model].mask(small, 0.0)
-    return flag_episodes(deviations, metric, f"mad_{threshold:g}", threshold, min_checkpoints)
+            for episode in episodes(steps, deviation[seed].to_numpy(), threshold, rule.band_sd,
+                                    rule.min_checkpoints, band[seed].to_numpy()):
+                rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": "calibrated", **episode})
+    return outlier_frame(rows)
 
 
 def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
-    """One row holding each seed's final value: the mean of its values in the last ``final_fraction``
+    """One row holding each run's final value: the mean of its values in the last ``final_fraction``
     of its steps (1%: 1,430 steps of a 143,000-step loss curve, the last checkpoint or two of an
     evaluation metric), because a single step of a training loss is too noisy to compare seeds.
-    Seeds may stop at different steps (e.g. after divergence); each uses its own last steps."""
+    Runs may stop at different steps (e.g. after divergence); each uses its own last steps."""
     finals = {}
     for seed in table.columns:
         values = table[seed].dropna()
@@ -197,27 +215,80 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
     return pd.DataFrame([finals], index=[table.index[-1]])
 
 
-def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, band_sd: float = 2.0, mad_threshold: float = 3.5,
-                  min_checkpoints: int = 3, final_metrics=("train/loss", "valid/loss"),
-                  final_min_relative_deviation: float = 0.01, score: pd.DataFrame | None = None) -> pd.DataFrame:
-    """All outlier rows of a study: the band rule and the MAD rule on the standardised accuracy
-    (when task accuracies are present) and the MAD rule on the final value of ``final_metrics``
-    (which must also be ``final_min_relative_deviation`` away from the median, see
-    :func:`flag_mad_outliers`). ``score``: the :func:`standardised_accuracy` of ``metrics`` and
-    ``tasks`` when the caller has it already."""
-    frames = []
+def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5,
+                      min_relative_deviation: float = 0.01) -> pd.DataFrame:
+    """The final-value rule: |x - median| / (1.4826 MAD) > ``threshold`` over runs' final values
+    (:func:`final_row`), and |x - median| > ``min_relative_deviation`` x |median|.
+
+    With ten runs from one distribution the MAD itself is so noisy that some run exceeds 3.5 in
+    about one study in eight; the relative floor keeps a run 0.3% off from being called an outlier.
+    """
+    rows = []
+    for model, table in wide_by_seed(metrics, metric).items():
+        final = final_row(table)
+        values = final.iloc[0]
+        deviation = robust_deviation(final).iloc[0]
+        median = values.median()
+        for seed, value in values.items():
+            if abs(deviation[seed]) > threshold and abs(value - median) > min_relative_deviation * abs(median):
+                dev = float(deviation[seed])
+                rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": f"mad_{threshold:g}",
+                             "onset_step": int(final.index[0]), "end_step": int(final.index[0]), "n_checkpoints_out": 1,
+                             "onset_deviation_sd": dev, "max_deviation_sd": dev, "band_deviation_sd": np.nan,
+                             "threshold_sd": threshold, "recovered": False, "recovery_step": None})
+    return outlier_frame(rows)
+
+
+def default_outlier_metrics(metrics: pd.DataFrame, has_score: bool) -> list[str]:
+    """What the trajectory rule judges when no metric is named: the standardised accuracy when task
+    accuracies are present, and ``valid/loss``; failing both, every checkpoint metric that takes
+    continuous values (not ``train/*``, ``weights/*`` and other per-step or feature families, and
+    not integer codes such as an HMM state)."""
+    present = [str(m) for m in metrics["metric"].unique()]
+    chosen = ([STANDARDISED_METRIC] if has_score else []) + [m for m in present if m == "valid/loss"]
+    if chosen:
+        return chosen
+    for name in sorted(present):
+        if name.startswith(NOT_OUTLIER_TARGETS):
+            continue
+        values = metrics.loc[metrics["metric"] == name, "value"].to_numpy(dtype="float64")
+        values = values[np.isfinite(values)]
+        if len(values) and not np.all(values == np.round(values)):
+            chosen.append(name)
+    return chosen
+
+
+def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: list[str] | None = None,
+                  rule: OutlierRule = OutlierRule(), mad_threshold: float = 3.5,
+                  final_metrics=("train/loss", "valid/loss"), final_min_relative_deviation: float = 0.01,
+                  score: pd.DataFrame | None = None) -> pd.DataFrame:
+    """All outlier rows of a study: the calibrated trajectory rule on ``outlier_metrics`` (default:
+    :func:`default_outlier_metrics`) and the MAD rule on the final value of ``final_metrics``.
+    ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it."""
     present = set(map(str, metrics["metric"].unique()))
     if score is None and any(accuracy_metric(t, present) for t in tasks):
         score = standardised_accuracy(metrics, tasks)
-    if score is not None:
-        frames.append(flag_band_outliers(score, band_sd=band_sd, min_checkpoints=min_checkpoints))
-        frames.append(flag_mad_outliers(score, STANDARDISED_METRIC, mad_threshold, min_checkpoints))
+    if outlier_metrics is None:
+        outlier_metrics = default_outlier_metrics(metrics, score is not None)
+    frames = []
+    for metric in outlier_metrics:
+        if metric == STANDARDISED_METRIC:
+            if score is None:
+                raise AnalysisError("The standardised accuracy needs task accuracies, and the study has none of "
+                                    f"{', '.join(tasks)}; name its tasks with --tasks or pick another --outlier-metric.")
+            frames.append(flag_trajectory_outliers(score, metric, rule))
+        elif metric not in present:
+            raise AnalysisError(f"The study has no metric {metric!r} to judge outliers on; pick one of "
+                                f"{', '.join(sorted(present)[:12])}{' ...' if len(present) > 12 else ''}.")
+        else:
+            frames.append(flag_trajectory_outliers(metrics, metric, rule))
     for metric in final_metrics:
         if metric in present:
-            frames.append(flag_mad_outliers(metrics, metric, mad_threshold, min_checkpoints=1, final_only=True,
-                                            min_relative_deviation=final_min_relative_deviation))
+            frames.append(flag_mad_outliers(metrics, metric, mad_threshold, final_min_relative_deviation))
     frames = [f for f in frames if not f.empty]
     if not frames:
-        return pd.DataFrame(columns=OUTLIER_COLUMNS)
-    return pd.concat(frames, ignore_index=True).sort_values(["model", "seed", "metric", "rule", "onset_step"],
-                                                             ignore_index=True)
+        return outlier_frame([])
+    table = pd.concat(frames, ignore_index=True)
+    order = table["seed"].map(label_order)
+    return (table.assign(_order=order).sort_values(["model", "_order", "metric", "rule", "onset_step"], kind="stable")
+            .drop(columns="_order").reset_index(drop=True))

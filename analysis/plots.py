@@ -1,4 +1,5 @@
-"""Figures of a study (matplotlib, Agg backend): loss curves, metrics over steps, training maps.
+"""Figures of a study (matplotlib, Agg backend): loss curves, metrics over steps, training maps and their
+model selection.
 
 Cross-seed spread is drawn as in the PolyPythias paper: the median across seeds with the
 25th-75th percentile band, steps on a log axis (symlog, so that step 0 shows).
@@ -103,29 +104,97 @@ def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path) -> Path | 
     return save(fig, path)
 
 
-def plot_training_map(score: pd.DataFrame, paths: pd.DataFrame, model: str, outlier_seeds: set[int], path: Path,
-                      score_name: str) -> Path | None:
-    """Score vs. step coloured by HMM state; stable and outlier seeds in separate panels."""
-    merged = paths[paths["model"] == model].merge(
-        score[score["model"] == model][["seed", "step", "value"]], on=["seed", "step"])
+# Colours of HMM states in the PolyPythias release (EleutherAI/pythia, branch polypythias,
+# polypythias/training-maps/training_map.py, ``state_colors``), cycled past nine states.
+STATE_COLORS = ("#377eb8", "#ff7f00", "#4daf4a", "#f781bf", "#a65628", "#984ea3", "#999999", "#e41a1c", "#dede00")
+
+
+def state_color(state: int) -> str:
+    return STATE_COLORS[int(state) % len(STATE_COLORS)]
+
+
+def training_map_figure(score: pd.DataFrame, paths: pd.DataFrame, model: str, outlier_seeds: set, score_name: str):
+    """The map as the PolyPythias figure draws it: the score at each decoded checkpoint, coloured by HMM
+    state, stable seeds in one panel and outlier / departing seeds in a second (one panel when there
+    are none). None when no decoded checkpoint has a score."""
+    from polypythia.study import label_order
+
+    states = paths[paths["model"] == model].assign(seed=lambda f: f["seed"].astype(str))
+    values = score[score["model"] == model][["seed", "step", "value"]].assign(seed=lambda f: f["seed"].astype(str))
+    merged = states.merge(values, on=["seed", "step"]).sort_values(["seed", "step"])
     if merged.empty:
         return None
-    n_states = int(paths.loc[paths["model"] == model, "state"].max()) + 1
-    colors = plt.cm.tab10(np.arange(n_states) % 10)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    groups = (("stable seeds", merged[~merged["seed"].isin(outlier_seeds)]),
-              ("outlier / departing seeds", merged[merged["seed"].isin(outlier_seeds)]))
-    for ax, (title, rows) in zip(axes, groups):
-        for _, run in rows.groupby("seed"):
-            ax.plot(run["step"], run["value"], color="0.75", linewidth=0.6, zorder=1)
-        ax.scatter(rows["step"], rows["value"], c=colors[rows["state"].to_numpy()], s=10, zorder=2)
-        seeds = sorted(rows["seed"].unique())
-        ax.set_title(f"{model}, {title}: {', '.join(map(str, seeds)) if seeds else 'none'}", fontsize=10)
+    outliers = {str(s) for s in outlier_seeds}
+    flagged = merged["seed"].isin(outliers)
+    groups = [("stable seeds" if flagged.any() else "all seeds", merged[~flagged]),
+              ("outlier / departing seeds", merged[flagged])]
+    groups = [(title, rows) for title, rows in groups if not rows.empty]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 0.5, 4), sharey=True, squeeze=False)
+    for ax, (title, rows) in zip(axes[0], groups):
+        labelled = title.startswith("outlier")
+        for seed, run in rows.groupby("seed", sort=False):
+            ax.plot(run["step"], run["value"], color="0.6" if labelled else "0.8", linewidth=0.8, zorder=1)
+            if labelled:
+                ax.annotate(f"seed {seed}", (run["step"].iloc[-1], run["value"].iloc[-1]), fontsize=7,
+                            xytext=(3, 0), textcoords="offset points", va="center")
+        ax.scatter(rows["step"], rows["value"], c=[state_color(s) for s in rows["state"]], s=14, zorder=2,
+                   edgecolors="none")
+        seeds = sorted(rows["seed"].unique(), key=label_order)
+        ax.set_title(f"{model}, {title}: {', '.join(seeds)}", fontsize=10)
         step_axis(ax)
-    axes[0].set_ylabel(score_name)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[s], label=f"state {s}") for s in range(n_states)]
-    axes[1].legend(handles=handles, fontsize=8, title="HMM state")
-    return save(fig, path)
+    axes[0][0].set_ylabel(score_name)
+    present = sorted(int(s) for s in merged["state"].unique())
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=state_color(s), label=f"state {s}") for s in present]
+    axes[0][-1].legend(handles=handles, fontsize=8, title="HMM state", loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def plot_training_map(score: pd.DataFrame, paths: pd.DataFrame, model: str, outlier_seeds: set, path: Path,
+                      score_name: str) -> Path | None:
+    """Write :func:`training_map_figure` to ``path`` (None when there is nothing to draw)."""
+    fig = training_map_figure(score, paths, model, outlier_seeds, score_name)
+    return None if fig is None else save(fig, path)
+
+
+def map_selection_figure(selection: pd.DataFrame, model: str):
+    """BIC and AIC (lower is better) and the held-out log-likelihood (higher is better) against the
+    number of HMM states, as the PolyPythias release plots them: dots for every restart, lines through
+    the kept restart of each number of states, the chosen number marked. None without rows."""
+    rows = selection[(selection["model"] == model) & np.isfinite(selection["heldout_log_likelihood"])]
+    if rows.empty:
+        return None
+    best = rows[rows["best_of_n"]].sort_values("n_states")
+    chosen = rows[rows["chosen"]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, columns, label in ((left, (("bic", "BIC", "tab:blue"), ("aic", "AIC", "tab:orange")),
+                                "criterion on held-out rows (lower is better)"),
+                               (right, (("heldout_log_likelihood", "held-out log-likelihood", "tab:green"),),
+                                "held-out log-likelihood (higher is better)")):
+        for column, name, color in columns:
+            ax.scatter(rows["n_states"], rows[column], color=color, alpha=0.35, s=12, edgecolors="none")
+            ax.plot(best["n_states"], best[column], color=color, marker="o", markersize=4,
+                    label=f"{name} (best restart)")
+        ax.set_xlabel("number of HMM states")
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted(rows["n_states"].unique()))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if not chosen.empty:
+        n, criterion = int(chosen["n_states"].iloc[0]), str(chosen["criterion"].iloc[0])
+        for ax in (left, right):
+            ax.axvline(n, color="0.4", linestyle=":", linewidth=1)
+        how = "fixed" if criterion == "fixed" else f"by {'held-out LL' if criterion == 'll' else criterion.upper()}"
+        fig.suptitle(f"{model}: HMM model selection, {n} states chosen ({how}); "
+                     f"{int(rows['n_heldout_rows'].iloc[0])} held-out checkpoint rows", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_map_selection(selection: pd.DataFrame, model: str, path: Path) -> Path | None:
+    """Write :func:`map_selection_figure` to ``path`` (None without rows for ``model``)."""
+    fig = map_selection_figure(selection, model)
+    return None if fig is None else save(fig, path)
 
 
 def save(fig, path: Path) -> Path:

@@ -6,7 +6,7 @@
 * ``spikes.csv`` - one row per loss / gradient-norm spike; ``spike_scores.csv`` - score per run
 * ``outliers.csv`` - one row per outlier episode (rule, onset, depth, recovery)
 * ``training_maps.csv`` - HMM state per (model, seed, step); ``training_map_departures.csv``,
-  ``training_map_bic.csv``
+  ``training_map_selection.csv`` (held-out log-likelihood, BIC and AIC per (model, n_states, restart))
 * ``comparisons.csv`` (Multi-Bootstrap between neighbouring sizes), ``spread_tests.csv``
   (Brown-Forsythe), ``runs.csv``
 * ``analysis_*.png`` and ``report.md``
@@ -24,7 +24,8 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.load import Study, sort_models
-from analysis.outliers import DEFAULT_TASKS, STANDARDISED_METRIC, accuracy_metric, find_outliers, standardised_accuracy
+from analysis.outliers import (DEFAULT_TASKS, STANDARDISED_METRIC, OutlierRule, accuracy_metric, find_outliers,
+                               standardised_accuracy)
 from analysis.spikes import find_spikes
 from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, spread_test
 from analysis.training_maps import TrainingMaps, fit_training_maps
@@ -37,14 +38,19 @@ class AnalysisOptions:
     """Knobs of :func:`run_analysis` (defaults follow the PolyPythias and OLMo 2 papers)."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    band_sd: float = 2.0
+    outlier_metrics: list[str] | None = None  # None: the standardised accuracy and valid/loss (see outliers.py)
+    outlier_rule: OutlierRule = field(default_factory=OutlierRule)
     mad_threshold: float = 3.5
-    min_checkpoints: int = 3
     spike_window_values: int = 1000
     spike_threshold_sd: float = 7.0
     map_features: list[str] | None = None  # default: every weights/* metric
     max_states: int = 8
-    n_restarts: int = 3
+    n_restarts: int = 5  # how many of the PolyPythias restart random states each number of HMM states gets
+    map_states: int | None = None  # fix the number of HMM states (None: choose it by map_criterion)
+    map_criterion: str = "bic"  # "bic", "aic" (lowest on the held-out rows) or "ll" (highest held-out log-likelihood)
+    map_heldout_fraction: float = 0.2  # share of checkpoint rows held out (PolyPythias: 0.2, split seed 2546)
+    map_split_seed: int = 2546
+    map_steps: list[int] | None = None  # checkpoints decoded and drawn (None: all)
     n_resamples: int = 2000
     random_state: int = 0
     make_plots: bool = True
@@ -134,13 +140,16 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict) -> dict:
         spike_scores, spikes = find_spikes(metrics, window_values=options.spike_window_values,
                                            threshold_sd=options.spike_threshold_sd)
     with timed(seconds, "outliers"):
-        outliers = find_outliers(study.metrics, options.tasks, options.band_sd, options.mad_threshold,
-                                 options.min_checkpoints, score=score)
+        outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
+                                 options.mad_threshold, score=score)
     maps = None
     with timed(seconds, "training_maps"):
         try:
             maps = fit_training_maps(metrics, options.map_features, options.max_states, options.n_restarts,
-                                     options.random_state)
+                                     states=options.map_states, criterion=options.map_criterion,
+                                     heldout_fraction=options.map_heldout_fraction,
+                                     split_seed=options.map_split_seed, steps=options.map_steps)
+            study.notes.extend(maps.notes)
         except AnalysisError as error:
             if options.map_features:
                 raise
@@ -149,14 +158,14 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict) -> dict:
             "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": maps}
 
 
-def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[int]]:
-    """Per model, the seeds flagged by any outlier rule or tagged diverged / not FINISHED."""
-    seeds: dict[str, set[int]] = {}
+def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[str]]:
+    """Per model, the run labels flagged by any outlier rule or tagged diverged / not FINISHED."""
+    seeds: dict[str, set[str]] = {}
     for row in outliers.itertuples():
-        seeds.setdefault(str(row.model), set()).add(int(row.seed))
+        seeds.setdefault(str(row.model), set()).add(str(row.seed))
     bad = runs[(runs["diverged"].astype(bool)) | (runs["status"].astype(str) == "FAILED")]
     for row in bad.itertuples():
-        seeds.setdefault(str(row.model), set()).add(int(row.seed))
+        seeds.setdefault(str(row.model), set()).add(str(row.seed))
     return seeds
 
 
@@ -177,6 +186,8 @@ def make_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
             departing = set(maps.departures.loc[maps.departures["model"] == model, "seed"])
             figures.append(plots.plot_training_map(score, maps.paths, model, flagged.get(model, set()) | departing,
                                                    out_dir / f"analysis_training_map_{model}.png", score_name))
+            figures.append(plots.plot_map_selection(maps.selection, model,
+                                                    out_dir / f"analysis_map_selection_{model}.png"))
     return [f for f in figures if f is not None]
 
 
@@ -194,7 +205,7 @@ def write_tables(tables: dict, runs: pd.DataFrame, out_dir: Path) -> None:
     paths.to_csv(out_dir / "training_maps.csv", index=False)
     if maps:
         maps.departures.to_csv(out_dir / "training_map_departures.csv", index=False)
-        maps.selection.to_csv(out_dir / "training_map_bic.csv", index=False)
+        maps.selection.to_csv(out_dir / "training_map_selection.csv", index=False)
 
 
 def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | None = None,

@@ -77,7 +77,7 @@ def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_value
         run = run.sort_values("step")
         score, found = spikes_of_series(run["step"].to_numpy(), run["value"].to_numpy(dtype="float64"),
                                         window_values, threshold_sd)
-        key = {"model": str(model), "seed": int(seed), "metric": str(metric)}
+        key = {"model": str(model), "seed": str(seed), "metric": str(metric)}
         scores.append({**key, **score})
         spikes.extend({**key, **spike} for spike in found)
     return (pd.DataFrame(scores, columns=SCORE_COLUMNS),

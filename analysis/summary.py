@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.load import find_experiment, mlflow_client, runs_table, search_job_runs, sort_models
+from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
 from analysis.outliers import robust_deviation
+from polypythia.study import label_order, parse_run_label, search_job_runs
 
 SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min", "max", "flagged_seeds",
                    "diverged_or_failed_seeds"]
@@ -21,8 +22,8 @@ SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min
 MIN_SEEDS_FOR_MAD = 5  # with 3 or 4 seeds the MAD is one neighbour's distance: too unstable to flag on
 
 
-def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float = 0.01) -> list[int]:
-    """Index labels (seeds) whose robust z-score |x - median| / (1.4826 MAD) exceeds ``threshold`` and
+def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float = 0.01) -> list[str]:
+    """Index labels (runs) whose robust z-score |x - median| / (1.4826 MAD) exceeds ``threshold`` and
     whose distance from the median exceeds ``min_relative_deviation`` x |median| (see outliers.py).
     Needs at least ``MIN_SEEDS_FOR_MAD`` values; fewer flag nothing."""
     if len(values) < MIN_SEEDS_FOR_MAD:
@@ -30,13 +31,13 @@ def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float
     deviation = robust_deviation(values.to_frame().T).iloc[0]  # outliers.py's rule, on one row of seeds
     median = values.median()
     flagged = (deviation.abs() > threshold) & ((values - median).abs() > min_relative_deviation * abs(median))
-    return sorted(int(seed) for seed in values.index[flagged])
+    return sorted((str(seed) for seed in values.index[flagged]), key=label_order)
 
 
 def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
     """Per (model, seed): the mean over the last ``final_fraction`` of the run's steps (the single
     last value when a run has one row, as when read from MLflow's latest values)."""
-    rows = rows.astype({"model": str})
+    rows = rows.astype({"model": str, "seed": str})
     first = rows.groupby(["model", "seed"])["step"].transform("min")
     last = rows.groupby(["model", "seed"])["step"].transform("max")
     tail = rows[rows["step"] >= last - final_fraction * (last - first)]
@@ -45,7 +46,7 @@ def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFra
 
 def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metric: str = "train/loss",
                        mad_threshold: float = 3.5, min_relative_deviation: float = 0.01) -> pd.DataFrame:
-    """Per model: each seed's final ``metric`` (mean over the last 1% of its steps, see
+    """Per model: each run's final ``metric`` (runs keyed by their label, so seed variants stay apart) (mean over the last 1% of its steps, see
     :func:`final_values`), mean/std (ddof=1)/min/max across
     seeds, the seeds a median/MAD rule flags, and the seeds tagged diverged or not FINISHED in ``runs``."""
     rows = df[df["metric"] == metric]
@@ -56,15 +57,16 @@ def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metri
     if runs is not None and not runs.empty:
         flagged_runs = runs[runs["diverged"].astype(bool) | (runs["status"].astype(str) != "FINISHED")]
         for row in flagged_runs.itertuples():
-            bad.setdefault(str(row.model), []).append(int(row.seed))
+            bad.setdefault(str(row.model), []).append(str(row.seed))
     summary = []
     for model in sort_models(finals["model"].unique()):
-        values = finals[finals["model"] == model].set_index("seed")["value"].sort_index()
+        values = finals[finals["model"] == model].set_index("seed")["value"]
+        values = values.iloc[sorted(range(len(values)), key=lambda i: label_order(values.index[i]))]
         summary.append({
             "model": model, "n_seeds": len(values), "final_loss_by_seed": values.to_dict(),
             "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
             "min": values.min(), "max": values.max(), "flagged_seeds": mad_flags(values, mad_threshold, min_relative_deviation),
-            "diverged_or_failed_seeds": sorted(bad.get(model, [])),
+            "diverged_or_failed_seeds": sorted(bad.get(model, []), key=label_order),
         })
     return pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
 
@@ -88,11 +90,11 @@ def summary_table(summary: pd.DataFrame, title: str):
     """A rich Table: one row per model, one column per seed, then the spread across seeds."""
     from rich.table import Table
 
-    seeds = sorted({seed for losses in summary["final_loss_by_seed"] for seed in losses})
+    seeds = sorted({seed for losses in summary["final_loss_by_seed"] for seed in losses}, key=label_order)
     table = Table(title=title, show_lines=False)
     table.add_column("model", style="bold")
     for seed in seeds:
-        table.add_column(f"seed {seed}", justify="right")
+        table.add_column(f"seed {seed}" if parse_run_label(seed) and "-" not in seed else seed, justify="right")
     for name in ("mean", "std", "min", "max"):
         table.add_column(name, justify="right")
     table.add_column(f"flagged (MAD, >={MIN_SEEDS_FOR_MAD} seeds)", style="red")
@@ -122,5 +124,5 @@ def print_summary(tracking_uri: str | None, experiment: str, parent_run_id: str 
     console.print(summary_table(summary, f"Final train/loss of {experiment}"))
     missing = runs[~runs.set_index(["model", "seed"]).index.isin(finals.set_index(["model", "seed"]).index)]
     for row in missing.itertuples():
-        console.print(f"[yellow]model {row.model} seed {row.seed} (run {row.run_id}, {row.status}) logged no train/loss.")
+        console.print(f"[yellow]model {row.model} run {row.seed} (MLflow run {row.run_id}, {row.status}) logged no train/loss.")
     return summary

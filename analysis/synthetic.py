@@ -128,3 +128,37 @@ def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> p
     if dense_loss:
         frames += loss_rows(spec, rng)
     return tidy(pd.concat(frames, ignore_index=True))
+
+
+@dataclass
+class Dip:
+    """A planted excursion of one run: ``depth_sd`` seed-spread SDs below its siblings from
+    ``onset_step``; back to normal at ``recovery_step`` (None: it stays down, a collapse)."""
+
+    seed: int
+    onset_step: int
+    depth_sd: float = 12.0
+    recovery_step: int | None = None
+
+
+def correlated_study(n_seeds: int = 10, steps=None, correlation: float = 0.8, offset_share: float = 0.4,
+                     spread: float = 0.04, dips: tuple[Dip, ...] = (), model: str = "410m", metric: str = "score",
+                     random_state: int = 0) -> pd.DataFrame:
+    """A one-metric study shaped like the PolyPythias training-map score: a sigmoid in log-step from
+    about -1.1 to 1.05 on the study's 27 evaluation checkpoints, each run off the median by a constant
+    offset (``offset_share`` of the variance) plus AR(1) noise correlated ``correlation`` between
+    consecutive checkpoints, total cross-seed SD ``spread``; ``dips`` planted on top."""
+    from analysis.load import POLYPYTHIAS_EVAL_STEPS
+    from analysis.outliers import null_studies
+
+    steps = np.asarray(POLYPYTHIAS_EVAL_STEPS if steps is None else steps, dtype="int64")
+    rng = np.random.default_rng(random_state)
+    curve = -1.1 + 2.15 / (1 + np.exp(-(np.log1p(steps) - 8.0) * 1.2))
+    noise = null_studies(1, len(steps), n_seeds, correlation, rng, offset_share)[0] * spread
+    values = curve[:, None] + noise
+    for dip in dips:
+        down = (steps >= dip.onset_step) & ((steps < dip.recovery_step) if dip.recovery_step else True)
+        values[down, dip.seed] -= dip.depth_sd * spread
+    seeds, step_grid = np.meshgrid(np.arange(n_seeds), steps)
+    return tidy(pd.DataFrame({"model": model, "seed": seeds.ravel(), "step": step_grid.ravel(), "metric": metric,
+                              "value": values.ravel()}))

@@ -11,17 +11,17 @@ from analysis.spikes import rolling_band
 def test_injected_spikes_are_found_exactly(outlier_study):
     scores, spikes = find_spikes(outlier_study)
     loss_spikes = spikes[spikes.metric == "train/loss"]
-    assert set(zip(loss_spikes.model, loss_spikes.seed)) == {("70m", 2)}
+    assert set(zip(loss_spikes.model, loss_spikes.seed)) == {("70m", "2")}
     assert loss_spikes["step"].tolist() == [5_000, 9_000]
     assert loss_spikes["height_sd"].tolist()[0] == pytest.approx(30, rel=0.2)
     assert loss_spikes["height_sd"].tolist()[1] == pytest.approx(15, rel=0.2)
     assert loss_spikes["recovered"].all() and (loss_spikes["steps_to_recover"] <= 5).all()
     grad_spikes = spikes[spikes.metric == "train/grad_norm"]
-    assert set(zip(grad_spikes.model, grad_spikes.seed)) == {("70m", 2)}
+    assert set(zip(grad_spikes.model, grad_spikes.seed)) == {("70m", "2")}
     assert grad_spikes["step"].tolist() == [4_999, 8_999]  # the gradient norm rises a step earlier
     flagged = scores[scores.n_spikes > 0]
-    assert set(zip(flagged.model, flagged.seed)) == {("70m", 2)}
-    run = scores[(scores.model == "70m") & (scores.seed == 2) & (scores.metric == "train/loss")].iloc[0]
+    assert set(zip(flagged.model, flagged.seed)) == {("70m", "2")}
+    run = scores[(scores.model == "70m") & (scores.seed == "2") & (scores.metric == "train/loss")].iloc[0]
     assert run["spike_score"] == pytest.approx(run["n_spike_values"] / run["n_values"])
     assert run["n_values"] == 20_001 - 1000
 

@@ -22,10 +22,10 @@ def test_final_loss_summary_numbers():
                          "weight_seed": [4], "data_seed": [4], "budget": [None]})
     summary = final_loss_summary(frame, runs).iloc[0]
     values = np.array(list(finals.values()))
-    assert summary["final_loss_by_seed"] == finals
+    assert summary["final_loss_by_seed"] == {str(seed): value for seed, value in finals.items()}
     assert summary["mean"] == pytest.approx(values.mean()) and summary["std"] == pytest.approx(values.std(ddof=1))
     assert (summary["min"], summary["max"]) == (2.49, 3.40)
-    assert summary["flagged_seeds"] == [4] and summary["diverged_or_failed_seeds"] == [4]
+    assert summary["flagged_seeds"] == ["4"] and summary["diverged_or_failed_seeds"] == ["4"]
     console = Console(file=io.StringIO(), width=200)
     console.print(summary_table(final_loss_summary(frame, runs), "t"))
     assert "3.4000" in console.file.getvalue()
@@ -42,7 +42,9 @@ def test_cli_full_analysis_on_csv(tmp_path, outlier_study, capsys):
         assert (out / name).is_file(), name
     outliers = pd.read_csv(out / "outliers.csv")
     assert {"model", "seed", "metric", "rule", "onset_step", "recovered"} <= set(outliers.columns)
-    assert set(outliers.loc[outliers.rule == "band_2sd", "seed"]) == {3, 7}
+    calibrated = outliers[outliers.rule == "calibrated"]
+    assert set(calibrated["seed"]) == {3, 7} and set(calibrated["metric"]) == {"standardised_accuracy"}
+    assert {"weight_seed", "data_seed", "band_deviation_sd", "threshold_sd"} <= set(outliers.columns)
     maps = pd.read_csv(out / "training_maps.csv")
     assert list(maps.columns) == ["model", "seed", "step", "state"]
     report = (out / "report.md").read_text()

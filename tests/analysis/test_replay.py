@@ -1,0 +1,37 @@
+"""Causal replay: every decision from data up to its step; alerts at the collapse, not before."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from analysis import find_outliers
+from analysis.__main__ import main
+from analysis.replay import SMOOTHED_LOSS, replay
+from analysis.synthetic import Dip, correlated_study
+
+
+def test_replay_alerts_at_a_planted_late_collapse_and_not_before():
+    study = correlated_study(dips=(Dip(seed=5, onset_step=113_000, depth_sd=12.0),), random_state=21)
+    alerts = replay(study, find_outliers(study, outlier_metrics=["score"]), ["score"])
+    assert alerts[["seed", "signal", "alert_step", "onset_step", "lead_steps"]].values.tolist() == [
+        ["5", "score", 113_000, 113_000, 0]]
+
+
+def test_replay_is_quiet_on_healthy_runs(stable_study):
+    alerts = replay(stable_study, find_outliers(stable_study))
+    assert alerts.empty
+
+
+def test_replay_reads_the_smoothed_training_loss(outlier_study):
+    alerts = replay(outlier_study, find_outliers(outlier_study))
+    assert set(alerts["seed"]) <= {"3", "7"}  # only the collapsing 410m seeds may alert
+    assert not (alerts["signal"] == SMOOTHED_LOSS).any()  # their loss curves were never planted
+
+
+def test_replay_command_writes_alerts(tmp_path):
+    study = correlated_study(dips=(Dip(seed=2, onset_step=93_000, depth_sd=15.0),), random_state=3)
+    path = tmp_path / "study.csv"
+    study.to_csv(path, index=False)
+    assert main([str(path), "--replay", "--outlier-metric", "score", "--out", str(tmp_path / "out")]) == 0
+    alerts = pd.read_csv(tmp_path / "out" / "alerts.csv")
+    assert alerts[["seed", "alert_step", "lead_steps"]].values.tolist() == [[2, 93_000, 0]]
