@@ -14,13 +14,18 @@ import sys
 from pathlib import Path
 
 from polypythia.errors import PolypythiaError, exit_with
-from polypythia.evaluate.tasks import TASK_NAMES
+from polypythia.evaluate.downstream import TASK_NAMES
+from polypythia.runtime_env import home as polypythia_home
 from polypythia.tracking import default_tracking_uri
+
+# weight_stats.DEFINITIONS, spelled out so that --help does not import torch (a test keeps them equal)
+WEIGHT_STATS_DEFINITIONS = ("polypythias", "hu")
 
 EPILOG = """\
 source is auto-detected:
   an existing folder  Hugging Face checkpoints laid out <name>/step<S>/ (e.g. pythia-160m-seed3/step1000/);
-                      model and seed come from <name>; a name without -seed<k> is seed 0
+                      model and seeds come from <name>: <model>-seed<k>, <model>-wseed<w>-dseed<d>;
+                      a name without seeds is seed 0
   anything else       an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
 
 examples:
@@ -29,6 +34,7 @@ examples:
   python -m polypythia.evaluate downloads/polypythias/ --out results/polypythias \\
       --valid-data data/pile_val_text_document --valid-seq-length 2048
   python -m polypythia.evaluate downloads/polypythias/ --tracking-uri http://127.0.0.1:5050 --experiment polypythias
+  python -m polypythia.evaluate my-study --weight-stats hu --out results/my-study-hu
 
 Running it again computes nothing that is already done and prints "nothing to do".
 """
@@ -55,7 +61,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--valid-data", help="folder source: prefix of a .bin/.idx pair to compute the validation loss on")
     p.add_argument("--valid-seq-length", type=int, default=2048, help="tokens per validation row (default 2048, Pythia's)")
     p.add_argument("--valid-rows", type=int, default=64, help="validation rows (default 64)")
-    p.add_argument("--reference-seed", type=int, help="inter-seed agreement reference (default: each model's smallest seed)")
+    p.add_argument("--reference-seed", metavar="SEED",
+                   help="inter-seed agreement reference: a seed (3) or a run label w<weight seed>-d<data seed> "
+                        "(w1-d2) (default: each model's run with the smallest weight seed, then data seed)")
+    p.add_argument("--weight-stats", choices=WEIGHT_STATS_DEFINITIONS, default=WEIGHT_STATS_DEFINITIONS[0],
+                   help="definition of the 14 weight statistics: polypythias (default) computes what the released "
+                        "PolyPythias code does (fused QKV as one matrix, input embedding kept, unbiased variances, "
+                        "lower median); hu follows the prose of Hu et al. 2023 (Q/K/V split, embeddings left out, "
+                        "population variances). Stored results of the other definition are recomputed")
     p.add_argument("--no-ray", action="store_true", help="compute in this process instead of one Ray task per run")
     p.add_argument("--ray-address", help="Ray cluster to use (default: a local Ray runtime)")
     p.add_argument("--num-gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default 0)")
@@ -63,26 +76,26 @@ def parser() -> argparse.ArgumentParser:
 
 
 def default_out(source: str) -> Path:
-    home = os.environ.get("POLYPYTHIA_HOME", ".polypythia")
+    home = polypythia_home()
     return Path(home) / "eval" / Path(source.rstrip("/")).name
 
 
 def build_targets(args, mlflow_client):
-    from polypythia.evaluate import runner
+    from polypythia.evaluate import targets
 
     if Path(args.source).is_dir():
         valid = None
         if args.valid_data:
             valid = {"kind": "indexed", "prefix": args.valid_data, "seq_length": args.valid_seq_length,
                      "max_rows": args.valid_rows}
-        targets = runner.targets_from_folder(args.source, args.out, valid)
+        found = targets.targets_from_folder(args.source, args.out, valid)
         if mlflow_client is not None:
-            runner.attach_folder_runs(mlflow_client, args.experiment, targets)
-        return targets
+            targets.attach_folder_runs(mlflow_client, args.experiment, found)
+        return found
     if mlflow_client is None:
-        raise runner.EvaluationError(f"'{args.source}' is not a folder, so it names an MLflow experiment; "
-                                     "give --tracking-uri (or set MLFLOW_TRACKING_URI).")
-    return runner.targets_from_mlflow(mlflow_client, args.source, args.parent_run)
+        raise targets.EvaluationError(f"'{args.source}' is not a folder, so it names an MLflow experiment; "
+                                      "give --tracking-uri (or set MLFLOW_TRACKING_URI).")
+    return targets.targets_from_mlflow(mlflow_client, args.source, args.parent_run)
 
 
 def tracking_client(args):
@@ -97,7 +110,7 @@ def tracking_client(args):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from polypythia.evaluate import runner
+    from polypythia.evaluate import runner, tables
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -108,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.experiment and not args.tracking_uri:
             raise runner.EvaluationError("--experiment needs --tracking-uri (or MLFLOW_TRACKING_URI) to log to.")
         options = runner.EvalOptions(tasks=tuple(args.tasks), limit_items=args.limit_items, batch_size=args.batch_size,
-                                     device=args.device or _default_device())
+                                     device=args.device or _default_device(), weight_stats=args.weight_stats)
         options.check()
+        if args.reference_seed is not None:
+            tables.reference_run(args.reference_seed)
         mlflow_client = tracking_client(args)
         targets = build_targets(args, mlflow_client)
         summary = runner.evaluate_targets(targets, options, mlflow_client, use_ray=not args.no_ray,

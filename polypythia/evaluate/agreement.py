@@ -2,8 +2,10 @@
 
 Self-consistency compares each checkpoint's predictions with the same seed's final checkpoint;
 inter-seed agreement compares each seed with a reference seed (seed 0, the original Pythia run)
-at the same step (docs reference.md section 1). Predictions are per-item labels of one task
-(e.g. the chosen answer index of each multiple-choice item), in the same item order everywhere.
+at the same step (van der Wal et al., "PolyPythias", ICLR 2025, arXiv 2503.09543). A "seed" here
+is any sortable key of a run: an int, or a (weight seed, data seed) pair when runs share a seed but
+not their data order (the evaluation runner keys runs so). Predictions are per-item labels of one
+task (e.g. the chosen answer index of each multiple-choice item), in the same item order everywhere.
 
 Degenerate case. Kappa is (p_o - p_e) / (1 - p_e); when both prediction vectors hold one and
 the same constant label, p_e = 1 and kappa is 0/0 (scikit-learn returns nan with a warning).
@@ -14,7 +16,7 @@ to keep it undefined instead. Two different constant vectors give 0.0 (no case n
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Hashable, Mapping
 
 import numpy as np
 from sklearn.metrics import cohen_kappa_score
@@ -55,11 +57,12 @@ def self_consistency(preds_by_step: Mapping[int, object], final_step: int, *, co
 
 
 def inter_seed_agreement(
-    preds_by_seed_step: Mapping[int, Mapping[int, object]], reference_seed: int = 0, *, constant_kappa: float = 1.0
-) -> dict[tuple[int, int], float]:
+    preds_by_seed_step: Mapping[Hashable, Mapping[int, object]], reference_seed: Hashable = 0, *, constant_kappa: float = 1.0
+) -> dict[tuple[Hashable, int], float]:
     """(seed, step) -> kappa of that seed's predictions against ``reference_seed`` at the same step.
 
-    ``preds_by_seed_step`` maps seed -> step -> predictions. The reference seed itself is left out,
+    ``preds_by_seed_step`` maps seed -> step -> predictions; a seed is any sortable run key (an int,
+    or a (weight seed, data seed) pair). The reference seed itself is left out,
     and so are steps the reference seed has no predictions for (e.g. a run that stopped early).
     """
     if reference_seed not in preds_by_seed_step:

@@ -13,23 +13,27 @@ import torch
 from polypythia.config import JobConfig
 from polypythia.evaluate.perplexity import validation_loss
 from polypythia.evaluate.weight_stats import weight_stats
-from polypythia.train.loop import Callback
+from polypythia.train.callbacks import Callback, TrainStart
 
 
 class CheckpointEvalCallback(Callback):
-    """Computes ``valid/loss``, ``valid/ppl`` and ``weights/<feature>`` at each checkpoint step."""
+    """Computes ``valid/loss``, ``valid/ppl`` and ``weights/<feature>`` at each checkpoint step.
+
+    The weight statistics follow ``train.weight_stats`` (``polypythias`` or ``hu``, see weight_stats.py);
+    job.py records that definition as the run's ``weight_stats`` tag.
+    """
 
     def __init__(self, cfg: JobConfig, log):
         self.cfg = cfg
         self.log = log  # log(step, {key: value})
         self.valid_rows = None
 
-    def on_train_start(self, info: dict) -> None:
-        self.valid_rows = info["data"].sequences.valid_rows(self.cfg.train.valid_max_rows)  # the job's own data
+    def on_train_start(self, start: TrainStart) -> None:
+        self.valid_rows = start.data.sequences.valid_rows(self.cfg.train.valid_max_rows)  # the job's own data
 
     def before_checkpoint(self, step: int, model: torch.nn.Module) -> None:
         started = time.perf_counter()
-        metrics = {f"weights/{k}": v for k, v in weight_stats(model).items()}
+        metrics = {f"weights/{k}": v for k, v in weight_stats(model, definition=self.cfg.train.weight_stats).items()}
         if len(self.valid_rows):
             was_training = model.training
             device = next(model.parameters()).device

@@ -1,7 +1,7 @@
 """Validation loss and perplexity of a causal LM on fixed rows of tokens.
 
-Each row holds ``seq + 1`` tokens, as Pythia's batch viewer reads them (docs reference.md
-section 3): the model reads ``row[:-1]`` and is scored on predicting ``row[1:]``. The loss is
+Each row holds ``seq + 1`` tokens, as Pythia's batch viewer reads them (EleutherAI/pythia,
+``utils/batch_viewer.py``): the model reads ``row[:-1]`` and is scored on predicting ``row[1:]``. The loss is
 the mean next-token cross entropy (nats) over every target token of every row, so rows weigh
 by their token count and the result does not depend on ``batch_size``; perplexity is
 ``exp(mean loss)``.

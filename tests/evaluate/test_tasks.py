@@ -7,7 +7,7 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from polypythia.evaluate.tasks import TASK_NAMES, TASKS_DIR, TaskError, evaluate_checkpoint  # noqa: E402
+from polypythia.evaluate.downstream import TASK_NAMES, TASKS_DIR, TaskError, evaluate_checkpoint  # noqa: E402
 
 ITEMS = 40  # of 200 per task: keeps the test quick
 

@@ -1,7 +1,9 @@
 """Small offline downstream tasks for lm-evaluation-harness, built from Python's own source.
 
 The PolyPythias tasks (ARC, LAMBADA, PIQA, SciQ, ...) need data sets from the Hub; these two run
-anywhere, offline, on JSONL shipped in ``polypythia/evaluate/tasks/`` (docs reference.md section 6):
+anywhere, offline, on JSONL shipped in ``polypythia/evaluate/tasks/`` (the folder of lm-eval task
+files beside this module: a custom task over local files, loaded through
+``lm_eval.tasks.TaskManager(include_path=...)``; lm-evaluation-harness docs, "New task guide"):
 
 - ``polypythia_stdlib_next_line``: multiple choice, four lines of standard-library source as
   context, pick the next line among four (chance 0.25). Per-item prediction: the chosen index.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from polypythia.errors import PolypythiaError
+from polypythia.runtime_env import apply as apply_runtime_env
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_NAMES = ("polypythia_stdlib_next_line", "polypythia_stdlib_cloze")
@@ -131,8 +133,7 @@ def evaluate_checkpoint(
     unknown = sorted(set(tasks) - set(TASK_NAMES))
     if unknown:
         raise TaskError(f"Unknown task(s) {unknown}; the offline tasks are {list(TASK_NAMES)}.")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    apply_runtime_env(offline=True)
     import lm_eval
     from lm_eval.tasks import TaskManager
 
