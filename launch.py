@@ -8,6 +8,8 @@
 import hydra
 from omegaconf import DictConfig
 
+import polypythia.config  # noqa: F401  (registers the config defaults with Hydra's ConfigStore)
+
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:

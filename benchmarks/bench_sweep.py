@@ -92,12 +92,12 @@ def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
         ray.shutdown()
     code = (
         "import time, torch; t = time.perf_counter();"
-        "from polypythia.config import job_config; from polypythia.train import loop;"
+        "from polypythia.config import job_config; from polypythia.train import distributed, engine;"
         "from polypythia.train.data import load_training_data; from polypythia.model import build_model, padded_vocab_size;"
-        f"cfg = job_config({job_dict(home, model, 10, threads)!r}); loop.set_threads(cfg);"
-        "loop.init_distributed(); d = load_training_data(cfg); m = cfg.model;"
+        f"cfg = job_config({job_dict(home, model, 10, threads)!r}); engine.set_threads(cfg);"
+        "distributed.init_distributed(); d = load_training_data(cfg); m = cfg.model;"
         "model = build_model(m.num_layers, m.hidden_size, m.num_heads, padded_vocab_size(d.tokenizer_vocab_size), 1);"
-        "loop.build_engine(cfg, model, 1); print(time.perf_counter() - t)"
+        "engine.build_engine(cfg, model, 1); print(time.perf_counter() - t)"
     )
     pieces["polypythia + deepspeed imports, process group, data, model, DeepSpeed engine (after import torch)"] = fresh_python(code)
     return pieces

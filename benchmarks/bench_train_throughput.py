@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, mean, median
-from polypythia.train.loop import Callback
+from polypythia.train.callbacks import Callback, TrainStart
 
 VARIANTS = ("bare", "deepspeed", "+logging", "+checkpoints")
 
@@ -48,7 +48,7 @@ class StepTimer(Callback):
         self.ends: list[float] = []
         self.started = 0.0
 
-    def on_train_start(self, info: dict) -> None:
+    def on_train_start(self, start: TrainStart) -> None:
         self.started = time.perf_counter()
 
     def on_step_end(self, step: int, metrics: dict) -> None:
@@ -65,7 +65,7 @@ def bare_loop(cfg, steps: int, after_step=None) -> list[float]:
 
     from polypythia.model import build_model, padded_vocab_size
     from polypythia.train.data import load_training_data
-    from polypythia.train.loop import param_groups
+    from polypythia.train.engine import param_groups
     from polypythia.train.schedule import lr_at
 
     torch.set_num_threads(cfg.train.threads)
@@ -119,7 +119,7 @@ def run_variant(variant: str, home: Path, model: str, args, uri: str, tag: str) 
             real_train = job.train
             job.train = lambda c, callbacks: real_train(c, [*callbacks, timer])  # timer last: sees all callbacks' cost
             try:
-                job.run(cfg, job.JobContext(tracking_uri=uri))
+                job.run(cfg, tracking_uri=uri)
             finally:
                 job.train = real_train
         return timer.step_seconds()

@@ -1,196 +1,65 @@
-"""The typed schema of one job's configuration, and its validation.
+"""The typed schema of one job's configuration, its defaults, and its validation.
 
-Hydra composes plain YAML from ``conf/``; :func:`job_config` turns one composed config into a
-:class:`JobConfig`, checking types (through OmegaConf's structured configs) and values (in
-``check()`` methods), so that every user mistake surfaces as one :class:`ConfigError` sentence
-before any job starts.
+One source of truth. Each default is written once, in the dataclasses below: they are both the
+schema (the keys and their types) and the default values. They are registered with Hydra's
+ConfigStore as ``polypythia_defaults``, which ``conf/config.yaml`` puts first in its defaults
+list, so Hydra composes them like any config file (Hydra 1.3, "Structured Config schema" and
+"Config Store API": https://hydra.cc/docs/1.3/tutorials/structured_config/schema,
+https://hydra.cc/docs/1.3/tutorials/structured_config/config_store). The YAML files under
+``conf/`` hold only what differs from these defaults: the model sizes (``conf/model/``, the one
+Pythia size table, each entry citing its GPT-NeoX config) and the budgets (``conf/budget/``),
+which the dataclasses leave ``MISSING``, plus the data kinds and the study presets.
+
+Why dataclasses rather than YAML as the source: a job's config is also built from plain dicts
+outside Hydra (tests, benchmarks, the evaluation rebuilding a run's config from its MLflow params,
+data-parallel ranks), and those rely on the defaults being where the types are. The environment's
+defaults (``POLYPYTHIA_HOME``, the tracking port, ...) come from :mod:`polypythia.runtime_env`.
+
+The defaults are stored untyped (a plain dict, as the Config Store API allows), so Hydra composes
+without checking types; :func:`job_config` then turns one composed config into a :class:`JobConfig`,
+checking types (through OmegaConf's structured configs) and values (in ``check()`` methods), so that
+every user mistake, a wrong type included, surfaces as one :class:`ConfigError` sentence before any
+job starts.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from polypythia import runtime_env
 from polypythia.errors import ConfigError
+from polypythia.schema import (BudgetConfig, DataConfig, FaultConfig, LauncherConfig, ModelConfig,  # noqa: F401
+                               MonitorConfig, TrackingConfig, TrainConfig)  # re-exported: the sections of a JobConfig
 
-
-@dataclass
-class ModelConfig:
-    name: str = "tiny"
-    num_layers: int = 2
-    hidden_size: int = 64
-    num_heads: int = 4
-    lr: float = 1.0e-3
-    # null: the tokenizer's vocabulary padded to a multiple of 128, as GPT-NeoX does.
-    vocab_size: Optional[int] = None
-    max_positions: int = 2048
-
-    def check(self) -> None:
-        for key in ("num_layers", "hidden_size", "num_heads"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"model.{key} must be at least 1, got {getattr(self, key)}.")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
-                f"({self.num_heads})."
-            )
-        if not self.lr > 0:
-            raise ConfigError(f"model.lr must be positive, got {self.lr}.")
-
-
-@dataclass
-class BudgetConfig:
-    name: str = "smoke"
-    steps: int = 4
-    global_batch_size: int = 4  # sequences per optimizer step, summed over workers
-    micro_batch_size: int = 2  # sequences per forward pass on one worker
-    seq_length: int = 32
-    warmup_fraction: float = 0.01
-    min_lr_ratio: float = 0.1
-    checkpoint_every_steps: int = 1000
-    log_spaced_checkpoints: bool = True  # steps 0, 1, 2, 4, ..., 512 as in Pythia
-
-    def check(self, workers: int) -> None:
-        if self.steps < 1:
-            raise ConfigError(
-                f"budget.steps must be at least 1, got {self.steps}; pick another budget or set budget.steps."
-            )
-        for key in ("global_batch_size", "micro_batch_size", "seq_length", "checkpoint_every_steps"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"budget.{key} must be at least 1, got {getattr(self, key)}.")
-        if self.global_batch_size % (self.micro_batch_size * workers):
-            raise ConfigError(
-                f"budget.global_batch_size ({self.global_batch_size}) must be a multiple of "
-                f"budget.micro_batch_size x launcher.workers_per_run ({self.micro_batch_size} x {workers})."
-            )
-        if not 0 <= self.warmup_fraction < 1 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("budget.warmup_fraction must lie in [0, 1) and budget.min_lr_ratio in [0, 1].")
-
-
-@dataclass
-class DataConfig:
-    # "embedded": corpus and tokenizer built from Python's own text; "indexed": a .bin/.idx pair.
-    kind: str = "embedded"
-    path: Optional[str] = None  # prefix of the .bin/.idx pair (kind=indexed)
-    tokenizer: Optional[str] = None  # a Hugging Face tokenizer.json (kind=indexed)
-    vocab_size: int = 8192  # of the embedded tokenizer
-    cache_dir: str = ".polypythia/cache"
-    valid_fraction: float = 0.01
-
-    def check(self) -> None:
-        if self.kind not in ("embedded", "indexed"):
-            raise ConfigError(f"data.kind must be 'embedded' or 'indexed', got '{self.kind}'.")
-        if self.kind == "indexed":
-            if not self.path:
-                raise ConfigError("data.path is required for data=indexed: the prefix of a .bin/.idx pair.")
-            for suffix in (".bin", ".idx"):
-                if not os.path.isfile(self.path + suffix):
-                    raise ConfigError(
-                        f"data.path={self.path} has no {suffix} file ({self.path}{suffix}); give the "
-                        "common prefix of an existing .bin/.idx pair or build one with polypythia-prepare."
-                    )
-            if not self.tokenizer or not os.path.isfile(self.tokenizer):
-                raise ConfigError(
-                    f"data.tokenizer={self.tokenizer} is not a file; give the path of the dataset's "
-                    "tokenizer.json."
-                )
-        if not 0 <= self.valid_fraction < 1:
-            raise ConfigError(f"data.valid_fraction must lie in [0, 1), got {self.valid_fraction}.")
-
-
-@dataclass
-class FaultConfig:
-    """Fault injection, for testing how a study survives failures (all off by default)."""
-
-    nan_at_step: Optional[int] = None  # report a NaN loss at this step ...
-    nan_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
-    kill_at_step: Optional[int] = None  # SIGKILL the job's process once, after this step ...
-    kill_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job) ...
-    kill_ranks: Optional[list[int]] = None  # ... and these data-parallel ranks (null: every rank)
-
-
-@dataclass
-class TrainConfig:
-    precision: str = "auto"  # auto: fp16 with loss scaling on GPU (as Pythia), fp32 on CPU
-    zero_stage: int = 1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1.0e-8
-    weight_decay: float = 0.1
-    gradient_clipping: float = 1.0
-    attn_implementation: str = "sdpa"
-    activation_checkpointing: bool = False
-    compile: bool = False
-    threads: Optional[int] = None  # torch intra-op threads; null: the CPUs Ray gave the job
-    peak_tflops: Optional[float] = None  # per GPU, for train/mfu; null: looked up from the GPU's name
-    loss_ceiling: Optional[float] = None  # stop when the loss stays above this ...
-    loss_ceiling_steps: int = 10  # ... for this many consecutive steps
-    eval_every_checkpoint: bool = True  # validation loss at each checkpoint
-    valid_max_rows: int = 64
-    # after training: downstream tasks (lm-eval, offline) and the rest of `python -m polypythia.evaluate`
-    evaluate_after_training: bool = False
-    eval_limit_items: Optional[int] = None  # first items of each task only (null: all)
-    # checkpoints that keep the (large) optimizer state needed to resume; older ones keep weights only
-    keep_resume_states: Optional[int] = 2
-    fault: FaultConfig = field(default_factory=FaultConfig)
-
-    def check(self) -> None:
-        if self.precision not in ("auto", "fp32", "fp16", "bf16"):
-            raise ConfigError(f"train.precision must be auto, fp32, fp16 or bf16, got '{self.precision}'.")
-        if self.zero_stage not in (0, 1, 2):
-            raise ConfigError(f"train.zero_stage must be 0, 1 or 2, got {self.zero_stage}.")
-        if self.keep_resume_states is not None and self.keep_resume_states < 1:
-            raise ConfigError(f"train.keep_resume_states must be at least 1 (or null for all), got {self.keep_resume_states}.")
-
-
-@dataclass
-class TrackingConfig:
-    uri: Optional[str] = None  # null: start (or reuse) a local MLflow server
-    dir: str = ".polypythia/mlflow"  # the local server's database and artifacts
-    host: str = "127.0.0.1"
-    port: int = 5050
-    flush_interval_s: float = 2.0
-    max_outage_s: float = 300.0  # a server away longer than this fails the job
-    system_metrics: bool = True
-
-
-@dataclass
-class LauncherConfig:
-    address: Optional[str] = None  # null: a local Ray runtime; "auto" or host:port: a cluster
-    num_cpus_per_job: float = 1.0
-    num_gpus_per_job: float = 0.0  # per worker
-    workers_per_run: int = 1
-    max_retries: int = 2
-    progress: bool = True
-
-    def check(self) -> None:
-        if self.workers_per_run < 1:
-            raise ConfigError(f"launcher.workers_per_run must be at least 1, got {self.workers_per_run}.")
-        if self.num_cpus_per_job <= 0 or self.num_gpus_per_job < 0 or self.max_retries < 0:
-            raise ConfigError(
-                "launcher.num_cpus_per_job must be positive and launcher.num_gpus_per_job and "
-                "launcher.max_retries non-negative."
-            )
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # Hydra's config folder (launch.py's config_path)
+DEFAULTS_NAME = "polypythia_defaults"  # the ConfigStore entry conf/config.yaml starts from
 
 
 @dataclass
 class JobConfig:
+    """One job: one (model, seed) training run. Every field's default is here (or MISSING)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
-    study: str = "polypythia"
-    seed: int = 1
-    weight_seed: Optional[int] = None  # null: seed
-    data_seed: Optional[int] = None  # null: seed
-    home: str = ".polypythia"  # POLYPYTHIA_HOME: runs, MLflow data and caches
-    runs_dir: str = ".polypythia/runs"  # checkpoints: <runs_dir>/<study>/<run_name>/
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    study: str = "polypythia"  # the MLflow experiment; runs_dir/<study>/<run_name>/ holds the checkpoints
+    seed: int = 1  # sets both the weight seed and the data seed ...
+    weight_seed: Optional[int] = None  # ... unless one of these overrides it (null: seed)
+    data_seed: Optional[int] = None
+    # Everything a study writes (checkpoints, MLflow database, caches) lives under POLYPYTHIA_HOME,
+    # by default .polypythia/ in the directory you launch from.
+    home: str = f"${{oc.env:{runtime_env.HOME_ENV},{runtime_env.DEFAULT_HOME}}}"
+    runs_dir: str = "${home}/runs"  # checkpoints: <runs_dir>/<study>/<run_name>/
 
     def check(self) -> None:
         for key in ("seed", "weight_seed", "data_seed"):
@@ -204,6 +73,7 @@ class JobConfig:
         self.data.check()
         self.train.check()
         self.launcher.check()
+        self.monitor.check()
         if self.train.precision == "fp16" and self.launcher.num_gpus_per_job <= 0:
             raise ConfigError(
                 "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
@@ -280,3 +150,29 @@ def flat_params(cfg: JobConfig) -> dict[str, str]:
 
     walk("", to_dict(cfg))
     return out
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The model ``conf/model/<name>.yaml`` (``model=<name>``), typed and checked: e.g. a Pythia size."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"No model '{name}': {path} does not exist.")
+    typed: ModelConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path)))
+    typed.check()
+    return typed
+
+
+def defaults_node() -> dict[str, Any]:
+    """Every key of a job's config with its default (MISSING ones as ``???``), interpolations kept."""
+    return OmegaConf.to_container(OmegaConf.structured(JobConfig), resolve=False)
+
+
+def register_defaults() -> None:
+    """Store :func:`defaults_node` in Hydra's ConfigStore as ``polypythia_defaults`` (untyped, so that
+    a bad value reaches :func:`job_config` and its one-sentence error rather than failing composition)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=DEFAULTS_NAME, node=defaults_node(), provider="polypythia")
+
+
+register_defaults()  # on import, as Hydra's structured configs are: launch.py imports this module

@@ -1,48 +1,26 @@
-"""Pythia model sizes, their GPT-NeoX configuration and Pythia's weight initialisation.
+"""The Pythia network: its GPT-NeoX configuration and Pythia's weight initialisation.
 
 The architecture is transformers' ``GPTNeoXForCausalLM`` configured exactly as the Pythia suite
 (parallel residual, rotary embeddings on 25% of each head, untied input/output embeddings).
 transformers initialises every matrix as N(0, 0.02); Pythia (GPT-NeoX ``init_method: small_init``,
 ``output_layer_init_method: wang_init``) does not, so :func:`init_pythia_weights` re-initialises.
 
-Sources: EleutherAI/pythia ``models/*/pythia-*.yml`` and reference.md section 2.
+The sizes (14m ... 410m) are the files in ``conf/model/`` (:func:`polypythia.config.model_preset`);
+:meth:`polypythia.config.ModelConfig.build` builds one. Sources: EleutherAI/pythia
+``models/*/pythia-*.yml`` (GPT-NeoX configs) and the Pythia paper (Biderman et al. 2023,
+arXiv:2304.01373); GPT-NeoX ``megatron/model/init_functions.py`` for ``small_init`` and ``wang_init``.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-PYTHIA_VOCAB_SIZE = 50304  # GPT-NeoX-20B tokenizer (50,277) padded to a multiple of 128
-VOCAB_MULTIPLE = 128
-PYTHIA_MAX_POSITIONS = 2048
+from polypythia.recipe import PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
 
-
-@dataclass(frozen=True)
-class ModelShape:
-    """One Pythia size: the shape of the network and its peak learning rate."""
-
-    name: str
-    num_layers: int
-    hidden_size: int
-    num_heads: int
-    lr: float
-
-
-# https://github.com/EleutherAI/pythia/tree/main/models (and reference.md section 2)
-PYTHIA_SIZES: dict[str, ModelShape] = {
-    s.name: s
-    for s in (
-        ModelShape("14m", 6, 128, 4, 1.0e-3),
-        ModelShape("31m", 6, 256, 8, 1.0e-3),
-        ModelShape("70m", 6, 512, 8, 1.0e-3),
-        ModelShape("160m", 12, 768, 12, 6.0e-4),
-        ModelShape("410m", 24, 1024, 16, 3.0e-4),
-    )
-}
+VOCAB_MULTIPLE = 128  # GPT-NeoX "make-vocab-size-divisible-by"
 
 
 def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:

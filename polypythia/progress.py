@@ -1,8 +1,11 @@
-"""The sweep's live progress: a table of every job's state, step, loss, speed and ETA.
+"""The sweep's live progress: a table of every job's state, step, loss, speed, ETA and cross-seed
+deviation.
 
 Jobs report to a :class:`ProgressBoard` (a Ray actor in a sweep); the driver polls it and redraws
 a rich table on a terminal, or prints one readable line per job now and then when the output is a
-file or a pipe (CI logs, ``nohup``).
+file or a pipe (CI logs, ``nohup``). The board also keeps, per job that has a plan, its smoothed loss
+at each decision step (:class:`SmoothedLoss`), which the cross-seed monitor
+(:mod:`polypythia.stability`) reads; the driver adds the monitor's verdicts to the rows it draws.
 """
 
 from __future__ import annotations
@@ -10,22 +13,50 @@ from __future__ import annotations
 import math
 import sys
 import time
-from typing import Any
+from collections import deque
+from typing import Any, Optional
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
 
-class ProgressBoard:
-    """Latest report of every job, by job index (plain dicts)."""
+class SmoothedLoss:
+    """A run's mean loss over its last ``window`` steps, kept at each of the steps in ``grid``."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, grid: tuple[int, ...], window: int):
+        self.grid = frozenset(grid)
+        self.window = window
+        self.recent: deque[tuple[int, float]] = deque()  # (step, loss) of the last ``window`` steps
+
+    def add(self, losses: dict[int, float]) -> dict[int, float]:
+        """Take steps' losses (in any order); return the smoothed loss at the grid steps among them."""
+        found = {}
+        for step, loss in sorted(losses.items()):
+            while self.recent and self.recent[-1][0] >= step:  # a step trained again (a resumed job)
+                self.recent.pop()
+            self.recent.append((step, float(loss)))
+            while self.recent[0][0] <= step - self.window:
+                self.recent.popleft()
+            if step in self.grid:
+                found[step] = sum(value for _, value in self.recent) / len(self.recent)
+        return found
+
+
+class ProgressBoard:
+    """Latest report of every job, by job index (plain dicts). ``plans``: per job, the decision steps
+    and loss window of its smoothed loss (``row["smoothed"]``: step -> value); reports may carry
+    ``losses`` (step -> loss of every step since the last report)."""
+
+    def __init__(self, names: list[str], plans: Optional[dict[int, tuple[tuple[int, ...], int]]] = None):
         self.rows: dict[int, dict[str, Any]] = {
             i: {"name": n, "state": "pending", "step": 0, "total": None, "loss": math.nan,
                 "tokens_per_s": math.nan, "started": None, "first_step": None, "attempt": 0}
             for i, n in enumerate(names)
         }
+        self.smoothers = {i: SmoothedLoss(grid, window) for i, (grid, window) in (plans or {}).items()}
+        for i in self.smoothers:
+            self.rows[i]["smoothed"] = {}
 
     def update(self, index: int, report: dict[str, Any]) -> None:
         row = self.rows[index]
@@ -34,6 +65,9 @@ class ProgressBoard:
             row["started"] = now
             row["first_step"] = report.get("step", 0)
             row["attempt"] += 1
+        losses = report.pop("losses", None)
+        if losses and index in self.smoothers:
+            row["smoothed"].update(self.smoothers[index].add(losses))
         row.update(report)
         row["updated"] = now
 
@@ -58,10 +92,19 @@ def _fmt_eta(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def cross_seed_text(row: dict[str, Any], markup: bool = True) -> str:
+    """The monitor's verdict on a row (``alert``: the first alert's step, ``deviation``: the latest)."""
+    if row.get("alert") is not None:
+        text = f"ALERT@{row['alert']}"
+        return f"[bold red]{text}[/]" if markup else text
+    deviation = row.get("deviation")
+    return "-" if deviation is None else f"{deviation:+.1f} SD"
+
+
 def render(rows: dict[int, dict[str, Any]]) -> Table:
     table = Table(title="polypythia sweep", expand=False)
     for col, justify in (("job", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
-                         ("tokens/s", "right"), ("ETA", "right")):
+                         ("tokens/s", "right"), ("ETA", "right"), ("vs seeds", "right")):
         table.add_column(col, justify=justify)
     now = time.time()
     colours = {"running": "cyan", "finished": "green", "failed": "red", "diverged": "yellow", "retrying": "magenta"}
@@ -74,7 +117,7 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
         table.add_row(
             row["name"], f"[{colours.get(state, 'white')}]{state}[/]", step,
             "-" if loss != loss else f"{loss:.4f}", "-" if tps != tps else f"{tps:,.0f}",
-            _fmt_eta(eta_seconds(row, now)) if state == "running" else "-",
+            _fmt_eta(eta_seconds(row, now)) if state == "running" else "-", cross_seed_text(row),
         )
     return table
 
@@ -85,7 +128,8 @@ def line(row: dict[str, Any]) -> str:
     return (f"[progress] {row['name']}: {row['state']} step {row.get('step', 0)}/{row.get('total') or '?'}"
             + ("" if loss != loss else f" loss {loss:.4f}")
             + ("" if tps != tps else f" {tps:,.0f} tok/s")
-            + f" eta {_fmt_eta(eta_seconds(row, time.time()))}")
+            + f" eta {_fmt_eta(eta_seconds(row, time.time()))}"
+            + ("" if row.get("alert") is None and row.get("deviation") is None else f" vs seeds {cross_seed_text(row, False)}"))
 
 
 class ProgressDisplay:
@@ -97,7 +141,7 @@ class ProgressDisplay:
         self.live: Live | None = None
         self.line_every_s = line_every_s
         self._last_line = 0.0
-        self._last_states: dict[int, str] = {}
+        self._last_states: dict[int, tuple] = {}  # per job: its state and its alert, as last printed
 
     def __enter__(self) -> "ProgressDisplay":
         if self.enabled and self.console.is_terminal:
@@ -112,7 +156,7 @@ class ProgressDisplay:
             self.live.update(render(rows))
             return
         now = time.time()
-        changed = {i for i, r in rows.items() if self._last_states.get(i) != r["state"]}
+        changed = {i for i, r in rows.items() if self._last_states.get(i) != (r["state"], r.get("alert"))}
         due = now - self._last_line >= self.line_every_s  # every row, now and then; else changes only
         if changed or due:
             for i, row in sorted(rows.items()):
@@ -120,7 +164,7 @@ class ProgressDisplay:
                     print(line(row), flush=True)
             if due:
                 self._last_line = now
-            self._last_states = {i: r["state"] for i, r in rows.items()}
+            self._last_states = {i: (r["state"], r.get("alert")) for i, r in rows.items()}
 
     def __exit__(self, *exc) -> None:
         if self.live is not None:

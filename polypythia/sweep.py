@@ -1,8 +1,12 @@
-"""A sweep of training jobs on Ray: validation, shared setup, submission, live progress, outcome.
+"""The driver side of a sweep of training jobs on Ray: validation, shared set-up, submission, live
+progress, outcome.
 
-The Hydra launcher plugin composes one config per job and hands them here; this module knows
-nothing of Hydra. Everything a job receives is plain data: its composed config, the tracking URI,
-the sweep's parent run id.
+The Hydra launcher (``hydra_plugins/polypythia_launcher``) composes one config per job and hands
+them here as :class:`~polypythia.jobspec.JobRequest` values; this module knows nothing of Hydra.
+:meth:`Sweep.run` turns each into a :class:`~polypythia.jobspec.JobSpec` (the config, the tracking
+URI, the sweep's parent run, the worker count) and submits it to
+:func:`polypythia.worker.run_job`, the code that runs inside the Ray worker; the jobs' outcomes
+come back as :class:`~polypythia.jobspec.JobOutcome` values.
 """
 
 from __future__ import annotations
@@ -10,26 +14,34 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from omegaconf import DictConfig
-
-from polypythia import tracking
-from polypythia.config import JobConfig, job_config
+from polypythia import localray, mlflow_ui, runfolder, tracking, worker
+from polypythia.config import JobConfig, job_config, to_dict
+from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
 from polypythia.errors import ConfigError
+from polypythia.jobspec import JobOutcome, JobRequest, JobSpec
 from polypythia.progress import ProgressBoard, ProgressDisplay
+from polypythia.runtime_env import ray_env_vars
+from polypythia.study import KIND_TAG, SWEEP_KIND
 
 log = logging.getLogger(__name__)
 
-PACKAGE_DIRS = ("polypythia", "analysis", "hydra_plugins")
+PACKAGE_DIRS = ("polypythia",)  # the code a cluster's workers import (uploaded when attaching to one)
+
+# Called once per study after the sweep's outcome is printed, with (tracking URI, study, parent
+# run id); the launcher hands in the cross-seed summary of ``analysis``.
+FinishedHook = Callable[[str, str, str], None]
 
 
-def _validate_all(raw_configs: list[DictConfig], launch_dir: str) -> list[JobConfig]:
+def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig]:
     jobs = []
-    for i, raw in enumerate(raw_configs):
+    for i, request in enumerate(requests):
         try:
-            jobs.append(job_config(raw, launch_dir))
+            jobs.append(job_config(request.config, launch_dir))
+            runfolder.check_relaunch(jobs[-1])  # the run's folder: not in use, same training config
         except ConfigError as exc:
             raise ConfigError(f"Job #{i}: {exc}") from None
     names = Counter((j.study, j.run_name) for j in jobs)
@@ -40,11 +52,17 @@ def _validate_all(raw_configs: list[DictConfig], launch_dir: str) -> list[JobCon
 
 
 class Sweep:
-    def __init__(self, raw_configs: list[DictConfig], launch_dir: str):
-        self.jobs = _validate_all(raw_configs, launch_dir)
+    """``Sweep(requests, launch_dir)`` validates every job; :meth:`prepare` sets up what they share;
+    :meth:`run` runs them all and returns their outcomes in order."""
+
+    def __init__(self, requests: list[JobRequest], launch_dir: str, on_finished: Optional[FinishedHook] = None):
+        self.requests = requests
+        self.jobs = _validate_all(requests, launch_dir)  # relative paths are relative to launch_dir
         self.launcher = self.jobs[0].launcher
-        self.uri: str | None = None
-        self.parent_runs: dict[str, str] = {}
+        self.on_finished = on_finished
+        self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
+        self.tracking_uri: str | None = None
+        self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
         self._started_ray = False
         self.placement_groups: dict[int, Any] = {}
 
@@ -58,8 +76,8 @@ class Sweep:
             self._init_ray()
             self._check_resources()
             first = self.jobs[0].tracking
-            self.uri = tracking.resolve_tracking_uri(first.uri, first.dir, first.host, first.port)
-            print(f"MLflow tracking server: {self.uri}  (open it in a browser to see the runs)", flush=True)
+            self.tracking_uri = tracking.resolve_tracking_uri(first.uri, first.dir, first.host, first.port)
+            print(f"MLflow tracking server: {self.tracking_uri}  (open it in a browser to see the runs)", flush=True)
             self._reserve_workers()
             self._open_parent_runs()
         except BaseException:
@@ -77,7 +95,7 @@ class Sweep:
 
         if ray.is_initialized():
             return
-        env_vars = {"MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env_vars = ray_env_vars()
         runtime_env: dict[str, Any] = {"env_vars": env_vars}
         address = self.launcher.address
         _check_reachable(address)
@@ -85,7 +103,7 @@ class Sweep:
             root = Path(__file__).resolve().parent.parent
             runtime_env["py_modules"] = [str(root / d) for d in PACKAGE_DIRS if (root / d).is_dir()]
         try:
-            ray.init(address=address or None, include_dashboard=False, log_to_driver=False,
+            ray.init(**localray.init_args(address), include_dashboard=False, log_to_driver=False,
                      runtime_env=runtime_env, logging_level=logging.WARNING)
         except ConnectionError as exc:
             raise ConfigError(f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it or fix the address.") from None
@@ -123,31 +141,35 @@ class Sweep:
                     bundle["GPU"] = job.launcher.num_gpus_per_job
                 self.placement_groups[i] = placement_group([bundle] * n, strategy="PACK", name=f"{job.run_name}-workers")
 
-    def ranks(self, index: int) -> dict[str, Any] | None:
-        """What rank 0 of a multi-worker run needs to start the others (None for one worker)."""
-        if index not in self.placement_groups:
-            return None
-        from polypythia.config import to_dict
-
-        job = self.jobs[index]
-        return {"job": to_dict(job), "world_size": job.launcher.workers_per_run,
-                "placement_group": self.placement_groups[index],
-                "num_cpus": job.launcher.num_cpus_per_job, "num_gpus": job.launcher.num_gpus_per_job}
-
     def _open_parent_runs(self) -> None:
-        client = tracking.client(self.uri)
+        """One parent run per study, and the link that opens the study's training runs in the MLflow UI."""
+        client = tracking.client(self.tracking_uri)
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for study in sorted({j.study for j in self.jobs}):
             exp_id = tracking.experiment_id(client, study)
-            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={
-                "polypythia.kind": "sweep",
-                "jobs": ", ".join(j.run_name for j in self.jobs if j.study == study),
-            })
+            jobs = [j.run_name for j in self.jobs if j.study == study]
+            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs)})
             self.parent_runs[study] = run.info.run_id
+            mlflow_ui.mark_training_experiment(client, exp_id)
+            # The UI charts 10 runs unless a saved view says otherwise (see polypythia.mlflow_ui).
+            view = mlflow_ui.save_study_view(client, exp_id, run.info.run_id) if len(jobs) > 10 else None
+            print(f"Study {study} in MLflow: {mlflow_ui.study_url(self.tracking_uri, exp_id, run.info.run_id, view_id=view)}",
+                  flush=True)
 
     # -- running -----------------------------------------------------------------------------
 
-    def task_options(self, index: int) -> dict[str, Any]:
+    def job_spec(self, index: int) -> JobSpec:
+        """Everything the worker running job ``index`` needs (once :meth:`prepare` has run)."""
+        job, request = self.jobs[index], self.requests[index]
+        return JobSpec(
+            index=index, config=to_dict(job), tracking_uri=self.tracking_uri,
+            parent_run_id=self.parent_runs[job.study], overrides=tuple(request.overrides),
+            logging_config=request.logging_config, debug_loggers=tuple(request.debug_loggers),
+            world_size=job.launcher.workers_per_run, num_cpus=job.launcher.num_cpus_per_job,
+            num_gpus=job.launcher.num_gpus_per_job,
+        )
+
+    def _task_options(self, index: int) -> dict[str, Any]:
         job = self.jobs[index]
         extra = {}
         if index in self.placement_groups:
@@ -162,22 +184,24 @@ class Sweep:
             "name": job.run_name,
         }
 
-    def context(self, index: int) -> dict[str, Any]:
-        job = self.jobs[index]
-        return {"tracking_uri": self.uri, "parent_run_id": self.parent_runs[job.study], "job_index": index}
+    def run(self) -> list[JobOutcome]:
+        """Submit every job to :func:`polypythia.worker.run_job` and wait for all, showing progress;
+        then close the parent runs, shut down what :meth:`prepare` started and print the outcome.
 
-    def run(self, submit: Callable[[Any, Any, int, dict], Any]) -> list[Any]:
-        """Submit every job with ``submit(ray, board, index, context) -> ObjectRef``; wait for all.
-
-        Returns, per job in order, the task's return value or the exception that ended it.
+        Returns each job's outcome, in order.
         """
         import ray
 
-        outcomes: dict[int, Any] = {}
+        # max_calls=1: a fresh worker process per job, so no process group or CUDA state leaks.
+        run_job = ray.remote(max_calls=1)(worker.run_job)
+        outcomes: dict[int, JobOutcome] = {}
         rows: dict[int, dict] = {}
         try:
-            board = ray.remote(ProgressBoard).options(num_cpus=0).remote([j.run_name for j in self.jobs])
-            refs = [submit(ray, board, i, self.context(i)) for i in range(len(self.jobs))]
+            board = ray.remote(ProgressBoard).options(num_cpus=0).remote([j.run_name for j in self.jobs],
+                                                                         self.monitor.plans())
+            watch = MonitorLog(self.monitor, tracking.client(self.tracking_uri), self.parent_runs, self.jobs)
+            refs = [run_job.options(**self._task_options(i)).remote(self.job_spec(i), board, self.placement_groups.get(i))
+                    for i in range(len(self.jobs))]
             pending = {ref: i for i, ref in enumerate(refs)}
             with ProgressDisplay(enabled=self.launcher.progress) as display:
                 while pending:
@@ -186,47 +210,46 @@ class Sweep:
                         index = pending.pop(ref)
                         try:
                             outcomes[index] = ray.get(ref)
-                        except Exception as exc:  # noqa: BLE001 - reported per job below
-                            outcomes[index] = exc
+                        except Exception as exc:  # noqa: BLE001 - its process died more often than retries allow
+                            outcomes[index] = JobOutcome(state="failed", error=exc, reason=_last_line(exc))
                             board.update.remote(index, {"state": "failed"})
-                    display.update(ray.get(board.snapshot.remote()))
-            rows = ray.get(board.snapshot.remote())
+                    rows = ray.get(board.snapshot.remote())
+                    watch.watch(rows)
+                    display.update(watch.marks(rows))
+            rows = ray.get(board.snapshot.remote())  # the jobs' last reports
+            watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
         finally:
             self._finish(outcomes)
-        self._report(outcomes, rows)
-        return [outcomes[i] for i in range(len(self.jobs))]
+        results = [replace(outcomes[i], attempts=rows.get(i, {}).get("attempt", 1) or 1) for i in range(len(self.jobs))]
+        self._report(results)
+        return results
 
-    def _finish(self, outcomes: dict[int, Any]) -> None:
-        client = tracking.client(self.uri)
+    def _finish(self, outcomes: dict[int, JobOutcome]) -> None:
+        client = tracking.client(self.tracking_uri)
         for study, run_id in self.parent_runs.items():
-            failed = any(not _succeeded(outcomes.get(i)) for i, j in enumerate(self.jobs) if j.study == study)
+            failed = any(i not in outcomes or not outcomes[i].finished for i, j in enumerate(self.jobs) if j.study == study)
             try:
                 client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
             except Exception as exc:  # noqa: BLE001 - a dead server must not hide the jobs' outcome
                 log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
         self.shutdown()
 
-    def _report(self, outcomes: dict[int, Any], rows: dict[int, dict]) -> None:
+    def _report(self, results: list[JobOutcome]) -> None:
         print("\nSweep outcome:", flush=True)
-        for i, job in enumerate(self.jobs):
-            outcome = outcomes.get(i)
-            attempts = rows.get(i, {}).get("attempt", 1) or 1
-            retried = f" (retried {attempts - 1}x)" if attempts > 1 else ""
-            if _succeeded(outcome):
-                value = outcome["return_value"]
-                print(f"  {job.run_name}: finished{retried}, final loss {value['final_loss']:.4f}, MLflow run {value['run_id']}")
+        for index, (job, outcome) in enumerate(zip(self.jobs, results)):
+            retried = f" (retried {outcome.attempts - 1}x)" if outcome.attempts > 1 else ""
+            alert = self.monitor.alerts.get(index)
+            flagged = "" if alert is None else f"; cross-seed ALERT ({alert.describe()})"
+            if outcome.finished:
+                summary = outcome.summary
+                print(f"  {job.run_name}: finished{retried}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
             else:
-                print(f"  {job.run_name}: {rows.get(i, {}).get('state', 'failed')}{retried}: {_reason(outcome)}")
-        self._print_summary()
-
-    def _print_summary(self) -> None:
-        try:
-            from analysis.summary import print_summary
-        except ImportError:
+                print(f"  {job.run_name}: {outcome.state}{retried}: {outcome.reason or 'did not finish'}{flagged}")
+        if self.on_finished is None:
             return
         for study, run_id in self.parent_runs.items():
             try:
-                print_summary(self.uri, study, parent_run_id=run_id)
+                self.on_finished(self.tracking_uri, study, run_id)
             except Exception as exc:  # noqa: BLE001 - the summary must not fail a finished sweep
                 log.error("Could not print the cross-seed summary: %s", exc)
 
@@ -260,48 +283,7 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def _succeeded(outcome: Any) -> bool:
-    return isinstance(outcome, dict) and outcome.get("status") == "COMPLETED"
-
-
-def _reason(outcome: Any) -> str:
-    if isinstance(outcome, dict):
-        exc = outcome.get("return_value")
-        return f"{type(exc).__name__}: {exc}" if isinstance(exc, BaseException) else str(exc)
-    if isinstance(outcome, BaseException):
-        text = str(outcome).strip().splitlines()
-        return f"{type(outcome).__name__}: {text[-1] if text else ''}"
-    return "did not finish"
-
-
-def _rank_worker(job: dict, rank: int, world_size: int, master_addr: str, master_port: int) -> list[float]:
-    """A data-parallel rank other than 0: trains in step with rank 0, tracks nothing itself."""
-    from polypythia.config import job_config
-    from polypythia.job import quiet_libraries
-    from polypythia.train.loop import set_rendezvous, train
-
-    set_rendezvous(rank, world_size, master_addr, master_port)
-    quiet_libraries()
-    return train(job_config(job)).losses
-
-
-def start_other_ranks(job: dict, world_size: int, placement_group, num_cpus: float, num_gpus: float) -> list:
-    """Called in rank 0's process: start ranks 1..N-1 in the run's placement group and point
-    this process's environment at the rendezvous (rank 0 hosts it on a free port)."""
-    import ray
-    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-    from polypythia.net import free_port
-    from polypythia.train.loop import set_rendezvous
-
-    addr = ray.util.get_node_ip_address()
-    port = free_port()
-    refs = [
-        ray.remote(max_calls=1)(_rank_worker).options(
-            num_cpus=num_cpus, num_gpus=num_gpus, max_retries=0, name=f"rank{rank}",
-            scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group, placement_group_bundle_index=rank),
-        ).remote(job, rank, world_size, addr, port)
-        for rank in range(1, world_size)
-    ]
-    set_rendezvous(0, world_size, addr, port)
-    return refs
+def _last_line(exc: BaseException) -> str:
+    """A Ray error in one line (its text ends with the cause, after the traceback)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"

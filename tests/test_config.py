@@ -5,9 +5,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from polypythia.config import job_config
+from polypythia.config import job_config, model_preset
 from polypythia.errors import ConfigError
-from polypythia.model import PYTHIA_SIZES
 
 CONF = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -22,10 +21,7 @@ def compose_job(*overrides):
 def test_shipped_configs_validate(model, budget, tmp_path):
     cfg = job_config(compose_job(f"model={model}", f"budget={budget}"), str(tmp_path))
     assert cfg.model.name == model and cfg.budget.name == budget
-    if model in PYTHIA_SIZES:
-        s = PYTHIA_SIZES[model]
-        assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_heads, cfg.model.lr) == (
-            s.num_layers, s.hidden_size, s.num_heads, s.lr)
+    assert cfg.model == model_preset(model)  # the size is conf/model/<model>.yaml's (tests/test_model.py: published)
 
 
 def test_pythia_budget_is_the_full_schedule(tmp_path):

@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from helpers import tiny_job, train_here
 from polypythia.net import free_port
 from polypythia.train.checkpoint import verify
-from polypythia.train.loop import set_rendezvous, train
+from polypythia.train.distributed import set_rendezvous
+from polypythia.train.loop import train
 
 pytestmark = pytest.mark.integration
 

@@ -9,7 +9,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from helpers import REPO
-from polypythia.train.loop import RENDEZVOUS_ENV
+from polypythia.train.distributed import RENDEZVOUS_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -34,18 +34,22 @@ def child_runs(client, study):
     return parents, children
 
 
-def test_two_seed_sweep_logs_every_step_once(tmp_path, mlflow_uri, cache_dir):
+def test_data_seed_sweep_logs_every_step_once_and_keeps_the_runs_apart(tmp_path, mlflow_uri, cache_dir):
+    """``seed=1 data_seed=1,2,3``: one weight initialisation, three data orders, three runs everywhere."""
     study = f"sweep-{uuid.uuid4().hex[:8]}"
-    out = launch(tmp_path, "-m", "seed=1,2", "model=tiny", "budget=smoke", f"study={study}",
+    out = launch(tmp_path, "-m", "seed=1", "data_seed=1,2,3", "model=tiny", "budget=smoke", f"study={study}",
                  f"data.cache_dir={cache_dir}", uri=mlflow_uri)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Sweep outcome" in out.stdout and "tiny-seed1: finished" in out.stdout
-    assert "Final train/loss" in out.stdout  # the cross-seed summary
+    assert "tiny-wseed1-dseed3: finished" in out.stdout
+    summary = out.stdout[out.stdout.index("Final train/loss"):]  # the cross-seed summary: one column per run
+    assert "seed 1" in summary and "w1-d2" in summary and "w1-d3" in summary
     client = MlflowClient(mlflow_uri)
     parents, children = child_runs(client, study)
-    assert len(parents) == 1 and len(children) == 2
+    assert len(parents) == 1 and len(children) == 3
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
-    assert sorted(c.data.tags["seed"] for c in children) == ["1", "2"]
+    assert sorted(c.data.tags["data_seed"] for c in children) == ["1", "2", "3"]
+    assert {c.data.tags["weight_seed"] for c in children} == {"1"}
     for child in children:
         assert child.info.status == "FINISHED"
         for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"):
@@ -56,7 +60,7 @@ def test_two_seed_sweep_logs_every_step_once(tmp_path, mlflow_uri, cache_dir):
         assert all(0 < n < 100 for n in norms), norms
         assert child.data.tags["checkpoint.latest_step"] == "6"
     losses = [client.get_metric_history(c.info.run_id, "train/loss") for c in children]
-    assert [m.value for m in losses[0]] != [m.value for m in losses[1]]
+    assert [m.value for m in losses[0]] != [m.value for m in losses[1]]  # same weights, other data
     for child in children:  # evaluation at every checkpoint, and the config as artifacts
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "valid/loss"))
         assert steps == [0, 1, 2, 3, 4, 6]
@@ -72,7 +76,14 @@ def test_two_seed_sweep_logs_every_step_once(tmp_path, mlflow_uri, cache_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("stats.csv", "spikes.csv", "outliers.csv", "training_maps.csv", "report.md", "analysis_loss_curves.png"):
         assert (out_dir / name).stat().st_size > 0, name
-    assert "tiny" in (out_dir / "report.md").read_text()
+    report = (out_dir / "report.md").read_text()
+    assert "tiny" in report and "data seed only (weight seed 1)" in report
+    import pandas as pd
+
+    runs = pd.read_csv(out_dir / "runs.csv")
+    assert sorted(runs["seed"]) == ["1", "w1-d2", "w1-d3"] and set(runs["data_seed"]) == {1, 2, 3}
+    stats = pd.read_csv(out_dir / "stats.csv")
+    assert set(stats.loc[stats.metric == "valid/loss", "n"]) == {3}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -11,7 +11,7 @@ from transformers import GPTNeoXForCausalLM
 from helpers import tiny_job, train_here as run
 from polypythia.train.checkpoint import is_resumable, list_checkpoints, verify
 from polypythia.train.data import load_training_data
-from polypythia.train.loop import Callback
+from polypythia.train.callbacks import Callback
 
 PROBE = torch.arange(24).reshape(2, 12) % 200
 
@@ -121,10 +121,11 @@ def test_loss_above_the_ceiling_stops_the_run(tmp_path, cache_dir):
 
 
 def test_model_flops_per_token_follows_palm():
-    from polypythia.model import PYTHIA_SIZES, count_parameters, gpt_neox_config
-    from polypythia.train.loop import flops_per_token, peak_flops
+    from polypythia.config import model_preset
+    from polypythia.model import count_parameters, gpt_neox_config
+    from polypythia.train.step import flops_per_token, peak_flops
 
-    s = PYTHIA_SIZES["70m"]
+    s = model_preset("70m")
     total, _ = count_parameters(gpt_neox_config(s.num_layers, s.hidden_size, s.num_heads))
     assert flops_per_token(total, 6, 512, 2048) == 6 * 70_426_624 + 12 * 6 * 512 * 2048
     assert peak_flops(100.0) == 1e14
@@ -148,18 +149,18 @@ class KeepMetrics(Callback):
 
 def test_model_flops_utilisation_is_logged_against_the_given_peak(tmp_path, cache_dir):
     """On a GPU the peak is looked up by name; train.peak_tflops gives it on any device."""
-    from polypythia.train.loop import flops_per_token
+    from polypythia.train.step import flops_per_token
 
     keep = KeepMetrics()
     cfg = tiny_job(tmp_path, cache_dir, budget__steps=2, train__peak_tflops=0.5)
-    info = {}
+    started = []
 
-    class KeepInfo(Callback):
-        def on_train_start(self, i):
-            info.update(i)
+    class KeepStart(Callback):
+        def on_train_start(self, start):
+            started.append(start)
 
-    run(cfg, [keep, KeepInfo()])
-    per_token = flops_per_token(info["num_params"], 2, 64, 32)
+    run(cfg, [keep, KeepStart()])
+    per_token = flops_per_token(started[0].num_params, 2, 64, 32)
     for m in keep.metrics:
         assert m["train/mfu"] == pytest.approx(m["train/tokens_per_s"] * per_token / 0.5e12, rel=1e-9)
         assert 0 < m["train/mfu"] < 1
@@ -190,7 +191,8 @@ def test_torch_compile_gives_the_same_curve(tmp_path, cache_dir):
 def test_the_engine_applies_the_logged_learning_rate(tmp_path, cache_dir):
     """Two micro-batches per step: DeepSpeed steps the schedule once per optimizer step."""
     from polypythia.model import build_model
-    from polypythia.train.loop import build_engine, init_distributed
+    from polypythia.train.distributed import init_distributed
+    from polypythia.train.engine import build_engine
     from polypythia.train.schedule import lr_at
 
     cfg = tiny_job(tmp_path, cache_dir, budget__steps=10, budget__warmup_fraction=0.2)
@@ -204,3 +206,27 @@ def test_the_engine_applies_the_logged_learning_rate(tmp_path, cache_dir):
             logits = engine(input_ids=tokens[i : i + 2, :-1]).logits
             engine.backward(torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[i : i + 2, 1:].flatten()))
             engine.step()
+
+
+def test_the_job_guards_run_around_the_given_callbacks(tmp_path):
+    """The NaN is injected before the given callbacks see the step; the kill and the divergence
+    check come after them, so a diverged step is still recorded."""
+    from polypythia.errors import DivergenceError
+    from polypythia.train.callbacks import in_order
+    from polypythia.train.faults import DivergenceCheck, InjectNaN, KillAtStep, callbacks_from_config
+    from polypythia.train.monitor import StabilityMonitor
+
+    cfg = tiny_job(tmp_path, tmp_path, seed=2, train__fault__nan_at_step=3, train__fault__nan_seeds=[2],
+                   train__fault__kill_at_step=5, train__fault__kill_seeds=[1])
+    first, second = KeepMetrics(), KeepMetrics()
+    ordered = in_order([first, second, *callbacks_from_config(cfg)])
+    assert [type(cb) for cb in ordered] == [InjectNaN, StabilityMonitor, KeepMetrics, KeepMetrics, DivergenceCheck]
+    assert ordered[2] is first
+    with pytest.raises(DivergenceError, match="loss at step 3 is nan") as raised:
+        for step in (1, 2, 3):
+            metrics = {"train/loss": 5.0}
+            for cb in ordered:
+                cb.on_step_end(step, metrics)
+    assert raised.value.step == 3 and np.isnan(second.metrics[-1]["train/loss"])
+    killer = callbacks_from_config(tiny_job(tmp_path, tmp_path, seed=1, train__fault__kill_at_step=5))[-1]
+    assert isinstance(killer, KillAtStep) and in_order([killer, DivergenceCheck(None, 1)])[0] is killer

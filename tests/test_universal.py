@@ -6,7 +6,7 @@ import math
 import pytest
 
 from helpers import tiny_job, train_here as run
-from polypythia.train.loop import deepspeed_config, effective_zero_stage
+from polypythia.train.engine import deepspeed_config, effective_zero_stage
 from polypythia.train.universal import needs_conversion
 
 

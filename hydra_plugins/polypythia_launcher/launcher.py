@@ -1,33 +1,36 @@
-"""A Hydra launcher that runs every job of a sweep as a Ray task in a fresh worker process.
+"""A Hydra launcher that hands every job of a sweep to :class:`polypythia.sweep.Sweep`, which runs
+each as a Ray task in a fresh worker process.
 
 Why our own and not hydra-ray-launcher: that plugin pins cloudpickle<3 (which conflicts with
 hmmlearn's scikit-learn), swallows job exceptions so Ray never retries, and forces a 75 MB object
-store that breaks attaching to a running cluster (reference.md section 6).
+store that breaks attaching to a running cluster.
 
-Before any job starts, the launcher composes and validates every job's config (one clear error for
-the first bad one), builds the shared dataset cache, starts or finds the MLflow server and opens
-the sweep's parent run. Then it submits one Ray task per job, shows live progress, waits for all,
-prints which jobs finished, were retried or failed (and why), prints the cross-seed summary, and
-returns Hydra's job results in order. A worker process that dies (killed, out of memory, node lost)
-is retried by Ray up to ``launcher.max_retries`` and the job resumes from its last checkpoint into
-the same MLflow run; a Python error in the job (bad data, divergence) is final and not retried.
+This module is only glue between Hydra and the sweep. :meth:`PolypythiaRayLauncher.launch` takes
+the configs Hydra composed for the jobs, resolves them here, in the launching process (a worker on
+another node has another environment), and hands them to the sweep as plain
+:class:`~polypythia.jobspec.JobRequest` values, together with the hook that prints the cross-seed
+summary at the end (from ``analysis``, which ``polypythia`` does not import). It writes each job's
+Hydra folder (``.hydra/`` with the composed config and overrides; the job's log file lands there
+too), runs the sweep, and turns the jobs' outcomes into Hydra's ``JobReturn`` values.
+
+Hydra's task function (``launch.py``) is not called in a sweep: each job's worker runs
+:func:`polypythia.worker.run_job`, which calls :func:`polypythia.job.run` as the task function does
+for a job launched without ``-m``.
 """
 
 import copy
-import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, run_job, setup_globals
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-log = logging.getLogger(__name__)
+from polypythia.jobspec import JobOutcome, JobRequest
 
 
 @dataclass
@@ -36,73 +39,6 @@ class PolypythiaRayLauncherConf:
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="polypythia_ray", node=PolypythiaRayLauncherConf, provider="polypythia")
-
-
-def _job_body(cfg: DictConfig) -> DictConfig:
-    """The job's own config without the ``hydra`` node (whose interpolations need a running job)."""
-    body = copy.deepcopy(cfg)
-    with open_dict(body):
-        body.pop("hydra", None)
-    return body
-
-
-def _run_in_worker(hydra_context, task_function, sweep_config, singleton_state, context_dict, board, index, ranks):
-    """Body of the Ray task (rank 0 of the run): restore Hydra's globals, start the other
-    data-parallel ranks if the run has several workers, tell the job its context, run it."""
-    import polypythia.job as job_module
-    from polypythia.job import JobContext
-    from polypythia.sweep import start_other_ranks
-    from polypythia.train.loop import clear_rendezvous
-
-    setup_globals()
-    Singleton.set_state(singleton_state)
-    clear_rendezvous()  # whatever the worker inherited; several ranks get theirs set below
-    other_ranks = start_other_ranks(**ranks) if ranks else []
-
-    def report(update: dict) -> None:
-        board.update.remote(index, update)
-
-    job_module.CURRENT_CONTEXT = JobContext(**context_dict, progress=report)
-    try:
-        ret = run_job(hydra_context=hydra_context, task_function=task_function, config=sweep_config,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    finally:
-        job_module.CURRENT_CONTEXT = None
-    ret = _join_ranks(other_ranks, ret)
-    if ret.status == JobStatus.FAILED:
-        board.update.remote(index, {"state": _failed_state(ret._return_value)})
-    else:
-        board.update.remote(index, {"state": "finished"})
-    # Hydra's config objects hold references Ray cannot always pickle back; keep what matters.
-    return {"status": ret.status.name, "return_value": ret._return_value, "overrides": ret.overrides,
-            "working_dir": ret.working_dir, "task_name": ret.task_name}
-
-
-def _join_ranks(refs, ret: JobReturn) -> JobReturn:
-    """Wait for the other ranks. If one's process died, this process dies too, so that Ray retries
-    the whole run (it resumes from its checkpoint); any other failure of a rank fails the job."""
-    import signal
-
-    import ray
-    from ray.exceptions import WorkerCrashedError
-
-    for ref in refs:
-        try:
-            ray.get(ref)
-        except WorkerCrashedError:
-            log.error("A data-parallel rank of this run died; restarting the whole run from its checkpoint.")
-            os.kill(os.getpid(), signal.SIGKILL)
-        except Exception as exc:  # noqa: BLE001 - reported as the job's failure
-            if ret.status != JobStatus.FAILED:
-                ret.status = JobStatus.FAILED
-                ret.return_value = exc
-    return ret
-
-
-def _failed_state(exc: Any) -> str:
-    from polypythia.errors import DivergenceError
-
-    return "diverged" if isinstance(exc, DivergenceError) else "failed"
 
 
 class PolypythiaRayLauncher(Launcher):
@@ -116,23 +52,6 @@ class PolypythiaRayLauncher(Launcher):
         self.hydra_context = hydra_context
         self.task_function = task_function
 
-    # -- before any job starts -------------------------------------------------------------
-
-    def _sweep_configs(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> "list[DictConfig]":
-        configs = []
-        for idx, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + idx
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = f"job{idx}"
-                sweep_config.hydra.job.num = idx
-                # Resolve interpolations such as ${oc.env:POLYPYTHIA_HOME} here, in the driver's
-                # environment: a worker on another node (or a cluster's worker) has its own.
-                for key, value in OmegaConf.to_container(_job_body(sweep_config), resolve=True).items():
-                    sweep_config[key] = value
-            configs.append(sweep_config)
-        return configs
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from polypythia.errors import PolypythiaError, exit_with
         from polypythia.sweep import Sweep
@@ -140,21 +59,17 @@ class PolypythiaRayLauncher(Launcher):
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        configs = self._sweep_configs(job_overrides, initial_job_idx)
-        launch_dir = os.getcwd()
+        job_configs = [self._job_config(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
         try:
-            sweep = Sweep([_job_body(c) for c in configs], launch_dir)  # validates every job first
+            sweep = Sweep([_job_request(c) for c in job_configs], launch_dir=os.getcwd(),  # validates every job
+                          on_finished=print_cross_seed_summary)
+            for job_cfg in job_configs:
+                _save_hydra_folder(job_cfg)
             sweep.prepare()
         except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
             exit_with(exc)
-        # max_calls=1: a fresh worker process per job, so no process group or CUDA state leaks.
-        remote_results = sweep.run(
-            lambda ray, board, index, context: ray.remote(max_calls=1)(_run_in_worker).options(**sweep.task_options(index)).remote(
-                self.hydra_context, self.task_function, configs[index], Singleton.get_state(), context, board, index,
-                sweep.ranks(index),
-            )
-        )
-        returns = [self._job_return(configs[i], remote_results[i]) for i in range(len(configs))]
+        outcomes = sweep.run()
+        returns = [_job_return(c, outcome) for c, outcome in zip(job_configs, outcomes)]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         failed = sum(r.status == JobStatus.FAILED for r in returns)
         if failed:  # already reported per job above; Hydra would add a traceback of the first only
@@ -162,18 +77,77 @@ class PolypythiaRayLauncher(Launcher):
             raise SystemExit(1)
         return returns
 
-    @staticmethod
-    def _job_return(sweep_config: DictConfig, outcome: Any) -> JobReturn:
-        ret = JobReturn()
-        ret.cfg = sweep_config
-        ret.hydra_cfg = sweep_config
-        ret.overrides = list(sweep_config.hydra.overrides.task)
-        if isinstance(outcome, dict):
-            ret.status = JobStatus[outcome["status"]]
-            ret.return_value = outcome["return_value"]
-            ret.working_dir = outcome["working_dir"]
-            ret.task_name = outcome["task_name"]
-        else:  # the Ray task itself failed (worker died more often than retries allow)
-            ret.status = JobStatus.FAILED
-            ret.return_value = outcome
-        return ret
+    def _job_config(self, overrides: list[str], idx: int) -> DictConfig:
+        """Job ``idx``'s config as Hydra composes it, with its ``hydra`` node, interpolations resolved
+        here in the launching process's environment (``${oc.env:POLYPYTHIA_HOME}`` and the like)."""
+        job_cfg = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(job_cfg):
+            job_cfg.hydra.job.id = f"job{idx}"
+            job_cfg.hydra.job.num = idx
+            output_dir = os.path.join(str(job_cfg.hydra.sweep.dir), str(job_cfg.hydra.sweep.subdir))
+            job_cfg.hydra.runtime.output_dir = os.path.abspath(output_dir)
+            for key, value in OmegaConf.to_container(_job_body(job_cfg), resolve=True).items():
+                job_cfg[key] = value
+        return job_cfg
+
+
+def _job_body(job_cfg: DictConfig) -> DictConfig:
+    """The job's own config without the ``hydra`` node."""
+    body = copy.deepcopy(job_cfg)
+    with open_dict(body):
+        body.pop("hydra", None)
+    return body
+
+
+def _job_request(job_cfg: DictConfig) -> JobRequest:
+    """What the sweep needs of a Hydra job config, as plain data."""
+    job_logging = job_cfg.hydra.job_logging
+    return JobRequest(
+        config=OmegaConf.to_container(_job_body(job_cfg), resolve=True),
+        overrides=tuple(job_cfg.hydra.overrides.task),
+        logging_config=None if job_logging is None else OmegaConf.to_container(job_logging, resolve=True),
+        debug_loggers=_debug_loggers(job_cfg.hydra.verbose),
+    )
+
+
+def _debug_loggers(verbose: Any) -> tuple[str, ...]:
+    """Hydra's ``hydra.verbose`` (true, a logger name or a list of them) as logger names."""
+    if isinstance(verbose, bool):
+        return ("root",) if verbose else ()
+    if isinstance(verbose, str):
+        return (verbose,)
+    return tuple(str(name) for name in verbose)
+
+
+def _save_hydra_folder(job_cfg: DictConfig) -> None:
+    """The job's Hydra folder, as Hydra's own ``run_job`` writes it: ``.hydra/`` with the composed
+    config, Hydra's config and the overrides."""
+    output_dir = Path(job_cfg.hydra.runtime.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if job_cfg.hydra.output_subdir is None:
+        return
+    hydra_output = output_dir / str(job_cfg.hydra.output_subdir)
+    hydra_output.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", _job_body(job_cfg)), ("hydra.yaml", OmegaConf.masked_copy(job_cfg, "hydra")),
+                       ("overrides.yaml", job_cfg.hydra.overrides.task)):
+        (hydra_output / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
+
+
+def _job_return(job_cfg: DictConfig, outcome: JobOutcome) -> JobReturn:
+    """Hydra's record of one job, from the sweep's :class:`~polypythia.jobspec.JobOutcome`."""
+    ret = JobReturn()
+    ret.cfg = _job_body(job_cfg)
+    ret.hydra_cfg = OmegaConf.masked_copy(job_cfg, "hydra")
+    ret.overrides = list(job_cfg.hydra.overrides.task)
+    ret.working_dir = os.getcwd()  # jobs do not change directory (hydra.job.chdir: their paths are absolute)
+    ret.task_name = str(job_cfg.hydra.job.name)
+    ret.status = JobStatus.COMPLETED if outcome.finished else JobStatus.FAILED
+    ret.return_value = outcome.summary if outcome.finished else outcome.error
+    return ret
+
+
+def print_cross_seed_summary(tracking_uri: str, study: str, parent_run_id: str) -> None:
+    """The sweep's ``on_finished`` hook: the final-loss summary across the seeds of ``study``."""
+    from analysis.summary import print_summary
+
+    print_summary(tracking_uri, study, parent_run_id=parent_run_id)

@@ -1,0 +1,59 @@
+"""The plain data that crosses between the sweep's driver and its Ray workers, one value per job.
+
+Three frozen dataclasses, in the order a job meets them:
+
+- :class:`JobRequest`: what the launcher asks for, one per job: the composed config and how it was
+  asked for (made by the Hydra launcher, read by :class:`polypythia.sweep.Sweep`);
+- :class:`JobSpec`: everything the worker process needs to run that job (made by the sweep once the
+  tracking server and the parent runs exist, read by :func:`polypythia.worker.run_job`);
+- :class:`JobOutcome`: how the job ended (made by the worker, or by the sweep when the worker's
+  process died too often; read by the sweep's report and by the launcher).
+
+Nothing here holds a live object (no Ray handle, no Hydra config), so each pickles to any process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """One job as the launcher hands it to the sweep."""
+
+    config: dict[str, Any]  # the job's composed config, interpolations resolved, without a ``hydra`` node
+    overrides: tuple[str, ...] = ()  # the command-line overrides that produced it (logged with the run)
+    logging_config: Optional[dict[str, Any]] = None  # the job's Python logging (``logging.config`` dict schema)
+    debug_loggers: tuple[str, ...] = ()  # loggers to set to DEBUG in the job ("root" for all)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything the worker that runs job ``index`` of a sweep needs, and nothing else."""
+
+    index: int  # the job's position in the sweep (its row in the progress table)
+    config: dict[str, Any]  # the validated config (polypythia.config.to_dict), paths absolute
+    tracking_uri: str  # the MLflow server every job of the sweep logs to
+    parent_run_id: str  # the sweep's MLflow run of this job's study
+    overrides: tuple[str, ...] = ()
+    logging_config: Optional[dict[str, Any]] = None
+    debug_loggers: tuple[str, ...] = ()
+    world_size: int = 1  # data-parallel ranks (worker processes) of this job; rank 0 starts the others
+    num_cpus: float = 1.0  # Ray resources of each of those processes
+    num_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How one job ended."""
+
+    state: str  # "finished", "failed" or "diverged"
+    summary: Optional[dict[str, Any]] = None  # polypythia.job.run's summary when finished: run_id, final_loss, ...
+    error: Optional[BaseException] = None  # what ended it otherwise
+    reason: str = ""  # that error in one line, for the sweep's report
+    attempts: int = 1  # worker processes it took (more than one when Ray retried a dead one)
+
+    @property
+    def finished(self) -> bool:
+        return self.state == "finished"

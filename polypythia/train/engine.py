@@ -1,0 +1,114 @@
+"""The model, optimizer and DeepSpeed engine of a training job, built from its config.
+
+Pythia's recipe (GPT-NeoX): AdamW with weight decay on the weight matrices only, the LR schedule
+of :mod:`polypythia.train.schedule`, gradient clipping, and fp16 with dynamic loss scaling on a
+GPU. DeepSpeed (https://www.deepspeed.ai/docs/config-json/) runs the data parallelism, the ZeRO
+partitioning of optimizer state, mixed precision and the engine's checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from polypythia.config import JobConfig
+from polypythia.train.schedule import lr_at
+
+
+def set_threads(cfg: JobConfig) -> None:
+    """Torch's intra-op threads: configured, else the CPUs the launcher gave the job."""
+    threads = cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "fp16" if torch.cuda.is_available() else "fp32"
+    return precision
+
+
+def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
+    """ZeRO partitions optimizer state across data-parallel ranks; with one fp32 rank there is
+    nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
+    stage 0. Mixed precision keeps the configured stage: there DeepSpeed's ZeRO optimizer is
+    what keeps the fp32 master weights, and what reads checkpoints from other worker counts."""
+    if world_size == 1 and resolve_precision(cfg.train.precision) == "fp32":
+        return 0
+    return cfg.train.zero_stage
+
+
+def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = False) -> dict:
+    budget, train = cfg.budget, cfg.train
+    micro_per_step = budget.global_batch_size // (budget.micro_batch_size * world_size)
+    ds = {
+        "train_batch_size": budget.global_batch_size,
+        "train_micro_batch_size_per_gpu": budget.micro_batch_size,
+        "gradient_accumulation_steps": micro_per_step,
+        "gradient_clipping": train.gradient_clipping,
+        "zero_optimization": {"stage": effective_zero_stage(cfg, world_size)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+    }
+    if load_universal:  # resuming a checkpoint written by another number of workers
+        ds["checkpoint"] = {"load_universal": True}
+    precision = resolve_precision(train.precision)
+    if precision == "fp16":  # Pythia: fp16 with dynamic loss scaling
+        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}
+    elif precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    return ds
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """GPT-NeoX decays weight matrices only; biases and LayerNorm parameters are not decayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def optimizer_order(model: torch.nn.Module) -> list[str]:
+    """Parameter names in the order :func:`param_groups` hands them to the optimizer."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in param_groups(model, 0.0) for p in group["params"]]
+
+
+def build_training_model(cfg: JobConfig, vocab_size: int) -> torch.nn.Module:
+    """The run's model with its seeded initial weights, set up for training as configured."""
+    m = cfg.model
+    model = m.build(vocab_size, cfg.effective_weight_seed, cfg.train.attn_implementation)
+    if cfg.train.activation_checkpointing:  # renamed in transformers 5
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model
+
+
+def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_universal: bool = False):
+    """The DeepSpeed engine around ``model``, with Pythia's AdamW and LR schedule.
+
+    The schedule is a torch ``LambdaLR`` handed to DeepSpeed, which steps it once per optimizer
+    step (not per micro-batch), so the LR at step ``s`` is exactly ``lr_at(s)``.
+    """
+    import deepspeed
+
+    train = cfg.train
+    fused = torch.cuda.is_available()
+    optimizer = torch.optim.AdamW(
+        param_groups(model, train.weight_decay),
+        lr=cfg.model.lr,
+        betas=(train.adam_beta1, train.adam_beta2),
+        eps=train.adam_eps,
+        fused=fused,
+    )
+    peak = cfg.model.lr
+    budget = cfg.budget
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: lr_at(s, budget.steps, peak, budget.warmup_fraction, budget.min_lr_ratio) / peak,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size, load_universal)
+    )
+    return engine

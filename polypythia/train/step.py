@@ -1,0 +1,124 @@
+"""One optimizer step over a global batch, and the metrics the job reports for it.
+
+A step is several micro-batches through the DeepSpeed engine, which accumulates their gradients
+and applies the optimizer at the last one (DeepSpeed's ``backward``/``step`` contract:
+https://www.deepspeed.ai/getting-started/#training). Throughput is reported as tokens/s and, where
+the accelerator's peak is known, as model FLOPs utilisation (MFU, as defined in the PaLM paper,
+https://arxiv.org/abs/2204.02311 appendix B).
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from polypythia.config import JobConfig
+from polypythia.train.callbacks import StepProbe
+from polypythia.train.distributed import global_mean
+from polypythia.train.schedule import lr_at
+
+# Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment, for model FLOPs utilisation.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_length: int) -> float:
+    """Training FLOPs per token: 6N for the matrix multiplies plus 12 L d T for attention (PaLM, app. B)."""
+    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_length
+
+
+def peak_flops(configured_tflops: float | None) -> float | None:
+    """The accelerator's peak FLOP/s: configured, or looked up from the GPU's name; None on CPU."""
+    if configured_tflops:
+        return configured_tflops * 1e12
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int,
+               probes: Sequence[StepProbe] = ()) -> tuple[float, float]:
+    """Train on this rank's ``rows`` of the global batch; returns (loss averaged over every rank's
+    micro-batches, gradient norm before clipping).
+
+    ``forward`` is the engine, or its module compiled by ``torch.compile`` (the engine still does
+    the backward pass and the optimizer step). ``probes`` look inside the step (see
+    :class:`~polypythia.train.callbacks.StepProbe`).
+    """
+    device = engine.device
+    losses = []
+    own_grad_norm = None
+    for i in range(0, len(rows), micro_batch_size):
+        batch = torch.from_numpy(rows[i : i + micro_batch_size]).to(device, non_blocking=True)
+        if probes and i == 0:  # the probes watch the forward pass of the step's first micro-batch
+            logits = _watched_forward(engine, forward, batch, probes)
+        else:
+            logits = forward(input_ids=batch[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
+        engine.backward(loss)
+        if engine.is_gradient_accumulation_boundary():
+            if not engine.zero_optimization_stage():
+                own_grad_norm = _grad_norm(engine.module)  # DeepSpeed records it only under ZeRO
+            for probe in probes:
+                probe.before_update(engine)
+        engine.step()
+        losses.append(loss.detach())
+    for probe in probes:
+        probe.after_update(engine)
+    return global_mean(torch.stack(losses).mean()), _reported_grad_norm(engine, own_grad_norm)
+
+
+def _watched_forward(engine, forward, batch: torch.Tensor, probes: Sequence[StepProbe]) -> torch.Tensor:
+    """The logits of ``batch`` with the probes' hooks in the model. Eager, the hooks see the training
+    forward itself; compiled (a graph would not run hooks added between steps, or would recompile
+    for them), they see a separate no-grad eager forward of the same batch, and the compiled one trains."""
+    with ExitStack() as stack:
+        for probe in probes:
+            stack.enter_context(probe.watch(engine.module))
+        if forward is engine:
+            return engine(input_ids=batch[:, :-1]).logits
+        with torch.no_grad():
+            engine.module(input_ids=batch[:, :-1])
+    return forward(input_ids=batch[:, :-1]).logits
+
+
+@torch.no_grad()
+def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    """L2 norm of all gradients (already averaged over ranks), before clipping."""
+    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def _reported_grad_norm(engine, own: torch.Tensor | None) -> float:
+    value = engine.get_global_grad_norm()
+    if value is None:
+        value = own
+    return float(value) if value is not None else float("nan")
+
+
+class StepMetrics:
+    """Turns what a step measured into the ``train/*`` metrics the callbacks receive."""
+
+    def __init__(self, cfg: JobConfig, num_params: int, world_size: int):
+        budget, model = cfg.budget, cfg.model
+        self.budget, self.peak_lr, self.world_size = budget, model.lr, world_size
+        self.tokens_per_step = budget.global_batch_size * budget.seq_length
+        self.flops_per_step = self.tokens_per_step * flops_per_token(
+            num_params, model.num_layers, model.hidden_size, budget.seq_length)
+        self.peak = peak_flops(cfg.train.peak_tflops)
+
+    def __call__(self, step: int, loss: float, grad_norm: float, elapsed_s: float) -> dict[str, float]:
+        """Metrics of the step that started at ``step`` (0-based), which took ``elapsed_s``."""
+        b = self.budget
+        metrics = {
+            "train/loss": loss,
+            "train/lr": lr_at(step, b.steps, self.peak_lr, b.warmup_fraction, b.min_lr_ratio),
+            "train/grad_norm": grad_norm,
+            "train/tokens_per_s": self.tokens_per_step / elapsed_s,
+        }
+        if self.peak:  # model FLOPs utilisation of all workers together
+            metrics["train/mfu"] = self.flops_per_step / elapsed_s / (self.peak * self.world_size)
+        return metrics
