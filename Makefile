@@ -16,6 +16,9 @@ $(VENV)/.installed: pyproject.toml
 	# torch first, so that nothing below pulls a multi-GB CUDA build on a CPU machine;
 	# DeepSpeed is a source package whose build needs that torch (hence no build isolation).
 	$(PY) -m pip install -q "$(TORCH_SPEC)" "setuptools>=64" wheel
+	# DS_BUILD_OPS=0 compiles none of its C++ ops, and no job compiles one at its start either: the
+	# one DeepSpeed would JIT-build there (its CPU shared-memory comm op) is skipped, see
+	# polypythia/train/distributed.py.
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16,<0.20"
 	# compat mode puts this folder on sys.path, so Hydra finds hydra_plugins/ (a namespace package).
 	$(PY) -m pip install -q -e ".[test]" --config-settings editable_mode=compat

@@ -1,9 +1,8 @@
-"""MLflow: the local tracking server's lifecycle, and a buffered metrics logger that loses nothing.
+"""MLflow: the tracking server the jobs log to, and a buffered metrics logger that loses nothing.
 
-Many processes writing one SQLite file directly hit "database is locked", so a study logs over HTTP
-to one ``mlflow server`` on loopback with a SQLite backend (reference.md section 6). The server is
-started detached, so it outlives the sweep and the UI stays browsable; its address and pid are kept
-in ``<dir>/server.json`` and a later sweep reuses it. ``python -m polypythia.tracking stop`` ends it.
+The local server's lifecycle (one detached ``mlflow server`` with a SQLite backend per folder, its
+address kept for good in ``<dir>/server.json``) is :mod:`polypythia.tracking_server`, re-exported
+here; ``python -m polypythia.tracking start|stop|status`` is its command line.
 
 :class:`MetricsLogger` sends points from a background thread in batches (``log_batch``, at most
 1,000 metrics a request), retrying while the server is away for up to ``max_outage_s``. Points carry
@@ -13,155 +12,42 @@ had in fact arrived is not stored twice.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
-import signal
-import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
-from polypythia.errors import TrackingError
-from polypythia.net import free_port, port_free
+from polypythia import runtime_env
+from polypythia.errors import PolypythiaError, TrackingError
+from polypythia.runtime_env import DEFAULT_TRACKING_HOST
+from polypythia.tracking_server import (default_server_dir, is_healthy, running_server,  # noqa: F401
+                                        start_server, stop_server)
 
 log = logging.getLogger(__name__)
-
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # reference.md section 6: lost a run once
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # our own retry loop decides
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 MAX_METRICS_PER_BATCH = 1000
 
 
-# ----------------------------------------------------------------------------- server lifecycle
-
-
-def is_healthy(uri: str, timeout_s: float = 2.0) -> bool:
-    try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _state_file(server_dir: Path) -> Path:
-    return server_dir / "server.json"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def running_server(server_dir: str | Path) -> str | None:
-    """The URI of the local server recorded in ``server_dir`` if it is up, else None."""
-    state_file = _state_file(Path(server_dir))
-    if not state_file.is_file():
-        return None
-    try:
-        state = json.loads(state_file.read_text())
-    except json.JSONDecodeError:
-        return None
-    if _pid_alive(state.get("pid", -1)) and is_healthy(state["uri"]):
-        return state["uri"]
-    return None
-
-
-def _pick_port(host: str, preferred: int, wait_s: float = 5.0) -> int:
-    """``preferred`` if it frees up within ``wait_s`` (a just-stopped server's port), else any."""
-    deadline = time.monotonic() + wait_s
-    while preferred:
-        if port_free(host, preferred):
-            return preferred
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    return free_port(host)
-
-
-def start_server(server_dir: str | Path, host: str = "127.0.0.1", port: int = 5050, timeout_s: float = 90.0) -> str:
-    """Start (or reuse) a detached MLflow server with a SQLite backend in ``server_dir``."""
-    server_dir = Path(server_dir).resolve()
-    uri = running_server(server_dir)
-    if uri:
-        return uri
-    server_dir.mkdir(parents=True, exist_ok=True)
-    port = _pick_port(host, port)
-    uri = f"http://{host}:{port}"
-    cmd = [
-        sys.executable, "-m", "mlflow", "server",
-        "--host", host, "--port", str(port),
-        "--backend-store-uri", f"sqlite:///{server_dir / 'mlflow.db'}",
-        "--artifacts-destination", str(server_dir / "artifacts"),
-        "--workers", "2",
-    ]
-    # No background job runner: it forks eight ~250 MB processes that a tracking server does not need.
-    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    with open(server_dir / "server.log", "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True, env=env, cwd=server_dir)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = (server_dir / "server.log").read_text(errors="replace")[-600:]
-            raise TrackingError(f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}")
-        if is_healthy(uri):
-            _state_file(server_dir).write_text(json.dumps({"pid": proc.pid, "uri": uri}))
-            return uri
-        time.sleep(0.25)
-    _kill_group(proc.pid)
-    raise TrackingError(f"The MLflow server did not answer on {uri} within {timeout_s:.0f} s; see {server_dir / 'server.log'}.")
-
-
-def _kill_group(pid: int, timeout_s: float = 10.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except OSError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def stop_server(server_dir: str | Path) -> bool:
-    """Stop the local server recorded in ``server_dir``; True if one was running."""
-    state_file = _state_file(Path(server_dir))
-    if not state_file.is_file():
-        return False
-    state = json.loads(state_file.read_text())
-    alive = _pid_alive(state["pid"])
-    _kill_group(state["pid"])
-    state_file.unlink(missing_ok=True)
-    return alive
-
-
-def default_server_dir() -> Path:
-    return Path(os.environ.get("POLYPYTHIA_HOME", ".polypythia")) / "mlflow"
+# ----------------------------------------------------------------------------- server
 
 
 def default_tracking_uri() -> str | None:
-    """For the command-line tools: ``MLFLOW_TRACKING_URI``, else the local server a sweep started."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or running_server(default_server_dir())
+    """For the command-line tools: ``MLFLOW_TRACKING_URI``, else the local server a sweep started
+    (None, with a warning, if that server's record is unreadable)."""
+    if os.environ.get(runtime_env.TRACKING_URI_ENV):
+        return os.environ[runtime_env.TRACKING_URI_ENV]
+    try:
+        return running_server(default_server_dir())
+    except TrackingError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def resolve_tracking_uri(uri: str | None, server_dir: str, host: str, port: int) -> str:
     """The configured server if it answers, else a clear error; with no URI, the local server."""
+    runtime_env.apply()  # a job's or a sweep's first MLflow step: the client settings, before mlflow loads
     if uri:
         require_reachable(uri, "start it, fix tracking.uri (or MLFLOW_TRACKING_URI), or set tracking.uri=null "
                                "for a local server")
@@ -180,6 +66,8 @@ def require_reachable(uri: str, fix: str) -> None:
 
 
 def client(uri: str):
+    """An MLflow client for ``uri``, with polypythia's client settings (:func:`runtime_env.apply`)."""
+    runtime_env.apply()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
@@ -213,10 +101,17 @@ class MetricsLogger:
         self._queue: queue.Queue = queue.Queue()
         self._client = client(uri)
         self.error: TrackingError | None = None
+        self.outage_since: float | None = None  # monotonic time the server stopped accepting points
         self._closed = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-metrics", daemon=True)
         self._thread.start()
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the points are held back, waiting for the tracking server to answer again (a
+        progress display may say so; :meth:`flush` before a checkpoint blocks meanwhile)."""
+        return self.outage_since is not None
 
     def log(self, step: int, metrics: dict[str, float], timestamp_ms: int | None = None) -> None:
         """Queue ``metrics`` at ``step``; never blocks on the network."""
@@ -240,16 +135,23 @@ class MetricsLogger:
         from mlflow.entities import Metric
 
         metrics = [Metric(key=k, value=v, timestamp=ts, step=s) for k, v, ts, s in items]
-        outage_started = None
         delay = 0.5
         while True:
             try:
                 self._client.log_batch(self.run_id, metrics=metrics, synchronous=True)
+                if self.outage_since is not None:
+                    log.warning("The MLflow server at %s accepts metrics again after %.0f s.", self.uri,
+                                time.monotonic() - self.outage_since)
+                    self.outage_since = None
                 return
             except Exception as exc:  # the server is away, restarting, or overloaded: retry
                 now = time.monotonic()
-                outage_started = outage_started or now
-                if now - outage_started > self.max_outage_s:
+                if self.outage_since is None:
+                    self.outage_since = now
+                    log.warning("The MLflow server at %s does not accept metrics (%s); holding them and retrying "
+                                "for up to %.0f s (tracking.max_outage_s).", self.uri, type(exc).__name__,
+                                self.max_outage_s)
+                if now - self.outage_since > self.max_outage_s:
                     self.error = TrackingError(
                         f"The MLflow server at {self.uri} has not accepted metrics for "
                         f"{self.max_outage_s:.0f} s ({type(exc).__name__}); check that it is running "
@@ -312,18 +214,25 @@ def main(argv: list[str] | None = None) -> int:
                                      description="Start, stop or locate the local MLflow tracking server.")
     parser.add_argument("action", choices=["start", "stop", "status"])
     parser.add_argument("--dir", default=str(default_server_dir()),
-                        help="the server's folder (default: $POLYPYTHIA_HOME/mlflow, i.e. .polypythia/mlflow)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5050)
+                        help=f"the server's folder (default: ${runtime_env.HOME_ENV}/{runtime_env.MLFLOW_SUBDIR}, "
+                             f"i.e. {runtime_env.DEFAULT_HOME}/{runtime_env.MLFLOW_SUBDIR})")
+    parser.add_argument("--host", default=DEFAULT_TRACKING_HOST)
+    parser.add_argument("--port", type=int, default=runtime_env.DEFAULT_TRACKING_PORT,
+                        help="the port of a folder's first server (later ones keep the address it had)")
     args = parser.parse_args(argv)
-    if args.action == "start":
-        print(f"MLflow UI: {start_server(args.dir, args.host, args.port)}")
-    elif args.action == "stop":
-        print("stopped" if stop_server(args.dir) else "no server was running")
-    else:
-        uri = running_server(args.dir)
-        print(f"running at {uri}" if uri else "not running")
-        return 0 if uri else 1
+    try:
+        if args.action == "start":
+            print(f"MLflow UI: {start_server(args.dir, args.host, args.port)}")
+        elif args.action == "stop":
+            print("stopped" if stop_server(args.dir) else "no server was running")
+        else:
+            uri = running_server(args.dir)
+            print(f"running at {uri}" if uri else "not running")
+            return 0 if uri else 1
+    except PolypythiaError as exc:
+        from polypythia.errors import exit_with
+
+        exit_with(exc)
     return 0
 
 

@@ -4,7 +4,8 @@ Layout of ``<run_dir>/checkpoints/step<S>/``::
 
     config.json, model.safetensors, tokenizer.json, ...  # loads with GPTNeoXForCausalLM.from_pretrained
     state/<tag>/...                                      # DeepSpeed model, optimizer and LR state
-    trainer_state.pt                                     # step, seeds, last loss, RNG states
+    trainer_state.json                                   # step, seeds, last loss, Python/NumPy RNG states
+    trainer_state.safetensors                            # torch (and CUDA) RNG states
     MANIFEST.json                                        # size and sha256 of every file above
 
 A checkpoint is written under ``step<S>.partial`` and renamed to ``step<S>`` only once every file
@@ -12,6 +13,13 @@ and the manifest are on disk, so a half-written checkpoint is never taken for co
 the manifest is verified, and a checkpoint that fails is reported in one line and skipped.
 Only the newest ``train.keep_resume_states`` checkpoints keep ``state/`` (see
 :func:`prune_resume_states`); older ones keep their weights for evaluation.
+
+Reading a checkpoint runs no code from it: the trainer state is JSON and safetensors, and a
+trainer state left as a pickle by older versions (``trainer_state.pt``) is read with
+``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. DeepSpeed's
+own loader does unpickle ``state/`` in full; before it runs, :func:`verify` checks every file there
+against the manifest and refuses files the manifest does not list (the trust boundary this leaves
+is described in the README).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -35,6 +44,10 @@ log = logging.getLogger(__name__)
 
 STATE_TAG = "state"
 STEP_DIR = re.compile(r"^step(\d+)$")
+TRAINER_STATE = "trainer_state.json"
+RNG_TENSORS = "trainer_state.safetensors"
+LEGACY_TRAINER_STATE = "trainer_state.pt"  # a pickle, written before the JSON format
+TRAINER_STATE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -72,7 +85,12 @@ def _save_manifest(directory: Path, manifest: dict) -> None:
 
 
 def verify(directory: Path) -> None:
-    """Raise :class:`CheckpointError` unless every file of the manifest is present and intact."""
+    """Raise :class:`CheckpointError` unless every file of the manifest is present and intact, and
+    every file that resuming reads (``state/`` and the trainer state) is one the manifest lists.
+
+    Files added next to the weights afterwards (evaluation results) are allowed; a file added to
+    ``state/`` is not, since DeepSpeed's loader and converter pick up files there by name.
+    """
     manifest_path = directory / "MANIFEST.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"Checkpoint {directory} has no MANIFEST.json (it was never completed).")
@@ -84,6 +102,13 @@ def verify(directory: Path) -> None:
         path = directory / rel
         if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
             raise CheckpointError(f"Checkpoint {directory} is corrupt: {rel} is missing or does not match its checksum.")
+    read_at_resume = [*(directory / "state").rglob("*"),
+                      *(directory / name for name in (TRAINER_STATE, RNG_TENSORS, LEGACY_TRAINER_STATE))]
+    for path in read_at_resume:
+        rel = path.relative_to(directory).as_posix()
+        if path.is_file() and rel not in manifest:
+            raise CheckpointError(f"Checkpoint {directory} has {rel}, which its manifest does not list "
+                                  "(it was added after the checkpoint was sealed).")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
@@ -100,7 +125,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
 
 
 def is_resumable(directory: Path) -> bool:
-    return (directory / "state").is_dir() and (directory / "trainer_state.pt").is_file()
+    return (directory / "state").is_dir() and any(
+        (directory / name).is_file() for name in (TRAINER_STATE, LEGACY_TRAINER_STATE))
 
 
 def latest_valid_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -187,8 +213,77 @@ def prune_resume_states(run_dir: str | Path, keep: int | None) -> list[int]:
 
 
 def save_trainer_state(directory: Path, state: dict) -> None:
-    torch.save({**state, "rng": rng_state()}, directory / "trainer_state.pt")
+    """Write ``state`` (plain values: step, seeds, loss, ...) with this process's RNG states as
+    ``trainer_state.json``, and the torch RNG states (tensors) as ``trainer_state.safetensors``."""
+    from safetensors.torch import save_file
+
+    rng = rng_state()
+    save_file({"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng["cuda"])}},
+              str(directory / RNG_TENSORS))
+    version, internal, gauss_next = rng["python"]
+    name, key, pos, has_gauss, cached_gaussian = rng["numpy"]
+    document = {**state, "format": TRAINER_STATE_FORMAT, "rng": {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"bit_generator": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)},
+        "cuda_devices": len(rng["cuda"]),
+    }}
+    (directory / TRAINER_STATE).write_text(json.dumps(document))
 
 
 def load_trainer_state(directory: Path) -> dict:
-    return torch.load(directory / "trainer_state.pt", weights_only=False)
+    """The trainer state of checkpoint ``directory``, RNG states included (as :func:`rng_state`
+    returns them). Nothing in the files is executed: JSON and safetensors are data only, and an
+    older checkpoint's pickled ``trainer_state.pt`` is read with ``weights_only=True``."""
+    if (directory / TRAINER_STATE).is_file():
+        return _load_json_state(directory)
+    if (directory / LEGACY_TRAINER_STATE).is_file():
+        return _load_legacy_state(directory / LEGACY_TRAINER_STATE)
+    raise CheckpointError(f"Checkpoint {directory} has no {TRAINER_STATE}.")
+
+
+def _load_json_state(directory: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        document = json.loads((directory / TRAINER_STATE).read_text())
+        tensors = load_file(str(directory / RNG_TENSORS))
+        rng = document.pop("rng")
+        python, np_state = rng["python"], rng["numpy"]
+        document["rng"] = {
+            "python": (python["version"], tuple(python["state"]), python["gauss_next"]),
+            "numpy": (np_state["bit_generator"], np.asarray(np_state["key"], dtype=np.uint32), np_state["pos"],
+                      np_state["has_gauss"], np_state["cached_gaussian"]),
+            "torch": tensors["torch"],
+            "cuda": [tensors[f"cuda.{i}"] for i in range(rng["cuda_devices"])],
+        }
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        raise CheckpointError(f"Checkpoint {directory} has an unreadable trainer state ({exc}).") from None
+    return document
+
+
+def _numpy_globals() -> list:
+    """What a pickled NumPy array (the legacy NumPy RNG state) needs from NumPy to be rebuilt; see
+    https://pytorch.org/docs/stable/notes/serialization.html#weights-only."""
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+            type(np.dtype(np.uint32))]
+
+
+def _load_legacy_state(path: Path) -> dict:
+    """A ``trainer_state.pt`` written before the JSON format, read without running code."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(
+            f"Checkpoint {path.parent} keeps its trainer state in {path.name}, a pickle that holds more than "
+            "tensors and plain values and so is not loaded (loading it could run code from it); delete that "
+            "checkpoint folder to resume from the one before it."
+        ) from None
+    except (RuntimeError, EOFError) as exc:  # not a torch file at all
+        raise CheckpointError(f"Checkpoint {path.parent} has an unreadable trainer state ({path.name}: {exc}).") from None
+    if not isinstance(state, dict) or "step" not in state or "rng" not in state:
+        raise CheckpointError(f"Checkpoint {path.parent} has an unreadable trainer state ({path.name}).")
+    return state

@@ -14,6 +14,11 @@ a single fp32 worker writes) already holds the whole torch AdamW state, which :f
 rewrites per parameter. A ZeRO-1/2 engine loads the result with DeepSpeed's universal loader
 (``checkpoint.load_universal``); a ZeRO-0 engine, which that loader does not serve, gets the
 values set on its parameters and its torch optimizer by :func:`load`.
+
+The files this module reads itself are read with ``torch.load(weights_only=True)`` (tensors, plain
+values and the DeepSpeed classes a ZeRO optimizer state holds: no code runs); the state handed to
+DeepSpeed's converter and loader was verified against its checkpoint's manifest first
+(:func:`polypythia.train.checkpoint.verify`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import pickle
 import shutil
 from argparse import Namespace
 from pathlib import Path
@@ -63,8 +69,28 @@ def to_universal(tag_dir: Path, out_tag_dir: Path, saved_stage: int, names: list
         _zero0_to_universal(tag_dir, out_tag_dir, names)
 
 
+def _load_data(path: Path, allowed: tuple = ()):
+    """A torch file of tensors, plain values and the ``allowed`` classes, read without running code
+    from it (``torch.load(weights_only=True)``)."""
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path} holds more than tensors and plain values, so it is not loaded (loading it "
+                              "could run code from it).") from None
+
+
+def _zero_optimizer_classes() -> tuple:
+    """What DeepSpeed's ZeRO optimizer state holds besides tensors and plain values (its loss scaler
+    and its stage), kept in the ``optimizer_state.pt`` that ``ds_to_universal`` writes."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    return LossScaler, DynamicLossScaler, ZeroStageEnum
+
+
 def _zero0_to_universal(tag_dir: Path, out: Path, names: list[str]) -> None:
-    states = torch.load(tag_dir / MODEL_STATES, map_location="cpu", weights_only=False)
+    states = _load_data(tag_dir / MODEL_STATES)
     optim = states.get("optimizer")
     if not isinstance(optim, dict) or "state" not in optim or "param_groups" not in optim:
         raise CheckpointError(
@@ -112,18 +138,17 @@ def _load_zero0(engine, load_dir: Path, tag: str) -> None:
     # ZeRO-0: module, LR schedule and step counters as usual, then fp32 values and Adam moments.
     engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=False)
     zero = load_dir / tag / "zero"
-    saved_groups = torch.load(zero / "optimizer_state.pt", weights_only=False)["param_groups"]
+    saved_groups = _load_data(zero / "optimizer_state.pt", _zero_optimizer_classes())["param_groups"]
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):  # lr, betas, ...
         group.update({k: v for k, v in saved.items() if k not in IMPLEMENTATION_KEYS})
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
             folder = zero / name
-            param.copy_(torch.load(folder / "fp32.pt", weights_only=False)["param"].view_as(param))
+            param.copy_(_load_data(folder / "fp32.pt")["param"].view_as(param))
             if (folder / "exp_avg.pt").exists():
                 optimizer.state[param] = {
-                    "step": torch.load(folder / "step.pt", weights_only=False).float().reshape(()),
-                    **{key: torch.load(folder / f"{key}.pt", weights_only=False)["param"].to(param).view_as(param)
-                       for key in ADAM_KEYS},
+                    "step": _load_data(folder / "step.pt").float().reshape(()),
+                    **{key: _load_data(folder / f"{key}.pt")["param"].to(param).view_as(param) for key in ADAM_KEYS},
                 }
 
 

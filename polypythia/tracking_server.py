@@ -1,0 +1,215 @@
+"""The local MLflow tracking server's lifecycle: one detached ``mlflow server`` per folder.
+
+Many processes writing one SQLite file directly hit "database is locked", so a study logs over HTTP
+to one ``mlflow server`` on loopback with a SQLite backend in ``<dir>/mlflow.db``. The server is
+started detached, so it outlives the sweep and the UI stays browsable. ``<dir>/server.json``
+records its address and pid (written atomically):
+
+- the address is the folder's for good: a later start serves the database at the address it was
+  served at before (jobs that were logging there reconnect), whatever port is asked for, unless
+  another program has taken that port meanwhile;
+- the pid is checked before it is trusted: it must still be an MLflow process serving this folder's
+  database (a stale pid may belong to any process by now), both to reuse the server and to stop it;
+- starting and stopping hold ``<dir>/server.lock`` (``fcntl.flock``), so two simultaneous starts
+  make one server, not two on one database.
+
+The command line (``python -m polypythia.tracking start|stop|status``) is in
+:mod:`polypythia.tracking`, which re-exports these functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from polypythia import runtime_env
+from polypythia.errors import TrackingError
+from polypythia.files import FileLock, read_json, write_json_atomic
+from polypythia.net import free_port, port_free
+from polypythia.runtime_env import DEFAULT_TRACKING_HOST, DEFAULT_TRACKING_PORT
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "server.json"
+LOCK_FILE = "server.lock"
+DATABASE = "mlflow.db"
+
+
+def is_healthy(uri: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def read_state(server_dir: str | Path) -> dict | None:
+    """The record of the folder's server (``uri``, ``host``, ``port``, ``pid``: null once stopped),
+    or None if it never had one; a corrupt record is a :class:`TrackingError` naming the file."""
+    path = Path(server_dir) / STATE_FILE
+    if not path.is_file():
+        return None
+    fix = (f"delete it and start the server again (stop any MLflow server still serving {Path(server_dir) / DATABASE} "
+           "first)")
+    state = read_json(path, TrackingError, "the address and pid of the folder's MLflow server", fix)
+    if not isinstance(state, dict) or not isinstance(state.get("uri"), str):
+        raise TrackingError(f"{path} should hold the address and pid of the folder's MLflow server but has no uri; {fix}.")
+    return state
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except OSError:
+        return False
+
+
+def _command_line(pid: int) -> str:
+    """The command line of process ``pid`` ("" if there is none, or it cannot be read)."""
+    proc = Path(f"/proc/{pid}/cmdline")
+    if Path("/proc/self/cmdline").exists():
+        try:
+            return proc.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            return ""
+    try:  # no /proc (macOS): ask ps
+        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def serves(pid: int | None, server_dir: str | Path) -> bool:
+    """Whether process ``pid`` is an MLflow server of the database in ``server_dir``."""
+    if not pid or not _pid_alive(pid):
+        return False
+    command = _command_line(pid)
+    return "mlflow" in command and str(Path(server_dir).resolve() / DATABASE) in command
+
+
+def running_server(server_dir: str | Path) -> str | None:
+    """The URI of the local server recorded in ``server_dir`` if it is up, else None."""
+    state = read_state(server_dir)
+    if state and serves(state.get("pid"), server_dir) and is_healthy(state["uri"]):
+        return state["uri"]
+    return None
+
+
+def _lock(server_dir: Path, timeout_s: float) -> FileLock:
+    def late(owner: str) -> TrackingError:
+        return TrackingError(f"Another process ({owner}) has been starting or stopping the MLflow server of "
+                             f"{server_dir} for over {timeout_s:.0f} s; wait for it to finish, or end it and try again.")
+
+    return FileLock(server_dir / LOCK_FILE).acquire(timeout_s, late)
+
+
+def _pick_port(host: str, preferred: int, wait_s: float = 5.0) -> int:
+    """``preferred`` if it frees up within ``wait_s`` (a just-stopped server's port), else any."""
+    deadline = time.monotonic() + wait_s
+    while preferred:
+        if port_free(host, preferred):
+            return preferred
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    return free_port(host)
+
+
+def _choose_port(state: dict | None, host: str, port: int) -> int:
+    """The port the database was served at before (on ``host``), else ``port``, else any free one."""
+    recorded = int(state.get("port") or state["uri"].rsplit(":", 1)[-1]) if state and state.get("host", host) == host else 0
+    if not recorded:
+        return _pick_port(host, port)
+    chosen = _pick_port(host, recorded)
+    if chosen != recorded:
+        log.warning("The MLflow database was served at %s, which another program now holds; serving it at "
+                    "http://%s:%d instead (jobs still logging to the old address fail after tracking.max_outage_s).",
+                    state["uri"], host, chosen)
+    return chosen
+
+
+def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port: int = DEFAULT_TRACKING_PORT,
+                 timeout_s: float = 90.0) -> str:
+    """Start (or reuse) the detached MLflow server of ``server_dir``: at the address it had before,
+    else on ``port`` (0: any free port; the next free one if taken)."""
+    server_dir = Path(server_dir).resolve()
+    server_dir.mkdir(parents=True, exist_ok=True)
+    with _lock(server_dir, timeout_s + 30):
+        state = read_state(server_dir)
+        if state and serves(state.get("pid"), server_dir) and is_healthy(state["uri"]):
+            return state["uri"]
+        port = _choose_port(state, host, port)
+        uri = f"http://{host}:{port}"
+        cmd = [
+            sys.executable, "-m", "mlflow", "server",
+            "--host", host, "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{server_dir / DATABASE}",
+            "--artifacts-destination", str(server_dir / "artifacts"),
+            "--workers", "2",
+        ]
+        env = {**os.environ, **runtime_env.MLFLOW_SERVER_ENV}
+        with open(server_dir / "server.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True, env=env, cwd=server_dir)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (server_dir / "server.log").read_text(errors="replace")[-600:]
+                raise TrackingError(f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}")
+            if is_healthy(uri):
+                write_json_atomic(server_dir / STATE_FILE, {"pid": proc.pid, "uri": uri, "host": host, "port": port})
+                return uri
+            time.sleep(0.25)
+        _kill_group(proc.pid)
+        raise TrackingError(f"The MLflow server did not answer on {uri} within {timeout_s:.0f} s; see {server_dir / 'server.log'}.")
+
+
+def _kill_group(pid: int, timeout_s: float = 10.0) -> None:
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and _pid_alive(pid):
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def stop_server(server_dir: str | Path) -> bool:
+    """Stop the local server recorded in ``server_dir``; True if one was running. A recorded pid
+    that is no longer this folder's MLflow server is left alone. The address stays recorded."""
+    server_dir = Path(server_dir).resolve()
+    if not (server_dir / STATE_FILE).is_file():
+        return False
+    with _lock(server_dir, 60.0):
+        state = read_state(server_dir)
+        pid = state.get("pid")
+        if not pid:
+            return False
+        ours = serves(pid, server_dir)
+        if ours:
+            _kill_group(pid)
+        elif _pid_alive(pid):
+            log.warning("The recorded MLflow server pid %d now belongs to another program (not the server of %s); "
+                        "it was left alone.", pid, server_dir)
+        write_json_atomic(server_dir / STATE_FILE, {**state, "pid": None})
+        return ours
+
+
+def default_server_dir() -> Path:
+    return runtime_env.default_server_dir()
