@@ -1,0 +1,256 @@
+"""The sweep's live cross-seed monitor: each run's smoothed loss against its sibling seeds', decided
+while the sweep trains, with the rule of :mod:`polypythia.stability` (the offline analysis's).
+
+Each run's smoothed loss (the mean of its ``train/loss`` over the last ``monitor.loss_window_steps``
+steps, default 1% of the budget) is kept by the progress board at a fixed grid of decision steps:
+its checkpoint steps, or every ``monitor.cross_seed_every_steps`` steps, the same for every run of a
+group (one study and model). :class:`CrossSeedMonitor` compares a run with its siblings at a step as
+soon as at least ``rule.min_runs`` of the group have a smoothed loss there, from that step's and
+earlier steps' values only, and alerts when |deviation| exceeds :func:`decision_threshold` for the
+group's runs x planned decision steps, so that a group of healthy seeds alerts anywhere with
+probability ``rule.false_alarm_rate`` (0.1%). :class:`MonitorLog` writes what it decides to MLflow:
+``monitor/band_deviation`` on each run at every decision step, the ``stability.alert`` tag on a run
+that alerts, and the band (``seeds/loss_median``, ``_p25``, ``_p75``, ``_min``, ``_max``) on the
+sweep's parent run once every run of the group has reached the step or ended.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from polypythia.mlflow_ui import SEEDS_PREFIX, seeds_band_metrics
+from polypythia.stability import OutlierRule, _deviation_array, decision_threshold, for_study_length
+
+log = logging.getLogger(__name__)
+
+ENDED_STATES = ("finished", "failed", "diverged")  # a run in these reaches no further step
+
+
+def decision_steps(cfg: Any) -> tuple[int, ...]:
+    """The steps at which a run of ``cfg`` (a JobConfig) is compared with its siblings: every
+    ``monitor.cross_seed_every_steps`` steps and the last, or (null) its checkpoint steps but 0."""
+    from polypythia.train.schedule import checkpoint_steps
+
+    budget, every = cfg.budget, cfg.monitor.cross_seed_every_steps
+    if every:
+        steps = set(range(every, budget.steps + 1, every)) | {budget.steps}
+    else:
+        steps = set(checkpoint_steps(budget.steps, budget.checkpoint_every_steps, budget.log_spaced_checkpoints))
+    return tuple(sorted(s for s in steps if s > 0))
+
+
+def loss_window(cfg: Any) -> int:
+    """Steps in a run's smoothed loss: ``monitor.loss_window_steps``, or 1% of the budget (as the replay)."""
+    return cfg.monitor.loss_window_steps or max(1, cfg.budget.steps // 100)
+
+
+@dataclass
+class Group:
+    """Sibling runs, compared with each other: one study and model, the same decision steps and window."""
+
+    study: str
+    model: str
+    grid: tuple[int, ...]  # the decision steps
+    window: int  # steps in the smoothed loss
+    members: list[int] = field(default_factory=list)  # job indices
+    prefix: str = SEEDS_PREFIX  # of the band's metrics in the study's parent run
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}/{self.model}"
+
+
+def plan_groups(jobs: list[Any]) -> list[Group]:
+    """The sibling groups of a sweep's jobs (JobConfigs) with ``monitor.cross_seed`` on. A study with
+    several groups names each one's band ``seeds/<model>/loss_*``."""
+    groups: dict[tuple, Group] = {}
+    for index, job in enumerate(jobs):
+        if job.monitor.cross_seed:
+            key = (job.study, job.model.name, decision_steps(job), loss_window(job))
+            groups.setdefault(key, Group(*key)).members.append(index)
+    for group in groups.values():
+        if sum(g.study == group.study for g in groups.values()) > 1:
+            group.prefix = f"{SEEDS_PREFIX}{group.model}/"
+    return list(groups.values())
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One run's smoothed loss against its siblings' at one decision step."""
+
+    index: int  # the job
+    group: str
+    step: int
+    loss: float  # its smoothed loss
+    deviation: float  # from the others' mean, in their pooled SDs (NaN: the rule leaves it undefined)
+    threshold: float
+    siblings: int  # other runs of the group with a smoothed loss at this step
+
+    @property
+    def alert(self) -> bool:
+        return abs(self.deviation) > self.threshold  # False for NaN
+
+    def describe(self) -> str:
+        """The ``stability.alert`` tag: ``step=<s> signal=loss deviation=<d>``."""
+        return f"step={self.step} signal=loss deviation={self.deviation:+.2f}"
+
+
+@dataclass(frozen=True)
+class Band:
+    """The cross-seed band of a group at one decision step, once every run has reached it or ended."""
+
+    study: str
+    step: int
+    metrics: dict[str, float]
+
+
+class CrossSeedMonitor:
+    """Decides from the progress board's rows (``row["smoothed"]``: step -> smoothed loss) which runs
+    leave their siblings' band; :meth:`observe` returns what is new since the last call.
+
+    Each (run, step) is decided once, as soon as the run and at least ``rule.min_runs`` - 1 siblings
+    have a smoothed loss there, from the rows of that step and earlier ones only; the threshold is
+    :func:`decision_threshold` for the group's runs x planned decision steps. A deviation the rule
+    leaves undefined (too few steps pooled yet, or too few siblings once a far run is left out) is
+    tried again as more siblings reach the step, and is final (NaN, no alert) once every run has
+    reached it or ended. A run's first alert is kept in :attr:`alerts`."""
+
+    def __init__(self, groups: list[Group], rule: OutlierRule = OutlierRule()):
+        self.groups = [g for g in groups if g.members]
+        self.rule = rule
+        self.latest: dict[int, Decision] = {}  # each run's last decision with a deviation
+        self.alerts: dict[int, Decision] = {}  # each run's first alert
+        self._decided: set[tuple[int, int]] = set()  # (job, step)
+        self._banded: set[tuple[int, int]] = set()  # (group, step)
+        self._attempts: dict[tuple[int, int], tuple[int, bool]] = {}  # (group, step) -> (values, complete) when tried
+
+    def plans(self) -> dict[int, tuple[tuple[int, ...], int]]:
+        """What the progress board keeps per job: its decision steps and its loss window."""
+        return {i: (g.grid, g.window) for g in self.groups for i in g.members}
+
+    def threshold(self, group: Group) -> float:
+        rule = for_study_length(self.rule, len(group.grid))
+        return decision_threshold(len(group.members), len(group.grid), rule)
+
+    def observe(self, rows: dict[int, dict[str, Any]]) -> tuple[list[Decision], list[Band]]:
+        decisions: list[Decision] = []
+        bands: list[Band] = []
+        for number, group in enumerate(self.groups):
+            self._observe(number, group, rows, decisions, bands)
+        for decision in decisions:
+            if not math.isnan(decision.deviation):
+                self.latest[decision.index] = decision
+            if decision.alert:
+                self.alerts.setdefault(decision.index, decision)
+        return decisions, bands
+
+    def _observe(self, number: int, group: Group, rows: dict[int, dict[str, Any]],
+                 decisions: list[Decision], bands: list[Band]) -> None:
+        rule = for_study_length(self.rule, len(group.grid))
+        smoothed = [rows.get(i, {}).get("smoothed") or {} for i in group.members]
+        ended = np.array([rows.get(i, {}).get("state") in ENDED_STATES for i in group.members])
+        table = np.array([[s.get(step, np.nan) for s in smoothed] for step in group.grid], dtype="float64")
+        table[~np.isfinite(table)] = np.nan  # a non-finite loss is no position in the band
+        for position, step in enumerate(group.grid):
+            reached = np.array([step in s for s in smoothed])
+            present = ~np.isnan(table[position])
+            complete = bool(reached.any() and (reached | ended).all())  # no run will add a value at this step
+            undecided = [k for k in np.flatnonzero(reached) if (group.members[k], step) not in self._decided]
+            attempt = (int(present.sum()), complete)
+            if undecided and attempt[0] >= rule.min_runs and self._attempts.get((number, step)) != attempt:
+                self._attempts[(number, step)] = attempt  # decide again only when a sibling has come or ended
+                deviation = _deviation_array(table[:position + 1], rule)[-1]
+                threshold = self.threshold(group)
+                for k in undecided:
+                    if np.isnan(deviation[k]) and not complete:
+                        continue  # too few comparable siblings yet (a far run is left out of the band)
+                    self._decided.add((group.members[k], step))
+                    decisions.append(Decision(group.members[k], group.name, step, float(table[position, k]),
+                                              float(deviation[k]), threshold, int(present.sum() - present[k])))
+            if complete and (number, step) not in self._banded:
+                self._banded.add((number, step))
+                band = seeds_band_metrics({i: table[position, k] for k, i in enumerate(group.members)})
+                bands.append(Band(group.study, step, {group.prefix + key.removeprefix(SEEDS_PREFIX): value
+                                                      for key, value in band.items()}))
+
+
+class MonitorLog:
+    """Feeds the board's rows to a :class:`CrossSeedMonitor` and writes what it decides: a log line
+    per alert, and MLflow (the runs' ``monitor/band_deviation`` and ``stability.alert``, the parent
+    runs' band). An MLflow error is logged, never raised: the monitor must not fail a sweep."""
+
+    def __init__(self, monitor: CrossSeedMonitor, client: Any, parent_runs: dict[str, str], jobs: list[Any]):
+        self.monitor = monitor
+        self.client = client
+        self.parent_runs = parent_runs  # study -> the sweep's run in it
+        self.names = {i: (job.study, job.run_name) for i, job in enumerate(jobs)}
+        self.run_ids: dict[int, str] = {}  # job -> its MLflow run, once found
+        self.untagged: list[Decision] = []  # alerts whose tag is not written yet (retried at each watch)
+
+    def watch(self, rows: dict[int, dict[str, Any]]) -> None:
+        try:
+            decisions, bands = self.monitor.observe(rows)
+        except Exception:  # noqa: BLE001 - a monitor's fault must not stop the training it watches
+            log.exception("The cross-seed monitor failed; it is off for the rest of the sweep.")
+            self.monitor.groups = []
+            return
+        alerts = [d for d in decisions if self.monitor.alerts.get(d.index) is d]
+        self.untagged += alerts
+        for d in alerts:
+            log.warning("Cross-seed alert: %s at step %d: its smoothed train/loss %.4f is %+.1f SDs from its %d "
+                        "siblings' in %s (threshold %.1f).", self.names[d.index][1], d.step, d.loss, d.deviation,
+                        d.siblings, d.group, d.threshold)
+        try:
+            self._write(decisions, bands)
+        except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not stop the sweep
+            log.warning("Could not write the cross-seed monitor's decisions to MLflow: %s", exc)
+
+    def marks(self, rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+        """``rows`` with each run's verdict: ``deviation`` (its latest) and ``alert`` (its first alert's step)."""
+        marked = {}
+        for i, row in rows.items():
+            latest, alert = self.monitor.latest.get(i), self.monitor.alerts.get(i)
+            marked[i] = {**row, "deviation": None if latest is None else latest.deviation,
+                         "alert": None if alert is None else alert.step}
+        return marked
+
+    def _write(self, decisions: list[Decision], bands: list[Band]) -> None:
+        from mlflow.entities import Metric
+
+        for d in list(self.untagged):  # the alerts first: they matter most
+            if (run_id := self._run_id(d.index)) is not None:
+                self.client.set_tag(run_id, "stability.alert", d.describe())
+                self.untagged.remove(d)
+        now = int(time.time() * 1000)
+        points: dict[int, list] = {}
+        for d in decisions:
+            if not math.isnan(d.deviation):
+                points.setdefault(d.index, []).append(Metric("monitor/band_deviation", d.deviation, now, d.step))
+        for index, metrics in points.items():
+            self._log(self._run_id(index), metrics)
+        by_study: dict[str, list] = {}
+        for band in bands:
+            by_study.setdefault(band.study, []).extend(Metric(k, v, now, band.step) for k, v in band.metrics.items())
+        for study, metrics in by_study.items():
+            self._log(self.parent_runs[study], metrics)
+
+    def _log(self, run_id: str | None, metrics: list) -> None:
+        for start in range(0, len(metrics), 1000) if run_id else ():  # MLflow takes 1,000 metrics a batch
+            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+
+    def _run_id(self, index: int) -> str | None:
+        """The job's MLflow run: the child of the sweep's parent run that has the job's run name."""
+        if index not in self.run_ids:
+            study = self.names[index][0]
+            parent = self.parent_runs[study]
+            experiment = self.client.get_run(parent).info.experiment_id
+            runs = self.client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
+            found = {run.info.run_name: run.info.run_id for run in runs}
+            self.run_ids.update({i: found[name] for i, (s, name) in self.names.items() if s == study and name in found})
+        return self.run_ids.get(index)
