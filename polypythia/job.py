@@ -42,6 +42,10 @@ class MLflowCallback(Callback):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.logger.log(step, metrics)
+        spikes = {key.rpartition("/")[2]: value for key, value in metrics.items() if key.startswith("monitor/spike/")}
+        if spikes:  # rare: a tag per spike makes it visible in the runs table, with the way to see its batch
+            heights = ", ".join(f"{name} {height:.1f} SD" for name, height in sorted(spikes.items()))
+            self.client.set_tag(self.run_id, f"stability.spike.step{step}", f"{heights}; batch: polypythia-batch --step {step}")
 
     def before_checkpoint(self, step: int, model) -> None:
         if self.logger.waiting:

@@ -278,3 +278,24 @@ def test_zero2_on_two_ranks_matches_one_process(run, tmp_path, cache_dir):
             if key.startswith("monitor/") and "/attn_logit_max" not in key and "/logz" not in key:
                 assert two[key] == pytest.approx(value, rel=1e-4), (step, key)
                 assert ranks[1][step][key] == two[key]  # every rank has the totals
+
+
+def test_a_spike_becomes_a_tag_on_the_mlflow_run():
+    from polypythia.job import MLflowCallback
+
+    class Recorder:
+        def __init__(self):
+            self.tags, self.points = {}, []
+
+        def set_tag(self, run_id, key, value):
+            self.tags[key] = value
+
+        def log(self, step, metrics):
+            self.points.append((step, metrics))
+
+    recorder = Recorder()
+    callback = MLflowCallback(recorder, recorder, "run")
+    callback.on_step_end(7, {"train/loss": 3.0})
+    callback.on_step_end(8, {"train/loss": 9.0, "monitor/spike/loss": 41.5, "monitor/spike/grad_norm": 12.25})
+    assert recorder.tags == {"stability.spike.step8": "grad_norm 12.2 SD, loss 41.5 SD; batch: polypythia-batch --step 8"}
+    assert len(recorder.points) == 2
