@@ -25,32 +25,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import time
 from pathlib import Path
 
-from common import bench_home, job_dict, load_average, machine_description, mean, median
-from polypythia.train.callbacks import Callback, TrainStart
-
-
-class StepTimer(Callback):
-    """Records when each optimizer step ended; runs after every other callback."""
-
-    priority = -1000
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-        self.started = 0.0
-
-    def on_train_start(self, start: TrainStart) -> None:
-        self.started = time.perf_counter()
-
-    def on_step_end(self, step: int, metrics: dict) -> None:
-        self.ends.append(time.perf_counter())
-
-    def step_seconds(self) -> list[float]:
-        """Seconds of steps 1, 2, ... (the first includes nothing before the loop)."""
-        points = [self.started, *self.ends]
-        return [b - a for a, b in zip(points, points[1:])]
+from common import StepTimer, bench_home, job_dict, load_average, machine_description, mean, median
 
 
 def monitored_job(home: Path, model: str, steps: int, threads: int, every: int, tag: str) -> dict:

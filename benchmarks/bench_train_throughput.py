@@ -35,28 +35,9 @@ import sys
 import time
 from pathlib import Path
 
-from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, mean, median
-from polypythia.train.callbacks import Callback, TrainStart
+from common import REPO, StepTimer, bench_home, child_env, job_dict, load_average, machine_description, mean, median
 
 VARIANTS = ("bare", "deepspeed", "+logging", "+checkpoints")
-
-
-class StepTimer(Callback):
-    """A training callback that records when each optimizer step ended."""
-
-    def __init__(self) -> None:
-        self.ends: list[float] = []
-        self.started = 0.0
-
-    def on_train_start(self, start: TrainStart) -> None:
-        self.started = time.perf_counter()
-
-    def on_step_end(self, step: int, metrics: dict) -> None:
-        self.ends.append(time.perf_counter())
-
-    def step_seconds(self) -> list[float]:
-        points = [self.started, *self.ends]
-        return [b - a for a, b in zip(points, points[1:])]
 
 
 def bare_loop(cfg, steps: int, after_step=None) -> list[float]:

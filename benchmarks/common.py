@@ -142,3 +142,27 @@ def median(values: list[float]) -> float:
 
 def mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else float("nan")
+
+
+from polypythia.train.callbacks import Callback, TrainStart  # noqa: E402  (after the helpers that need no torch)
+
+
+class StepTimer(Callback):
+    """Records when each optimizer step ended; runs after every other callback."""
+
+    priority = -1000
+
+    def __init__(self) -> None:
+        self.ends: list[float] = []
+        self.started = 0.0
+
+    def on_train_start(self, start: TrainStart) -> None:
+        self.started = time.perf_counter()
+
+    def on_step_end(self, step: int, metrics: dict) -> None:
+        self.ends.append(time.perf_counter())
+
+    def step_seconds(self) -> list[float]:
+        """Seconds of steps 1, 2, ... (the first includes nothing before the loop)."""
+        points = [self.started, *self.ends]
+        return [b - a for a, b in zip(points, points[1:])]

@@ -26,3 +26,16 @@ def mlflow_uri(tmp_path_factory):
     uri = tracking.start_server(server_dir, port=0)
     yield uri
     tracking.stop_server(server_dir)
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path):
+    """A fresh ``mlflow server`` for one test (SQLite backend in tmp_path, a free loopback port); stopped afterwards."""
+    from polypythia import tracking
+
+    server_dir = tmp_path / "mlflow"
+    uri = tracking.start_server(server_dir, port=0)
+    try:
+        yield uri
+    finally:
+        tracking.stop_server(server_dir)

@@ -38,3 +38,16 @@ def train_here(cfg, callbacks=()):
         return train(cfg, callbacks)
     finally:
         teardown()
+
+
+class FakeMlflow:
+    """An MLflow client stand-in for unit tests: records what is sent to a run."""
+
+    def __init__(self):
+        self.points, self.tags = [], {}
+
+    def log_batch(self, run_id, metrics, synchronous=True):
+        self.points.extend((m.key, m.step) for m in metrics)
+
+    def set_tag(self, run_id, key, value):
+        self.tags[key] = value

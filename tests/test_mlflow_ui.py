@@ -124,25 +124,14 @@ def test_seeds_band_metrics_of_one_run_and_of_none():
 # ----------------------------------------------------------------------------- a real server
 
 
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real ``mlflow server`` (SQLite backend in tmp_path) on a free loopback port; stopped afterwards."""
-    from polypythia import tracking
-
-    server_dir = tmp_path / "mlflow"
-    uri = tracking.start_server(server_dir, port=0)
-    try:
-        yield uri
-    finally:
-        tracking.stop_server(server_dir)
-
-
 @pytest.mark.integration
-def test_mark_training_experiment_and_saved_view_on_a_real_server(mlflow_server):
+def test_mark_training_experiment_and_saved_view_on_a_real_server(mlflow_uri):
+    import uuid
+
     from polypythia import tracking
 
-    client = tracking.client(mlflow_server)
-    experiment_id = tracking.experiment_id(client, "ui-study")
+    client = tracking.client(mlflow_uri)  # the session's server: an experiment of this test's own
+    experiment_id = tracking.experiment_id(client, f"ui-study-{uuid.uuid4().hex[:8]}")
     mlflow_ui.mark_training_experiment(client, experiment_id)
     mlflow_ui.mark_training_experiment(client, experiment_id)  # idempotent
     tags = client.get_experiment(experiment_id).tags

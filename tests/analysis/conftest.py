@@ -1,8 +1,7 @@
-"""Fixtures of the analysis tests: small synthetic studies and a real MLflow server on loopback."""
+"""Fixtures of the analysis tests: small synthetic studies (the MLflow server fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 
@@ -23,16 +22,3 @@ def outlier_study():
 def stable_study():
     """Two sizes, ten seeds, nothing injected."""
     return synthetic_study(StudySpec(models=("70m", "160m"), n_seeds=10, final_step=30_000, random_state=7))
-
-
-@pytest.fixture
-def mlflow_server(tmp_path: Path):
-    """A real ``mlflow server`` (SQLite backend in tmp_path) on a free loopback port; stopped afterwards."""
-    from polypythia import tracking
-
-    server_dir = tmp_path / "mlflow"
-    uri = tracking.start_server(server_dir, port=0)
-    try:
-        yield uri
-    finally:
-        tracking.stop_server(server_dir)

@@ -10,6 +10,7 @@ from polypythia.evaluate import evaluators, runner
 from polypythia.evaluate.evaluators import EvalOptions, Evaluator
 from polypythia.evaluate.results import read_result, write_result
 from polypythia.evaluate.targets import targets_from_folder
+from helpers import FakeMlflow
 from polypythia.evaluate.weight_stats import FEATURE_NAMES
 
 
@@ -25,17 +26,6 @@ class StepDigits(Evaluator):
         self.calls += 1
         step = int(Path(checkpoint.path).name.removeprefix("step"))
         return {"metrics": {"misc/step_digits": float(len(str(step)))}, "predictions": [step % 3, 1, 0, 1]}
-
-
-class FakeMlflow:
-    def __init__(self):
-        self.points, self.tags = [], {}
-
-    def log_batch(self, run_id, metrics, synchronous=True):
-        self.points.extend((m.key, m.step) for m in metrics)
-
-    def set_tag(self, run_id, key, value):
-        self.tags[key] = value
 
 
 def test_a_registered_evaluator_needs_no_other_change(tmp_path, monkeypatch):

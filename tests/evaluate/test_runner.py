@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import FakeMlflow
 from polypythia.evaluate import downstream, evaluators, runner, weight_stats
 from polypythia.evaluate.downstream import TASK_NAMES, TaskResult
 from polypythia.evaluate.results import read_result, write_result
@@ -197,19 +198,6 @@ def test_definitions_agree_across_cli_config_and_module():
         TrainConfig(weight_stats=definition).check()
     with pytest.raises(ConfigError, match="train.weight_stats must be polypythias or hu, got 'paper'"):
         TrainConfig(weight_stats="paper").check()
-
-
-class FakeMlflow:
-    """Records what the runner sends to a run."""
-
-    def __init__(self):
-        self.points, self.tags = [], {}
-
-    def log_batch(self, run_id, metrics, synchronous=True):
-        self.points.extend((m.key, m.step) for m in metrics)
-
-    def set_tag(self, run_id, key, value):
-        self.tags[key] = value
 
 
 def config_only_study(root: Path, names, steps=(0, 10)) -> Path:
