@@ -21,13 +21,14 @@ and is re-exported here.
 
 The decision (:func:`decision_threshold`). A run starts an outlier episode at the first
 checkpoint where |deviation| exceeds a threshold chosen so that a study of healthy runs of the
-same shape (runs x checkpoints) has any episode with probability ``false_alarm_rate`` (1%). The
-threshold is the (1 - rate) quantile of the largest |deviation| over healthy studies simulated
-with Gaussian noise that is independent between checkpoints, AR(1) with correlation 0.9, and
-fully persistent (each run a constant offset); the largest of the three is used, so that neither
-correlated checkpoints nor persistent offsets raise the rate. The deviation does not depend on
-the metric's location or scale at a checkpoint, so the threshold holds for any metric. Ten runs
-and 27 checkpoints give about 5.5 SD. The episode lasts while the run stays beyond the study's
+same shape (runs x checkpoints) has any episode with probability ``false_alarm_rate`` (0.001). The
+threshold is the (1 - rate) quantile of the largest |deviation| over 6,000 healthy studies
+simulated for each of four null models (``NULL_MODELS``: noise independent between checkpoints;
+AR(1) with correlation 0.9; half the variance a constant per-run offset plus AR(1) noise with
+correlation 0.5 or 0.9); the largest of the four is used, so that neither correlated checkpoints
+nor persistent offsets raise the rate. The deviation does not depend on the metric's location or
+scale at a checkpoint, so the threshold holds for any metric. Ten runs and 27 checkpoints give
+about 6.9 SD. The episode lasts while the run stays beyond the study's
 band (``band_sd``, 2 SD) on the same side, and has *recovered* when it comes back inside.
 ``docs/analysis.md`` gives the false-alarm and detection rates measured by
 ``benchmarks/bench_outliers.py``.
@@ -47,16 +48,16 @@ from polypythia import stability
 from polypythia.stability import (CALIBRATION_STUDIES, MAD_TO_SD, NULL_MODELS, _deviation_array,  # noqa: F401
                                   _others, _window_mean, decision_threshold, for_study_length,
                                   largest_null_deviations, null_studies, pooled_deviation)
-from polypythia.study import label_order, parse_run_label
+from polypythia.study import PER_STEP_FAMILIES, label_order, parse_run_label
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 STANDARDISED_METRIC = "standardised_accuracy"
 OUTLIER_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "metric", "rule", "onset_step", "end_step",
                    "n_checkpoints_out", "onset_deviation_sd", "max_deviation_sd", "band_deviation_sd",
                    "threshold_sd", "recovered", "recovery_step"]
-# Metric families that are not trajectories to judge runs by: dense per-step training curves
-# (spikes.py looks at those), weight statistics (training maps use them) and system samples.
-NOT_OUTLIER_TARGETS = ("train/", "weights/", "system/", "monitor/", "seeds/")
+# Metric families that are not trajectories to judge runs by: the per-step families (spikes.py and
+# the replay's smoothed loss look at training curves) and the weight statistics (training maps).
+NOT_OUTLIER_TARGETS = (*PER_STEP_FAMILIES, "weights/")
 
 
 class OutlierRule(stability.OutlierRule):
@@ -215,27 +216,37 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
     return pd.DataFrame([finals], index=[table.index[-1]])
 
 
+MIN_SEEDS_FOR_MAD = 5  # with 3 or 4 runs the MAD is one neighbour's distance: too unstable to flag on
+
+
+def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float = 0.01) -> list[str]:
+    """The final-value rule on one value per run (index: run labels): the runs whose robust z-score
+    |x - median| / (1.4826 MAD) exceeds ``threshold`` and whose distance from the median exceeds
+    ``min_relative_deviation`` x |median|. With ten runs from one distribution the MAD itself is so
+    noisy that some run exceeds 3.5 in about one study in eight; the relative floor keeps a run 0.3%
+    off from being called an outlier. Needs ``MIN_SEEDS_FOR_MAD`` runs; fewer flag nothing."""
+    if len(values) < MIN_SEEDS_FOR_MAD:
+        return []
+    deviation = robust_deviation(values.to_frame().T).iloc[0]
+    median = values.median()
+    flagged = (deviation.abs() > threshold) & ((values - median).abs() > min_relative_deviation * abs(median))
+    return sorted((str(seed) for seed in values.index[flagged]), key=label_order)
+
+
 def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5,
                       min_relative_deviation: float = 0.01) -> pd.DataFrame:
-    """The final-value rule: |x - median| / (1.4826 MAD) > ``threshold`` over runs' final values
-    (:func:`final_row`), and |x - median| > ``min_relative_deviation`` x |median|.
-
-    With ten runs from one distribution the MAD itself is so noisy that some run exceeds 3.5 in
-    about one study in eight; the relative floor keeps a run 0.3% off from being called an outlier.
-    """
+    """Outlier rows of :func:`mad_flags` on each run's final value (:func:`final_row`) of ``metric``."""
     rows = []
     for model, table in wide_by_seed(metrics, metric).items():
         final = final_row(table)
-        values = final.iloc[0]
+        values = final.iloc[0].dropna()
         deviation = robust_deviation(final).iloc[0]
-        median = values.median()
-        for seed, value in values.items():
-            if abs(deviation[seed]) > threshold and abs(value - median) > min_relative_deviation * abs(median):
-                dev = float(deviation[seed])
-                rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": f"mad_{threshold:g}",
-                             "onset_step": int(final.index[0]), "end_step": int(final.index[0]), "n_checkpoints_out": 1,
-                             "onset_deviation_sd": dev, "max_deviation_sd": dev, "band_deviation_sd": np.nan,
-                             "threshold_sd": threshold, "recovered": False, "recovery_step": None})
+        for seed in mad_flags(values, threshold, min_relative_deviation):
+            dev = float(deviation[seed])
+            rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": f"mad_{threshold:g}",
+                         "onset_step": int(final.index[0]), "end_step": int(final.index[0]), "n_checkpoints_out": 1,
+                         "onset_deviation_sd": dev, "max_deviation_sd": dev, "band_deviation_sd": np.nan,
+                         "threshold_sd": threshold, "recovered": False, "recovery_step": None})
     return outlier_frame(rows)
 
 

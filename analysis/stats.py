@@ -14,6 +14,7 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from analysis.errors import AnalysisError
+from polypythia.study import PER_STEP_FAMILIES
 
 STATS_COLUMNS = ["model", "step", "metric", "n", "mean", "std", "cv", "median", "iqr", "min", "max",
                  "ci_low", "ci_high"]
@@ -22,11 +23,11 @@ STATS_COLUMNS = ["model", "step", "metric", "n", "mean", "std", "cv", "median", 
 def checkpoint_steps(metrics: pd.DataFrame, max_dense_steps: int = 200) -> np.ndarray:
     """Steps at which to summarise a study.
 
-    Steps where any non-``train/`` metric was logged (the checkpoints) when there are such
-    metrics; otherwise up to ``max_dense_steps`` steps spread log-uniformly and uniformly over the
+    Steps where any checkpoint metric was logged (not one of ``PER_STEP_FAMILIES``: ``train/``,
+    ``monitor/``, ``system/``, ``seeds/``) when there are such metrics; otherwise up to ``max_dense_steps`` steps spread log-uniformly and uniformly over the
     logged ones, so that dense loss curves of 143,000 steps do not make 143,000 rows per metric.
     """
-    dense_names = [n for n in map(str, metrics["metric"].unique()) if n.startswith("train/")]
+    dense_names = [n for n in map(str, metrics["metric"].unique()) if n.startswith(PER_STEP_FAMILIES)]
     is_dense = metrics["metric"].isin(dense_names).to_numpy()
     if (~is_dense).any():
         return np.unique(metrics["step"].to_numpy()[~is_dense])

@@ -12,26 +12,11 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
-from analysis.outliers import robust_deviation
+from analysis.outliers import MIN_SEEDS_FOR_MAD, mad_flags
 from polypythia.study import label_order, parse_run_label, search_job_runs
 
 SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min", "max", "flagged_seeds",
                    "diverged_or_failed_seeds"]
-
-
-MIN_SEEDS_FOR_MAD = 5  # with 3 or 4 seeds the MAD is one neighbour's distance: too unstable to flag on
-
-
-def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float = 0.01) -> list[str]:
-    """Index labels (runs) whose robust z-score |x - median| / (1.4826 MAD) exceeds ``threshold`` and
-    whose distance from the median exceeds ``min_relative_deviation`` x |median| (see outliers.py).
-    Needs at least ``MIN_SEEDS_FOR_MAD`` values; fewer flag nothing."""
-    if len(values) < MIN_SEEDS_FOR_MAD:
-        return []
-    deviation = robust_deviation(values.to_frame().T).iloc[0]  # outliers.py's rule, on one row of seeds
-    median = values.median()
-    flagged = (deviation.abs() > threshold) & ((values - median).abs() > min_relative_deviation * abs(median))
-    return sorted((str(seed) for seed in values.index[flagged]), key=label_order)
 
 
 def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:

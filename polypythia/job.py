@@ -32,6 +32,7 @@ class MLflowCallback(Callback):
         self.logger = logger
         self.client = mlflow_client
         self.run_id = run_id
+        self.pending_tags: dict[str, str] = {}
 
     def on_train_start(self, start: TrainStart) -> None:
         self.client.set_tag(self.run_id, "num_params", str(start.num_params))
@@ -42,10 +43,22 @@ class MLflowCallback(Callback):
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.logger.log(step, metrics)
-        spikes = {key.rpartition("/")[2]: value for key, value in metrics.items() if key.startswith("monitor/spike/")}
-        if spikes:  # rare: a tag per spike makes it visible in the runs table, with the way to see its batch
-            heights = ", ".join(f"{name} {height:.1f} SD" for name, height in sorted(spikes.items()))
-            self.client.set_tag(self.run_id, f"stability.spike.step{step}", f"{heights}; batch: polypythia-batch --step {step}")
+        if any(key.startswith("monitor/spike/") for key in metrics):  # rare; no I/O in the step
+            heights = ", ".join(f"{key.rpartition('/')[2]} {value:.1f} SD"
+                                for key, value in sorted(metrics.items()) if key.startswith("monitor/spike/"))
+            self.pending_tags[f"stability.spike.step{step}"] = f"{heights}; batch: polypythia-batch --step {step}"
+
+    def send_pending_tags(self) -> None:
+        """The spike tags, a tag per spike (visible in the runs table). Sent at checkpoints and at the
+        end, never inside a step: a tracking-server outage must not fail the run (the metrics logger
+        rides it out), so a failed send keeps them for the next try."""
+        for key, value in list(self.pending_tags.items()):
+            try:
+                self.client.set_tag(self.run_id, key, value)
+            except Exception as exc:  # the server is away: the logger's outage handling decides the run's fate
+                log.warning("Could not tag the run with %s yet (%s); trying again at the next checkpoint.", key, exc)
+                return
+            del self.pending_tags[key]
 
     def before_checkpoint(self, step: int, model) -> None:
         if self.logger.waiting:
@@ -56,6 +69,10 @@ class MLflowCallback(Callback):
     def on_checkpoint(self, step: int, path: str, model) -> None:
         self.client.set_tag(self.run_id, f"checkpoint.step{step}", path)
         self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))
+        self.send_pending_tags()
+
+    def on_train_end(self, result) -> None:
+        self.send_pending_tags()
 
 
 class ProgressCallback(Callback):

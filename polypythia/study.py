@@ -20,6 +20,11 @@ MODEL_TAG, SEED_TAG, WEIGHT_SEED_TAG, DATA_SEED_TAG = "model", "seed", "weight_s
 WEIGHT_STATS_TAG = "weight_stats"  # which definition of the weight statistics the run logged
 RUN_DIR_TAG = "run_dir"  # the run's folder (checkpoints, run record)
 
+# Metric families logged at training steps (every step, every few, or on a clock), not at checkpoints:
+# train/* by the loop, monitor/* by the stability monitor, system/* by the sampler, seeds/* on the
+# parent run. Everything else (weights/*, valid/*, eval/*) is logged at checkpoints.
+PER_STEP_FAMILIES = ("train/", "monitor/", "system/", "seeds/")
+
 # The tidy table every study becomes: one row per (run, step, metric); ``seed`` is the run label.
 TIDY_COLUMNS = ["model", "seed", "step", "metric", "value"]
 # ... and with the run's two seeds spelled out (what python -m polypythia.evaluate writes).

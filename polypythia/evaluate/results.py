@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 from polypythia.evaluate.targets import CheckpointTarget
+from polypythia.files import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,4 @@ def read_result(checkpoint: CheckpointTarget, name: str) -> dict | None:
 
 def write_result(checkpoint: CheckpointTarget, name: str, result: dict) -> None:
     """Write one result file atomically: a reader sees the old file or the whole new one."""
-    path = result_path(checkpoint, name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(result))
-    os.replace(tmp, path)
+    write_json_atomic(result_path(checkpoint, name), result)

@@ -99,15 +99,16 @@ def test_stable_study_flags_nothing(stable_study):
     assert find_outliers(stable_study).empty
 
 
-def test_mad_rule_on_final_loss_with_few_seeds():
-    losses = [2.50, 2.51, 2.49, 2.95]  # four seeds, one far off
-    frame = pd.DataFrame({"model": "70m", "seed": [str(s) for s in range(4)], "step": 1000, "metric": "train/loss",
+def test_mad_rule_on_final_loss():
+    losses = [2.50, 2.51, 2.49, 2.50, 2.95]  # five seeds, one far off
+    frame = pd.DataFrame({"model": "70m", "seed": [str(s) for s in range(5)], "step": 1000, "metric": "train/loss",
                           "value": losses})
     flagged = flag_mad_outliers(frame, "train/loss")
-    assert flagged[["seed", "onset_step", "rule"]].values.tolist() == [["3", 1000, "mad_3.5"]]
-    close = frame.assign(value=[2.500, 2.501, 2.499, 2.510])  # 0.4% off: not an outlier
+    assert flagged[["seed", "onset_step", "rule"]].values.tolist() == [["4", 1000, "mad_3.5"]]
+    close = frame.assign(value=[2.500, 2.501, 2.499, 2.500, 2.510])  # 0.4% off: not an outlier
     assert flag_mad_outliers(close, "train/loss").empty
     assert not flag_mad_outliers(close, "train/loss", min_relative_deviation=0.0).empty
+    assert flag_mad_outliers(frame[frame.seed != "0"], "train/loss").empty  # four runs: the MAD is too unstable
 
 
 def test_unknown_outlier_metric_is_a_clear_error(stable_study):
