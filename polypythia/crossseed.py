@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from polypythia.mlflow_ui import SEEDS_PREFIX, seeds_band_metrics
+from polypythia.study import search_job_runs
+from polypythia.tracking import MAX_METRICS_PER_BATCH
 from polypythia.stability import OutlierRule, _deviation_array, decision_threshold, for_study_length
 
 log = logging.getLogger(__name__)
@@ -241,8 +243,8 @@ class MonitorLog:
             self._log(self.parent_runs[study], metrics)
 
     def _log(self, run_id: str | None, metrics: list) -> None:
-        for start in range(0, len(metrics), 1000) if run_id else ():  # MLflow takes 1,000 metrics a batch
-            self.client.log_batch(run_id, metrics=metrics[start:start + 1000])
+        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH) if run_id else ():
+            self.client.log_batch(run_id, metrics=metrics[start:start + MAX_METRICS_PER_BATCH])
 
     def _run_id(self, index: int) -> str | None:
         """The job's MLflow run: the child of the sweep's parent run that has the job's run name."""
@@ -250,7 +252,6 @@ class MonitorLog:
             study = self.names[index][0]
             parent = self.parent_runs[study]
             experiment = self.client.get_run(parent).info.experiment_id
-            runs = self.client.search_runs([experiment], filter_string=f"tags.`mlflow.parentRunId` = '{parent}'")
-            found = {run.info.run_name: run.info.run_id for run in runs}
+            found = {run.info.run_name: run.info.run_id for run in search_job_runs(self.client, experiment, parent)}
             self.run_ids.update({i: found[name] for i, (s, name) in self.names.items() if s == study and name in found})
         return self.run_ids.get(index)

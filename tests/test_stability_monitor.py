@@ -132,6 +132,12 @@ def test_live_decisions_are_the_causal_replays(tmp_path):
     assert replayed["threshold_sd"] == pytest.approx(alert.threshold)
 
 
+class Page(list):
+    """One page of MLflow's search_runs: the runs, and no token for a next page."""
+
+    token = None
+
+
 class FakeClient:
     """What MonitorLog asks of an MlflowClient, recorded."""
 
@@ -144,9 +150,9 @@ class FakeClient:
     def get_run(self, run_id):
         return SimpleNamespace(info=SimpleNamespace(experiment_id="7"))
 
-    def search_runs(self, experiment_ids, filter_string):
-        assert experiment_ids == ["7"] and self.parent in filter_string
-        return [SimpleNamespace(info=SimpleNamespace(run_name=n, run_id=r)) for n, r in self.children.items()]
+    def search_runs(self, experiment_ids, filter_string, max_results=1000, page_token=None):
+        assert experiment_ids == ["7"] and self.parent in filter_string and "'job'" in filter_string
+        return Page(SimpleNamespace(info=SimpleNamespace(run_name=n, run_id=r)) for n, r in self.children.items())
 
     def log_batch(self, run_id, metrics=()):
         self.metrics.setdefault(run_id, []).extend(metrics)
