@@ -20,6 +20,7 @@ EPILOG = """\
 source is auto-detected:
   a folder          lm-evaluation-harness v0.4 results laid out as
                     pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json
+                    (a folder without such files: its name, as an MLflow experiment name)
   a .csv/.tsv file  tidy table with columns model, seed, step, metric, value
   anything else     an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
 
@@ -114,19 +115,39 @@ def options_from(args):
 
 
 def is_file_source(source: str) -> bool:
-    path = Path(source)
-    return path.exists() or path.suffix.lower() in (".csv", ".tsv")
+    """Whether the source is a folder of lm-eval results or a table file rather than an MLflow experiment."""
+    from analysis.load import choose_source
+
+    return choose_source(source).kind != "mlflow"
+
+
+def check_out(out: Path | None) -> None:
+    """``--out`` must be a folder, or a path where one can be made: before anything is loaded."""
+    if out is None:
+        return
+    existing = out
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing == out and not out.is_dir():
+        raise AnalysisError(f"--out {out} is a file, not a folder; give a folder for the tables, plots and report "
+                            "(it is made when missing).")
+    if not existing.is_dir():
+        raise AnalysisError(f"--out {out} cannot be made: {existing} is a file, not a folder; give another --out.")
 
 
 def summarise(args) -> None:
     """Print the final-loss summary of the source."""
     from rich.console import Console
 
-    from analysis.load import load_study
+    from analysis.load import choose_source, load_study, read_as_experiment
     from analysis.summary import final_loss_summary, print_summary, summary_table
 
-    if not is_file_source(args.source):
-        print_summary(args.tracking_uri, args.source, args.parent_run)
+    choice = choose_source(args.source)
+    if choice.kind == "mlflow":
+        with read_as_experiment(choice):
+            print_summary(args.tracking_uri, choice.name, args.parent_run)
+        if choice.note:
+            print(choice.note, file=sys.stderr, flush=True)
         return
     study = load_study(args.source, steps=args.steps, model=args.model)
     Console().print(summary_table(final_loss_summary(study.metrics, study.runs), f"Final train/loss of {args.source}"))
@@ -188,6 +209,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         options_from(args)  # a bad option is an error before anything is loaded
+        check_out(args.out)
         if args.replay:
             replay_study(args)
             return 0

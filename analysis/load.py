@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,8 @@ _ID_COLUMNS = ("model", "seed", "step", "run_id", "weight_seed", "data_seed")
 _SIZE_IN_NAME = re.compile(r"(?<![0-9a-z.])(?:pythia-)?(\d+(?:\.\d+)?[mb](?:-deduped)?)(?![0-9a-z])")
 # A run label the analysis writes when weight and data seeds differ ("w1-d2").
 _RUN_LABEL = re.compile(r"^w\d+-d\d+$")
+# A run whose last value of one of these is NaN or infinite diverged (tidy() drops the value itself).
+DIVERGENCE_METRICS = ("train/loss", "valid/loss")
 
 
 @dataclass
@@ -96,7 +99,8 @@ def sort_models(models) -> list[str]:
 
 
 def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Check and normalise a tidy table: the five columns, typed, sorted, NaN values dropped."""
+    """Check and normalise a tidy table: the five columns, typed, sorted, NaN values dropped (a run
+    whose loss ended in NaN is found by :func:`non_finite_endings` before)."""
     missing = [c for c in TIDY_COLUMNS if c not in frame.columns]
     if missing:
         raise AnalysisError(
@@ -116,17 +120,18 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
 
 def run_label_column(column: pd.Series) -> pd.Series:
     """The ``seed`` column as run labels (categorical strings, see :mod:`polypythia.study`): a seed
-    number k (also 3.0 or "3") becomes "k"; "w1-d2" stays; anything else is an AnalysisError."""
+    number k (also 3.0, "3" or "w3-d3") becomes "k"; "w1-d2" stays; anything else is an AnalysisError."""
     column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     column = column.cat.remove_unused_categories()
     labels = []
     for category in column.cat.categories:
         number = pd.to_numeric(pd.Series([category]), errors="coerce").iloc[0]
         label = str(int(number)) if pd.notna(number) and float(number).is_integer() else str(category).strip()
-        if parse_run_label(label) is None:
+        seeds = parse_run_label(label)
+        if seeds is None:
             raise AnalysisError(f"The seed column holds {category!r}, which is neither a seed number nor a run "
                                 "label like w1-d2; give whole seed numbers.")
-        labels.append(label)
+        labels.append(run_label(*seeds))  # one label per run: w3-d3 is run 3
     column = column.cat.rename_categories(range(len(labels))).astype("int64").map(dict(enumerate(labels)))
     order = sorted(set(labels), key=label_order)
     return pd.Series(pd.Categorical(column, categories=order), index=column.index)
@@ -143,18 +148,99 @@ def as_string_category(column: pd.Series) -> pd.Series:
     return column.cat.rename_categories(categories)
 
 
-def runs_from_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+def non_finite_endings(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, int]]:
+    """``(model, run label) -> (metric, step)`` of the runs whose last value of a loss
+    (:data:`DIVERGENCE_METRICS`) is NaN or infinite, in a table of the five columns before :func:`tidy`
+    drops those values: runs that diverged, which would otherwise be summarised with an earlier loss."""
+    if not set(TIDY_COLUMNS) <= set(frame.columns):
+        return {}
+    losses = frame[frame["metric"].isin(DIVERGENCE_METRICS).to_numpy()]
+    values = pd.to_numeric(losses["value"], errors="coerce").astype("float64").to_numpy()
+    if np.isfinite(values).all():
+        return {}
+    losses = pd.DataFrame({"model": losses["model"].astype(str).to_numpy(),
+                           "seed": run_label_column(losses["seed"]).astype(str).to_numpy(),
+                           "metric": losses["metric"].astype(str).to_numpy(),
+                           "step": pd.to_numeric(losses["step"], errors="coerce").to_numpy(), "value": values})
+    losses = losses[losses["step"].notna()]
+    last = losses.sort_values("step", kind="stable").groupby(["model", "seed", "metric"], sort=False).tail(1)
+    ended = last[~np.isfinite(last["value"].to_numpy())]
+    return {(row.model, row.seed): (row.metric, int(row.step)) for row in ended.itertuples()}
+
+
+def diverged_notes(diverged: dict[tuple[str, str], tuple[str, int]]) -> list[str]:
+    """One note per run that ended in a non-finite loss."""
+    return [f"Model {model} run {seed} ends with a non-finite {metric} at step {step}; it is marked diverged "
+            "(its earlier, finite values are kept)." for (model, seed), (metric, step) in sorted(diverged.items())]
+
+
+def runs_from_metrics(metrics: pd.DataFrame, diverged: Iterable[tuple[str, str]] = ()) -> pd.DataFrame:
     """A runs table for sources that carry no run metadata: every (model, run) is FINISHED, its
-    weight and data seeds read from its label."""
+    weight and data seeds read from its label; the (model, run label) pairs in ``diverged`` (see
+    :func:`non_finite_endings`) are marked diverged, and listed even when none of their values was finite."""
+    diverged = {(str(m), str(s)) for m, s in diverged}
     pairs = metrics[["model", "seed"]].drop_duplicates().astype({"model": str, "seed": str})
+    known = set(zip(pairs["model"], pairs["seed"]))
+    extra = sorted(pair for pair in diverged if pair not in known)
+    if extra:
+        pairs = pd.concat([pairs, pd.DataFrame(extra, columns=["model", "seed"])], ignore_index=True)
     seeds = [parse_run_label(label) for label in pairs["seed"]]
-    runs = pairs.assign(run_id=None, status="FINISHED", diverged=False, weight_seed=[w for w, _ in seeds],
+    flags = [(m, s) in diverged for m, s in zip(pairs["model"], pairs["seed"])]
+    runs = pairs.assign(run_id=None, status="FINISHED", diverged=flags, weight_seed=[w for w, _ in seeds],
                         data_seed=[d for _, d in seeds], budget=None)
     return runs[RUN_COLUMNS].reset_index(drop=True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Source detection
+
+_LM_EVAL_LAYOUT = "pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json"
+
+
+@dataclass
+class SourceChoice:
+    """What a source names: ``kind`` "lm-eval" (a folder), "table" (a file) or "mlflow" (an experiment)."""
+
+    kind: str
+    name: str  # the path, or the experiment's name
+    folder: str | None = None  # a folder without lm-eval results, read as the experiment ``name``
+    note: str | None = None  # the sentence that says so
+
+
+def has_lm_eval_results(root: Path) -> bool:
+    """Whether any ``results_*.json`` below ``root`` is laid out as lm-eval result files are."""
+    return any(lm_eval_layout(path, root) is not None for path in root.rglob("results_*.json"))
+
+
+def choose_source(source: str | os.PathLike) -> SourceChoice:
+    """A folder of lm-eval results, a table file, or else an MLflow experiment name. A folder without
+    lm-eval results is never taken for data (``python -m analysis polypythia`` run in the repository,
+    where ``polypythia/`` is the package): its name is read as an experiment name, and a note says so."""
+    path = Path(source)
+    if path.is_dir():
+        if has_lm_eval_results(path):
+            return SourceChoice("lm-eval", str(source))
+        name = Path(os.path.abspath(path)).name
+        note = (f"The folder {source} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, so it is read "
+                f"as the MLflow experiment name {name!r}.")
+        return SourceChoice("mlflow", name, folder=str(source), note=note)
+    if path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
+        return SourceChoice("table", str(source))
+    return SourceChoice("mlflow", str(source))
+
+
+@contextmanager
+def read_as_experiment(choice: SourceChoice):
+    """Errors about the experiment a folder's name was read as also say that the folder held no results."""
+    try:
+        yield
+    except AnalysisError as error:
+        if choice.folder is None:
+            raise
+        text = str(error)
+        text = text[0].lower() + text[1:] if text[:2].istitle() else text
+        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, "
+                            f"so it was read as the MLflow experiment name {choice.name!r}, and {text}") from None
 
 
 def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
@@ -170,14 +256,18 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
     """
     wanted_steps = None if steps is None else (parse_steps(steps) if isinstance(steps, str)
                                                else sorted({int(s) for s in steps}))
-    path = Path(source)
-    if path.is_dir():
-        study = load_lm_eval_folder(path, steps=wanted_steps)
-    elif path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
-        study = load_tidy_file(path, model=model)
+    choice = choose_source(source)
+    if choice.kind == "lm-eval":
+        study = load_lm_eval_folder(choice.name, steps=wanted_steps)
+    elif choice.kind == "table":
+        study = load_tidy_file(choice.name, model=model)
     else:
-        study = load_mlflow(str(source), tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                            metric_keys=metrics)
+        with read_as_experiment(choice):
+            study = load_mlflow(choice.name, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
+                                metric_keys=metrics)
+        if choice.note:
+            log.warning(choice.note)
+            study.notes.insert(0, choice.note)
     if metrics:
         study.metrics = study.metrics[select_metrics(study.metrics["metric"], metrics)].reset_index(drop=True)
         study.metrics["metric"] = study.metrics["metric"].cat.remove_unused_categories()
@@ -278,10 +368,13 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
         frame, note = drop_repeated_rows(frame, path)
         if note:
             notes.append(note)
+    diverged = non_finite_endings(frame)
     metrics = tidy(frame)
+    notes += diverged_notes(diverged)
     for note in notes:
         log.warning(note)
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(path), kind="table", notes=notes)
+    return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(path), kind="table",
+                 notes=notes)
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -548,8 +641,11 @@ def load_lm_eval_folder(root: str | os.PathLike, steps: Iterable[int] | None = N
     # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
     frame = frame.sort_values(["stamp", "file"], kind="stable")
     frame = frame.drop_duplicates(["model", "seed", "step", "metric"], keep="last")
+    diverged = non_finite_endings(frame)
     metrics = tidy(frame[TIDY_COLUMNS])
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics), source=str(root), kind="lm-eval", notes=notes)
+    notes += diverged_notes(diverged)
+    return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(root), kind="lm-eval",
+                 notes=notes)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -579,7 +675,8 @@ def find_experiment(client, name: str):
         raise AnalysisError(f"The MLflow tracking server could not be reached ({type(error).__name__}); "
                             "check --tracking-uri and that the server is running.") from None
     if experiment is None:
-        raise AnalysisError(f"No MLflow experiment is called {name!r} and no file or folder has that name; "
+        no_path = "" if Path(name).exists() else " and no file or folder has that name"
+        raise AnalysisError(f"No MLflow experiment is called {name!r}{no_path}; "
                             "check the experiment name, the tracking URI or the path.")
     return experiment
 
@@ -653,6 +750,11 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     for row in table.itertuples():
         rows = run_metrics(client, by_id[row.run_id], metric_keys)
         frames.append(rows.assign(model=row.model, seed=row.seed))
-    metrics = tidy(pd.concat(frames, ignore_index=True))
+    every_row = pd.concat(frames, ignore_index=True)
+    diverged = non_finite_endings(every_row)
+    metrics = tidy(every_row)
+    if diverged:
+        ended = [(m, s) in diverged for m, s in zip(table["model"].astype(str), table["seed"].astype(str))]
+        table["diverged"] = table["diverged"].astype(bool) | np.asarray(ended, dtype=bool)
     return Study(metrics=metrics, runs=table, source=experiment, kind="mlflow", tracking_uri=uri,
-                 experiment_id=found.experiment_id, parent_run_id=parent_run_id)
+                 experiment_id=found.experiment_id, parent_run_id=parent_run_id, notes=diverged_notes(diverged))

@@ -62,6 +62,10 @@ class JobConfig:
     runs_dir: str = "${home}/runs"  # checkpoints: <runs_dir>/<study>/<run_name>/
 
     def check(self) -> None:
+        from polypythia.recipe import PYTHIA_VOCAB_SIZE
+        from polypythia.preflight import (CPU_SLOW_HOURS, CPU_TRAIN_FLOPS_PER_S, budget_tokens, format_duration,
+                                          short_count, training_params, writable_folder_problem)
+
         for key in ("seed", "weight_seed", "data_seed"):
             value = getattr(self, key)
             if value is not None and value < 0:
@@ -69,16 +73,54 @@ class JobConfig:
         if not self.study or "/" in self.study:
             raise ConfigError(f"study must be a non-empty name without '/', got '{self.study}'.")
         self.model.check()
+        self.launcher.check()  # before the budget, whose batch check divides by launcher.workers_per_run
         self.budget.check(self.launcher.workers_per_run)
         self.data.check()
         self.train.check()
-        self.launcher.check()
+        self.tracking.check()
         self.monitor.check()
         if self.train.precision == "fp16" and self.launcher.num_gpus_per_job <= 0:
             raise ConfigError(
                 "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
                 "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
             )
+        if self.budget.seq_length > self.model.max_positions:
+            raise ConfigError(
+                f"budget.seq_length ({self.budget.seq_length}) exceeds model.max_positions ({self.model.max_positions}), "
+                "the longest sequence the model is built for; lower budget.seq_length or raise model.max_positions."
+            )
+        if self.model.vocab_size is not None:
+            size, tokenizer = self.data.tokenizer_vocab_size()
+            if self.model.vocab_size < size:
+                raise ConfigError(
+                    f"model.vocab_size ({self.model.vocab_size}) is below the {size} tokens of {tokenizer}, so some "
+                    f"token ids would have no embedding row; set model.vocab_size to at least {size}, or null for "
+                    "the tokenizer's vocabulary padded to a multiple of 128."
+                )
+        folders = [("runs_dir", self.runs_dir)]
+        folders += [("tracking.dir", self.tracking.dir)] if not self.tracking.uri else []
+        folders += [("data.cache_dir", self.data.cache_dir)] if self.data.kind == "embedded" else []
+        for key, folder in folders:
+            problem = writable_folder_problem(folder)
+            if problem:
+                home = os.path.abspath(self.home)
+                under_home = os.path.commonpath([os.path.abspath(folder), home]) == home
+                fix = (f"set {runtime_env.HOME_ENV} (or home=...) to a folder you can write to" if under_home
+                       else f"set {key} to a folder you can write to")
+                raise ConfigError(f"{key}={folder} cannot be written ({problem}); {fix}.")
+        if self.launcher.num_gpus_per_job <= 0 and not self.launcher.allow_slow:
+            vocab = self.model.vocab_size or (-(-self.data.vocab_size // 128) * 128 if self.data.kind == "embedded"
+                                              else PYTHIA_VOCAB_SIZE)
+            params, tokens = training_params(self.model, vocab), budget_tokens(self.budget)
+            seconds = 6.0 * params * tokens / CPU_TRAIN_FLOPS_PER_S
+            if seconds > CPU_SLOW_HOURS * 3600:
+                raise ConfigError(
+                    f"model={self.model.name} budget={self.budget.name} on the CPU (launcher.num_gpus_per_job=0) would "
+                    f"take about {format_duration(seconds)} per run (6 x {short_count(params)} weights x "
+                    f"{short_count(tokens)} tokens at an assumed {CPU_TRAIN_FLOPS_PER_S:.0e} FLOP/s, what 2 CPU cores "
+                    "reached); give it GPUs (launcher.num_gpus_per_job=1), pick a smaller budget, or set "
+                    "launcher.allow_slow=true to run anyway."
+                )
 
     @property
     def effective_weight_seed(self) -> int:

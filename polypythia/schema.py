@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from polypythia import runtime_env
 from polypythia.errors import ConfigError
+from polypythia.preflight import is_file_store, tokenizer_file_size
 from polypythia.recipe import PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
 
 if TYPE_CHECKING:
@@ -45,6 +46,12 @@ class ModelConfig:
             )
         if not self.lr > 0:
             raise ConfigError(f"model.lr must be positive, got {self.lr}.")
+        if self.max_positions < 1:
+            raise ConfigError(f"model.max_positions must be at least 1, got {self.max_positions}.")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ConfigError(
+                f"model.vocab_size must be at least 1, or null for the tokenizer's vocabulary padded to a "
+                f"multiple of 128, got {self.vocab_size}.")
 
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
         """``vocab_size``, or (null) the tokenizer's vocabulary padded to a multiple of 128."""
@@ -128,8 +135,28 @@ class DataConfig:
                     f"data.tokenizer={self.tokenizer} is not a file; give the path of the dataset's "
                     "tokenizer.json."
                 )
+            from polypythia.data.indexed import check_indexed_files
+            from polypythia.errors import DataError
+
+            try:  # the header against the file sizes: a few bytes read, however large the dataset
+                check_indexed_files(self.path)
+            except DataError as exc:
+                raise ConfigError(f"data.path={self.path}: {exc}") from None
         if not 0 <= self.valid_fraction < 1:
             raise ConfigError(f"data.valid_fraction must lie in [0, 1), got {self.valid_fraction}.")
+
+    def tokenizer_vocab_size(self) -> tuple[int, str]:
+        """(size, which tokenizer) of the tokenizer the job will train with, found cheaply: the
+        tokenizer file of indexed data, or of the embedded corpus once its cache is built; before
+        that, ``data.vocab_size``, the size the embedded tokenizer will be trained to."""
+        if self.kind == "indexed":
+            return tokenizer_file_size(self.tokenizer), f"the tokenizer {self.tokenizer}"
+        from polypythia.data.embedded import embedded_dir
+
+        folder = embedded_dir(self.cache_dir, self.vocab_size)
+        if (folder / "COMPLETE").is_file() and (folder / "tokenizer.json").is_file():
+            return tokenizer_file_size(str(folder / "tokenizer.json")), f"the embedded tokenizer {folder / 'tokenizer.json'}"
+        return self.vocab_size, "the embedded tokenizer (data.vocab_size; its corpus is not built yet)"
 
 
 @dataclass
@@ -201,7 +228,16 @@ class TrainConfig:
             raise ConfigError(f"train.weight_stats must be polypythias or hu, got '{self.weight_stats}'.")
         if self.keep_resume_states is not None and self.keep_resume_states < 1:
             raise ConfigError(f"train.keep_resume_states must be at least 1 (or null for all), got {self.keep_resume_states}.")
-        if self.gradient_clipping < 0:
+        for key in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, key)
+            if not 0 <= value < 1:
+                raise ConfigError(
+                    f"train.{key} must lie in [0, 1) (Pythia: adam_beta1 0.9, adam_beta2 0.95), got {value}.")
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise ConfigError(f"train.adam_eps must be a small positive number (Pythia: 1e-8), got {self.adam_eps}.")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"train.weight_decay must be 0 (none) or positive (Pythia: 0.1), got {self.weight_decay}.")
+        if not (self.gradient_clipping >= 0 and math.isfinite(self.gradient_clipping)):
             raise ConfigError(f"train.gradient_clipping must be 0 (no clipping) or a positive norm, got {self.gradient_clipping}.")
         self.fault.check()
 
@@ -252,6 +288,23 @@ class TrackingConfig:
     max_outage_s: float = 300.0  # a server away longer than this fails the job
     system_metrics: bool = True
 
+    def check(self) -> None:
+        if self.uri and is_file_store(self.uri):
+            raise ConfigError(
+                f"tracking.uri={self.uri} (or MLFLOW_TRACKING_URI) is an MLflow file store, which the tracking "
+                "server and the metrics logger do not support; give an http:// server address "
+                "(tracking.uri=http://host:port) or tracking.uri=null for the local server.")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(
+                f"tracking.port must be a TCP port from 1 to 65535 (or 0 for any free port), got {self.port}.")
+        if not (self.flush_interval_s > 0 and math.isfinite(self.flush_interval_s)):
+            raise ConfigError(
+                f"tracking.flush_interval_s must be a positive number of seconds (default 2.0), got "
+                f"{self.flush_interval_s}; with 0 the metrics sender would keep a CPU core busy.")
+        if not self.max_outage_s >= 0:
+            raise ConfigError(
+                f"tracking.max_outage_s must be 0 or a positive number of seconds (default 300), got {self.max_outage_s}.")
+
 
 @dataclass
 class LauncherConfig:
@@ -264,14 +317,26 @@ class LauncherConfig:
     workers_per_run: int = 1
     max_retries: int = 2
     progress: bool = True
+    # run a job even when its budget would take days on the CPU (JobConfig.check's estimate, CPU_TRAIN_FLOPS_PER_S)
+    allow_slow: bool = False
 
     def check(self) -> None:
         if self.workers_per_run < 1:
-            raise ConfigError(f"launcher.workers_per_run must be at least 1, got {self.workers_per_run}.")
-        if self.num_cpus_per_job <= 0 or self.num_gpus_per_job < 0 or self.max_retries < 0:
             raise ConfigError(
-                "launcher.num_cpus_per_job must be positive and launcher.num_gpus_per_job and "
-                "launcher.max_retries non-negative."
-            )
+                f"launcher.workers_per_run must be at least 1 (the data-parallel workers of one run), got "
+                f"{self.workers_per_run}.")
+        if not (self.num_cpus_per_job > 0 and math.isfinite(self.num_cpus_per_job)):
+            raise ConfigError(
+                f"launcher.num_cpus_per_job must be a positive number of CPUs (e.g. 1), got {self.num_cpus_per_job}.")
+        if not (self.num_gpus_per_job >= 0 and math.isfinite(self.num_gpus_per_job)):
+            raise ConfigError(
+                f"launcher.num_gpus_per_job must be 0 (CPU) or a positive number of GPUs, got {self.num_gpus_per_job}.")
+        if self.max_retries < 0:
+            raise ConfigError(
+                f"launcher.max_retries must be 0 (no retry) or a positive number of retries, got {self.max_retries}.")
 
 
+# What the CPU estimate assumes: a training step of 6 x N FLOPs per token at this rate. Measured on this
+# project's development machine (2 cores AMD EPYC, no GPU; README "Performance"): a 70m step of 1,024
+# tokens (N = 23.1M with the embedded 8,192-token vocabulary) took 1.19 s, i.e. 6 x 23.1M x 1,024 / 1.19
+# = 1.2e11 FLOP/s for the whole machine; 1e11 is that, rounded down. Other CPUs differ: the estimate is a

@@ -80,6 +80,80 @@ def write_indexed_dataset(prefix: str | Path, documents: Iterable[np.ndarray], d
     return int(sizes_arr.sum())
 
 
+HEADER_BYTES = 9 + 8 + 1 + 8 + 8  # magic, version, dtype code, number of sequences, number of documents
+
+
+def _missing(path: Path) -> DataError:
+    return DataError(
+        f"Indexed dataset file {path} does not exist; point data.path at the common "
+        "prefix of a .bin/.idx pair (or build one with polypythia-prepare)."
+    )
+
+
+def read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
+    """(token dtype, number of sequences, number of documents) of an ``.idx`` file, checked against
+    the file's size: a truncated or foreign file is a DataError naming it."""
+    with open(idx_path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if header[:9] != MAGIC[: min(9, len(header))]:
+        raise DataError(f"{idx_path} is not a GPT-NeoX/Megatron index file (bad magic bytes); rebuild the pair with polypythia-prepare.")
+    if len(header) < HEADER_BYTES:
+        raise DataError(
+            f"The index file {idx_path} is truncated ({len(header)} bytes, shorter than its {HEADER_BYTES}-byte header); "
+            "re-run polypythia-prepare to rebuild the .bin/.idx pair."
+        )
+    (version,) = struct.unpack("<Q", header[9:17])
+    if version != VERSION:
+        raise DataError(f"{idx_path} has index version {version}; only version 1 is supported.")
+    code = header[17]
+    if code not in DTYPE_CODES:
+        raise DataError(f"{idx_path} names unknown dtype code {code}.")
+    (n_seqs,) = struct.unpack("<Q", header[18:26])
+    (n_docs,) = struct.unpack("<Q", header[26:34])
+    expected = HEADER_BYTES + 12 * n_seqs + 8 * n_docs
+    actual = idx_path.stat().st_size
+    if actual < expected:
+        raise DataError(
+            f"The index file {idx_path} is truncated: its header lists {n_seqs:,} sequences and {n_docs:,} documents "
+            f"({expected:,} bytes) but the file has {actual:,} bytes; re-run polypythia-prepare to rebuild the "
+            ".bin/.idx pair."
+        )
+    return np.dtype(DTYPE_CODES[code]), n_seqs, n_docs
+
+
+def _bin_size_problem(bin_path: Path, expected_bytes: int) -> DataError | None:
+    actual_bytes = bin_path.stat().st_size
+    if actual_bytes == expected_bytes:
+        return None
+    how = "truncated or mismatched" if actual_bytes < expected_bytes else "mismatched (longer than its index says)"
+    return DataError(
+        f"The token file {bin_path} is {how}: it holds {actual_bytes:,} bytes but its index describes "
+        f"{expected_bytes:,}; re-run polypythia-prepare to rebuild the .bin/.idx pair."
+    )
+
+
+def check_indexed_files(prefix: str | Path) -> None:
+    """Check a ``.bin/.idx`` pair without reading it: the ``.idx`` header against the ``.idx`` file's size,
+    and the end of the last sequence (two numbers read) against the ``.bin`` file's size."""
+    bin_path, idx_path = _paths(prefix)
+    for path in (bin_path, idx_path):
+        if not path.is_file():
+            raise _missing(path)
+    dtype, n_seqs, _ = read_header(idx_path)
+    if n_seqs == 0:
+        expected = 0
+    else:
+        with open(idx_path, "rb") as f:
+            f.seek(HEADER_BYTES + 4 * (n_seqs - 1))
+            (last_size,) = struct.unpack("<i", f.read(4))
+            f.seek(HEADER_BYTES + 4 * n_seqs + 8 * (n_seqs - 1))
+            (last_offset,) = struct.unpack("<q", f.read(8))
+        expected = last_offset + last_size * dtype.itemsize
+    problem = _bin_size_problem(bin_path, expected)
+    if problem:
+        raise problem
+
+
 class IndexedDataset:
     """Read-only view of a ``.bin/.idx`` pair: documents by index, or all tokens as one array."""
 
@@ -87,41 +161,23 @@ class IndexedDataset:
         bin_path, idx_path = _paths(prefix)
         for path in (bin_path, idx_path):
             if not path.is_file():
-                raise DataError(
-                    f"Indexed dataset file {path} does not exist; point data.path at the common "
-                    "prefix of a .bin/.idx pair (or build one with polypythia-prepare)."
-                )
+                raise _missing(path)
         self.prefix = str(bin_path)[:-4]
-        with open(idx_path, "rb") as f:
-            header = f.read(9 + 8 + 1 + 8 + 8)
-        if len(header) < 34 or header[:9] != MAGIC:
-            raise DataError(f"{idx_path} is not a GPT-NeoX/Megatron index file (bad magic bytes).")
-        (version,) = struct.unpack("<Q", header[9:17])
-        if version != VERSION:
-            raise DataError(f"{idx_path} has index version {version}; only version 1 is supported.")
-        code = header[17]
-        if code not in DTYPE_CODES:
-            raise DataError(f"{idx_path} names unknown dtype code {code}.")
-        self.dtype = np.dtype(DTYPE_CODES[code])
-        (n_seqs,) = struct.unpack("<Q", header[18:26])
-        (n_docs,) = struct.unpack("<Q", header[26:34])
+        self.dtype, n_seqs, n_docs = read_header(idx_path)
         index = np.memmap(idx_path, mode="r", dtype=np.uint8)
-        pos = 34
+        pos = HEADER_BYTES
         self.sizes = np.frombuffer(index, dtype="<i4", count=n_seqs, offset=pos)
         pos += 4 * n_seqs
         self.offsets = np.frombuffer(index, dtype="<i8", count=n_seqs, offset=pos)
         pos += 8 * n_seqs
         self.doc_idx = np.frombuffer(index, dtype="<i8", count=n_docs, offset=pos)
         expected_bytes = int(self.sizes.astype(np.int64).sum()) * self.dtype.itemsize
-        actual_bytes = bin_path.stat().st_size
-        if actual_bytes != expected_bytes:
-            raise DataError(
-                f"{bin_path} holds {actual_bytes} bytes but its index describes {expected_bytes}; "
-                "the pair is truncated or mismatched - rebuild it."
-            )
+        problem = _bin_size_problem(bin_path, expected_bytes)
+        if problem:
+            raise problem
         self.tokens = (
             np.memmap(bin_path, mode="r", dtype=self.dtype)
-            if actual_bytes
+            if expected_bytes
             else np.zeros(0, dtype=self.dtype)
         )
 

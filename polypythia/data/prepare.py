@@ -181,18 +181,39 @@ def prepare(
         raise DataError("Give exactly one of --tokenizer PATH and --train-tokenizer VOCAB.")
     files = input_files(inputs)
     prefix = _output_prefix(out)
+    _check_output_folder(out, prefix)
     for suffix in (".bin", ".idx"):
         if Path(f"{prefix}{suffix}").exists() and not overwrite:
             raise DataError(f"{prefix}{suffix} already exists; pass --overwrite or choose another --out.")
-    if train_vocab_size is not None:
-        tokenizer_file = Path(f"{prefix}.tokenizer.json")
-        tokenizer = _train_and_save(files, text_key, train_vocab_size, tokenizer_file, quiet)
-    else:
-        tokenizer_file = Path(tokenizer_file).expanduser().resolve()
-        tokenizer = load_tokenizer(tokenizer_file)
-    eod = eod_id(tokenizer, eod_token, tokenizer_file)
-    num_documents, num_empty, num_tokens = _write_tokens(prefix, files, tokenizer, eod, text_key, quiet)
+    try:
+        if train_vocab_size is not None:
+            tokenizer_file = Path(f"{prefix}.tokenizer.json")
+            tokenizer = _train_and_save(files, text_key, train_vocab_size, tokenizer_file, quiet)
+        else:
+            tokenizer_file = Path(tokenizer_file).expanduser().resolve()
+            tokenizer = load_tokenizer(tokenizer_file)
+        eod = eod_id(tokenizer, eod_token, tokenizer_file)
+        num_documents, num_empty, num_tokens = _write_tokens(prefix, files, tokenizer, eod, text_key, quiet)
+    except OSError as exc:  # permissions changed, disk full, ... after the checks above
+        if exc.filename is None:
+            raise
+        action = "written" if str(exc.filename).startswith(str(prefix)) else "read"
+        fix = "choose a --out in a folder you can write to" if action == "written" else "check the input's permissions"
+        raise DataError(f"{exc.filename} could not be {action} ({exc.strerror or exc}); {fix}.") from None
     return PrepareResult(str(prefix), str(tokenizer_file), len(files), num_documents, num_tokens, num_empty)
+
+
+def _check_output_folder(out: str | Path, prefix: Path) -> None:
+    """The folder of ``--out`` must be a folder this process can write in (or be creatable in one)."""
+    folder = prefix.parent
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DataError(f"--out {out} cannot be written: {existing} is a file, not a folder; choose another --out.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out} cannot be written: the folder {existing} is not writable; "
+                        "choose a --out in a folder you can write to.")
 
 
 def _write_tokens(prefix: Path, files: list[Path], tokenizer, eod: int, text_key: str, quiet: bool):

@@ -25,7 +25,8 @@ EPILOG = """\
 source is auto-detected:
   an existing folder  Hugging Face checkpoints laid out <name>/step<S>/ (e.g. pythia-160m-seed3/step1000/);
                       model and seeds come from <name>: <model>-seed<k>, <model>-wseed<w>-dseed<d>;
-                      a name without seeds is seed 0
+                      a name without seeds is seed 0 (a folder without such checkpoints: its name,
+                      as an MLflow experiment name)
   anything else       an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
 
 examples:
@@ -80,10 +81,26 @@ def default_out(source: str) -> Path:
     return Path(home) / "eval" / Path(source.rstrip("/")).name
 
 
+def choose_source(source: str) -> tuple[bool, str, str | None]:
+    """(is a checkpoint folder, the folder or experiment name, a note). A folder without ``<name>/step<S>/``
+    checkpoint folders is never taken for one (``polypythia`` run in the repository is the package): its
+    name is read as an MLflow experiment name, and the note says so."""
+    path = Path(source)
+    if not path.is_dir():
+        return False, source, None
+    from polypythia.evaluate.targets import step_folders
+
+    if any(step_folders(child) for child in path.iterdir() if child.is_dir()):
+        return True, source, None
+    name = Path(os.path.abspath(path)).name
+    return False, name, (f"The folder {source} holds no <name>/step<S>/ checkpoint folders with a config.json, "
+                         f"so it is read as the MLflow experiment name '{name}'.")
+
+
 def build_targets(args, mlflow_client):
     from polypythia.evaluate import targets
 
-    if Path(args.source).is_dir():
+    if args.folder_source:
         valid = None
         if args.valid_data:
             valid = {"kind": "indexed", "prefix": args.valid_data, "seq_length": args.valid_seq_length,
@@ -98,11 +115,23 @@ def build_targets(args, mlflow_client):
     return targets.targets_from_mlflow(mlflow_client, args.source, args.parent_run)
 
 
+def read_as_experiment(error: PolypythiaError, note: str | None) -> PolypythiaError:
+    """An error about the experiment a folder's name was read as, saying that it came from a folder."""
+    from polypythia.evaluate.targets import EvaluationError
+
+    if not note:
+        return error
+    text = str(error)
+    text = text[0].lower() + text[1:] if text[:2].istitle() else text
+    text = text.replace(" is not a folder, so it names an MLflow experiment;", " needs an MLflow server;")
+    return EvaluationError(f"{note[:-1]}, and {text}")
+
+
 def tracking_client(args):
     """The MLflow client to log to, or None (a folder source logs only with --experiment)."""
     from polypythia import tracking
 
-    folder = Path(args.source).is_dir()
+    folder = args.folder_source
     if not args.tracking_uri or (folder and not args.experiment):
         return None
     tracking.require_reachable(args.tracking_uri, "start it or fix --tracking-uri")
@@ -114,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args.folder_source, args.source, note = choose_source(args.source)
     args.out = args.out or default_out(args.source)
     try:
         if args.valid_data and not os.path.isfile(args.valid_data + ".idx"):
@@ -125,8 +155,13 @@ def main(argv: list[str] | None = None) -> int:
         options.check()
         if args.reference_seed is not None:
             tables.reference_run(args.reference_seed)
-        mlflow_client = tracking_client(args)
-        targets = build_targets(args, mlflow_client)
+        try:
+            mlflow_client = tracking_client(args)
+            targets = build_targets(args, mlflow_client)
+        except PolypythiaError as exc:
+            raise read_as_experiment(exc, note) from None
+        if note:
+            print(f"polypythia: {note}", file=sys.stderr, flush=True)
         summary = runner.evaluate_targets(targets, options, mlflow_client, use_ray=not args.no_ray,
                                           ray_address=args.ray_address, num_gpus_per_run=args.num_gpus_per_run,
                                           out_dir=args.out, reference_seed=args.reference_seed)

@@ -288,3 +288,11 @@ def test_table_loader_passes_non_finite_values_on(tmp_path, monkeypatch):
     load.load_tidy_file(path)
     values = seen["values"]
     assert values[0] == 5.0 and np.isnan(values[1]) and np.isinf(values[2])
+
+
+def test_one_run_has_one_label(tmp_path):
+    """w3-d3 and 3 name the same run; a variant keeps its own label."""
+    rows = [("70m", seed, 10, "valid/loss", 1.0) for seed in ("3", "w3-d3", "w1-d2", "4.0")]
+    path = tmp_path / "labels.csv"
+    pd.DataFrame(rows, columns=["model", "seed", "step", "metric", "value"]).to_csv(path, index=False)
+    assert sorted(load_study(path).runs["seed"]) == ["3", "4", "w1-d2"]
