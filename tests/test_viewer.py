@@ -85,3 +85,11 @@ def test_default_config_dir_is_the_repository_conf():
     from polypythia.data.viewer import default_config_dir
 
     assert default_config_dir() == REPO / "conf"
+
+
+def test_the_viewer_reads_a_full_pythia_budget_on_a_cpu_machine():
+    """The CPU-time check guards training; the viewer trains nothing."""
+    from polypythia.data.viewer import compose_job_config
+
+    cfg = compose_job_config(["model=410m", "budget=pythia"])
+    assert cfg.budget.steps == 143_000 and cfg.launcher.num_gpus_per_job == 0

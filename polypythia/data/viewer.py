@@ -50,6 +50,7 @@ def compose_job_config(overrides: list[str], config_dir: str | Path | None = Non
     except (HydraException, OmegaConfBaseException) as exc:
         msg = str(exc).strip().splitlines()[0].rstrip(".")
         raise ConfigError(f"Cannot compose the config from {list(overrides)}: {msg}; check the overrides.") from None
+    raw.launcher.allow_slow = True  # the viewer reads the data order; nothing trains, however long the budget
     return job_config(raw)
 
 
