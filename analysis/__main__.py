@@ -30,6 +30,7 @@ examples:
   python -m analysis polypythias-evals/ --out results/evals --tasks arc_easy piqa
   python -m analysis study.csv --out results/csv --metrics 'train/*' 'weights/*'
   python -m analysis training_maps.tsv --out results/map --outlier-metric score --steps polypythias
+  python -m analysis polypythias-evals/ --check --steps polypythias              # integrity (exit 1: problems)
 
 outliers: a run starts an outlier episode where its distance from the other runs (leave-one-out,
 their SD pooled over recent checkpoints) exceeds the level that healthy studies of the same shape
@@ -91,6 +92,11 @@ def parser() -> argparse.ArgumentParser:
                    help="replay the study in step order, each decision from data up to that step only, as the "
                         "live monitor would have: print each run's first alert and its lead time over the "
                         "offline outlier onset (and write alerts.csv into --out)")
+    p.add_argument("--check", action="store_true",
+                   help="check the integrity of the study's artefacts instead: missing checkpoints, identical "
+                        "neighbouring checkpoints, checkpoints not descended from their run's step 0 (checkpoint "
+                        "folders), lm-eval files naming another model; prints a table and writes check.csv (into "
+                        "--out, else the current folder). Exit code 0: nothing found, 1: problems found, 2: user error")
     return p
 
 
@@ -210,6 +216,10 @@ def main(argv=None) -> int:
     try:
         options_from(args)  # a bad option is an error before anything is loaded
         check_out(args.out)
+        if args.check:
+            from analysis.check import check
+
+            return check(args)
         if args.replay:
             replay_study(args)
             return 0

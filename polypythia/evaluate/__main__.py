@@ -38,6 +38,9 @@ examples:
   python -m polypythia.evaluate my-study --weight-stats hu --out results/my-study-hu
 
 Running it again computes nothing that is already done and prints "nothing to do".
+At the end it checks the checkpoints (missing from the schedule, identical to their neighbour, not
+descended from their run's step 0), prints what it finds and writes check.csv into --out; the exit
+code stays the evaluation's.
 """
 
 
@@ -167,7 +170,19 @@ def main(argv: list[str] | None = None) -> int:
                                           out_dir=args.out, reference_seed=args.reference_seed)
     except PolypythiaError as exc:
         exit_with(exc)
+    check_integrity(targets, args.out)
     return 1 if summary.errors else 0
+
+
+def check_integrity(targets, out: Path) -> None:
+    """Print the integrity check of the checkpoints (missing, identical, not descended) and write check.csv;
+    a failure of the check itself is a warning, never the evaluation's failure."""
+    from polypythia.evaluate import integrity
+
+    try:
+        integrity.report(integrity.check_targets(targets), "Integrity of the checkpoints", out / integrity.CHECK_FILE)
+    except Exception as exc:  # noqa: BLE001 - the evaluation is done; the check is extra
+        logging.getLogger(__name__).warning("The checkpoint integrity check failed (%s: %s).", type(exc).__name__, exc)
 
 
 def _default_device() -> str:
