@@ -155,7 +155,7 @@ def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], 
         raise
     _stop(monitor)
     if cfg.train.evaluate_after_training:
-        _evaluate(cfg, tracking_uri, run_id)
+        _evaluate(cfg, tracking_uri, run_id, progress)
     mlflow_client.set_tag(run_id, "status", "finished")
     mlflow_client.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "run_name": cfg.run_name, "final_loss": result.final_loss,
@@ -195,11 +195,13 @@ def _stop(monitor) -> None:
             log.warning("Could not stop the system-metrics sampler: %s", exc)
 
 
-def _evaluate(cfg: JobConfig, uri: str, run_id: str) -> None:
-    """Downstream tasks and agreement inputs for every checkpoint; what exists is skipped."""
+def _evaluate(cfg: JobConfig, uri: str, run_id: str, progress: Optional[Callable[[dict], None]]) -> None:
+    """Downstream tasks and agreement inputs for every checkpoint; what exists is skipped. Each
+    evaluated checkpoint is reported as progress, so a sweep's stall watchdog sees a job that evaluates."""
     from polypythia.evaluate.runner import EvalOptions, evaluate_run
 
-    evaluate_run(cfg.run_dir, cfg=cfg, tracking_uri=uri, run_id=run_id,
+    heartbeat = (lambda: progress({"state": "running"})) if progress is not None else None
+    evaluate_run(cfg.run_dir, cfg=cfg, tracking_uri=uri, run_id=run_id, heartbeat=heartbeat,
                  options=EvalOptions(limit_items=cfg.train.eval_limit_items))
 
 

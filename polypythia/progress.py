@@ -107,7 +107,8 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
                          ("tokens/s", "right"), ("ETA", "right"), ("vs seeds", "right")):
         table.add_column(col, justify=justify)
     now = time.time()
-    colours = {"running": "cyan", "finished": "green", "failed": "red", "diverged": "yellow", "retrying": "magenta"}
+    colours = {"running": "cyan", "finished": "green", "failed": "red", "diverged": "yellow", "retrying": "magenta",
+               "stalled": "bold red"}
     for _, row in sorted(rows.items()):
         total = row.get("total")
         step = f"{row.get('step', 0)}/{total}" if total else "-"

@@ -175,9 +175,11 @@ class FaultConfig:
     repeat_batch_at_step: Optional[int] = None  # train this step on a batch of one token repeated ...
     repeat_batch_steps: int = 1  # ... and as many steps from it as this ...
     repeat_batch_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
+    hang_at_step: Optional[int] = None  # sleep forever after this step (the stall watchdog's test) ...
+    hang_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
 
     def check(self) -> None:
-        for key in ("nan_at_step", "kill_at_step", "lr_boost_at_step", "repeat_batch_at_step"):
+        for key in ("nan_at_step", "kill_at_step", "lr_boost_at_step", "repeat_batch_at_step", "hang_at_step"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"train.fault.{key} must be a step of at least 1 (steps count from 1), got {value}.")
@@ -317,6 +319,7 @@ class LauncherConfig:
     workers_per_run: int = 1
     max_retries: int = 2
     progress: bool = True
+    stall_timeout_s: float = 600.0  # kill (and retry) a job with no progress report for this long; 0: off
     # run a job even when its budget would take days on the CPU (JobConfig.check's estimate, CPU_TRAIN_FLOPS_PER_S)
     allow_slow: bool = False
 
@@ -334,6 +337,8 @@ class LauncherConfig:
         if self.max_retries < 0:
             raise ConfigError(
                 f"launcher.max_retries must be 0 (no retry) or a positive number of retries, got {self.max_retries}.")
+        if not self.stall_timeout_s >= 0:
+            raise ConfigError(f"launcher.stall_timeout_s must be 0 (off) or a number of seconds, got {self.stall_timeout_s}.")
 
 
 # What the CPU estimate assumes: a training step of 6 x N FLOPs per token at this rate. Measured on this

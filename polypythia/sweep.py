@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from polypythia import localray, mlflow_ui, runfolder, tracking, worker
+from polypythia import localray, mlflow_ui, runfolder, tracking, watchdog, worker
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
 from polypythia.errors import ConfigError
@@ -196,13 +196,18 @@ class Sweep:
         run_job = ray.remote(max_calls=1)(worker.run_job)
         outcomes: dict[int, JobOutcome] = {}
         rows: dict[int, dict] = {}
+        pending: dict[Any, int] = {}
+        interrupted = False
         try:
             board = ray.remote(ProgressBoard).options(num_cpus=0).remote([j.run_name for j in self.jobs],
                                                                          self.monitor.plans())
             watch = MonitorLog(self.monitor, tracking.client(self.tracking_uri), self.parent_runs, self.jobs)
-            refs = [run_job.options(**self._task_options(i)).remote(self.job_spec(i), board, self.placement_groups.get(i))
-                    for i in range(len(self.jobs))]
-            pending = {ref: i for i, ref in enumerate(refs)}
+
+            def submit(i: int) -> Any:
+                return run_job.options(**self._task_options(i)).remote(self.job_spec(i), board, self.placement_groups.get(i))
+
+            pending = {submit(i): i for i in range(len(self.jobs))}
+            stalls: Counter = Counter()
             with ProgressDisplay(enabled=self.launcher.progress) as display:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
@@ -214,22 +219,61 @@ class Sweep:
                             outcomes[index] = JobOutcome(state="failed", error=exc, reason=_last_line(exc))
                             board.update.remote(index, {"state": "failed"})
                     rows = ray.get(board.snapshot.remote())
+                    for ref, index in list(pending.items()):  # the stall watchdog
+                        if watchdog.stalled(rows[index], time.time(), self.launcher.stall_timeout_s):
+                            del pending[ref]
+                            outcome = self._kill_stalled(index, ref, rows[index], stalls, board)
+                            if outcome is None:
+                                pending[submit(index)] = index
+                            else:
+                                outcomes[index] = outcome
                     watch.watch(rows)
                     display.update(watch.marks(rows))
             rows = ray.get(board.snapshot.remote())  # the jobs' last reports
             watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the launcher turns it into one)
+            interrupted = True
+            for ref in pending:
+                _cancel(ref)
+            raise
         finally:
-            self._finish(outcomes)
+            self._finish(outcomes, interrupted)
         results = [replace(outcomes[i], attempts=rows.get(i, {}).get("attempt", 1) or 1) for i in range(len(self.jobs))]
         self._report(results)
         return results
 
-    def _finish(self, outcomes: dict[int, JobOutcome]) -> None:
+    def _kill_stalled(self, index: int, ref: Any, row: dict, stalls: Counter, board: Any) -> Optional[JobOutcome]:
+        """Kill job ``index``'s stalled process; None when it is to be retried, else its outcome."""
+        job, timeout = self.jobs[index], self.launcher.stall_timeout_s
+        _cancel(ref)
+        stalls[index] += 1
+        retry = stalls[index] <= job.launcher.max_retries
+        what = "retrying it (it resumes from its checkpoint)" if retry else f"failed after {stalls[index]} stall(s)"
+        tail = "\n    ".join(watchdog.last_lines(self.requests[index].logging_config, row))
+        print(f"[watchdog] {job.run_name}: stalled (no progress for {timeout:g} s, last reported step {row.get('step', 0)}); "
+              f"killed, {what}. Its last log lines:\n    {tail}", flush=True)
+        board.update.remote(index, {"state": watchdog.STALLED})
+        if retry:
+            return None
+        return JobOutcome(state="failed", reason=f"stalled: no progress for {timeout:g} s (last reported step {row.get('step', 0)})")
+
+    def _finish(self, outcomes: dict[int, JobOutcome], interrupted: bool = False) -> None:
         client = tracking.client(self.tracking_uri)
+        reasons: dict[str, dict[str, tuple[str, str]]] = {}  # per study: run name -> (status, failure_reason)
+        for i, job in enumerate(self.jobs):
+            outcome = outcomes.get(i)
+            if outcome is None or not outcome.finished:
+                reason = (watchdog.STALLED if outcome.reason.startswith(watchdog.STALLED) else outcome.reason) if outcome \
+                    else watchdog.INTERRUPTED
+                reasons.setdefault(job.study, {})[job.run_name] = ("KILLED" if outcome is None else "FAILED", reason)
         for study, run_id in self.parent_runs.items():
             failed = any(i not in outcomes or not outcomes[i].finished for i, j in enumerate(self.jobs) if j.study == study)
             try:
-                client.set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+                if study in reasons:  # job runs left RUNNING: killed, stalled, or a process that died too often
+                    watchdog.close_open_runs(client, run_id, reasons[study])
+                if interrupted:
+                    client.set_tag(run_id, "failure_reason", watchdog.INTERRUPTED)
+                client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
             except Exception as exc:  # noqa: BLE001 - a dead server must not hide the jobs' outcome
                 log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
         self.shutdown()
@@ -281,6 +325,16 @@ def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
             f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it "
             "(ray start --head) or fix the address."
         ) from None
+
+
+def _cancel(ref: Any) -> None:
+    """Kill a job's Ray task (its worker process, with force) and forget errors: it may be done."""
+    import ray
+
+    try:
+        ray.cancel(ref, force=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("Could not cancel %s: %s", ref, exc)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -40,6 +40,8 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     def report_progress(update: dict) -> None:
         progress_board.update.remote(spec.index, update)
 
+    report_progress({"state": "running"})  # before its first step (and the stall watchdog's clock restarts)
+
     with owner:  # job.run claims it again (claims nest); held until the other ranks are done too
         other_ranks = []
         try:

@@ -20,6 +20,7 @@ for a job launched without ``-m``.
 
 import copy
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -60,15 +61,24 @@ class PolypythiaRayLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         job_configs = [self._job_config(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        previous = signal.getsignal(signal.SIGTERM)
         try:
-            sweep = Sweep([_job_request(c) for c in job_configs], launch_dir=os.getcwd(),  # validates every job
-                          on_finished=print_cross_seed_summary)
-            for job_cfg in job_configs:
-                _save_hydra_folder(job_cfg)
-            sweep.prepare()
-        except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
-            exit_with(exc)
-        outcomes = sweep.run()
+            try:
+                sweep = Sweep([_job_request(c) for c in job_configs], launch_dir=os.getcwd(),  # validates every job
+                              on_finished=print_cross_seed_summary)
+                for job_cfg in job_configs:
+                    _save_hydra_folder(job_cfg)
+                sweep.prepare()
+            except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
+                exit_with(exc)
+            signal.signal(signal.SIGTERM, _raise_interrupt)  # stops the sweep as Ctrl-C does (after ray.init's own handler)
+            outcomes = sweep.run()
+        except KeyboardInterrupt:  # the sweep stopped its jobs and marked their MLflow runs KILLED
+            print("\npolypythia: interrupted; the jobs were stopped and their MLflow runs marked KILLED "
+                  "(failure_reason=interrupted).", flush=True)
+            raise SystemExit(130) from None
+        finally:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         returns = [_job_return(c, outcome) for c, outcome in zip(job_configs, outcomes)]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         failed = sum(r.status == JobStatus.FAILED for r in returns)
@@ -89,6 +99,10 @@ class PolypythiaRayLauncher(Launcher):
             for key, value in OmegaConf.to_container(_job_body(job_cfg), resolve=True).items():
                 job_cfg[key] = value
         return job_cfg
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _job_body(job_cfg: DictConfig) -> DictConfig:

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from polypythia import localray, tracking
 from polypythia.errors import PolypythiaError
@@ -206,10 +206,12 @@ def _progress_bar(total: int, show: bool):
 
 def evaluate_targets(targets: list[RunTarget], options: EvalOptions, mlflow_client=None, *, use_ray: bool = True,
                      ray_address: str | None = None, num_gpus_per_run: float = 0.0, out_dir: str | Path | None = None,
-                     reference_seed: int | str | RunKey | None = None, show_progress: bool = True, echo=print) -> Summary:
+                     reference_seed: int | str | RunKey | None = None, show_progress: bool = True, echo=print,
+                     heartbeat: Callable[[], None] | None = None) -> Summary:
     """Plan, compute what is missing, log it to MLflow, and write the tables (when ``out_dir`` is given).
 
     ``reference_seed``: the inter-seed agreement reference (see :func:`tables.agreement_table`).
+    ``heartbeat``: called after each evaluated checkpoint (a sweep's stall watchdog counts it as progress).
     """
     options.check()
     reference_run(reference_seed)  # a malformed label fails before any work
@@ -228,6 +230,8 @@ def evaluate_targets(targets: list[RunTarget], options: EvalOptions, mlflow_clie
 
         def on_report(report: dict) -> None:
             bar.update(1)
+            if heartbeat is not None:
+                heartbeat()
             if report.get("error"):
                 summary.errors.append(f"{report['name']} step {report['step']}: {report['error']}")
             for name in report["computed"]:
@@ -267,7 +271,7 @@ def describe(summary: Summary) -> str:
 
 def evaluate_run(run_dir: str | Path, *, cfg=None, tracking_uri: str | None = None, run_id: str | None = None,
                  options: EvalOptions | None = None, out_dir: str | Path | None = None, use_ray: bool = False,
-                 show_progress: bool = False, echo=log.info) -> Summary:
+                 show_progress: bool = False, echo=log.info, heartbeat: Callable[[], None] | None = None) -> Summary:
     """Evaluate every checkpoint of one run trained here (e.g. right after training), in-process by default.
 
     ``cfg`` (a JobConfig) gives the validation rows, names and seeds, and the weight-statistics
@@ -287,4 +291,4 @@ def evaluate_run(run_dir: str | Path, *, cfg=None, tracking_uri: str | None = No
     run = mlflow_client.get_run(run_id) if mlflow_client is not None else None
     target = target_for_run_dir(run_dir, cfg=cfg, run=run)
     return evaluate_targets([target], options, mlflow_client, use_ray=use_ray, out_dir=out_dir,
-                            show_progress=show_progress, echo=echo)
+                            show_progress=show_progress, echo=echo, heartbeat=heartbeat)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,6 +146,20 @@ class RepeatBatch(Callback):
         return np.full_like(rows, rows.flat[0])
 
 
+class HangAtStep(Callback):
+    """Fault injection: sleeps forever after ``step`` (in every attempt), a job that stops making
+    progress without dying; the sweep's stall watchdog (``launcher.stall_timeout_s``) must kill it."""
+
+    priority = -100
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        while step == self.step:
+            time.sleep(3600)
+
+
 def callbacks_from_config(cfg: JobConfig) -> list[Callback]:
     """The divergence check, the stability monitor, and the faults ``train.fault`` injects into this
     job (by its seed)."""
@@ -160,6 +175,8 @@ def callbacks_from_config(cfg: JobConfig) -> list[Callback]:
         callbacks.append(BoostLR(fault.lr_boost_at_step, fault.lr_boost))
     if fault.repeat_batch_at_step is not None and _applies(cfg, fault.repeat_batch_seeds):
         callbacks.append(RepeatBatch(fault.repeat_batch_at_step, fault.repeat_batch_steps))
+    if fault.hang_at_step is not None and _applies(cfg, fault.hang_seeds):
+        callbacks.append(HangAtStep(fault.hang_at_step))
     return callbacks
 
 
