@@ -254,8 +254,7 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
     (``"polypythias"`` = :data:`POLYPYTHIAS_EVAL_STEPS`, or ``"0,1,2,512"``). ``model`` names the
     model of a table that has no ``model`` column (see :func:`load_tidy_file`).
     """
-    wanted_steps = None if steps is None else (parse_steps(steps) if isinstance(steps, str)
-                                               else sorted({int(s) for s in steps}))
+    wanted_steps = None if steps is None else parse_steps(steps)
     choice = choose_source(source)
     if choice.kind == "lm-eval":
         study = load_lm_eval_folder(choice.name, steps=wanted_steps)
@@ -281,9 +280,12 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
     return study
 
 
-def parse_steps(text: str) -> list[int]:
-    """The steps a ``--steps`` value names: a preset (``"polypythias"``) or a comma list (``"0,1,2,512"``)."""
-    cleaned = str(text).strip()
+def parse_steps(text) -> list[int]:
+    """The steps a ``--steps`` value names, sorted and unique: a preset (``"polypythias"``), a comma list
+    (``"0,1,2,512"``), or already a list of step numbers."""
+    if not isinstance(text, str):
+        return sorted({int(step) for step in text})
+    cleaned = text.strip()
     if cleaned.lower() in STEP_PRESETS:
         return list(STEP_PRESETS[cleaned.lower()])
     parts = [part.strip() for part in cleaned.split(",")]

@@ -364,8 +364,7 @@ def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, 
     if not features:
         raise AnalysisError("The study has no features for training maps (no weights/* metrics); "
                             "name metrics to use with --map-features.")
-    wanted = None if steps is None else (parse_steps(steps) if isinstance(steps, str)
-                                         else sorted({int(s) for s in steps}))
+    wanted = None if steps is None else parse_steps(steps)
     settings = MapSettings(candidates=[int(states)] if states is not None else list(range(1, max_states + 1)),
                            seeds=restart_seeds(restarts), criterion="fixed" if states is not None else criterion,
                            heldout_fraction=float(heldout_fraction), split_seed=int(split_seed), n_iter=int(n_iter),

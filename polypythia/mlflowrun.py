@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from polypythia import runfolder, tracking
+from polypythia import runfolder, study, tracking
 from polypythia.config import JobConfig, flat_params
 from polypythia.errors import TrackingError
 
@@ -29,18 +29,18 @@ def git_commit() -> str:
 
 def run_tags(cfg: JobConfig, parent_run_id: str | None) -> dict[str, str]:
     tags = {
-        "polypythia.kind": "job",
-        "model": cfg.model.name,
-        "seed": str(cfg.seed),
-        "weight_seed": str(cfg.effective_weight_seed),
-        "data_seed": str(cfg.effective_data_seed),
-        "weight_stats": cfg.train.weight_stats,
+        study.KIND_TAG: study.JOB_KIND,
+        study.MODEL_TAG: cfg.model.name,
+        study.SEED_TAG: str(cfg.seed),
+        study.WEIGHT_SEED_TAG: str(cfg.effective_weight_seed),
+        study.DATA_SEED_TAG: str(cfg.effective_data_seed),
+        study.WEIGHT_STATS_TAG: cfg.train.weight_stats,
         "budget": cfg.budget.name,
         "git_commit": git_commit(),
-        "run_dir": cfg.run_dir,
+        study.RUN_DIR_TAG: cfg.run_dir,
     }
     if parent_run_id:
-        tags["mlflow.parentRunId"] = parent_run_id
+        tags[study.PARENT_TAG] = parent_run_id
     return tags
 
 

@@ -22,6 +22,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from polypythia.runfolder import CONFIG_RECORD
 from polypythia.train.schedule import checkpoint_steps
 
 PYTHIA_STEPS: tuple[int, ...] = tuple(checkpoint_steps(143000, 1000, True))
@@ -163,7 +164,7 @@ def distance(a: dict, b: dict) -> float | None:
 def run_schedule(checkpoint_path: str | Path) -> list[int] | None:
     """The checkpoint schedule of a run trained here, from ``run_config.json`` beside ``checkpoints/``."""
     parent = Path(checkpoint_path).parent
-    record = parent.parent / "run_config.json"
+    record = parent.parent / CONFIG_RECORD
     if parent.name != "checkpoints" or not record.is_file():
         return None
     try:
