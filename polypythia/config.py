@@ -63,8 +63,8 @@ class JobConfig:
 
     def check(self) -> None:
         from polypythia.recipe import PYTHIA_VOCAB_SIZE
-        from polypythia.preflight import (CPU_SLOW_HOURS, CPU_TRAIN_FLOPS_PER_S, budget_tokens, format_duration,
-                                          short_count, training_params, writable_folder_problem)
+        from polypythia.preflight import (CPU_SLOW_HOURS, CPU_TRAIN_FLOPS_PER_S, budget_tokens, check_token_ids,
+                                          format_duration, short_count, training_params, writable_folder_problem)
 
         for key in ("seed", "weight_seed", "data_seed"):
             value = getattr(self, key)
@@ -97,6 +97,7 @@ class JobConfig:
                     f"token ids would have no embedding row; set model.vocab_size to at least {size}, or null for "
                     "the tokenizer's vocabulary padded to a multiple of 128."
                 )
+        check_token_ids(self)  # a sample of indexed data's tokens against the model's vocabulary
         folders = [("runs_dir", self.runs_dir)]
         folders += [("tracking.dir", self.tracking.dir)] if not self.tracking.uri else []
         folders += [("data.cache_dir", self.data.cache_dir)] if self.data.kind == "embedded" else []

@@ -88,3 +88,37 @@ def writable_folder_problem(path: str) -> Optional[str]:
     if not os.access(current, os.W_OK | os.X_OK):
         return f"the folder {current} is not writable"
     return None
+
+
+def check_token_ids(cfg) -> None:  # cfg: a polypythia.config.JobConfig
+    """A ConfigError when indexed data holds token ids the model has no embedding row for (found in
+    a sample of the ``.bin`` file: a wrong tokenizer or vocabulary), before any job starts."""
+    if cfg.data.kind != "indexed":
+        return  # the embedded corpus is built with its own tokenizer
+    size = cfg.data.tokenizer_vocab_size()[0]
+    vocab = cfg.model.padded_vocab_size(size)
+    source = (f"model.vocab_size={cfg.model.vocab_size}" if cfg.model.vocab_size else
+              f"model.vocab_size=null: the tokenizer's {size:,} tokens padded to a multiple of 128")
+    problem = token_id_problem(cfg.data.path, vocab, source)
+    if problem:
+        raise ConfigError(f"data.path={cfg.data.path}: {problem}.")
+
+
+def token_id_problem(prefix: str, vocab_size: int, vocab_source: str) -> Optional[str]:
+    """Why the ``.bin/.idx`` pair at ``prefix`` does not fit a model of ``vocab_size`` embedding rows
+    (``vocab_source`` says where that number comes from), from a sample of its tokens, or None."""
+    stat = os.stat(prefix + ".bin")  # the cache key: a changed file is sampled again
+    low, high, read = _cached_token_range(os.path.abspath(prefix), stat.st_mtime_ns, stat.st_size)
+    bad = high if high >= vocab_size else low if low < 0 else None
+    if bad is None:
+        return None
+    return (f"the token file {prefix}.bin holds token id {bad:,} (in a sample of {short_count(read)} tokens), "
+            f"beyond the model's vocabulary of {vocab_size:,} rows ({vocab_source}); check that data.tokenizer is the "
+            "tokenizer the data was prepared with (re-run polypythia-prepare with it), or raise model.vocab_size")
+
+
+@functools.lru_cache(maxsize=16)  # a sweep validates every job against the same dataset
+def _cached_token_range(prefix: str, mtime_ns: int, size: int) -> tuple[int, int, int]:
+    from polypythia.data.indexed import sample_token_range
+
+    return sample_token_range(prefix)

@@ -83,3 +83,129 @@ def test_read_only_home_as_os_access_reports_it(tmp_path, monkeypatch):
         f"POLYPYTHIA_HOME={home} cannot be written (the folder {home} is not writable), so Hydra cannot create "
         f"{home / 'hydra' / 'multirun' / 't'}; set POLYPYTHIA_HOME (or home=...) to a folder you can write to.")
     assert not (home / "hydra").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# token ids beyond the model's vocabulary (issue #14, item 12): a sample before anything starts,
+# every batch when it is trained on
+
+
+def small_job(tmp_path: Path, folder: Path, **overrides) -> dict:
+    """A tiny/smoke job on the .bin/.idx pair ``folder/d`` with ``folder/tokenizer.json``."""
+    from test_bad_inputs import indexed, job
+
+    return job(tmp_path, **indexed(folder), **overrides)
+
+
+@pytest.fixture(scope="module")
+def small_pair(tmp_path_factory):
+    """A 300-token byte-level BPE tokenizer (a model of 384 rows) and a .bin/.idx pair of its ids."""
+    import numpy as np
+
+    from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
+    from polypythia.data.indexed import write_indexed_dataset
+
+    folder = tmp_path_factory.mktemp("pair")
+    texts = ["the quick brown fox jumps over the lazy dog " * 6, "pack my box with five dozen liquor jugs " * 6] * 12
+    tokenizer = train_tokenizer(texts, 300)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eod = tokenizer.token_to_id(EOD_TOKEN)
+    docs = [np.asarray(e.ids + [eod], dtype=np.uint16) for e in tokenizer.encode_batch(texts)]
+    write_indexed_dataset(folder / "d", docs, np.uint16)
+    return folder
+
+
+def copy_with_token(source: Path, target: Path, position: int, token: int) -> Path:
+    """The pair at ``source`` copied to ``target`` with the token at ``position`` set to ``token``."""
+    import numpy as np
+
+    target.mkdir(exist_ok=True)
+    for name in ("d.idx", "tokenizer.json"):
+        (target / name).write_bytes((source / name).read_bytes())
+    tokens = np.fromfile(source / "d.bin", dtype=np.uint16)
+    tokens[position] = token
+    tokens.tofile(target / "d.bin")
+    return target
+
+
+def test_token_ids_beyond_the_vocabulary_are_one_error_before_anything_starts(tmp_path, small_pair):
+    from polypythia.config import job_config
+    from polypythia.errors import ConfigError
+    from polypythia.preflight import short_count
+
+    job_config(small_job(tmp_path, small_pair))  # the clean pair fits the 384 rows
+    bad = copy_with_token(small_pair, tmp_path / "bad", 100, 1000)
+    tokens = (bad / "d.bin").stat().st_size // 2  # a small file is read whole
+    with pytest.raises(ConfigError) as caught:
+        job_config(small_job(tmp_path, bad))
+    assert str(caught.value) == (
+        f"data.path={bad / 'd'}: the token file {bad / 'd.bin'} holds token id 1,000 (in a sample of "
+        f"{short_count(tokens)} tokens), beyond the model's vocabulary of "
+        "384 rows (model.vocab_size=null: the tokenizer's 300 tokens padded to a multiple of 128); check that "
+        "data.tokenizer is the tokenizer the data was prepared with (re-run polypythia-prepare with it), or raise "
+        "model.vocab_size.")
+    with pytest.raises(ConfigError, match=r"beyond the model's vocabulary of 512 rows \(model\.vocab_size=512\)"):
+        job_config(small_job(tmp_path, bad, model__vocab_size=512))
+    job_config(small_job(tmp_path, bad, model__vocab_size=1024))  # an explicit, larger vocabulary
+
+
+def test_the_sample_reads_slices_of_a_large_file(tmp_path):
+    import numpy as np
+
+    from polypythia.data.indexed import sample_token_range, write_indexed_dataset
+
+    tokens = np.arange(200_000, dtype=np.int32) % 5000
+    tokens[150_000] = -7  # a signed dtype can hold negative ids
+    write_indexed_dataset(tmp_path / "d", [tokens], np.int32)
+    assert sample_token_range(tmp_path / "d") == (-7, 4999, 200_000)  # smaller than the sample: read whole
+    low, high, read = sample_token_range(tmp_path / "d", chunks=4, chunk_bytes=4000)
+    assert read == 4 * 1000 and low == 0 and high == 4999  # 4 slices of 1,000 ids; the -7 lies between them
+
+
+def test_each_batch_is_checked_where_the_sample_saw_nothing(tmp_path, small_pair):
+    """A bad id that the sample before the start missed (here written after validation) stops the
+    batch that holds it, naming its step and row, instead of an IndexError deep in torch."""
+    import numpy as np
+
+    from polypythia.config import job_config
+    from polypythia.errors import DataError
+    from polypythia.train.data import load_training_data
+
+    folder = copy_with_token(small_pair, tmp_path / "pair", 0, 5)
+    cfg = job_config(small_job(tmp_path, folder, budget__steps=200))
+    data = load_training_data(cfg)
+    assert data.vocab_size == 384
+    seq = cfg.budget.seq_length
+    position = 7 * seq + 3  # inside training row 7 only
+    tokens = np.memmap(folder / "d.bin", dtype=np.uint16, mode="r+")
+    tokens[position] = 999
+    tokens.flush()
+    del tokens
+    first = next(step for step in range(200) if 7 in data.order.batch_indices(step, data.global_batch_size))
+    for step in range(first):
+        data.batch(step)
+    with pytest.raises(DataError) as caught:
+        data.batch(first)
+    assert str(caught.value) == (
+        f"The batch of step {first + 1} holds token id 999 in row 7 of {folder / 'd'}.bin (polypythia-batch --step "
+        f"{first + 1} shows it), beyond the model's vocabulary of 384 rows (model.vocab_size); check that "
+        "data.tokenizer is the tokenizer the data was prepared with (re-run polypythia-prepare with it), or raise "
+        "model.vocab_size.")
+    data.sequences.rows(np.array([7]))  # the rows themselves stay readable (polypythia-batch shows them)
+
+
+def test_validation_rows_are_checked_too(tmp_path, small_pair):
+    import numpy as np
+
+    from polypythia.data.indexed import IndexedDataset
+    from polypythia.data.sequences import TokenSequences
+    from polypythia.errors import DataError
+
+    sequences = TokenSequences(IndexedDataset(small_pair / "d"), 32, valid_fraction=0.2, vocab_size=384)
+    assert sequences.valid_rows().shape[0] == sequences.num_valid_rows
+    folder = copy_with_token(small_pair, tmp_path / "pair", (sequences.num_train_rows + 1) * 32 + 5, 400)
+    sequences = TokenSequences(IndexedDataset(folder / "d"), 32, valid_fraction=0.2, vocab_size=384)
+    with pytest.raises(DataError, match=rf"^Validation row {sequences.num_train_rows + 1} of .*d\.bin holds token id 400, "
+                       r"beyond the model's vocabulary of 384 rows"):
+        sequences.valid_rows()
+    assert np.asarray(TokenSequences(IndexedDataset(folder / "d"), 32, 0.2).valid_rows()).max() == 400  # unchecked without a vocabulary

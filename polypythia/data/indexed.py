@@ -191,3 +191,28 @@ class IndexedDataset:
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+
+SAMPLE_CHUNKS = 16
+SAMPLE_CHUNK_BYTES = 1 << 20
+
+
+def sample_token_range(prefix: str | Path, chunks: int = SAMPLE_CHUNKS,
+                       chunk_bytes: int = SAMPLE_CHUNK_BYTES) -> tuple[int, int, int]:
+    """(smallest id, largest id, tokens read) of ``chunks`` evenly spaced slices of ``chunk_bytes``
+    of the ``.bin`` file (all of it when it is smaller): 16 MiB by default, tens of milliseconds
+    from a page cache, however large the dataset. A check before any job starts, not a proof: every
+    batch is checked again when it is trained on."""
+    bin_path, idx_path = _paths(prefix)
+    dtype = read_header(idx_path)[0]
+    tokens = np.memmap(bin_path, mode="r", dtype=dtype) if bin_path.stat().st_size >= dtype.itemsize else None
+    if tokens is None or not len(tokens):
+        return 0, 0, 0
+    per_chunk = max(1, chunk_bytes // dtype.itemsize)
+    if len(tokens) <= chunks * per_chunk:
+        starts = [0]
+        per_chunk = len(tokens)
+    else:
+        starts = np.linspace(0, len(tokens) - per_chunk, chunks).astype(np.int64).tolist()
+    lows, highs = zip(*((int(s.min()), int(s.max())) for s in (tokens[a : a + per_chunk] for a in starts)))
+    return min(lows), max(highs), per_chunk * len(starts)

@@ -12,7 +12,7 @@ import numpy as np
 from polypythia.config import JobConfig
 from polypythia.data.embedded import ensure_embedded_dataset
 from polypythia.data.indexed import IndexedDataset
-from polypythia.data.sequences import SeededOrder, TokenSequences
+from polypythia.data.sequences import SeededOrder, TokenSequences, out_of_vocabulary, vocabulary_fix
 from polypythia.errors import DataError
 
 
@@ -40,11 +40,21 @@ class TrainingData:
     global_batch_size: int
     tokenizer_file: str
     tokenizer_vocab_size: int
+    vocab_size: int | None = None  # the model's embedding rows: every batch's ids are checked against it
 
     def batch(self, step: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
-        """Rank's rows of the batch trained on at 0-based optimizer step ``step``."""
+        """Rank's rows of the batch trained on at 0-based optimizer step ``step``; a token id the model
+        has no embedding row for is a DataError naming the step and row (the one-line form of the
+        IndexError torch's embedding would raise, or of a wrong lookup on a GPU)."""
         indices = self.order.batch_indices(step, self.global_batch_size, rank, world_size)
-        return self.sequences.rows(indices)
+        rows = self.sequences.rows(indices)
+        found = None if self.vocab_size is None else out_of_vocabulary(rows, self.vocab_size)
+        if found:
+            row = int(indices[found[0]])
+            raise DataError(
+                f"The batch of step {step + 1} holds token id {found[1]} in row {row} of {self.sequences.prefix}.bin "
+                f"(polypythia-batch --step {step + 1} shows it), beyond {vocabulary_fix(self.vocab_size)}.")
+        return rows
 
     def save_tokenizer(self, directory: Path) -> None:
         """Write the tokenizer so the checkpoint folder loads with transformers' Auto classes."""
@@ -58,11 +68,14 @@ class TrainingData:
 
 def load_training_data(cfg: JobConfig) -> TrainingData:
     prefix, tokenizer_file = dataset_files(cfg)
-    sequences = TokenSequences(IndexedDataset(prefix), cfg.budget.seq_length, cfg.data.valid_fraction)
+    tokenizer_size = tokenizer_vocab_size(tokenizer_file)
+    vocab_size = cfg.model.padded_vocab_size(tokenizer_size)  # as train() builds the model
+    sequences = TokenSequences(IndexedDataset(prefix), cfg.budget.seq_length, cfg.data.valid_fraction, vocab_size)
     return TrainingData(
         sequences=sequences,
         order=SeededOrder(sequences.num_train_rows, cfg.effective_data_seed),
         global_batch_size=cfg.budget.global_batch_size,
         tokenizer_file=tokenizer_file,
-        tokenizer_vocab_size=tokenizer_vocab_size(tokenizer_file),
+        tokenizer_vocab_size=tokenizer_size,
+        vocab_size=vocab_size,
     )
