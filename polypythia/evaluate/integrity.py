@@ -9,7 +9,9 @@ step 1 (issues #83, #198), and seed runs whose checkpoints do not descend from t
   when known, else Pythia's (0, 1, 2, 4, ..., 512, 1000, 2000, ..., 143000) within the run's step range;
 * identical: consecutive checkpoints whose weight files hash the same (:func:`checkpoint_digest`);
 * not descended: a checkpoint up to :data:`DESCENT_HORIZON` steps that is not closer (L2 over the
-  first rows of a few weight matrices) to its run's step 0 than to another seed's step 0.
+  first rows of a few weight matrices) to its run's step 0 than to another seed's step 0;
+* unreadable: a checkpoint whose ``config.json`` or safetensors header cannot be read (a truncated
+  or half-copied file; :func:`checkpoint_problem`), left out of the other checks.
 
 The findings are :class:`Problem` rows; :func:`report` prints them (rich) and writes ``check.csv``.
 """
@@ -22,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from polypythia.errors import PolypythiaError
 from polypythia.runfolder import CONFIG_RECORD
 from polypythia.train.schedule import checkpoint_steps
 
@@ -34,6 +37,7 @@ IDENTICAL = "identical to previous checkpoint"
 IDENTICAL_HINT = "identical metrics to previous checkpoint (hint)"
 NOT_DESCENDED = "not descended from own step 0"
 FOREIGN_FILE = "evaluation file names another model"
+UNREADABLE = "unreadable checkpoint"
 _FULL_HASH_BYTES = 64 << 20  # hash smaller files whole; larger: header, size and samples (whole on a match)
 _SAMPLES, _SAMPLE_BYTES = 256, 64 << 10
 _ROWS, _MATRICES = 256, 4  # rows per matrix, matrices per checkpoint in the descent distance
@@ -130,6 +134,39 @@ def checkpoint_digest(folder: str | Path, whole: bool = False) -> str | None:
     return hashlib.sha256("".join(f"{f.name}:{file_digest(f, whole)};" for f in files).encode()).hexdigest()
 
 
+def checkpoint_problem(folder: str | Path, verify_manifest: bool = False) -> str | None:
+    """Why a Hugging Face checkpoint folder cannot be read, or None: ``config.json`` that does not
+    parse, a safetensors file whose header does not parse or covers more bytes than the file holds
+    (a truncated file; safetensors checks this when it opens a file, reading only the header), and
+    with ``verify_manifest`` a file that does not match the checkpoint's ``MANIFEST.json`` (a full
+    SHA-256 of the weights: what an evaluation that loads them anyway can afford)."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    try:
+        json.loads((folder / "config.json").read_text())
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt"):
+                pass
+        if verify_manifest:
+            from polypythia.train.checkpoint import verify_weights
+
+            verify_weights(folder)
+    except SafetensorError as exc:
+        return f"{path.name}: {exc}"
+    except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
+        return f"config.json: {exc}"
+    except PolypythiaError as exc:  # CheckpointError: a file that does not match the manifest
+        return str(exc).removeprefix(f"Checkpoint {folder} is corrupt: ").rstrip(".")
+    return None
+
+
+def corrupt_message(folder: str | Path, problem: str) -> str:
+    """The one line for a checkpoint that cannot be evaluated: which, why, and the fix."""
+    return (f"Checkpoint {folder} is corrupt or incomplete ({problem}), so it was skipped; restore it from a copy or "
+            "download it again (or delete the folder), then run the command again to evaluate it.")
+
+
 def sample_matrices(folder: str | Path, names: list[str] | None = None) -> dict[str, object]:
     """The first rows of a few 2-D weight matrices (embeddings left out) as float32 tensors."""
     from safetensors import safe_open
@@ -178,6 +215,7 @@ def run_schedule(checkpoint_path: str | Path) -> list[int] | None:
 def check_targets(targets, horizon: int = DESCENT_HORIZON) -> list[Problem]:
     """Every problem of the checkpoint folders of ``targets`` (RunTargets), run by run."""
     problems: list[Problem] = []
+    targets = [readable_part(target, problems) for target in targets]
     zeros = {}  # run name -> (model, sample of its step 0)
     for target in targets:
         zero = next((c for c in target.checkpoints if c.step == 0), None)
@@ -199,6 +237,19 @@ def check_targets(targets, horizon: int = DESCENT_HORIZON) -> list[Problem]:
                                         f"the weight files of steps {step_list(group)} are byte-identical"))
         problems += descent_problems(target, ident, zeros, horizon)
     return problems
+
+
+def readable_part(target, problems: list[Problem]):
+    """``target`` without its unreadable checkpoints, which become one problem row of the run."""
+    from dataclasses import replace
+
+    unreadable = {c.step: p for c in target.checkpoints if (p := checkpoint_problem(c.path))}
+    if not unreadable:
+        return target
+    detail = "; ".join(f"step {step}: {problem}" for step, problem in sorted(unreadable.items())[:3])
+    problems.append(Problem(target.model, target.seed, target.weight_seed, target.data_seed, UNREADABLE,
+                            step_list(sorted(unreadable)), detail + ("; ..." if len(unreadable) > 3 else "")))
+    return replace(target, checkpoints=[c for c in target.checkpoints if c.step not in unreadable])
 
 
 def descent_problems(target, ident, zeros: dict, horizon: int) -> list[Problem]:

@@ -7,8 +7,8 @@ evaluator), and tables.py writes the metrics and agreement tables. This module k
 by name: it asks the registry.
 
 Idempotence. Before any work the driver *plans*: an evaluator whose stored result is current is
-done; one whose values training already logged to MLflow (evaluate/callback.py does at every
-checkpoint) gets its result file from them without loading a model. Only what is left is computed,
+done; one whose values the run already has in MLflow (runs trained before evaluation moved off the
+step loop logged them at every checkpoint) gets its result file from them without loading a model. Only what is left is computed,
 one Ray task per run (or in-process with ``use_ray=False``); the driver then logs to MLflow every
 value of a current result file that the run lacks at that step (unless the evaluator says the run's
 metrics are of another kind), and writes the tables from the result files. A second pass therefore
@@ -26,8 +26,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from polypythia import localray, tracking
-from polypythia.errors import PolypythiaError
+from safetensors import SafetensorError
+
+from polypythia.errors import CheckpointError, PolypythiaError
 from polypythia.evaluate.evaluators import REGISTRY, EvalOptions, Logged, selected
+from polypythia.evaluate.integrity import checkpoint_problem, corrupt_message
 from polypythia.evaluate.results import read_result, write_result
 from polypythia.evaluate.tables import RunKey, reference_run, write_tables
 from polypythia.evaluate.targets import CheckpointTarget, EvaluationError, RunTarget, target_for_run_dir
@@ -97,10 +100,23 @@ def compute_run(target: dict, options: dict) -> Iterator[dict]:
             continue
         started = time.perf_counter()
         try:
+            readable(checkpoint)
             compute_checkpoint(checkpoint, todo, run, opts, cache)
             yield {"name": run.name, "step": checkpoint.step, "computed": todo, "seconds": time.perf_counter() - started}
         except PolypythiaError as exc:
             yield {"name": run.name, "step": checkpoint.step, "computed": [], "error": str(exc)}
+        except SafetensorError as exc:  # corrupt in a way the header and manifest checks do not see
+            yield {"name": run.name, "step": checkpoint.step, "computed": [],
+                   "error": corrupt_message(checkpoint.path, f"{type(exc).__name__}: {exc}")}
+
+
+def readable(checkpoint: CheckpointTarget) -> None:
+    """A CheckpointError (one line: which checkpoint, why, the fix) unless the checkpoint's config and
+    safetensors headers read and its files match its manifest (checkpoints trained here have one):
+    a corrupt checkpoint is skipped, the others are evaluated, and the command exits 1 at the end."""
+    problem = checkpoint_problem(checkpoint.path, verify_manifest=True)
+    if problem:
+        raise CheckpointError(corrupt_message(checkpoint.path, problem))
 
 
 # ----------------------------------------------------------------------------- running the plan

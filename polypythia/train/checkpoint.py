@@ -94,14 +94,8 @@ def verify(directory: Path) -> None:
     manifest_path = directory / "MANIFEST.json"
     if not manifest_path.is_file():
         raise CheckpointError(f"Checkpoint {directory} has no MANIFEST.json (it was never completed).")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError:
-        raise CheckpointError(f"Checkpoint {directory} has an unreadable MANIFEST.json.") from None
-    for rel, meta in manifest.items():
-        path = directory / rel
-        if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
-            raise CheckpointError(f"Checkpoint {directory} is corrupt: {rel} is missing or does not match its checksum.")
+    manifest = _read_manifest(directory)
+    _check_listed(directory, manifest)
     read_at_resume = [*(directory / "state").rglob("*"),
                       *(directory / name for name in (TRAINER_STATE, RNG_TENSORS, LEGACY_TRAINER_STATE))]
     for path in read_at_resume:
@@ -109,6 +103,29 @@ def verify(directory: Path) -> None:
         if path.is_file() and rel not in manifest:
             raise CheckpointError(f"Checkpoint {directory} has {rel}, which its manifest does not list "
                                   "(it was added after the checkpoint was sealed).")
+
+
+def verify_weights(directory: Path) -> None:
+    """Raise :class:`CheckpointError` unless every file the manifest lists outside ``state/`` (the
+    weights, config and tokenizer that evaluation reads) is present and intact. A folder without a
+    manifest (a published checkpoint, or one written by other tools) has nothing to verify."""
+    if (directory / "MANIFEST.json").is_file():
+        _check_listed(directory, {rel: meta for rel, meta in _read_manifest(directory).items()
+                                  if not rel.startswith("state/")})
+
+
+def _read_manifest(directory: Path) -> dict:
+    try:
+        return json.loads((directory / "MANIFEST.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(f"Checkpoint {directory} has an unreadable MANIFEST.json.") from None
+
+
+def _check_listed(directory: Path, manifest: dict) -> None:
+    for rel, meta in manifest.items():
+        path = directory / rel
+        if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
+            raise CheckpointError(f"Checkpoint {directory} is corrupt: {rel} is missing or does not match its checksum.")
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
