@@ -19,6 +19,10 @@ class CheckpointError(PolypythiaError):
     """A checkpoint is incomplete or corrupt."""
 
 
+class DiskFullError(PolypythiaError):
+    """The disk filled up while a checkpoint was written (polypythia.train.diskfull)."""
+
+
 class TrackingError(PolypythiaError):
     """The tracking server cannot be started or reached."""
 

@@ -209,3 +209,141 @@ def test_validation_rows_are_checked_too(tmp_path, small_pair):
                        r"beyond the model's vocabulary of 384 rows"):
         sequences.valid_rows()
     assert np.asarray(TokenSequences(IndexedDataset(folder / "d"), 32, 0.2).valid_rows()).max() == 400  # unchecked without a vocabulary
+
+
+# ---------------------------------------------------------------------------------------------
+# a disk that fills up during a checkpoint (issue #14, item 12): one line, nothing earlier lost
+
+
+def sealed_checkpoint(run_dir: Path, step: int, payload: int = 4096) -> Path:
+    """A resumable checkpoint folder as the checkpointer seals it (state/, trainer state, manifest)."""
+    from polypythia.train import checkpoint as ckpt
+
+    folder = ckpt.begin(run_dir, step)
+    (folder / "state").mkdir()
+    (folder / "state" / "weights.bin").write_bytes(os.urandom(payload))
+    ckpt.save_trainer_state(folder, {"step": step, "world_size": 1, "loss": 1.0})
+    return ckpt.commit(run_dir, step)
+
+
+@pytest.mark.parametrize("failure", ["oserror", "safetensors", "torch"])
+def test_a_full_disk_while_writing_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    import errno
+
+    from safetensors import SafetensorError
+
+    from polypythia.errors import DiskFullError
+    from polypythia.train import checkpoint as ckpt, diskfull
+
+    run_dir = tmp_path / "run"
+    sealed_checkpoint(run_dir, 16)
+    raised = {  # the three shapes a full disk takes (seen on a 1 MiB tmpfs with torch 2.13)
+        "oserror": OSError(errno.ENOSPC, "No space left on device"),
+        "safetensors": SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+        "torch": RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"),
+    }[failure]
+    partial = ckpt.begin(run_dir, 32)
+    monkeypatch.setattr(diskfull, "free_bytes", lambda path: 4096)  # what torch leaves: nothing
+    with pytest.raises(DiskFullError) as caught:
+        with ckpt.writing(partial, 32):
+            (partial / "model.safetensors").write_bytes(b"half")
+            raise raised
+    message = str(caught.value)
+    assert message.startswith(f"disk full at {run_dir / 'checkpoints'}: free space there or point the runs at another "
+                              "disk (runs_dir, or POLYPYTHIA_HOME); the checkpoint of step 32 was not written (")
+    assert message.endswith("), the checkpoint of step 16 is the newest and a relaunch resumes from it.")
+    assert "\n" not in message and not partial.exists()  # the half-written folder gave its space back
+    assert ckpt.latest_valid_checkpoint(run_dir).step == 16
+
+
+def test_other_write_failures_stay_what_they_are(tmp_path, monkeypatch):
+    from polypythia.train import checkpoint as ckpt, diskfull
+
+    monkeypatch.setattr(diskfull, "free_bytes", lambda path: 10 << 30)
+    partial = ckpt.begin(tmp_path / "run", 1)
+    for error in (ValueError("a bug"), RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0")):
+        with pytest.raises(type(error)):  # with 10 GB free, torch's failure is not a full disk
+            with ckpt.writing(partial, 1):
+                raise error
+    assert partial.exists()  # left as step1.partial, which resume ignores (as before)
+
+
+def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_started(tmp_path, monkeypatch):
+    from polypythia.errors import DiskFullError
+    from polypythia.train import checkpoint as ckpt, diskfull
+
+    run_dir = tmp_path / "run"
+    previous = sealed_checkpoint(run_dir, 4, payload=3 << 20)
+    monkeypatch.setattr(diskfull, "free_bytes", lambda path: 1 << 20)
+    with pytest.raises(DiskFullError, match=r"the checkpoint of step 8 was not written \(1 MB free, the previous "
+                       r"checkpoint takes 3\.\d+ MB\), the checkpoint of step 4 is the newest"):
+        ckpt.begin(run_dir, 8)
+    assert not ckpt.partial_dir(run_dir, 8).exists() and ckpt.latest_valid_checkpoint(run_dir).path == previous
+    monkeypatch.setattr(diskfull, "free_bytes", lambda path: 10 << 20)
+    assert ckpt.begin(run_dir, 8).is_dir()
+
+
+@pytest.fixture
+def tiny_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (a really full disk), where this process may mount one; unmounted afterwards."""
+    mount_point = tmp_path / "tmpfs"
+    mount_point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], capture_output=True)
+    if done.returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected failures above cover the logic")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_torch_save_onto_a_really_full_disk(tiny_tmpfs):
+    import torch
+
+    from polypythia.errors import DiskFullError
+    from polypythia.train import checkpoint as ckpt
+
+    partial = ckpt.begin(tiny_tmpfs / "run", 0)
+    with pytest.raises(DiskFullError, match=r"the checkpoint of step 0 was not written \(RuntimeError: \[enforce fail at "
+                       r"inline_container\.cc.*\), there is no earlier checkpoint\.$"):
+        with ckpt.writing(partial, 0):
+            torch.save({"optimizer": torch.zeros(1 << 20)}, partial / "optim_states.pt")  # 4 MiB onto 1 MiB
+    assert not partial.exists()
+
+
+@pytest.mark.integration
+def test_a_job_whose_disk_fills_fails_with_the_one_line_as_its_failure_reason(tmp_path, mlflow_uri, cache_dir, monkeypatch):
+    """A tiny job of one step (checkpoints 0 and 1) whose disk fills while step 1 is sealed."""
+    import uuid
+
+    from mlflow.tracking import MlflowClient
+
+    from helpers import tiny_job
+    from polypythia import job, runfolder
+    from polypythia.errors import DiskFullError
+    from polypythia.train import checkpoint as ckpt
+
+    real = ckpt.write_manifest
+
+    def full_at_step1(directory):
+        if directory.name == "step1.partial":
+            raise OSError(28, "No space left on device", str(directory / "MANIFEST.json"))
+        real(directory)
+
+    monkeypatch.setattr(ckpt, "write_manifest", full_at_step1)
+    cfg = tiny_job(tmp_path, cache_dir, study=f"full-{uuid.uuid4().hex[:8]}", budget__steps=1,
+                   tracking__system_metrics=False, train__eval_every_checkpoint=False, train__threads=1)
+    try:
+        with pytest.raises(DiskFullError) as caught:
+            job.run(cfg, tracking_uri=mlflow_uri)
+    finally:
+        job.teardown()
+    checkpoints = Path(cfg.run_dir) / "checkpoints"
+    assert str(caught.value) == (
+        f"disk full at {checkpoints}: free space there or point the runs at another disk (runs_dir, or POLYPYTHIA_HOME); "
+        "the checkpoint of step 1 was not written (ENOSPC: No space left on device), the checkpoint of step 0 is the "
+        "newest and a relaunch resumes from it.")
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step0"]  # no step1.partial left
+    assert ckpt.latest_valid_checkpoint(cfg.run_dir).step == 0
+    run = MlflowClient(mlflow_uri).get_run(runfolder.read_mlflow_record(cfg.run_dir)["run_id"])
+    assert run.info.status == "FAILED" and run.data.tags["failure_reason"] == f"DiskFullError: {caught.value}"

@@ -32,13 +32,16 @@ import pickle
 import random
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from polypythia.errors import CheckpointError
+from polypythia.errors import CheckpointError, DiskFullError
+from polypythia.train import diskfull
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +195,45 @@ def partial_dir(run_dir: str | Path, step: int) -> Path:
 
 
 def begin(run_dir: str | Path, step: int) -> Path:
-    """A fresh ``step<S>.partial`` folder to write into (a stale one from a crash is removed)."""
+    """A fresh ``step<S>.partial`` folder to write into (a stale one from a crash is removed), once
+    the disk has room for a checkpoint as large as the previous one (else a DiskFullError)."""
     path = partial_dir(run_dir, step)
     shutil.rmtree(path, ignore_errors=True)
-    path.mkdir(parents=True)
+    previous = list_checkpoints(run_dir)
+    problem = diskfull.space_problem(checkpoints_dir(run_dir), previous[-1].path if previous else None)
+    if problem:
+        raise diskfull.disk_full_error(checkpoints_dir(run_dir), step, problem, previous[-1].step)
+    with writing(path, step):
+        path.mkdir(parents=True)
     return path
+
+
+@contextmanager
+def writing(partial: Path, step: int) -> Iterator[Path]:
+    """Write into ``partial`` (``<run_dir>/checkpoints/step<S>.partial``): a full disk on the way
+    (however the writer reports it, see :mod:`polypythia.train.diskfull`) becomes one DiskFullError
+    line, and the half-written folder is removed to give its space back. Earlier checkpoints are
+    untouched: the newest stays the one a relaunch resumes from (older resume states are dropped
+    only after a checkpoint is sealed)."""
+    try:
+        yield partial
+    except Exception as exc:
+        if not isinstance(exc, DiskFullError) and not diskfull.is_disk_full(exc, partial):
+            raise
+        if partial.name.endswith(".partial"):
+            diskfull.remove_quietly(partial)
+        if isinstance(exc, DiskFullError):
+            raise
+        kept = list_checkpoints(partial.parent.parent) if partial.parent.name == "checkpoints" else []
+        raise diskfull.disk_full_error(partial.parent, step, diskfull.error_reason(exc),
+                                       kept[-1].step if kept else None) from exc
 
 
 def commit(run_dir: str | Path, step: int) -> Path:
     """Seal ``step<S>.partial`` with its manifest and rename it to ``step<S>``."""
     src, dst = partial_dir(run_dir, step), step_dir(run_dir, step)
-    write_manifest(src)
+    with writing(src, step):
+        write_manifest(src)
     if dst.exists():  # an earlier attempt wrote this step but failed verification
         shutil.rmtree(dst)
     os.replace(src, dst)
@@ -232,6 +263,11 @@ def prune_resume_states(run_dir: str | Path, keep: int | None) -> list[int]:
 def save_trainer_state(directory: Path, state: dict) -> None:
     """Write ``state`` (plain values: step, seeds, loss, ...) with this process's RNG states as
     ``trainer_state.json``, and the torch RNG states (tensors) as ``trainer_state.safetensors``."""
+    with writing(directory, state.get("step", -1)):
+        _write_trainer_state(directory, state)
+
+
+def _write_trainer_state(directory: Path, state: dict) -> None:
     from safetensors.torch import save_file
 
     rng = rng_state()
