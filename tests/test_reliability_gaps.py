@@ -260,12 +260,14 @@ def test_other_write_failures_stay_what_they_are(tmp_path, monkeypatch):
     from polypythia.train import checkpoint as ckpt, diskfull
 
     monkeypatch.setattr(diskfull, "free_bytes", lambda path: 10 << 30)
+    sealed_checkpoint(tmp_path / "run", 0)
     partial = ckpt.begin(tmp_path / "run", 1)
     for error in (ValueError("a bug"), RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1 vs 0")):
         with pytest.raises(type(error)):  # with 10 GB free, torch's failure is not a full disk
             with ckpt.writing(partial, 1):
                 raise error
     assert partial.exists()  # left as step1.partial, which resume ignores (as before)
+    assert ckpt.latest_valid_checkpoint(tmp_path / "run").step == 0
 
 
 def test_a_checkpoint_that_cannot_fit_is_refused_before_it_is_started(tmp_path, monkeypatch):
