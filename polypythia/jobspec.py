@@ -7,7 +7,11 @@ Three frozen dataclasses, in the order a job meets them:
 - :class:`JobSpec`: everything the worker process needs to run that job (made by the sweep once the
   tracking server and the parent runs exist, read by :func:`polypythia.worker.run_job`);
 - :class:`JobOutcome`: how the job ended (made by the worker, or by the sweep when the worker's
-  process died too often; read by the sweep's report and by the launcher).
+  process died too often or the cross-seed monitor stopped it; read by the sweep's report and by
+  the launcher).
+
+A :class:`RewindRequest` rides in a :class:`JobSpec` when the sweep's cross-seed monitor rolls a
+run back (``monitor.action=rewind``, see :mod:`polypythia.actions`).
 
 Nothing here holds a live object (no Ray handle, no Hydra config), so each pickles to any process.
 """
@@ -16,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Optional
+
+STOPPED = "stopped"  # a JobOutcome state: the cross-seed monitor ended the run (monitor.action=stop)
 
 
 @dataclass(frozen=True)
@@ -26,6 +32,19 @@ class JobRequest:
     overrides: tuple[str, ...] = ()  # the command-line overrides that produced it (logged with the run)
     logging_config: Optional[dict[str, Any]] = None  # the job's Python logging (``logging.config`` dict schema)
     debug_loggers: tuple[str, ...] = ()  # loggers to set to DEBUG in the job ("root" for all)
+
+
+@dataclass(frozen=True)
+class RewindRequest:
+    """Roll the run back before its cross-seed alert: to its newest checkpoint strictly before
+    ``decision_step``, skipping the next ``skip_batches`` batches (None: as many as steps rewound).
+    ``number`` counts the run's rewinds from 1; a request already recorded in the run folder is not
+    applied again (see :mod:`polypythia.train.rewind`)."""
+
+    number: int
+    decision_step: int  # the step the alert was decided at
+    skip_batches: Optional[int] = None
+    reason: str = ""  # the alert, for the run's tag
 
 
 @dataclass(frozen=True)
@@ -42,13 +61,14 @@ class JobSpec:
     world_size: int = 1  # data-parallel ranks (worker processes) of this job; rank 0 starts the others
     num_cpus: float = 1.0  # Ray resources of each of those processes
     num_gpus: float = 0.0
+    rewind: Optional[RewindRequest] = None  # the run's latest rewind, applied before training starts
 
 
 @dataclass(frozen=True)
 class JobOutcome:
     """How one job ended."""
 
-    state: str  # "finished", "failed" or "diverged"
+    state: str  # "finished", "failed", "diverged" or "stopped" (by the cross-seed monitor, monitor.action=stop)
     summary: Optional[dict[str, Any]] = None  # polypythia.job.run's summary when finished: run_id, final_loss, ...
     error: Optional[BaseException] = None  # what ended it otherwise
     reason: str = ""  # that error in one line, for the sweep's report
@@ -57,3 +77,10 @@ class JobOutcome:
     @property
     def finished(self) -> bool:
         return self.state == "finished"
+
+    @property
+    def ok(self) -> bool:
+        """Whether the job ended as the sweep asked: trained to its end, or stopped by the cross-seed
+        monitor (``monitor.action=stop`` did what it was told: not a failure of the sweep)."""
+        return self.state in ("finished", STOPPED)
+

@@ -41,6 +41,7 @@ FREE_KEYS = (
     "train.threads", "train.peak_tflops", "train.compile", "train.activation_checkpointing",
     "train.attn_implementation", "train.loss_ceiling", "train.loss_ceiling_steps", "train.eval_every_checkpoint",
     "train.evaluate_after_training", "train.eval_limit_items", "train.keep_resume_states", "train.fault.",
+    "monitor.action", "monitor.skip_batches", "monitor.max_rewinds",  # what the driver does; rewinds.json keeps what it did
 )
 BY_FILE_NAME = ("data.path", "data.tokenizer")  # the same dataset may move: compared by file name only
 SHOWN_DIFFERENCES = 4

@@ -40,10 +40,7 @@ class ModelConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"model.{key} must be at least 1, got {getattr(self, key)}.")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads "
-                f"({self.num_heads})."
-            )
+            raise ConfigError(f"model.hidden_size ({self.hidden_size}) must be divisible by model.num_heads ({self.num_heads}).")
         if not self.lr > 0:
             raise ConfigError(f"model.lr must be positive, got {self.lr}.")
         if self.max_positions < 1:
@@ -93,9 +90,7 @@ class BudgetConfig:
 
     def check(self, workers: int) -> None:
         if self.steps < 1:
-            raise ConfigError(
-                f"budget.steps must be at least 1, got {self.steps}; pick another budget or set budget.steps."
-            )
+            raise ConfigError(f"budget.steps must be at least 1, got {self.steps}; pick another budget or set budget.steps.")
         for key in ("global_batch_size", "micro_batch_size", "seq_length", "checkpoint_every_steps"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"budget.{key} must be at least 1, got {getattr(self, key)}.")
@@ -233,8 +228,7 @@ class TrainConfig:
         for key in ("adam_beta1", "adam_beta2"):
             value = getattr(self, key)
             if not 0 <= value < 1:
-                raise ConfigError(
-                    f"train.{key} must lie in [0, 1) (Pythia: adam_beta1 0.9, adam_beta2 0.95), got {value}.")
+                raise ConfigError(f"train.{key} must lie in [0, 1) (Pythia: adam_beta1 0.9, adam_beta2 0.95), got {value}.")
         if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
             raise ConfigError(f"train.adam_eps must be a small positive number (Pythia: 1e-8), got {self.adam_eps}.")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
@@ -260,8 +254,17 @@ class MonitorConfig:
     cross_seed: bool = True  # in a sweep, the driver compares each run's smoothed train/loss with its sibling seeds' (polypythia.stability)
     cross_seed_every_steps: Optional[int] = None  # its decision steps: every this many steps (null: the checkpoint steps)
     loss_window_steps: Optional[int] = None  # steps in the smoothed loss (null: 1% of budget.steps, at least 1)
+    action: str = "none"  # on a run's cross-seed alert (polypythia.actions): none (alert only), stop, or rewind (as PaLM)
+    skip_batches: Optional[int] = None  # batches a rewind skips (null: as many as steps rewound; 0: replay them)
+    max_rewinds: int = 2  # rewinds per run; an alert after the last is an alert only
 
     def check(self) -> None:
+        if self.action not in ("none", "stop", "rewind"):
+            raise ConfigError(f"monitor.action must be none (alert only), stop or rewind, got '{self.action}'.")
+        if (self.skip_batches is not None and self.skip_batches < 0) or self.max_rewinds < 0:
+            raise ConfigError("monitor.skip_batches (or null) and monitor.max_rewinds must be 0 or more.")
+        if self.action != "none" and not self.cross_seed:
+            raise ConfigError(f"monitor.action={self.action} acts on cross-seed alerts; set monitor.cross_seed=true.")
         if self.every_steps < 0:
             raise ConfigError(f"monitor.every_steps must be 0 (off) or a positive number of steps, got {self.every_steps}.")
         if any(v is not None and v < 1 for v in (self.cross_seed_every_steps, self.loss_window_steps)):
@@ -304,8 +307,8 @@ class TrackingConfig:
                 f"tracking.flush_interval_s must be a positive number of seconds (default 2.0), got "
                 f"{self.flush_interval_s}; with 0 the metrics sender would keep a CPU core busy.")
         if not self.max_outage_s >= 0:
-            raise ConfigError(
-                f"tracking.max_outage_s must be 0 or a positive number of seconds (default 300), got {self.max_outage_s}.")
+            raise ConfigError(f"tracking.max_outage_s must be 0 or a positive number of seconds (default 300), "
+                              f"got {self.max_outage_s}.")
 
 
 @dataclass
@@ -325,18 +328,17 @@ class LauncherConfig:
 
     def check(self) -> None:
         if self.workers_per_run < 1:
-            raise ConfigError(
-                f"launcher.workers_per_run must be at least 1 (the data-parallel workers of one run), got "
-                f"{self.workers_per_run}.")
+            raise ConfigError(f"launcher.workers_per_run must be at least 1 (the data-parallel workers of one run), "
+                              f"got {self.workers_per_run}.")
         if not (self.num_cpus_per_job > 0 and math.isfinite(self.num_cpus_per_job)):
-            raise ConfigError(
-                f"launcher.num_cpus_per_job must be a positive number of CPUs (e.g. 1), got {self.num_cpus_per_job}.")
+            raise ConfigError(f"launcher.num_cpus_per_job must be a positive number of CPUs (e.g. 1), "
+                              f"got {self.num_cpus_per_job}.")
         if not (self.num_gpus_per_job >= 0 and math.isfinite(self.num_gpus_per_job)):
-            raise ConfigError(
-                f"launcher.num_gpus_per_job must be 0 (CPU) or a positive number of GPUs, got {self.num_gpus_per_job}.")
+            raise ConfigError(f"launcher.num_gpus_per_job must be 0 (CPU) or a positive number of GPUs, "
+                              f"got {self.num_gpus_per_job}.")
         if self.max_retries < 0:
-            raise ConfigError(
-                f"launcher.max_retries must be 0 (no retry) or a positive number of retries, got {self.max_retries}.")
+            raise ConfigError(f"launcher.max_retries must be 0 (no retry) or a positive number of retries, "
+                              f"got {self.max_retries}.")
         if not self.stall_timeout_s >= 0:
             raise ConfigError(f"launcher.stall_timeout_s must be 0 (off) or a number of seconds, got {self.stall_timeout_s}.")
 

@@ -11,7 +11,8 @@ set-up, then for each step the batch, the step, its metrics and the callbacks, t
 pieces live in their own modules: :mod:`~polypythia.train.engine` (model, optimizer, DeepSpeed),
 :mod:`~polypythia.train.resume`, :mod:`~polypythia.train.step`, :mod:`~polypythia.train.checkpointer`,
 :mod:`~polypythia.train.faults` (divergence detection and fault injection, as callbacks) and
-:mod:`~polypythia.train.monitor` (the stability monitor, a callback that probes sampled steps).
+:mod:`~polypythia.train.monitor` (the stability monitor, a callback that probes sampled steps) and
+:mod:`~polypythia.train.rewind` (the batches a rewound run skips).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from polypythia.train.distributed import init_distributed
 from polypythia.train.engine import build_engine, build_training_model, set_threads
 from polypythia.train.faults import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
+from polypythia.train.rewind import batch_index, load as load_rewinds
 from polypythia.train.schedule import checkpoint_steps
 from polypythia.train.step import StepMetrics, train_step
 
@@ -48,6 +50,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     engine = build_engine(cfg, model, world_size, load_universal=plan.load_universal)
     forward = torch.compile(engine.module) if cfg.train.compile else engine
     start_step, last_loss = resume(engine, plan)
+    rewinds = load_rewinds(cfg.run_dir)  # the batches the run skipped when it was rewound (train/rewind.py)
 
     schedule = checkpoint_steps(budget.steps, budget.checkpoint_every_steps, budget.log_spaced_checkpoints)
     callbacks = in_order([*callbacks, *callbacks_from_config(cfg)])
@@ -65,7 +68,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     for step in range(start_step, budget.steps):
         started = time.perf_counter()
         done = step + 1  # optimizer steps taken after this one; the loss is that of the batch before this update
-        rows = data.batch(step, rank, world_size)
+        rows = data.batch(batch_index(step, rewinds), rank, world_size)
         for cb in callbacks:  # fault injection may replace the batch
             rows = cb.on_batch(done, rows)
         probes = [p for cb in callbacks if (p := cb.probe(done)) is not None]  # the stability monitor's sampled steps
