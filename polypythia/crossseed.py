@@ -31,7 +31,7 @@ from polypythia.stability import OutlierRule, _deviation_array, decision_thresho
 
 log = logging.getLogger(__name__)
 
-ENDED_STATES = ("finished", "failed", "diverged")  # a run in these reaches no further step
+ENDED_STATES = ("finished", "failed", "diverged", "stopped")  # a run in these reaches no further step
 
 
 def decision_steps(cfg: Any) -> tuple[int, ...]:
@@ -121,7 +121,9 @@ class CrossSeedMonitor:
     :func:`decision_threshold` for the group's runs x planned decision steps. A deviation the rule
     leaves undefined (too few steps pooled yet, or too few siblings once a far run is left out) is
     tried again as more siblings reach the step, and is final (NaN, no alert) once every run has
-    reached it or ended. A run's first alert is kept in :attr:`alerts`."""
+    reached it or ended. A run's first alert is kept in :attr:`alerts`. A run's values after its row's
+    ``step`` are not its own (a rewound run's abandoned branch, see :mod:`polypythia.actions`):
+    they are not read, and :meth:`forget` lets the new branch be decided again."""
 
     def __init__(self, groups: list[Group], rule: OutlierRule = OutlierRule()):
         self.groups = [g for g in groups if g.members]
@@ -131,6 +133,18 @@ class CrossSeedMonitor:
         self._decided: set[tuple[int, int]] = set()  # (job, step)
         self._banded: set[tuple[int, int]] = set()  # (group, step)
         self._attempts: dict[tuple[int, int], tuple[int, bool]] = {}  # (group, step) -> (values, complete) when tried
+
+    def forget(self, index: int, step: int) -> None:
+        """Job ``index`` went back to ``step`` (a rewind): its decisions after it are undone, to be
+        made again on the new branch's values."""
+        self._decided = {(i, s) for i, s in self._decided if i != index or s <= step}
+        for number, group in enumerate(self.groups):
+            if index in group.members:
+                self._attempts = {k: v for k, v in self._attempts.items() if k[0] != number or k[1] <= step}
+        if index in self.latest and self.latest[index].step > step:
+            del self.latest[index]
+        if index in self.alerts and self.alerts[index].step > step:
+            del self.alerts[index]
 
     def plans(self) -> dict[int, tuple[tuple[int, ...], int]]:
         """What the progress board keeps per job: its decision steps and its loss window."""
@@ -155,7 +169,7 @@ class CrossSeedMonitor:
     def _observe(self, number: int, group: Group, rows: dict[int, dict[str, Any]],
                  decisions: list[Decision], bands: list[Band]) -> None:
         rule = for_study_length(self.rule, len(group.grid))
-        smoothed = [rows.get(i, {}).get("smoothed") or {} for i in group.members]
+        smoothed = [_own_values(rows.get(i, {})) for i in group.members]
         ended = np.array([rows.get(i, {}).get("state") in ENDED_STATES for i in group.members])
         table = np.array([[s.get(step, np.nan) for s in smoothed] for step in group.grid], dtype="float64")
         table[~np.isfinite(table)] = np.nan  # a non-finite loss is no position in the band
@@ -182,6 +196,12 @@ class CrossSeedMonitor:
                                                       for key, value in band.items()}))
 
 
+def _own_values(row: dict[str, Any]) -> dict[int, float]:
+    """A row's smoothed losses up to its current step (a rewound run's later ones were abandoned)."""
+    smoothed, step = row.get("smoothed") or {}, row.get("step")
+    return smoothed if step is None else {s: v for s, v in smoothed.items() if s <= step}
+
+
 class MonitorLog:
     """Feeds the board's rows to a :class:`CrossSeedMonitor` and writes what it decides: a log line
     per alert, and MLflow (the runs' ``monitor/band_deviation`` and ``stability.alert``, the parent
@@ -194,6 +214,8 @@ class MonitorLog:
         self.names = {i: (job.study, job.run_name) for i, job in enumerate(jobs)}
         self.run_ids: dict[int, str] = {}  # job -> its MLflow run, once found
         self.untagged: list[Decision] = []  # alerts whose tag is not written yet (retried at each watch)
+        self.alerted: dict[int, int] = {}  # job -> its alerts tagged: stability.alert, then stability.alert.2, ...
+        self.logged: set[tuple[int, int]] = set()  # (job, step) with a monitor/band_deviation point
 
     def watch(self, rows: dict[int, dict[str, Any]]) -> None:
         try:
@@ -225,14 +247,17 @@ class MonitorLog:
     def _write(self, decisions: list[Decision], bands: list[Band]) -> None:
         from mlflow.entities import Metric
 
-        for d in list(self.untagged):  # the alerts first: they matter most
+        for d in list(self.untagged):  # the alerts first: they matter most (a rewound run's next: .2, .3, ...)
             if (run_id := self._run_id(d.index)) is not None:
-                self.client.set_tag(run_id, "stability.alert", d.describe())
+                count = self.alerted.get(d.index, 0) + 1
+                self.client.set_tag(run_id, "stability.alert" + (f".{count}" if count > 1 else ""), d.describe())
+                self.alerted[d.index] = count
                 self.untagged.remove(d)
         now = int(time.time() * 1000)
         points: dict[int, list] = {}
-        for d in decisions:
-            if not math.isnan(d.deviation):
+        for d in decisions:  # a step decided again (a rewound run's) keeps its first point: none twice
+            if not math.isnan(d.deviation) and (d.index, d.step) not in self.logged:
+                self.logged.add((d.index, d.step))
                 points.setdefault(d.index, []).append(Metric("monitor/band_deviation", d.deviation, now, d.step))
         for index, metrics in points.items():
             self._log(self._run_id(index), metrics)

@@ -15,21 +15,18 @@ import logging
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from polypythia import localray, mlflow_ui, runfolder, tracking, watchdog, worker
+from polypythia import mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
 from polypythia.errors import ConfigError
-from polypythia.jobspec import JobOutcome, JobRequest, JobSpec
+from polypythia.jobspec import STOPPED, JobOutcome, JobRequest, JobSpec
 from polypythia.progress import ProgressBoard, ProgressDisplay
-from polypythia.runtime_env import ray_env_vars
 from polypythia.study import KIND_TAG, SWEEP_KIND
 
 log = logging.getLogger(__name__)
-
-PACKAGE_DIRS = ("polypythia",)  # the code a cluster's workers import (uploaded when attaching to one)
 
 # Called once per study after the sweep's outcome is printed, with (tracking URI, study, parent
 # run id); the launcher hands in the cross-seed summary of ``analysis``.
@@ -61,6 +58,8 @@ class Sweep:
         self.launcher = self.jobs[0].launcher
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
+        self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
+        self.retries_left: dict[int, int] = {}  # per job, once the driver has ended one of its attempts
         self.tracking_uri: str | None = None
         self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
         self._started_ray = False
@@ -80,7 +79,9 @@ class Sweep:
             print(f"MLflow tracking server: {self.tracking_uri}  (open it in a browser to see the runs)", flush=True)
             self._reserve_workers()
             self._open_parent_runs()
-        except BaseException:
+        except BaseException as exc:  # a parent run made already is closed (Ctrl-C: KILLED, interrupted)
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            self._close_parents("KILLED" if interrupted else "FAILED", watchdog.INTERRUPTED if interrupted else str(exc))
             self.shutdown()
             raise
 
@@ -91,55 +92,13 @@ class Sweep:
             ensure_embedded_dataset(cache_dir, vocab)
 
     def _init_ray(self) -> None:
-        import ray
-
-        if ray.is_initialized():
-            return
-        env_vars = ray_env_vars()
-        runtime_env: dict[str, Any] = {"env_vars": env_vars}
-        address = self.launcher.address
-        _check_reachable(address)
-        if address:
-            root = Path(__file__).resolve().parent.parent
-            runtime_env["py_modules"] = [str(root / d) for d in PACKAGE_DIRS if (root / d).is_dir()]
-        try:
-            ray.init(**localray.init_args(address), include_dashboard=False, log_to_driver=False,
-                     runtime_env=runtime_env, logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            raise ConfigError(f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it or fix the address.") from None
-        self._started_ray = not address
+        self._started_ray = raysetup.init_ray(self.launcher.address) or self._started_ray
 
     def _check_resources(self) -> None:
-        import ray
-
-        total = ray.cluster_resources()
-        workers = self.launcher.workers_per_run
-        need_gpus = self.launcher.num_gpus_per_job * workers
-        if need_gpus > 0 and total.get("GPU", 0) < need_gpus:  # prepare() shuts Ray down again
-            per_worker = f" ({self.launcher.num_gpus_per_job:g} per worker x {workers} workers)" if workers > 1 else ""
-            raise ConfigError(
-                f"Each job asks for {need_gpus:g} GPU(s){per_worker} (launcher.num_gpus_per_job) but the Ray "
-                f"cluster has {total.get('GPU', 0):g}; lower launcher.num_gpus_per_job or launcher.workers_per_run, "
-                "or attach to a cluster with more GPUs."
-            )
-        need_cpus = self.launcher.num_cpus_per_job * workers
-        if total.get("CPU", 0) < need_cpus:
-            raise ConfigError(
-                f"Each job asks for {need_cpus:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; "
-                "lower launcher.num_cpus_per_job or launcher.workers_per_run."
-            )
+        raysetup.check_resources(self.launcher)  # prepare() shuts Ray down again
 
     def _reserve_workers(self) -> None:
-        """A placement group per multi-worker run, so all its ranks start together or not at all."""
-        from ray.util.placement_group import placement_group
-
-        for i, job in enumerate(self.jobs):
-            n = job.launcher.workers_per_run
-            if n > 1:
-                bundle = {"CPU": job.launcher.num_cpus_per_job}
-                if job.launcher.num_gpus_per_job:
-                    bundle["GPU"] = job.launcher.num_gpus_per_job
-                self.placement_groups[i] = placement_group([bundle] * n, strategy="PACK", name=f"{job.run_name}-workers")
+        self.placement_groups = raysetup.reserve_workers(self.jobs)
 
     def _open_parent_runs(self) -> None:
         """One parent run per study, and the link that opens the study's training runs in the MLflow UI."""
@@ -166,7 +125,7 @@ class Sweep:
             parent_run_id=self.parent_runs[job.study], overrides=tuple(request.overrides),
             logging_config=request.logging_config, debug_loggers=tuple(request.debug_loggers),
             world_size=job.launcher.workers_per_run, num_cpus=job.launcher.num_cpus_per_job,
-            num_gpus=job.launcher.num_gpus_per_job,
+            num_gpus=job.launcher.num_gpus_per_job, rewind=self.actions.requests.get(index),
         )
 
     def _task_options(self, index: int) -> dict[str, Any]:
@@ -179,7 +138,8 @@ class Sweep:
         return {**extra,
             "num_cpus": job.launcher.num_cpus_per_job,
             "num_gpus": job.launcher.num_gpus_per_job,
-            "max_retries": job.launcher.max_retries,  # process deaths only: Python errors are final
+            # process deaths only (Python errors are final); shared with the stall watchdog's retries
+            "max_retries": self.retries_left.get(index, job.launcher.max_retries),
             "retry_exceptions": False,
             "name": job.run_name,
         }
@@ -208,6 +168,7 @@ class Sweep:
 
             pending = {submit(i): i for i in range(len(self.jobs))}
             stalls: Counter = Counter()
+            ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
@@ -222,19 +183,31 @@ class Sweep:
                     for ref, index in list(pending.items()):  # the stall watchdog
                         if watchdog.stalled(rows[index], time.time(), self.launcher.stall_timeout_s):
                             del pending[ref]
-                            outcome = self._kill_stalled(index, ref, rows[index], stalls, board)
+                            ended[index] += 1
+                            outcome = self._kill_stalled(index, ref, rows[index], stalls, ended, board)
                             if outcome is None:
                                 pending[submit(index)] = index
                             else:
                                 outcomes[index] = outcome
+                    self.actions.restarted(rows)  # a rewound run's new attempt: the monitor forgets its abandoned steps
                     watch.watch(rows)
+                    for ref, index, alert in self.actions.due(pending):  # monitor.action: stop or rewind
+                        what, outcome = self.actions.act(ref, index, alert, rows[index], board, watch)
+                        if what == "stopped":
+                            del pending[ref]
+                            outcomes[index] = outcome
+                        elif what == "resubmit":
+                            del pending[ref]
+                            ended[index] += 1
+                            self._set_retries(index, rows[index], ended)
+                            pending[submit(index)] = index
                     display.update(watch.marks(rows))
             rows = ray.get(board.snapshot.remote())  # the jobs' last reports
             watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the launcher turns it into one)
             interrupted = True
             for ref in pending:
-                _cancel(ref)
+                watchdog.cancel(ref)
             raise
         finally:
             self._finish(outcomes, interrupted)
@@ -242,12 +215,19 @@ class Sweep:
         self._report(results)
         return results
 
-    def _kill_stalled(self, index: int, ref: Any, row: dict, stalls: Counter, board: Any) -> Optional[JobOutcome]:
+    def _set_retries(self, index: int, row: dict, ended: Counter) -> int:
+        """Job ``index``'s failed attempts so far; its next attempt gets the rest of ``launcher.max_retries``."""
+        failed = watchdog.failed_attempts(row, ended[index], self.actions.rewinds[index])
+        self.retries_left[index] = max(0, self.jobs[index].launcher.max_retries - failed)
+        return failed
+
+    def _kill_stalled(self, index: int, ref: Any, row: dict, stalls: Counter, ended: Counter,
+                      board: Any) -> Optional[JobOutcome]:
         """Kill job ``index``'s stalled process; None when it is to be retried, else its outcome."""
         job, timeout = self.jobs[index], self.launcher.stall_timeout_s
-        _cancel(ref)
+        watchdog.cancel(ref)
         stalls[index] += 1
-        retry = stalls[index] <= job.launcher.max_retries
+        retry = self._set_retries(index, row, ended) <= job.launcher.max_retries
         what = "retrying it (it resumes from its checkpoint)" if retry else f"failed after {stalls[index]} stall(s)"
         tail = "\n    ".join(watchdog.last_lines(self.requests[index].logging_config, row))
         print(f"[watchdog] {job.run_name}: stalled (no progress for {timeout:g} s, last reported step {row.get('step', 0)}); "
@@ -261,15 +241,12 @@ class Sweep:
         client = tracking.client(self.tracking_uri)
         reasons: dict[str, dict[str, tuple[str, str]]] = {}  # per study: run name -> (status, failure_reason)
         for i, job in enumerate(self.jobs):
-            outcome = outcomes.get(i)
-            if outcome is None or not outcome.finished:
-                reason = (watchdog.STALLED if outcome.reason.startswith(watchdog.STALLED) else outcome.reason) if outcome \
-                    else watchdog.INTERRUPTED
-                reasons.setdefault(job.study, {})[job.run_name] = ("KILLED" if outcome is None else "FAILED", reason)
+            if i not in outcomes or not outcomes[i].finished:
+                reasons.setdefault(job.study, {})[job.run_name] = _closing(outcomes.get(i))
         for study, run_id in self.parent_runs.items():
-            failed = any(i not in outcomes or not outcomes[i].finished for i, j in enumerate(self.jobs) if j.study == study)
+            failed = any(i not in outcomes or not outcomes[i].ok for i, j in enumerate(self.jobs) if j.study == study)
             try:
-                if study in reasons:  # job runs left RUNNING: killed, stalled, or a process that died too often
+                if study in reasons:  # job runs left RUNNING: killed, stalled, stopped, or a process that died too often
                     watchdog.close_open_runs(client, run_id, reasons[study])
                 if interrupted:
                     client.set_tag(run_id, "failure_reason", watchdog.INTERRUPTED)
@@ -278,12 +255,24 @@ class Sweep:
                 log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
         self.shutdown()
 
+    def _close_parents(self, status: str, reason: str) -> None:
+        """End the parent runs made so far (a failed or interrupted :meth:`prepare`)."""
+        client = tracking.client(self.tracking_uri) if self.parent_runs else None
+        for run_id in self.parent_runs.values():
+            try:
+                client.set_tag(run_id, "failure_reason", reason[:5000])
+                client.set_terminated(run_id, status=status)
+            except Exception as exc:  # noqa: BLE001 - the error that stopped prepare() matters more
+                log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
+
     def _report(self, results: list[JobOutcome]) -> None:
         print("\nSweep outcome:", flush=True)
         for index, (job, outcome) in enumerate(zip(self.jobs, results)):
-            retried = f" (retried {outcome.attempts - 1}x)" if outcome.attempts > 1 else ""
+            retries = outcome.attempts - 1 - self.actions.rewinds[index]
+            retried = f" (retried {retries}x)" if retries > 0 else ""
             alert = self.monitor.alerts.get(index)
             flagged = "" if alert is None else f"; cross-seed ALERT ({alert.describe()})"
+            flagged += "".join(f"; {note}" for note in self.actions.notes.get(index, []) if outcome.state != STOPPED)
             if outcome.finished:
                 summary = outcome.summary
                 print(f"  {job.run_name}: finished{retried}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
@@ -311,30 +300,13 @@ class Sweep:
             self._started_ray = False
 
 
-def _check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
-    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
-    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
-        return
-    import socket
-
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(
-            f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it "
-            "(ray start --head) or fix the address."
-        ) from None
-
-
-def _cancel(ref: Any) -> None:
-    """Kill a job's Ray task (its worker process, with force) and forget errors: it may be done."""
-    import ray
-
-    try:
-        ray.cancel(ref, force=True)
-    except Exception as exc:  # noqa: BLE001
-        log.debug("Could not cancel %s: %s", ref, exc)
+def _closing(outcome: Optional[JobOutcome]) -> tuple[str, str]:
+    """(status, failure_reason) of the MLflow run of a job that did not finish (None: interrupted)."""
+    if outcome is None:
+        return "KILLED", watchdog.INTERRUPTED
+    if outcome.state == STOPPED:
+        return "KILLED", outcome.reason
+    return "FAILED", watchdog.STALLED if outcome.reason.startswith(watchdog.STALLED) else outcome.reason
 
 
 def _last_line(exc: BaseException) -> str:

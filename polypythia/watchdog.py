@@ -5,6 +5,10 @@ at its end; :func:`stalled` decides, from the board's row, that a job has made n
 ``launcher.stall_timeout_s``. The sweep (:mod:`polypythia.sweep`) then kills it and retries it, or
 fails it with ``failure_reason=stalled``. :func:`close_open_runs` ends every job run still RUNNING
 when the sweep stops (interrupted, stalled, a process that died too often), with its reason.
+
+A job has ``launcher.max_retries`` retries in all: Ray's own retries of a dead process and the
+watchdog's of a stalled one share them (:func:`failed_attempts`); a rewind by the cross-seed monitor
+(:mod:`polypythia.actions`) is not a failed attempt.
 """
 
 from __future__ import annotations
@@ -25,6 +29,30 @@ def stalled(row: dict[str, Any], now: float, timeout_s: float) -> bool:
     updated = row.get("updated")
     return bool(timeout_s) and timeout_s > 0 and row.get("state") == "running" and updated is not None \
         and now - updated >= timeout_s
+
+
+def failed_attempts(row: dict[str, Any], ended_by_driver: int, rewound: int) -> int:
+    """How many of a job's attempts failed so far, the current one included when the driver ended it:
+    each start of its process counts on the board (``attempt``, Ray's retries of a dead process too),
+    and each attempt the driver ended had started; those a rewind ended did not fail."""
+    return max(row.get("attempt") or 0, ended_by_driver) - rewound
+
+
+def cancel(ref: Any) -> None:
+    """Kill a job's Ray task (its worker process, with force) and forget errors: it may be done."""
+    import ray
+
+    try:
+        ray.cancel(ref, force=True)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("Could not cancel %s: %s", ref, exc)
+
+
+def wait_ended(ref: Any, timeout_s: float) -> None:
+    """Wait (up to ``timeout_s``) until a cancelled task has ended, so that its process is gone."""
+    import ray
+
+    ray.wait([ref], timeout=timeout_s)
 
 
 def log_files(logging_config: Optional[dict]) -> list[Path]:

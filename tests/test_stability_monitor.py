@@ -251,23 +251,25 @@ def test_smoothed_loss_restarts_cleanly_after_a_resume():
 
 
 @pytest.mark.integration
-def test_a_sweep_tags_the_diverging_seed_and_logs_the_band(tmp_path, mlflow_uri, cache_dir):
+def test_a_sweep_tags_the_diverging_seed_logs_the_band_and_stops_it(tmp_path, mlflow_uri, cache_dir):
     """Five tiny seeds, seed 3's learning rate x100 from step 8 (it then learns faster than its
     siblings: its loss leaves their band downwards): seed 3 alone carries stability.alert, and the
-    parent run holds seeds/* at every decision step. All five train at once (0.4 CPU each)."""
+    parent run holds seeds/* at every decision step. With ``monitor.action=stop`` the driver then ends
+    seed 3 (KILLED, with the monitor's reason, not retried) while the others finish, and the sweep
+    succeeds. All five train at once (0.4 CPU each)."""
     from mlflow.tracking import MlflowClient
     from test_launch import child_runs, launch
 
     study = f"monitor-{uuid.uuid4().hex[:8]}"
     out = launch(tmp_path, "-m", "seed=1,2,3,4,5", "model=tiny", "budget=smoke", f"budget.steps={STEPS}",
                  "budget.checkpoint_every_steps=10", "monitor.loss_window_steps=4", "launcher.num_cpus_per_job=0.4",
-                 "train.eval_every_checkpoint=false", "tracking.system_metrics=false",
+                 "train.eval_every_checkpoint=false", "tracking.system_metrics=false", "monitor.action=stop",
                  "train.fault.lr_boost_at_step=8", "train.fault.lr_boost=100", "train.fault.lr_boost_seeds=[3]",
                  f"study={study}", f"data.cache_dir={cache_dir}", "hydra.sweep.subdir=${hydra.job.num}",  # short names
                  uri=mlflow_uri)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     client = MlflowClient(mlflow_uri)
     (parent,), children = child_runs(client, study)
+    assert len(children) == 5, out.stdout[-3000:] + out.stderr[-3000:]
     alerts = {c.data.tags["seed"]: c.data.tags.get("stability.alert") for c in children}
     assert [seed for seed, tag in alerts.items() if tag] == ["3"], alerts
     step = int(alerts["3"].split()[0].removeprefix("step="))
@@ -276,7 +278,67 @@ def test_a_sweep_tags_the_diverging_seed_and_logs_the_band(tmp_path, mlflow_uri,
     grid = [1, 2, 4, 8, 10, 16, 20, 30, 32, 40]
     for child in children:
         steps = sorted(m.step for m in client.get_metric_history(child.info.run_id, "monitor/band_deviation"))
-        assert steps and set(steps) <= set(grid) and steps[-1] == STEPS
+        assert steps and set(steps) <= set(grid) and len(steps) == len(set(steps))
+        assert steps[-1] == STEPS or child.data.tags["seed"] == "3"
     for stat in ("median", "p25", "p75", "min", "max"):
         history = client.get_metric_history(parent.info.run_id, f"seeds/loss_{stat}")
         assert sorted(m.step for m in history) == grid, stat
+
+    # monitor.action=stop: seed 3 ended by the monitor, the others finished, the parent too
+    stopped = next(c for c in children if c.data.tags["seed"] == "3")
+    assert stopped.info.status == "KILLED", stopped.data.tags
+    assert stopped.data.tags["failure_reason"].startswith("stopped by the cross-seed monitor (monitor.action=stop) at step")
+    assert stopped.data.tags["stability.action"].startswith("stopped at step")
+    assert {c.info.status for c in children if c is not stopped} == {"FINISHED"} and parent.info.status == "FINISHED"
+    assert "tiny-seed3: stopped: stopped by the cross-seed monitor" in out.stdout
+    assert "[monitor] tiny-seed3: stopped at step" in out.stdout and "retried" not in out.stdout
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]  # a run stopped as asked is no failure
+
+
+@pytest.mark.integration
+def test_a_rewound_seed_goes_on_in_the_same_run_from_an_earlier_checkpoint_on_other_batches(tmp_path, mlflow_uri,
+                                                                                               cache_dir):
+    """``monitor.action=rewind``: seed 3 (learning rate x1000 from step 8) alerts; the driver kills it
+    and starts it again, back to its newest checkpoint before the alert's step, skipping as many
+    batches as steps rewound (PaLM's remedy). The same MLflow run goes on and finishes with every
+    step of train/loss once; the skip is in the tag and in the run folder; the abandoned checkpoints
+    are moved aside. The fault is still on after the rewind, so seed 3 alerts again: with
+    ``monitor.max_rewinds=1`` that second alert is an alert only. Four seeds (the rule's minimum)."""
+    from mlflow.tracking import MlflowClient
+    from test_launch import child_runs, launch
+
+    from polypythia.train import checkpoint as ckpt
+    from polypythia.train import rewind as rw
+
+    study = f"rewind-{uuid.uuid4().hex[:8]}"
+    out = launch(tmp_path, "-m", "seed=1,2,3,4", "model=tiny", "budget=smoke", f"budget.steps={STEPS}",
+                 "budget.checkpoint_every_steps=10", "monitor.loss_window_steps=4", "launcher.num_cpus_per_job=0.5",
+                 "train.eval_every_checkpoint=false", "tracking.system_metrics=false", "monitor.action=rewind",
+                 "monitor.max_rewinds=1", "train.keep_resume_states=null",
+                 "train.fault.lr_boost_at_step=8", "train.fault.lr_boost=1000", "train.fault.lr_boost_seeds=[3]",
+                 f"study={study}", f"data.cache_dir={cache_dir}", "hydra.sweep.subdir=${hydra.job.num}", uri=mlflow_uri)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    client = MlflowClient(mlflow_uri)
+    (parent,), children = child_runs(client, study)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"} and parent.info.status == "FINISHED"
+    run = next(c for c in children if c.data.tags["seed"] == "3")
+    tags = run.data.tags
+    (record,) = rw.load(tags["run_dir"])
+    assert record.decision_step == int(tags["stability.alert"].split()[0].removeprefix("step="))
+    assert record.checkpoint_step < record.decision_step
+    assert (record.skip_start, record.skip_stop) == (record.checkpoint_step, record.decision_step)
+    assert tags["stability.rewind.1"].startswith(record.describe())
+    assert tags["stability.action"].startswith("alert only: monitor.max_rewinds=1 reached")
+    assert "stability.alert.2" in tags and "[monitor] tiny-seed3: rewind 1 requested at step" in out.stdout
+
+    for key in ("train/loss", "train/lr", "monitor/band_deviation"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert len(steps) == len(set(steps)), key
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == list(range(1, STEPS + 1))
+    moved = sorted(int(p.name[4:]) for p in (ckpt.checkpoints_dir(tags["run_dir"]).parent / "rewound" / "rewind1").glob("step*"))
+    assert moved and moved == list(record.abandoned) and moved[0] > record.checkpoint_step
+    assert max(c.step for c in ckpt.list_checkpoints(tags["run_dir"])) == STEPS  # the new branch's own
+    retrained = open(client.download_artifacts(run.info.run_id, "rewinds/rewind1.csv", str(tmp_path))).read().splitlines()
+    assert retrained[0] == "step,key,value"
+    assert {int(r.split(",")[0]) for r in retrained[1:] if ",train/loss," in r} == set(
+        range(record.checkpoint_step + 1, record.logged_through["train/loss"] + 1))

@@ -1,0 +1,92 @@
+"""The sweep's Ray runtime: started locally or attached to a cluster, checked for the resources the
+jobs ask for, and a placement group per multi-worker run (used by :class:`polypythia.sweep.Sweep`).
+
+``ray.init`` arguments for a local runtime are :mod:`polypythia.localray`'s; the environment its
+workers get is :func:`polypythia.runtime_env.ray_env_vars`. Ray's placement groups are described in
+the Ray docs ("Placement Groups", ``ray.util.placement_group``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from polypythia import localray
+from polypythia.errors import ConfigError
+from polypythia.runtime_env import ray_env_vars
+
+PACKAGE_DIRS = ("polypythia",)  # the code a cluster's workers import (uploaded when attaching to one)
+
+
+def init_ray(address: str | None) -> bool:
+    """Start a local Ray runtime (``address`` null) or attach to the cluster at ``address``; True
+    when this call started a local runtime (the sweep shuts it down again)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    runtime_env: dict[str, Any] = {"env_vars": ray_env_vars()}
+    check_reachable(address)
+    if address:
+        root = Path(__file__).resolve().parent.parent
+        runtime_env["py_modules"] = [str(root / d) for d in PACKAGE_DIRS if (root / d).is_dir()]
+    try:
+        ray.init(**localray.init_args(address), include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env, logging_level=logging.WARNING)
+    except ConnectionError as exc:
+        raise ConfigError(f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it or fix the address.") from None
+    return not address
+
+
+def check_resources(launcher: Any) -> None:
+    """A one-line ConfigError when the cluster has fewer GPUs or CPUs than one job asks for."""
+    import ray
+
+    total = ray.cluster_resources()
+    workers = launcher.workers_per_run
+    need_gpus = launcher.num_gpus_per_job * workers
+    if need_gpus > 0 and total.get("GPU", 0) < need_gpus:
+        per_worker = f" ({launcher.num_gpus_per_job:g} per worker x {workers} workers)" if workers > 1 else ""
+        raise ConfigError(
+            f"Each job asks for {need_gpus:g} GPU(s){per_worker} (launcher.num_gpus_per_job) but the Ray "
+            f"cluster has {total.get('GPU', 0):g}; lower launcher.num_gpus_per_job or launcher.workers_per_run, "
+            "or attach to a cluster with more GPUs."
+        )
+    need_cpus = launcher.num_cpus_per_job * workers
+    if total.get("CPU", 0) < need_cpus:
+        raise ConfigError(
+            f"Each job asks for {need_cpus:g} CPUs but the Ray cluster has {total.get('CPU', 0):g}; "
+            "lower launcher.num_cpus_per_job or launcher.workers_per_run."
+        )
+
+
+def reserve_workers(jobs: list[Any]) -> dict[int, Any]:
+    """A placement group per multi-worker run (by job index), so all its ranks start together or not at all."""
+    from ray.util.placement_group import placement_group
+
+    groups = {}
+    for i, job in enumerate(jobs):
+        n = job.launcher.workers_per_run
+        if n > 1:
+            bundle = {"CPU": job.launcher.num_cpus_per_job}
+            if job.launcher.num_gpus_per_job:
+                bundle["GPU"] = job.launcher.num_gpus_per_job
+            groups[i] = placement_group([bundle] * n, strategy="PACK", name=f"{job.run_name}-workers")
+    return groups
+
+
+def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
+    if not address or address in ("auto", "local") or "://" in address or ":" not in address:
+        return
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it "
+            "(ray start --head) or fix the address."
+        ) from None
