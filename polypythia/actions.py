@@ -14,7 +14,9 @@ run: ``monitor.action`` of that run.
   batches (:mod:`polypythia.train.rewind`), in the same MLflow run (:mod:`polypythia.rewindlog`).
   At most ``monitor.max_rewinds`` rewinds per run: an alert after the last is an alert only (a seed
   that keeps leaving its band on other data is what a study of seeds is for; stopping it would lose
-  it). A rewind is no failed attempt: it uses none of ``launcher.max_retries``.
+  it). A rewind is no failed attempt: it uses none of ``launcher.max_retries``. A run whose alert is
+  decided only after it finished (its siblings were slower) is rewound too: its end is the abandoned
+  branch (a run that finished is not stopped: ``stop`` is then an alert only).
 
 While a rewound run waits for its new attempt, its row on the progress board shows step 0, so the
 monitor sees none of its abandoned values; once the new attempt reports its first step (the
@@ -53,43 +55,57 @@ class MonitorActions:
     def restarted(self, rows: dict[int, dict]) -> None:
         """A rewound job's new attempt has started: the monitor forgets its steps after its checkpoint."""
         for index, attempts in list(self.awaiting.items()):
-            row = rows[index]
-            if (row.get("attempt") or 0) > attempts and row.get("state") == "running":
+            if (rows[index].get("attempt") or 0) > attempts:
                 del self.awaiting[index]
-                self.monitor.forget(index, row.get("first_step") or 0)
+                self.monitor.forget(index, rows[index].get("first_step") or 0)
 
-    def due(self, pending: dict[Any, int]) -> list[tuple[Any, int, Decision]]:
-        """(task, job, alert) of each running job with an alert not acted on yet, whose action is not none."""
+    def due(self, pending: dict[Any, int], outcomes: dict[int, JobOutcome]) -> list[tuple[Any, int, Decision]]:
+        """(task, job, alert) of each job with an alert not acted on yet, whose action is not none: a
+        running job, or (rewind) one that finished before its alert was decided (task None)."""
+        tasks = {index: ref for ref, index in pending.items()}
         found = []
-        for ref, index in pending.items():
-            alert = self.monitor.alerts.get(index)
-            if alert is not None and self.handled.get(index) is not alert and index not in self.awaiting \
-                    and self.jobs[index].monitor.action != "none":
-                found.append((ref, index, alert))
+        for index, alert in list(self.monitor.alerts.items()):
+            if self.handled.get(index) is alert or index in self.awaiting or self.jobs[index].monitor.action == "none":
+                continue
+            if index in tasks:
+                found.append((tasks[index], index, alert))
+            elif index in outcomes and outcomes[index].finished:
+                found.append((None, index, alert))
         return found
 
     def act(self, ref: Any, index: int, alert: Decision, row: dict, board: Any, watch: MonitorLog,
             rewind_wait_s: float = 30.0) -> tuple[str, Optional[JobOutcome]]:
-        """Act on ``alert`` of job ``index`` (task ``ref``): ("keep", None) when the task goes on,
-        ("resubmit", None) when it was killed to be submitted again, ("stopped", outcome) when it ended."""
+        """Act on ``alert`` of job ``index`` (task ``ref``, None when it had finished): ("keep", None)
+        when nothing changes, ("resubmit", None) when it is to be submitted again (killed first if it
+        ran), ("stopped", outcome) when it was ended."""
         job = self.jobs[index]
         self.handled[index] = alert
         step = row.get("step", 0)
+        running = ref is not None and not watchdog.ended(ref)
         if job.monitor.action == "stop":
-            return "stopped", self._stop(ref, index, alert, step, board, watch)
+            if running and step < (row.get("total") or float("inf")):
+                return "stopped", self._stop(ref, index, alert, step, board, watch)
+            self._say(index, f"alert only: the run had trained all its steps (alert {alert.describe()})", watch)
+            return "keep", None
         if self.rewinds[index] >= job.monitor.max_rewinds:
             text = f"alert only: monitor.max_rewinds={job.monitor.max_rewinds} reached (alert {alert.describe()})"
             self._say(index, text, watch)
             return "keep", None
-        watchdog.cancel(ref)
-        watchdog.wait_ended(ref, rewind_wait_s)  # its run folder's lock dies with its process
+        if ref is not None:
+            watchdog.cancel(ref)
+            watchdog.wait_ended(ref, rewind_wait_s)  # its run folder's lock dies with its process
+        else:  # it finished on the abandoned branch: its MLflow run trains again
+            run_id = _quietly(watch._run_id, index)
+            if run_id is not None:
+                _quietly(watch.client.update_run, run_id, status="RUNNING")
         self.rewinds[index] += 1
         number = self.rewinds[index]
         self.requests[index] = RewindRequest(number, alert.step, job.monitor.skip_batches, alert.describe())
         self.awaiting[index] = row.get("attempt") or 0
         self.monitor.alerts.pop(index, None)  # a new branch may alert again
         board.update.remote(index, {"state": REWINDING, "step": 0})
-        self._say(index, f"rewind {number} requested at step {step} (alert {alert.describe()}): back to the newest "
+        when = f"at step {step}" if running else "after it had finished"
+        self._say(index, f"rewind {number} requested {when} (alert {alert.describe()}): back to the newest "
                          f"checkpoint before step {alert.step}", watch)
         return "resubmit", None
 

@@ -12,12 +12,15 @@ come back as :class:`~polypythia.jobspec.JobOutcome` values.
 from __future__ import annotations
 
 import logging
+import shutil
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Optional
 
-from polypythia import mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia import mlflow_ui, raysetup, runfolder, runtime_env, tracking, watchdog, worker
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
@@ -68,14 +71,16 @@ class Sweep:
     # -- setup shared by all jobs, before any starts ----------------------------------------
 
     def prepare(self) -> None:
-        """Shared setup, in the order that leaves nothing behind when a check fails: the Ray
-        runtime and its resources first (shut down again on any error), the tracking server last."""
+        """Shared setup, leaving nothing behind when a check fails: the tracking server starts in a
+        thread while the Ray runtime starts and its resources are checked; on any error Ray is shut
+        down again, a server this call started is stopped, and a parent run made is closed."""
         self._build_data_caches()
+        raysetup.check_reachable(self.launcher.address)  # seconds: before anything starts
+        server = _TrackingStart(self.jobs[0].tracking)
         try:
             self._init_ray()
             self._check_resources()
-            first = self.jobs[0].tracking
-            self.tracking_uri = tracking.resolve_tracking_uri(first.uri, first.dir, first.host, first.port)
+            self.tracking_uri = server.result()
             print(f"MLflow tracking server: {self.tracking_uri}  (open it in a browser to see the runs)", flush=True)
             self._reserve_workers()
             self._open_parent_runs()
@@ -83,6 +88,7 @@ class Sweep:
             interrupted = isinstance(exc, KeyboardInterrupt)
             self._close_parents("KILLED" if interrupted else "FAILED", watchdog.INTERRUPTED if interrupted else str(exc))
             self.shutdown()
+            server.undo()
             raise
 
     def _build_data_caches(self) -> None:
@@ -171,7 +177,7 @@ class Sweep:
             ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
                 while pending:
-                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)
+                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
                     for ref in done:
                         index = pending.pop(ref)
                         try:
@@ -191,14 +197,15 @@ class Sweep:
                                 outcomes[index] = outcome
                     self.actions.restarted(rows)  # a rewound run's new attempt: the monitor forgets its abandoned steps
                     watch.watch(rows)
-                    for ref, index, alert in self.actions.due(pending):  # monitor.action: stop or rewind
+                    for ref, index, alert in self.actions.due(pending, outcomes):  # monitor.action: stop or rewind
                         what, outcome = self.actions.act(ref, index, alert, rows[index], board, watch)
                         if what == "stopped":
                             del pending[ref]
                             outcomes[index] = outcome
                         elif what == "resubmit":
-                            del pending[ref]
-                            ended[index] += 1
+                            pending.pop(ref, None)
+                            outcomes.pop(index, None)
+                            ended[index] += ref is not None
                             self._set_retries(index, rows[index], ended)
                             pending[submit(index)] = index
                     display.update(watch.marks(rows))
@@ -242,7 +249,7 @@ class Sweep:
         reasons: dict[str, dict[str, tuple[str, str]]] = {}  # per study: run name -> (status, failure_reason)
         for i, job in enumerate(self.jobs):
             if i not in outcomes or not outcomes[i].finished:
-                reasons.setdefault(job.study, {})[job.run_name] = _closing(outcomes.get(i))
+                reasons.setdefault(job.study, {})[job.run_name] = watchdog.closing(outcomes.get(i))
         for study, run_id in self.parent_runs.items():
             failed = any(i not in outcomes or not outcomes[i].ok for i, j in enumerate(self.jobs) if j.study == study)
             try:
@@ -300,13 +307,38 @@ class Sweep:
             self._started_ray = False
 
 
-def _closing(outcome: Optional[JobOutcome]) -> tuple[str, str]:
-    """(status, failure_reason) of the MLflow run of a job that did not finish (None: interrupted)."""
-    if outcome is None:
-        return "KILLED", watchdog.INTERRUPTED
-    if outcome.state == STOPPED:
-        return "KILLED", outcome.reason
-    return "FAILED", watchdog.STALLED if outcome.reason.startswith(watchdog.STALLED) else outcome.reason
+class _TrackingStart:
+    """The MLflow server found or started (:func:`tracking.resolve_tracking_uri`) in a thread, while
+    Ray starts: :meth:`result` is its URI (or raises its error); :meth:`undo` stops the server again
+    and removes its folder if this start made them (a server that was already running, a remote one,
+    or a folder that existed, are left alone)."""
+
+    def __init__(self, cfg: Any):  # the first job's TrackingConfig
+        runtime_env.apply()  # the MLflow client settings, in this process's environment, before Ray starts
+        self.cfg, self.uri, self.error = cfg, None, None
+        self.fresh = not cfg.uri and tracking.running_server(cfg.dir) is None
+        self.new_folder = self.fresh and not Path(cfg.dir).exists()
+        self.thread = threading.Thread(target=self._run, name="tracking-server", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.uri = tracking.resolve_tracking_uri(self.cfg.uri, self.cfg.dir, self.cfg.host, self.cfg.port)
+        except BaseException as exc:  # noqa: BLE001 - raised in the sweep's thread by result()
+            self.error = exc
+
+    def result(self) -> str:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.uri
+
+    def undo(self) -> None:
+        self.thread.join(timeout=120)
+        if self.fresh and self.uri is not None:  # a server that failed to start keeps its folder (server.log)
+            tracking.stop_server(self.cfg.dir)
+            if self.new_folder:
+                shutil.rmtree(self.cfg.dir, ignore_errors=True)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -18,6 +18,8 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
+from polypythia.jobspec import STOPPED, JobOutcome
+
 log = logging.getLogger(__name__)
 
 STALLED = "stalled"
@@ -48,6 +50,13 @@ def cancel(ref: Any) -> None:
         log.debug("Could not cancel %s: %s", ref, exc)
 
 
+def ended(ref: Any) -> bool:
+    """Whether a job's Ray task has ended (its result is ready)."""
+    import ray
+
+    return bool(ray.wait([ref], timeout=0)[0])
+
+
 def wait_ended(ref: Any, timeout_s: float) -> None:
     """Wait (up to ``timeout_s``) until a cancelled task has ended, so that its process is gone."""
     import ray
@@ -72,6 +81,15 @@ def last_lines(logging_config: Optional[dict], row: dict[str, Any], n: int = 5) 
         if lines:
             return lines
     return [f"last report: state {row.get('state')} step {row.get('step', 0)}/{row.get('total') or '?'}"]
+
+
+def closing(outcome: Optional[JobOutcome]) -> tuple[str, str]:
+    """(status, failure_reason) of the MLflow run of a job that did not finish (None: interrupted)."""
+    if outcome is None:
+        return "KILLED", INTERRUPTED
+    if outcome.state == STOPPED:
+        return "KILLED", outcome.reason
+    return "FAILED", STALLED if outcome.reason.startswith(STALLED) else outcome.reason
 
 
 def close_open_runs(client, parent_run_id: str, reasons: dict[str, tuple[str, str]]) -> None:
