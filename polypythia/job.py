@@ -12,11 +12,14 @@ the steps already logged.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable, Optional, Sequence
 
-from polypythia import runfolder, tracking
+from polypythia import rewindlog, runfolder, tracking
 from polypythia.config import JobConfig
+from polypythia.cores import core_share
 from polypythia.errors import DivergenceError, PolypythiaError
+from polypythia.jobspec import RewindRequest
 from polypythia.mlflowrun import open_run
 from polypythia.runtime_env import quiet_libraries
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart
@@ -33,16 +36,20 @@ class MLflowCallback(Callback):
         self.client = mlflow_client
         self.run_id = run_id
         self.pending_tags: dict[str, str] = {}
+        self.step_ended = (-1, 0.0)  # (step, when): a checkpoint's seconds are counted from its step's end
 
     def on_train_start(self, start: TrainStart) -> None:
+        self.step_ended = (start.start_step, time.perf_counter())
         self.client.set_tag(self.run_id, "num_params", str(start.num_params))
         self.client.set_tag(self.run_id, "world_size", str(start.world_size))
         self.client.set_tag(self.run_id, "zero_stage", str(start.zero_stage))
+        self.client.set_tag(self.run_id, "process_started", f"{_process_start_time():.3f}")  # start-up: bench_sweep.py
         if start.start_step:
             self.client.set_tag(self.run_id, "resumed_from_step", str(start.start_step))
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         self.logger.log(step, metrics)
+        self.step_ended = (step, time.perf_counter())
         if any(key.startswith("monitor/spike/") for key in metrics):  # rare; no I/O in the step
             heights = ", ".join(f"{key.rpartition('/')[2]} {value:.1f} SD"
                                 for key, value in sorted(metrics.items()) if key.startswith("monitor/spike/"))
@@ -67,6 +74,8 @@ class MLflowCallback(Callback):
         self.logger.flush()  # a resume from this checkpoint must find every earlier point stored
 
     def on_checkpoint(self, step: int, path: str, model) -> None:
+        if self.step_ended[0] == step:  # writing, sealing and flushing: what a checkpoint costs the step loop
+            self.logger.log(step, {"train/checkpoint_seconds": time.perf_counter() - self.step_ended[1]})
         self.client.set_tag(self.run_id, f"checkpoint.step{step}", path)
         self.client.set_tag(self.run_id, "checkpoint.latest_step", str(step))
         self.send_pending_tags()
@@ -79,33 +88,36 @@ class ProgressCallback(Callback):
     """Reports step, loss and speed to the launcher's live table (at most once a second), with every
     step's loss since the last report (the board keeps the smoothed loss the cross-seed monitor reads)."""
 
-    def __init__(self, report: Callable[[dict], None], total_steps: int):
+    def __init__(self, report: Callable[[dict], None], total_steps: int, waiting: Callable[[], bool] = lambda: False):
         self.report = report
         self.total_steps = total_steps
+        self.waiting = waiting  # points held back while the tracking server is away (shown in the table)
         self._last = 0.0
         self._losses: dict[int, float] = {}
 
     def on_train_start(self, start: TrainStart) -> None:
-        self.report({"state": "running", "step": start.start_step, "total": self.total_steps, "attempt_start": True})
+        self.report({"state": "running", "step": start.start_step, "total": self.total_steps, "attempt_start": True,
+                     "evaluating": False})
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        import time
-
         now = time.monotonic()
         self._losses[step] = metrics["train/loss"]
         if now - self._last >= 1.0 or step == self.total_steps:
             self._last, losses, self._losses = now, self._losses, {}
             self.report({"state": "running", "step": step, "total": self.total_steps, "losses": losses,
-                         "loss": metrics["train/loss"], "tokens_per_s": metrics["train/tokens_per_s"]})
+                         "loss": metrics["train/loss"], "tokens_per_s": metrics["train/tokens_per_s"],
+                         "tracking_waiting": self.waiting()})
 
 
 def run(cfg: JobConfig, tracking_uri: Optional[str] = None, parent_run_id: Optional[str] = None,
-        overrides: Sequence[str] = (), progress: Optional[Callable[[dict], None]] = None) -> dict:
+        overrides: Sequence[str] = (), progress: Optional[Callable[[dict], None]] = None,
+        rewind: Optional[RewindRequest] = None) -> dict:
     """Train one job, tracked in MLflow; returns a plain summary dict.
 
     ``tracking_uri``: the MLflow server (None: the one ``cfg.tracking`` names, started if need be);
     ``parent_run_id``: the sweep's run, if any; ``overrides``: the command-line overrides that made
-    ``cfg``, logged with the run; ``progress``: called with ``{"state", "step", "loss", ...}``.
+    ``cfg``, logged with the run; ``progress``: called with ``{"state", "step", "loss", ...}``;
+    ``rewind``: the sweep's cross-seed monitor rolls the run back first (:mod:`polypythia.rewindlog`).
 
     The job owns the run's folder while it runs (a second job of the same run stops at once), and
     checks the folder against ``cfg`` before it touches MLflow (:func:`runfolder.check_relaunch`).
@@ -117,11 +129,11 @@ def run(cfg: JobConfig, tracking_uri: Optional[str] = None, parent_run_id: Optio
             tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.tracking.dir, cfg.tracking.host,
                                                          cfg.tracking.port)
             print(f"MLflow tracking server: {tracking_uri}", flush=True)
-        return _run_owned(cfg, tracking_uri, parent_run_id, overrides, progress)
+        return _run_owned(cfg, tracking_uri, parent_run_id, overrides, progress, rewind)
 
 
 def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], overrides: Sequence[str],
-               progress: Optional[Callable[[dict], None]]) -> dict:
+               progress: Optional[Callable[[dict], None]], rewind: Optional[RewindRequest] = None) -> dict:
     opened = open_run(cfg, tracking_uri, parent_run_id)
     mlflow_client, run_id, resumed = opened.client, opened.run_id, opened.resumed
     if not resumed:
@@ -129,17 +141,19 @@ def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], 
     monitor = _system_metrics(cfg, tracking_uri, run_id, resumed)
     already = tracking.logged_through(mlflow_client, run_id) if resumed else {}
     logger = tracking.MetricsLogger(tracking_uri, run_id, cfg.tracking.flush_interval_s, cfg.tracking.max_outage_s, already)
-    callbacks: list[Callback] = []
-    if cfg.train.eval_every_checkpoint:  # before the MLflow callback: its flush then includes these points
-        from polypythia.evaluate.callback import CheckpointEvalCallback
-
-        callbacks.append(CheckpointEvalCallback(cfg, logger.log))
+    rewound = rewindlog.start(cfg.run_dir, rewind, mlflow_client, run_id, already)  # re-trained points: an artifact
+    logger = logger if rewound is None else rewindlog.RewoundLogger(logger, rewound, mlflow_client, run_id, cfg.run_dir)
+    callbacks: list[Callback] = [] if rewound is None else [logger]
+    evaluation = _checkpoint_evaluation(cfg, tracking_uri, run_id, progress)
+    callbacks += ([evaluation] if evaluation is not None else []) + core_share(cfg)  # threads: polypythia.cores
     callbacks.append(MLflowCallback(logger, mlflow_client, run_id))
     if progress is not None:
-        callbacks.append(ProgressCallback(progress, cfg.budget.steps))
+        callbacks.append(ProgressCallback(progress, cfg.budget.steps, waiting=lambda: logger.waiting))
     try:
         result: TrainResult = train(cfg, callbacks)
         logger.close()
+        if evaluation is not None:  # the checkpoints' weights and validation loss, all of them
+            _finish_evaluation(evaluation)
     except DivergenceError as exc:
         _stop(monitor)
         _close_quietly(logger)
@@ -160,6 +174,33 @@ def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], 
     mlflow_client.set_terminated(run_id, status="FINISHED")
     return {"run_id": run_id, "run_name": cfg.run_name, "final_loss": result.final_loss,
             "start_step": result.start_step, "steps": result.steps, "checkpoints": result.checkpoints}
+
+
+def _checkpoint_evaluation(cfg: JobConfig, uri: str, run_id: str, progress: Optional[Callable[[dict], None]]):
+    """Weight statistics and validation loss of each checkpoint, off the step loop
+    (:mod:`polypythia.evaluate.background`); None when ``train.eval_every_checkpoint`` is off."""
+    if not cfg.train.eval_every_checkpoint:
+        return None
+    from polypythia.config import to_dict
+    from polypythia.evaluate.background import CheckpointEvaluation
+
+    heartbeat = (lambda: progress({"state": "running", "evaluating": True})) if progress is not None else None
+    return CheckpointEvaluation(to_dict(cfg), uri, run_id, heartbeat=heartbeat)
+
+
+def _finish_evaluation(evaluation) -> None:
+    errors = evaluation.finish()
+    if errors:
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise PolypythiaError(f"Checkpoint evaluation failed: {errors[0]}{more}; fix the cause and launch the run "
+                              "again: it evaluates only what is missing.")
+
+
+def _process_start_time() -> float:
+    """When this process started (Unix seconds)."""
+    import psutil
+
+    return psutil.Process().create_time()
 
 
 def _log_config_artifacts(mlflow_client, run_id: str, cfg: JobConfig, overrides: Sequence[str]) -> None:
@@ -238,8 +279,6 @@ def teardown() -> None:
 
 def _print_progress(run_name: str, every_s: float = 10.0) -> Callable[[dict], None]:
     """Without a sweep there is no live table: the same board, printed as a line every ``every_s``."""
-    import time
-
     from polypythia.progress import ProgressBoard, line
 
     board = ProgressBoard([run_name])

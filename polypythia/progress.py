@@ -101,6 +101,16 @@ def cross_seed_text(row: dict[str, Any], markup: bool = True) -> str:
     return "-" if deviation is None else f"{deviation:+.1f} SD"
 
 
+def state_note(row: dict[str, Any], markup: bool = False) -> str:
+    """What a running job is doing besides training: waiting for the tracking server (its points are
+    held back, see :class:`polypythia.tracking.MetricsLogger`), or evaluating its checkpoints."""
+    if row["state"] != "running":
+        return ""
+    if row.get("tracking_waiting"):
+        return " [yellow](waiting for the tracking server)[/]" if markup else " (waiting for the tracking server)"
+    return " (evaluating checkpoints)" if row.get("evaluating") else ""
+
+
 def render(rows: dict[int, dict[str, Any]]) -> Table:
     table = Table(title="polypythia sweep", expand=False)
     for col, justify in (("job", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
@@ -116,7 +126,7 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
         tps = row.get("tokens_per_s", math.nan)
         state = row["state"]
         table.add_row(
-            row["name"], f"[{colours.get(state, 'white')}]{state}[/]", step,
+            row["name"], f"[{colours.get(state, 'white')}]{state}[/]{state_note(row, markup=True)}", step,
             "-" if loss != loss else f"{loss:.4f}", "-" if tps != tps else f"{tps:,.0f}",
             _fmt_eta(eta_seconds(row, now)) if state == "running" else "-", cross_seed_text(row),
         )
@@ -126,7 +136,7 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
 def line(row: dict[str, Any]) -> str:
     loss = row.get("loss", math.nan)
     tps = row.get("tokens_per_s", math.nan)
-    return (f"[progress] {row['name']}: {row['state']} step {row.get('step', 0)}/{row.get('total') or '?'}"
+    return (f"[progress] {row['name']}: {row['state']}{state_note(row)} step {row.get('step', 0)}/{row.get('total') or '?'}"
             + ("" if loss != loss else f" loss {loss:.4f}")
             + ("" if tps != tps else f" {tps:,.0f} tok/s")
             + f" eta {_fmt_eta(eta_seconds(row, time.time()))}"

@@ -172,6 +172,7 @@ class FaultConfig:
     repeat_batch_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
     hang_at_step: Optional[int] = None  # sleep forever after this step (the stall watchdog's test) ...
     hang_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
+    kill_in_evaluation: bool = False  # SIGKILL the job once, as soon as a checkpoint evaluation pass has done one checkpoint
 
     def check(self) -> None:
         for key in ("nan_at_step", "kill_at_step", "lr_boost_at_step", "repeat_batch_at_step", "hang_at_step"):

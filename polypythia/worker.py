@@ -46,10 +46,14 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
         other_ranks = []
         try:
             runfolder.check_relaunch(cfg)
+            if spec.rewind is not None:  # before any other rank looks for a checkpoint (polypythia.train.rewind)
+                from polypythia.train.rewind import apply
+
+                apply(cfg.run_dir, spec.rewind)
             other_ranks = start_other_ranks(spec, placement_group) if spec.world_size > 1 else []
             job.quiet_libraries()
             summary = job.run(cfg, tracking_uri=spec.tracking_uri, parent_run_id=spec.parent_run_id,
-                              overrides=spec.overrides, progress=report_progress)
+                              overrides=spec.overrides, progress=report_progress, rewind=spec.rewind)
             outcome = JobOutcome(state="finished", summary=summary)
         except Exception as exc:  # noqa: BLE001 - the job's failure, reported by the sweep
             outcome = failure_outcome(exc)

@@ -36,6 +36,16 @@ class Checkpointer:
         if step in self.schedule:
             self.save(step, loss)
 
+    def keeps_resume_state(self, step: int) -> bool:
+        """Whether checkpoint ``step`` gets a resume state (``state/``: DeepSpeed's model and optimizer,
+        about three times the weights) besides its weights: on the regular grid (every
+        ``budget.checkpoint_every_steps``), at the last step, and at log-spaced steps from half an
+        interval on. An early log-spaced checkpoint (1, 2, 4, ...) protects less work than writing its
+        state costs, so a job killed before half an interval resumes from the one before, or starts
+        afresh from its seed (which rebuilds the same run)."""
+        every = self.cfg.budget.checkpoint_every_steps
+        return step % every == 0 or step == self.cfg.budget.steps or 2 * step >= every
+
     def save(self, step: int, loss: float) -> None:
         """Every rank writes its part into ``step<S>.partial``; once all have, rank 0 runs the
         ``before_checkpoint`` callbacks (what the checkpoint stands for is then durable), seals the
@@ -46,16 +56,8 @@ class Checkpointer:
             ckpt.begin(self.run_dir, step)
         barrier()
         directory = ckpt.partial_dir(self.run_dir, step)
-        engine.save_checkpoint(str(directory / "state"), tag=ckpt.STATE_TAG)
-        if rank == 0:
-            engine.module.save_pretrained(directory, safe_serialization=True)
-            self.data.save_tokenizer(directory)
-            ckpt.save_trainer_state(directory, {"step": step, "weight_seed": cfg.effective_weight_seed,
-                                                "data_seed": cfg.effective_data_seed,
-                                                "world_size": torch.distributed.get_world_size(),
-                                                "zero_stage": engine.zero_optimization_stage(),
-                                                "precision": resolve_precision(cfg.train.precision),
-                                                "loss": loss})
+        with ckpt.writing(directory, step):  # a full disk: one line, the half-written folder removed
+            self._write(directory, step, loss, rank)
         barrier()
         if rank == 0:
             for cb in self.callbacks:
@@ -66,3 +68,17 @@ class Checkpointer:
             for cb in self.callbacks:
                 cb.on_checkpoint(step, str(final), engine.module)
         barrier()
+
+    def _write(self, directory: Path, step: int, loss: float, rank: int) -> None:
+        cfg, engine = self.cfg, self.engine
+        if self.keeps_resume_state(step):
+            engine.save_checkpoint(str(directory / "state"), tag=ckpt.STATE_TAG)
+        if rank == 0:
+            engine.module.save_pretrained(directory, safe_serialization=True)
+            self.data.save_tokenizer(directory)
+            ckpt.save_trainer_state(directory, {"step": step, "weight_seed": cfg.effective_weight_seed,
+                                                "data_seed": cfg.effective_data_seed,
+                                                "world_size": torch.distributed.get_world_size(),
+                                                "zero_stage": engine.zero_optimization_stage(),
+                                                "precision": resolve_precision(cfg.train.precision),
+                                                "loss": loss})

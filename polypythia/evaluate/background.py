@@ -1,0 +1,167 @@
+"""Checkpoint evaluation off the training's critical path: weight statistics and validation loss
+of every checkpoint, computed beside or after training instead of inside the step loop.
+
+Training only writes checkpoints. :class:`CheckpointEvaluation` (a training callback, rank 0) starts
+an evaluation *pass* over the run's checkpoints whenever one is sealed and no pass is running: in a
+sweep a Ray task of one CPU (:func:`evaluation_pass`), which Ray starts when a CPU is free, so that
+evaluation fills the cores training leaves idle (the tail of a sweep, a single job on a larger
+machine) instead of stalling a step; without Ray (one job run by ``launch.py`` without ``-m``, an
+in-process call) the pass runs once training is done. At the end of the job :meth:`finish` waits for
+the pass in flight and runs a last one, so the run ends with every checkpoint evaluated. A job that
+waits on a Ray task gives its CPU back to Ray for the wait (Ray releases the resources of a task
+blocked in ``ray.get``/``ray.wait``; see Ray's docs, "Nested Remote Functions"), so the sweep's next
+job starts meanwhile.
+
+A pass is :func:`polypythia.evaluate.runner.evaluate_run` with the weights and validation
+evaluators only, so its accounting is the offline evaluation's: each checkpoint's result is a file
+in the checkpoint folder (written when computed), and the pass logs to MLflow, at the checkpoint's
+step, only the values the run lacks there. A job killed mid-pass therefore loses nothing (what was
+computed is on disk) and logs nothing twice (what was logged is skipped); a pass holds
+``<run_dir>/eval.lock`` (``fcntl.flock``, released when its process dies), so two passes of one
+run, say one left behind by a killed job and the retry's, never plan and log at the same time.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from polypythia.train.callbacks import Callback, TrainResult, TrainStart
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "eval.lock"
+PASSES_FILE = "evaluation_passes.jsonl"  # one line per pass: when, how long, what it computed
+
+
+def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[str], job_pid: Optional[int] = None) -> list[str]:
+    """Evaluate (weights, validation loss) every checkpoint of the run that lacks a result, and log
+    what its MLflow run lacks; returns the failures, one line each. Runs in a Ray task or in-process;
+    ``job_pid`` is the training job's process (``train.fault.kill_in_evaluation`` kills it)."""
+    from polypythia.config import job_config
+    from polypythia.evaluate.runner import EvalOptions, evaluate_run
+    from polypythia.runtime_env import quiet_libraries
+
+    quiet_libraries()
+    cfg = job_config(config)
+    lock_path = Path(cfg.run_dir) / LOCK_FILE
+    with open(lock_path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another pass of this run first (one a killed job left behind)
+        started = time.time()
+        try:
+            summary = evaluate_run(cfg.run_dir, cfg=cfg, tracking_uri=tracking_uri, run_id=run_id,
+                                   options=EvalOptions(tasks=()), use_ray=False, heartbeat=_kill_fault(cfg, job_pid))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    record = {"started": started, "seconds": time.time() - started, "computed": summary.computed, "pid": os.getpid()}
+    with open(Path(cfg.run_dir) / PASSES_FILE, "a") as passes:  # what evaluation cost (benchmarks/bench_sweep.py)
+        passes.write(json.dumps(record) + "\n")
+    return list(summary.errors)
+
+
+def _kill_fault(cfg, job_pid: Optional[int]):
+    """Fault injection (``train.fault.kill_in_evaluation``): once per run (a marker file remembers),
+    SIGKILL the job's process as soon as this pass has evaluated a checkpoint, like an out-of-memory
+    kill in the middle of evaluation; the pass itself goes on if it runs in another process."""
+    if not getattr(cfg.train.fault, "kill_in_evaluation", False):
+        return None
+    marker = Path(cfg.run_dir) / "fault-killed-in-evaluation"
+    if marker.exists():
+        return None
+
+    def kill() -> None:
+        if not marker.exists():
+            marker.write_text("killed\n")
+            os.kill(job_pid or os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
+def _ray_available() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+class CheckpointEvaluation(Callback):
+    """Evaluates the run's checkpoints beside training (in a sweep) or after it; see the module doc.
+
+    ``heartbeat`` is called while :meth:`finish` waits (a sweep's stall watchdog counts it as progress).
+    """
+
+    def __init__(self, config: dict, tracking_uri: Optional[str], run_id: Optional[str],
+                 heartbeat: Optional[Callable[[], None]] = None, use_ray: Optional[bool] = None):
+        self.args = (config, tracking_uri, run_id, os.getpid())
+        self.heartbeat = heartbeat
+        self.use_ray = _ray_available() if use_ray is None else use_ray
+        self.rank = 0
+        self.in_flight: Any = None  # the Ray task of the pass running now
+        self.in_flight_done: Any = None  # its concurrent.futures.Future
+
+    def on_train_start(self, start: TrainStart) -> None:
+        self.rank = start.rank
+        if start.start_step:  # an earlier attempt may have left checkpoints unevaluated
+            self._start_pass()
+
+    def on_checkpoint(self, step: int, path: str, model) -> None:
+        self._start_pass()
+
+    def on_train_end(self, result: TrainResult) -> None:
+        pass  # the job calls finish() once training is done (and not when it failed)
+
+    def _start_pass(self) -> None:
+        if self.rank != 0 or not self.use_ray:
+            return
+        import ray
+
+        if self.in_flight is not None:
+            # Not ray.wait: a task blocked in a Ray call lends its CPU to Ray for the time, and another
+            # task could start on it while this one trains on. A future's done() is only Python.
+            if not self.in_flight_done.done():
+                return  # the running pass, or the last one, takes this checkpoint too
+            self._report(self._wait(self.in_flight, ray))
+        task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
+        self.in_flight = task.options(name="checkpoint-evaluation").remote(*self.args)
+        self.in_flight_done = self.in_flight.future()
+
+    def finish(self) -> list[str]:
+        """Wait for the pass in flight, then run the last pass (every checkpoint is then evaluated);
+        returns the failures."""
+        errors: list[str] = []
+        if self.use_ray:
+            import ray
+
+            if self.in_flight is not None:
+                errors += self._wait(self.in_flight, ray)
+            task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
+            errors += self._wait(task.options(name="checkpoint-evaluation").remote(*self.args), ray)
+        else:
+            errors += evaluation_pass(*self.args)
+        self.in_flight = None
+        for error in errors:
+            log.error("Checkpoint evaluation failed: %s", error)
+        return errors
+
+    def _wait(self, ref: Any, ray) -> list[str]:
+        while True:
+            ready, _ = ray.wait([ref], timeout=5.0)
+            if ready:
+                try:
+                    return ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - e.g. its process died twice: the job reports it
+                    text = str(exc).strip().splitlines()
+                    return [f"the evaluation task ended with {type(exc).__name__}: {text[-1] if text else ''}"]
+            if self.heartbeat is not None:
+                self.heartbeat()
+
+    def _report(self, errors: list[str]) -> None:
+        for error in errors:
+            log.error("Checkpoint evaluation failed: %s", error)

@@ -1,0 +1,130 @@
+"""Checkpoint evaluation off the step loop (polypythia/evaluate/background.py), and the job's threads
+following the free cores (polypythia/cores.py)."""
+
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from polypythia.cores import fair_threads
+from test_launch import child_runs, launch
+
+CHECKPOINT_STEPS = [0, 1, 2, 3, 4, 6]  # budget=smoke: log-spaced and every 3 steps, of 6
+
+
+@pytest.mark.integration
+def test_a_job_killed_while_evaluating_logs_every_checkpoint_exactly_once(tmp_path, mlflow_uri, cache_dir):
+    """The job is SIGKILLed as soon as an evaluation pass (a Ray task beside training) has evaluated
+    one checkpoint; Ray starts it again, it resumes, and every checkpoint's weights/* and valid/*
+    end up in MLflow once, as does every step's train/loss."""
+    study = f"evalkill-{uuid.uuid4().hex[:8]}"
+    out = launch(tmp_path, "-m", "seed=1", "model=tiny", "budget=smoke", f"study={study}", f"data.cache_dir={cache_dir}",
+                 "train.fault.kill_in_evaluation=true", "launcher.max_retries=1", "tracking.system_metrics=false",
+                 uri=mlflow_uri)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "tiny-seed1: finished (retried 1x)" in out.stdout, out.stdout[-2000:]
+    run_dir = next(tmp_path.glob(f"runs/{study}/tiny-seed1"))
+    assert (run_dir / "fault-killed-in-evaluation").exists()
+    client = MlflowClient(mlflow_uri)
+    _, (child,) = child_runs(client, study)
+    run_id = child.info.run_id
+    assert child.info.status == "FINISHED"
+    for key in ("valid/loss", "valid/ppl", "weights/spectral", "weights/l2"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == CHECKPOINT_STEPS, (key, steps)
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == list(range(1, 7))
+    for step in CHECKPOINT_STEPS:  # each checkpoint's results are on disk, beside its weights
+        assert (run_dir / "checkpoints" / f"step{step}" / "eval" / "valid.json").exists()
+
+
+@pytest.mark.parametrize("own, free, running, cores, expected", [
+    (1, 1, 1, 2, 2),  # the tail of a sweep: the last job takes the idle core
+    (1, 0, 2, 2, 1),  # two jobs on two cores
+    (1, 2, 2, 4, 2),  # two jobs on four: two threads each
+    (1, 1, 2, 4, 1),  # one free CPU between two jobs: nobody gets a half
+    (2, 6, 1, 4, 4),  # never more threads than cores
+    (1, -1, 0, 2, 1),  # nonsense from Ray: the job's own CPUs
+])
+def test_threads_are_the_fair_share_of_the_free_cores(own, free, running, cores, expected):
+    assert fair_threads(own, free, running, cores) == expected
+
+
+def test_the_live_table_says_when_a_job_waits_for_the_tracking_server():
+    """The job's progress reports carry the metrics logger's outage state; the table shows it."""
+    from polypythia.job import ProgressCallback
+    from polypythia.progress import ProgressBoard, line, render
+
+    board = ProgressBoard(["tiny-seed1"])
+    away = [False]
+    callback = ProgressCallback(lambda report: board.update(0, report), total_steps=6, waiting=lambda: away[0])
+    callback.report({"state": "running", "attempt_start": True, "step": 0, "total": 6})
+    callback.on_step_end(1, {"train/loss": 5.0, "train/tokens_per_s": 100.0})
+    assert "waiting" not in line(board.rows[0])
+    away[0] = True
+    callback._last = 0.0  # the next report is due
+    callback.on_step_end(2, {"train/loss": 4.9, "train/tokens_per_s": 100.0})
+    assert "(waiting for the tracking server)" in line(board.rows[0])
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    console.print(render(board.rows))
+    assert "waiting for the tracking server" in console.export_text()
+    board.update(0, {"state": "running", "evaluating": True, "tracking_waiting": False})
+    assert "(evaluating checkpoints)" in line(board.rows[0])
+
+
+def test_the_driver_advises_threads_and_the_job_follows(tmp_path):
+    """Advisor (driver) -> <run_dir>/threads.json -> CoreShare (job): torch threads follow the share."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from polypythia.cores import Advisor, CoreShare
+
+    def job(name, **launcher):
+        run_dir = tmp_path / name
+        run_dir.mkdir()
+        return SimpleNamespace(run_dir=str(run_dir), run_name=name, train=SimpleNamespace(threads=None),
+                               launcher=SimpleNamespace(**{"address": None, "workers_per_run": 1, "num_gpus_per_job": 0,
+                                                           "num_cpus_per_job": 1, **launcher}))
+
+    jobs = [job("a"), job("b"), job("fixed", workers_per_run=2)]
+    advisor = Advisor(jobs, cores=2)
+    running = {"state": "running"}
+    advisor.advise({0: running, 1: running, 2: running}, free_cpus=0)
+    assert advisor.written == {0: 1, 1: 1}  # two jobs on two cores; a multi-worker job is left alone
+    advisor.advise({0: running, 1: {"state": "finished"}, 2: {"state": "pending"}}, free_cpus=1)
+    assert advisor.written[0] == 2  # the tail: the last job takes the idle core
+    advisor.advise({0: {"state": "running", "evaluating": True}, 1: running}, free_cpus=0)
+    assert advisor.written[1] == 1  # an evaluating job holds no CPU share
+
+    before = torch.get_num_threads()
+    try:
+        share = CoreShare(jobs[0].run_dir, own=1, every_s=0.0, cores=2)
+        share.adjust()
+        assert torch.get_num_threads() == 2 and share.threads == 2
+        metrics = {}
+        share.on_step_end(1, metrics)
+        assert metrics["train/threads"] == 2
+        (tmp_path / "a" / "threads.json").write_text("not json")
+        share.adjust()
+        assert share.threads == 1  # no readable advice: the job's own CPUs
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("every, steps, with_state", [
+    (3, 6, [0, 2, 3, 4, 6]),  # budget=smoke
+    (35, 70, [0, 32, 35, 64, 70]),  # budget=demo: 5 resume states instead of 10
+    (1000, 143000, [0, 512, 1000]),  # Pythia, the first of them
+])
+def test_early_log_spaced_checkpoints_keep_weights_only(every, steps, with_state):
+    from types import SimpleNamespace
+
+    from polypythia.train.checkpointer import Checkpointer
+    from polypythia.train.schedule import checkpoint_steps
+
+    checkpointer = Checkpointer.__new__(Checkpointer)
+    checkpointer.cfg = SimpleNamespace(budget=SimpleNamespace(checkpoint_every_steps=every, steps=steps))
+    schedule = [s for s in checkpoint_steps(steps, every, True) if s <= max(with_state)]
+    assert [s for s in schedule if checkpointer.keeps_resume_state(s)] == with_state
