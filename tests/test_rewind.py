@@ -224,3 +224,37 @@ def test_an_interrupted_prepare_closes_the_parent_run_it_made(tmp_path, cache_di
     with pytest.raises(KeyboardInterrupt):
         s.prepare()
     assert calls == [("tag", "parent-1", "failure_reason", "interrupted"), ("end", "parent-1", "KILLED")]
+
+
+def test_the_driver_rewinds_a_run_that_finished_before_its_alert_and_counts_its_rewinds(tmp_path, cache_dir, capsys):
+    from polypythia.actions import MonitorActions
+    from polypythia.crossseed import CrossSeedMonitor, Decision
+
+    jobs = [tiny_job(tmp_path, cache_dir, seed=s, monitor__action=a, monitor__max_rewinds=1)
+            for s, a in ((1, "rewind"), (2, "stop"), (3, "none"))]
+    monitor = CrossSeedMonitor([])
+    actions = MonitorActions(jobs, monitor)
+    updates, tags, statuses = [], {}, []
+    board = SimpleNamespace(update=SimpleNamespace(remote=lambda i, u: updates.append((i, u))))
+    client = SimpleNamespace(set_tag=lambda run_id, k, v: tags.__setitem__((run_id, k), v),
+                             update_run=lambda run_id, status: statuses.append((run_id, status)))
+    watch = SimpleNamespace(client=client, _run_id=lambda i: f"run{i}")
+    finished = {i: JobOutcome(state="finished") for i in range(3)}
+    for i in range(3):
+        monitor.alerts[i] = Decision(i, "s/tiny", 16, 9.0, 12.0, 8.0, 4)
+    due = actions.due({}, finished)
+    assert [(ref, i) for ref, i, _ in due] == [(None, 0), (None, 1)]  # action none: nothing to do
+    row = {"step": 40, "total": 40, "attempt": 1}
+    assert actions.act(None, 0, due[0][2], row, board, watch)[0] == "resubmit"
+    assert actions.requests[0] == RewindRequest(1, 16, None, "step=16 signal=loss deviation=+12.00")
+    assert statuses == [("run0", "RUNNING")] and updates == [(0, {"state": "rewinding", "step": 0})]
+    assert 0 not in monitor.alerts and actions.due({}, finished) == [(None, 1, due[1][2])]
+    assert actions.act(None, 1, due[1][2], row, board, watch) == ("keep", None)  # a finished run is not stopped
+    assert tags[("run1", "stability.action")].startswith("alert only: the run had trained all its steps")
+
+    actions.restarted({0: {"attempt": 2, "first_step": 10}})  # the new attempt: the monitor forgets, awaits no more
+    monitor.alerts[0] = Decision(0, "s/tiny", 20, 9.0, 12.0, 8.0, 4)  # the new branch alerts again
+    (again,) = actions.due({}, finished)
+    assert actions.act(None, 0, again[2], row, board, watch) == ("keep", None)
+    assert tags[("run0", "stability.action")].startswith("alert only: monitor.max_rewinds=1 reached")
+    assert "[monitor] tiny-seed1: rewind 1 requested after it had finished" in capsys.readouterr().out
