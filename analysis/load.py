@@ -148,6 +148,39 @@ def as_string_category(column: pd.Series) -> pd.Series:
     return column.cat.rename_categories(categories)
 
 
+def run_blocks(metrics: pd.DataFrame, names=None) -> pd.DataFrame | None:
+    """Where each (model, seed, metric) run of ``metrics`` lies: columns model, seed, metric, start, stop
+    (row positions ``start:stop``), in (model, seed, metric) category order; only the metrics in
+    ``names`` when given. None unless every run is one contiguous stretch of rows with rising steps,
+    as :func:`tidy` leaves them (sorted by model, seed, metric, step), and the three columns are
+    categorical: then code can take each run's rows as array slices instead of copying and grouping
+    a table of 143 million rows."""
+    columns = ("model", "seed", "metric")
+    if metrics.empty or not all(isinstance(metrics[c].dtype, pd.CategoricalDtype) for c in columns):
+        return None
+    codes = [metrics[c].cat.codes.to_numpy() for c in columns]
+    if any((code < 0).any() for code in codes):  # a missing model, seed or metric
+        return None
+    change = np.zeros(len(metrics) - 1, dtype=bool)
+    for code in codes:
+        change |= code[1:] != code[:-1]
+    starts = np.r_[0, np.flatnonzero(change) + 1]
+    stops = np.r_[starts[1:], len(metrics)]
+    keys = pd.DataFrame({c: code[starts] for c, code in zip(columns, codes)})
+    if keys.duplicated().any():
+        return None
+    blocks = keys.assign(start=starts, stop=stops).sort_values(list(columns), kind="stable")
+    for c in columns:  # codes -> names, in category order
+        blocks[c] = np.asarray(metrics[c].cat.categories, dtype=object)[blocks[c].to_numpy()]
+    if names is not None:
+        blocks = blocks[blocks["metric"].isin(list(names)).to_numpy()]
+    steps = metrics["step"].to_numpy()
+    for start, stop in zip(blocks["start"], blocks["stop"]):
+        if stop - start > 1 and not (np.diff(steps[start:stop]) > 0).all():
+            return None
+    return blocks.reset_index(drop=True)
+
+
 def non_finite_endings(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, int]]:
     """``(model, run label) -> (metric, step)`` of the runs whose last value of a loss
     (:data:`DIVERGENCE_METRICS`) is NaN or infinite, in a table of the five columns before :func:`tidy`

@@ -216,6 +216,37 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
     return pd.DataFrame([finals], index=[table.index[-1]])
 
 
+def final_rows(metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01) -> dict[str, pd.DataFrame]:
+    """Per model, :func:`final_row` of its (step x run) table of ``metric`` (:func:`wide_by_seed`).
+
+    The same numbers without building that table when, as :func:`analysis.load.tidy` leaves them, each
+    run's rows are contiguous, with rising steps and finite values: a dense loss curve of 143,000
+    steps per run would otherwise be pivoted into a (steps x runs) table only to average its last 1%.
+    Otherwise the table is built."""
+    rows = metrics[(metrics["metric"] == metric).to_numpy()]
+    out: dict[str, pd.DataFrame] = {}
+    for model, group in rows.groupby("model", observed=True, sort=True):
+        codes, labels = pd.factorize(group["seed"])  # run labels: a few categories, not a string per row
+        steps, values = group["step"].to_numpy(), group["value"].to_numpy(dtype="float64")
+        starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1]
+        ends = np.r_[starts[1:], len(codes)]
+        seeds = np.asarray([str(labels[code]) for code in codes[starts]], dtype=object)
+        within = np.ones(len(steps), dtype=bool)
+        within[starts] = False
+        contiguous = (len(set(seeds)) == len(starts) and (np.diff(steps)[within[1:]] > 0).all()
+                      and np.isfinite(values).all())
+        if not contiguous:
+            out[str(model)] = final_row(wide_by_seed(group, metric)[str(model)], final_fraction)
+            continue
+        finals = {}
+        for seed, start, end in sorted(zip(seeds, starts, ends), key=lambda block: label_order(block[0])):
+            run_steps = steps[start:end]
+            first_kept = run_steps[-1] - final_fraction * (run_steps[-1] - run_steps[0])
+            finals[seed] = pd.Series(values[start:end][run_steps >= first_kept]).mean()
+        out[str(model)] = pd.DataFrame([finals], index=[int(steps.max())])
+    return out
+
+
 MIN_SEEDS_FOR_MAD = 5  # with 3 or 4 runs the MAD is one neighbour's distance: too unstable to flag on
 
 
@@ -237,8 +268,7 @@ def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5
                       min_relative_deviation: float = 0.01) -> pd.DataFrame:
     """Outlier rows of :func:`mad_flags` on each run's final value (:func:`final_row`) of ``metric``."""
     rows = []
-    for model, table in wide_by_seed(metrics, metric).items():
-        final = final_row(table)
+    for model, final in final_rows(metrics, metric).items():
         values = final.iloc[0].dropna()
         deviation = robust_deviation(final).iloc[0]
         for seed in mad_flags(values, threshold, min_relative_deviation):

@@ -30,13 +30,34 @@ def thin_steps(steps: np.ndarray, max_points: int = MAX_POINTS_PER_CURVE) -> np.
     return np.unique(np.r_[steps[0], steps[np.clip(np.searchsorted(steps, targets), 0, len(steps) - 1)]])
 
 
-def seed_curves(metrics: pd.DataFrame, model: str, metric: str, smooth_values: int = 1) -> pd.DataFrame:
-    """(step x seed) values of one metric for one model, optionally a centred rolling mean, thinned."""
-    rows = metrics[(metrics["model"] == model) & (metrics["metric"] == metric)]
-    table = rows.pivot_table(index="step", columns="seed", values="value", aggfunc="last", observed=True)
+def seed_curves(metrics: pd.DataFrame, model: str, metric: str, smooth_values: int = 1,
+                blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+    """(step x seed) values of one metric for one model, optionally a centred rolling mean, thinned.
+    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, to take the runs as array slices."""
+    table = None
+    if blocks is not None:
+        runs = blocks[(blocks["model"] == model) & (blocks["metric"] == metric)]
+        steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
+        first = steps[runs["start"].iloc[0]:runs["stop"].iloc[0]] if len(runs) else None
+        if len(runs) and all(np.array_equal(steps[a:b], first) for a, b in zip(runs["start"], runs["stop"])):
+            table = pd.DataFrame(np.column_stack([values[a:b] for a, b in zip(runs["start"], runs["stop"])]),
+                                 index=pd.Index(first, name="step"), columns=pd.Index(list(runs["seed"]), name="seed"))
+    if table is None:  # runs with different steps: align them
+        rows = metrics[(metrics["model"] == model) & (metrics["metric"] == metric)]
+        table = rows.pivot_table(index="step", columns="seed", values="value", aggfunc="last", observed=True)
     if smooth_values > 1:
         table = table.rolling(smooth_values, min_periods=1, center=True).mean()
     return table.loc[thin_steps(table.index.to_numpy())]
+
+
+def has_rows(metrics: pd.DataFrame, metric: str, model: str | None = None,
+             blocks: pd.DataFrame | None = None) -> bool:
+    """Whether ``metrics`` holds ``metric`` (for ``model``)."""
+    if blocks is not None:
+        rows = blocks["metric"] == metric
+        return bool((rows & (blocks["model"] == model)).any() if model is not None else rows.any())
+    rows = metrics["metric"] == metric
+    return bool((rows & (metrics["model"] == model)).any() if model is not None else rows.any())
 
 
 def band(ax, table: pd.DataFrame, color, label: str) -> None:
@@ -54,10 +75,10 @@ def step_axis(ax) -> None:
 
 
 def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], path: Path,
-                     metric: str = "train/loss") -> Path | None:
-    """One panel per size: median/IQR of ``metric`` across seeds, outlier seeds drawn on top."""
-    models = [m for m in sort_models(metrics["model"].unique())
-              if ((metrics["model"] == m) & (metrics["metric"] == metric)).any()]
+                     metric: str = "train/loss", blocks: pd.DataFrame | None = None) -> Path | None:
+    """One panel per size: median/IQR of ``metric`` across seeds, outlier seeds drawn on top.
+    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
+    models = [m for m in sort_models(metrics["model"].unique()) if has_rows(metrics, metric, m, blocks)]
     if not models:
         return None
     columns = min(3, len(models))
@@ -66,7 +87,7 @@ def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], 
     for ax in list(axes.flat)[len(models):]:
         ax.set_visible(False)
     for ax, model in zip(axes.flat, models):
-        table = seed_curves(metrics, model, metric, smooth_values=20)
+        table = seed_curves(metrics, model, metric, smooth_values=20, blocks=blocks)
         outliers = sorted(outlier_seeds.get(model, set()) & set(table.columns))
         stable = table.drop(columns=outliers)
         band(ax, stable if stable.shape[1] else table, "tab:blue", "stable seeds")
@@ -80,9 +101,11 @@ def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], 
     return save(fig, path)
 
 
-def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path) -> Path | None:
-    """One panel per metric: median/IQR band across seeds for each size, log-x over steps."""
-    names = [n for n in names if (metrics["metric"] == n).any()]
+def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path,
+                 blocks: pd.DataFrame | None = None) -> Path | None:
+    """One panel per metric: median/IQR band across seeds for each size, log-x over steps.
+    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
+    names = [n for n in names if has_rows(metrics, n, blocks=blocks)]
     if not names:
         return None
     columns = min(3, len(names))
@@ -92,7 +115,7 @@ def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path) -> Path | 
     colors = dict(zip(models, plt.cm.viridis(np.linspace(0, 0.85, len(models)))))
     for ax, name in zip(axes.flat, names):
         for model, color in colors.items():
-            table = seed_curves(metrics, model, name)
+            table = seed_curves(metrics, model, name, blocks=blocks)
             if not table.empty:
                 band(ax, table, color, model)
         ax.set_title(name)

@@ -23,12 +23,12 @@ import pandas as pd
 
 
 from analysis.errors import AnalysisError
-from analysis.load import Study, sort_models
+from analysis.load import Study, run_blocks, sort_models
 from analysis.outliers import (DEFAULT_TASKS, STANDARDISED_METRIC, OutlierRule, accuracy_metric, find_outliers,
                                standardised_accuracy)
 from analysis.spikes import find_spikes
-from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, spread_test
-from analysis.training_maps import TrainingMaps, fit_training_maps
+from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, final_values, spread_test
+from analysis.training_maps import TrainingMaps, start_training_maps
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class AnalysisOptions:
     map_heldout_fraction: float = 0.2  # share of checkpoint rows held out (PolyPythias: 0.2, split seed 2546)
     map_split_seed: int = 2546
     map_steps: list[int] | None = None  # checkpoints decoded and drawn (None: all)
+    map_jobs: int | None = None  # worker processes for the HMM fits (None: every core for a large study)
     n_resamples: int = 2000
     random_state: int = 0
     make_plots: bool = True
@@ -70,6 +71,7 @@ class AnalysisResult:
     spread_tests: pd.DataFrame
     figures: list[Path] = field(default_factory=list)
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    cpu_seconds_by_stage: dict[str, float] = field(default_factory=dict)  # this process only (not the map workers)
 
 
 def standardised_score(metrics: pd.DataFrame, tasks) -> pd.DataFrame | None:
@@ -100,60 +102,85 @@ def key_metrics(metrics: pd.DataFrame, tasks) -> list[str]:
     return [n for n in names if n in present]
 
 
-def size_comparisons(metrics: pd.DataFrame, names: list[str], options: AnalysisOptions) -> pd.DataFrame:
-    """Multi-Bootstrap (seeds resampled) of each key metric's final value between neighbouring sizes."""
+def size_comparisons(metrics: pd.DataFrame, names: list[str], options: AnalysisOptions,
+                     finals: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+    """Multi-Bootstrap (seeds resampled) of each key metric's final value between neighbouring sizes.
+    ``finals``: each metric's :func:`final_values`, when the caller already has them."""
     models, rows = sort_models(metrics["model"].unique()), []
+    finals = finals or {}
     for name in (n for n in names if n != STANDARDISED_METRIC):  # the score is z-scored per size
+        values = finals.get(name)
         for model_a, model_b in zip(models, models[1:]):
             try:
                 result = compare_models(metrics, name, model_a, model_b, n_resamples=options.n_resamples,
-                                        random_state=options.random_state)
+                                        random_state=options.random_state, values=values)
             except AnalysisError:
                 continue
             rows.append({"metric": name, "model_a": model_a, "model_b": model_b, **result.as_dict()})
     return pd.DataFrame(rows)
 
 
-def timed(seconds: dict, stage: str):
-    """Context manager that adds the wall time of a block to ``seconds[stage]``."""
+def timed(seconds: dict, stage: str, cpu_seconds: dict | None = None):
+    """Context manager that adds the wall time of a block to ``seconds[stage]`` (and this process's CPU
+    time to ``cpu_seconds[stage]``)."""
     class Timer:
         def __enter__(self):
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), time.process_time()
 
         def __exit__(self, *exc):
             seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - self.start
+            if cpu_seconds is not None:
+                cpu_seconds[stage] = cpu_seconds.get(stage, 0.0) + time.process_time() - self.cpu
 
     return Timer()
 
 
-def compute(study: Study, options: AnalysisOptions, seconds: dict) -> dict:
-    """All tables of the analysis (no files written)."""
+def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None) -> dict:
+    """All tables of the analysis (no files written).
+
+    The training maps' HMM fits start first and run in worker processes (for a large study, see
+    :func:`analysis.training_maps.fit_all`) while this process computes the statistics, spikes and
+    outliers; ``seconds["training_maps"]`` is the wall time from their start until the maps are
+    ready, so it overlaps the other stages."""
     score = standardised_score(study.metrics, options.tasks)
     metrics = with_standardised_accuracy(study.metrics, score)
     names = key_metrics(metrics, options.tasks)
-    with timed(seconds, "stats"):
+    maps_started, maps_cpu = time.perf_counter(), time.process_time()
+    maps_job, maps_error = None, None
+    try:
+        maps_job = start_training_maps(metrics, options.map_features, options.max_states, options.n_restarts,
+                                       states=options.map_states, criterion=options.map_criterion,
+                                       heldout_fraction=options.map_heldout_fraction,
+                                       split_seed=options.map_split_seed, steps=options.map_steps,
+                                       n_jobs=options.map_jobs)
+    except AnalysisError as error:
+        maps_error = error
+    maps_cpu = time.process_time() - maps_cpu
+    with timed(seconds, "stats", cpu_seconds):
         stats = cross_seed_stats(metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples,
                                  random_state=options.random_state)
-        comparisons = size_comparisons(metrics, names, options)
-        spread = pd.DataFrame([spread_test(metrics, n) for n in names])
-    with timed(seconds, "spikes"):
+        finals = {name: final_values(metrics, name) for name in names}  # each run's last value, once per metric
+        comparisons = size_comparisons(metrics, names, options, finals)
+        spread = pd.DataFrame([spread_test(metrics, n, values=finals[n]) for n in names])
+    with timed(seconds, "spikes", cpu_seconds):
         spike_scores, spikes = find_spikes(metrics, window_values=options.spike_window_values,
                                            threshold_sd=options.spike_threshold_sd)
-    with timed(seconds, "outliers"):
+    with timed(seconds, "outliers", cpu_seconds):
         outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
                                  options.mad_threshold, score=score)
-    maps = None
-    with timed(seconds, "training_maps"):
-        try:
-            maps = fit_training_maps(metrics, options.map_features, options.max_states, options.n_restarts,
-                                     states=options.map_states, criterion=options.map_criterion,
-                                     heldout_fraction=options.map_heldout_fraction,
-                                     split_seed=options.map_split_seed, steps=options.map_steps)
-            study.notes.extend(maps.notes)
-        except AnalysisError as error:
-            if options.map_features:
-                raise
-            study.notes.append(f"Training maps skipped: {error}")
+    maps, waited_cpu = None, time.process_time()
+    try:
+        if maps_error is not None:
+            raise maps_error
+        maps = maps_job.result()
+        study.notes.extend(maps.notes)
+    except AnalysisError as error:
+        if options.map_features:
+            raise
+        study.notes.append(f"Training maps skipped: {error}")
+    seconds["training_maps"] = time.perf_counter() - maps_started
+    if cpu_seconds is not None:  # this process's part: preparing, selecting, decoding (the fits run in workers)
+        cpu_seconds["training_maps"] = maps_cpu + time.process_time() - waited_cpu
     return {"metrics": metrics, "names": names, "stats": stats, "comparisons": comparisons, "spread": spread,
             "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": maps}
 
@@ -174,9 +201,10 @@ def make_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     from analysis import plots  # matplotlib is imported only when figures are drawn
 
     metrics, flagged = tables["metrics"], outlier_seeds(tables["outliers"], runs)
-    figures = [plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png"),
+    blocks = run_blocks(metrics)  # each run's rows as slices, when the table is laid out for it
+    figures = [plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
                plots.plot_metrics(metrics, [n for n in tables["names"] if n != "train/loss"],
-                                  out_dir / "analysis_metrics.png")]
+                                  out_dir / "analysis_metrics.png", blocks=blocks)]
     maps = tables["maps"]
     if maps is not None:
         names = set(map(str, metrics["metric"].unique()))
@@ -217,14 +245,15 @@ def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | N
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
-    tables = compute(study, options, seconds)
+    cpu_seconds: dict[str, float] = {}
+    tables = compute(study, options, seconds, cpu_seconds)
     write_tables(tables, study.runs, out_dir)
     figures = []
     if options.make_plots:
-        with timed(seconds, "plots"):
+        with timed(seconds, "plots", cpu_seconds):
             figures = make_figures(tables, study.runs, out_dir)
     result = AnalysisResult(out_dir, tables["stats"], tables["spike_scores"], tables["spikes"], tables["outliers"],
-                            tables["maps"], tables["comparisons"], tables["spread"], figures, seconds)
+                            tables["maps"], tables["comparisons"], tables["spread"], figures, seconds, cpu_seconds)
     write_report(study, tables, result, options, out_dir / "report.md")
     if log_to_mlflow and study.kind == "mlflow":
         with timed(seconds, "mlflow_artifacts"):

@@ -64,6 +64,24 @@ def spikes_of_series(steps: np.ndarray, values: np.ndarray, window_values: int,
     return score, spikes
 
 
+def runs_of(metrics: pd.DataFrame, names):
+    """(model, seed, metric), steps and values of each run of the metrics in ``names``, steps ascending,
+    in (model, seed, metric) order: array slices of the table when it is laid out as ``tidy`` leaves it
+    (:func:`analysis.load.run_blocks`), else grouped and sorted."""
+    from analysis.load import run_blocks
+
+    blocks = run_blocks(metrics, names)
+    if blocks is not None:
+        steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
+        for block in blocks.itertuples():
+            yield (block.model, block.seed, block.metric), steps[block.start:block.stop], values[block.start:block.stop]
+        return
+    wanted = metrics[metrics["metric"].isin(list(names))]
+    for key, run in wanted.groupby(["model", "seed", "metric"], observed=True, sort=True):
+        run = run.sort_values("step")
+        yield key, run["step"].to_numpy(), run["value"].to_numpy(dtype="float64")
+
+
 def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_values: int = 1000,
                 threshold_sd: float = 7.0) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Spike scores (one row per run and metric) and the spike list (one row per spike).
@@ -71,12 +89,9 @@ def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_value
     ``window_values`` counts logged values, not steps (a run that logs every 10 steps looks back
     10,000 steps with the default 1,000).
     """
-    wanted = metrics[metrics["metric"].isin(list(spike_metrics))]
     scores, spikes = [], []
-    for (model, seed, metric), run in wanted.groupby(["model", "seed", "metric"], observed=True, sort=True):
-        run = run.sort_values("step")
-        score, found = spikes_of_series(run["step"].to_numpy(), run["value"].to_numpy(dtype="float64"),
-                                        window_values, threshold_sd)
+    for (model, seed, metric), steps, values in runs_of(metrics, spike_metrics):
+        score, found = spikes_of_series(steps, values, window_values, threshold_sd)
         key = {"model": str(model), "seed": str(seed), "metric": str(metric)}
         scores.append({**key, **score})
         spikes.extend({**key, **spike} for spike in found)

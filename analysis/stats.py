@@ -48,16 +48,29 @@ def by_seed_matrix(metrics: pd.DataFrame) -> pd.DataFrame:
 
 def bootstrap_mean_ci(values: np.ndarray, n_resamples: int, confidence: float,
                       random_state: int, groups_per_batch: int = 2000) -> np.ndarray:
-    """Percentile bootstrap interval of the mean for each row of a (groups, seeds) matrix without NaN."""
+    """Percentile bootstrap interval of the mean for each row of a (groups, seeds) matrix without NaN.
+
+    The interval ``scipy.stats.bootstrap((row,), np.mean, n_resamples=n_resamples, method="percentile",
+    confidence_level=confidence, rng=np.random.default_rng(random_state))`` gives for every row, computed
+    for all rows at once: the same resampling indices (``rng.integers(0, n, (n_resamples, n))``, as
+    scipy's ``_bootstrap_resample`` draws them), each resample's mean as a product with its counts of
+    each seed (a matrix product instead of a (groups, resamples, seeds) copy of the data), and the
+    interval by ``scipy.stats.quantile`` as scipy takes it. Equal to scipy's up to floating-point
+    rounding (``tests/analysis/test_stats.py``).
+    """
     out = np.full((len(values), 2), np.nan)
-    if values.shape[1] < 2:
+    n = values.shape[1]
+    if n < 2:
         return out
+    draws = np.random.default_rng(random_state).integers(0, n, (n_resamples, n))
+    counts = np.zeros((n_resamples, n))
+    np.add.at(counts, (np.repeat(np.arange(n_resamples), n), draws.ravel()), 1.0)
+    tail = (1 - confidence) / 2
+    levels = np.array([tail, 1 - tail])
     for start in range(0, len(values), groups_per_batch):
         chunk = values[start:start + groups_per_batch]
-        result = scipy_stats.bootstrap((chunk,), np.mean, axis=-1, vectorized=True, n_resamples=n_resamples,
-                                       confidence_level=confidence, method="percentile",
-                                       rng=np.random.default_rng(random_state))
-        out[start:start + groups_per_batch] = np.c_[result.confidence_interval.low, result.confidence_interval.high]
+        means = (chunk @ counts.T) / n  # (groups, resamples)
+        out[start:start + groups_per_batch] = scipy_stats.quantile(means, levels, axis=-1)
     return out
 
 
@@ -179,22 +192,51 @@ def multi_bootstrap(scores_a, scores_b, n_resamples: int = 2000, confidence: flo
                                float(np.mean(differences <= 0)), a.shape[0], b.shape[0], n_items, n_resamples)
 
 
+def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
+    """Positions of each (model, seed) run's row with the largest step (of equal steps, the later row),
+    runs in (model, seed) order: the categories' order (sizes by parameter count, run labels 0, 1, ...,
+    10) or, for plain columns, sorted. One pass over the rows when, as :func:`analysis.load.tidy` leaves
+    them, each run's rows are contiguous with rising steps; otherwise a stable sort."""
+    def codes(column: pd.Series) -> np.ndarray:
+        if isinstance(column.dtype, pd.CategoricalDtype):
+            return column.cat.codes.to_numpy().astype("int64")
+        from polypythia.study import label_order
+
+        order = {value: i for i, value in enumerate(sorted(pd.unique(column), key=label_order))}
+        return column.map(order).to_numpy().astype("int64")
+
+    if rows.empty:
+        return np.empty(0, dtype="int64")
+    seed = codes(rows["seed"])
+    key = codes(rows["model"]) * (int(seed.max()) + 1) + seed
+    steps = rows["step"].to_numpy()
+    key_step, step_step = np.diff(key), np.diff(steps)
+    if ((key_step > 0) | ((key_step == 0) & (step_step > 0))).all():
+        return np.r_[np.flatnonzero(key_step), len(rows) - 1]
+    order = np.lexsort((np.arange(len(rows)), steps, key))
+    ends = np.r_[np.flatnonzero(np.diff(key[order])), len(rows) - 1]
+    return order[ends]
+
+
 def final_values(metrics: pd.DataFrame, metric: str, step: int | None = None) -> pd.DataFrame:
-    """One value per (model, seed) of ``metric``: at ``step``, or at each run's last logged step."""
-    rows = metrics[metrics["metric"] == metric]
+    """One value per (model, seed) of ``metric``: at ``step``, or at each run's last logged step (runs in
+    model and run-label order, see :func:`last_row_per_run`)."""
+    rows = metrics[(metrics["metric"] == metric).to_numpy()]
     if rows.empty:
         raise AnalysisError(f"The study has no metric {metric!r}; pick one of the metrics it holds.")
     if step is not None:
         rows = rows[rows["step"] == step]
     else:
-        rows = rows.sort_values("step").groupby(["model", "seed"], observed=True).tail(1)
+        rows = rows.iloc[last_row_per_run(rows)]
     return rows[["model", "seed", "step", "value"]].astype({"model": str}).reset_index(drop=True)
 
 
 def compare_models(metrics: pd.DataFrame, metric: str, model_a: str, model_b: str, step: int | None = None,
-                   n_resamples: int = 2000, random_state: int = 0) -> BootstrapComparison:
-    """Multi-Bootstrap over seeds of ``metric`` (at ``step`` or each run's final step): ``model_b`` vs ``model_a``."""
-    values = final_values(metrics, metric, step)
+                   n_resamples: int = 2000, random_state: int = 0,
+                   values: pd.DataFrame | None = None) -> BootstrapComparison:
+    """Multi-Bootstrap over seeds of ``metric`` (at ``step`` or each run's final step): ``model_b`` vs ``model_a``.
+    ``values``: :func:`final_values` of ``metrics``, when the caller already has them."""
+    values = final_values(metrics, metric, step) if values is None else values
     arm_a = values.loc[values["model"] == str(model_a), "value"].to_numpy()
     arm_b = values.loc[values["model"] == str(model_b), "value"].to_numpy()
     if len(arm_a) == 0 or len(arm_b) == 0:
@@ -203,13 +245,15 @@ def compare_models(metrics: pd.DataFrame, metric: str, model_a: str, model_b: st
     return multi_bootstrap(arm_a, arm_b, n_resamples=n_resamples, random_state=random_state)
 
 
-def spread_test(metrics: pd.DataFrame, metric: str, step: int | None = None, models=None) -> dict:
+def spread_test(metrics: pd.DataFrame, metric: str, step: int | None = None, models=None,
+                values: pd.DataFrame | None = None) -> dict:
     """Brown-Forsythe test (Levene, centred on the median) of whether the cross-seed spread differs by size.
 
     Uses each run's value at ``step`` (default: each run's last step). Returns statistic, p_value
     and the models and seed counts used; NaN statistic when fewer than two models have >= 2 seeds.
+    ``values``: :func:`final_values` of ``metrics``, when the caller already has them.
     """
-    values = final_values(metrics, metric, step)
+    values = final_values(metrics, metric, step) if values is None else values
     groups = {m: g["value"].to_numpy() for m, g in values.groupby("model", sort=False)}
     if models is not None:
         groups = {m: groups[m] for m in map(str, models) if m in groups}

@@ -15,6 +15,7 @@ import pandas as pd
 
 from analysis.load import tidy
 
+
 TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 # The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there).
 WEIGHT_FEATURES = tuple(f"weights/{name}" for name in (
@@ -64,26 +65,22 @@ class StudySpec:
     random_state: int = 0
 
 
-def loss_rows(spec: StudySpec, rng: np.random.Generator) -> list[pd.DataFrame]:
-    """Dense train/loss and train/grad_norm curves for every run, spikes injected."""
-    steps = np.arange(0, spec.final_step + 1, spec.loss_every_steps, dtype="int64")
-    frames = []
-    for size_index, model in enumerate(spec.models):
-        for seed in range(spec.n_seeds):
-            noise_sd = 0.02
-            loss = 2.5 - 0.1 * size_index + 8.0 * (steps + 10.0) ** -0.3 + rng.normal(0, noise_sd, len(steps))
-            grad_norm = 0.3 + 2.0 * (steps + 10.0) ** -0.5 + rng.normal(0, 0.01, len(steps))
-            for spike in spec.spikes:
-                if spike.model == model and spike.seed == seed:
-                    at = np.searchsorted(steps, spike.step)
-                    decay = np.exp(-np.arange(spike.length_steps) / max(spike.length_steps / 3, 1))
-                    end = min(at + spike.length_steps, len(steps))
-                    loss[at:end] += spike.height_sd * noise_sd * decay[: end - at]
-                    grad_norm[max(at - 1, 0):end] += 5.0
-            for metric, values in (("train/loss", loss), ("train/grad_norm", grad_norm)):
-                frames.append(pd.DataFrame({"model": model, "seed": seed, "step": steps, "metric": metric,
-                                            "value": values}))
-    return frames
+def loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, size_index: int,
+                steps: np.ndarray) -> dict[str, np.ndarray]:
+    """Dense train/loss and train/grad_norm curves, (seeds x steps) each, of every seed of one size, spikes
+    injected (each seed's loss noise, then its grad-norm noise, drawn in seed order)."""
+    noise = rng.standard_normal((spec.n_seeds, 2, len(steps)))
+    noise_sd = 0.02
+    loss = 2.5 - 0.1 * size_index + 8.0 * (steps + 10.0) ** -0.3 + noise_sd * noise[:, 0]
+    grad_norm = 0.3 + 2.0 * (steps + 10.0) ** -0.5 + 0.01 * noise[:, 1]
+    for spike in spec.spikes:
+        if spike.model == model and spike.seed < spec.n_seeds:
+            at = np.searchsorted(steps, spike.step)
+            decay = np.exp(-np.arange(spike.length_steps) / max(spike.length_steps / 3, 1))
+            end = min(at + spike.length_steps, len(steps))
+            loss[spike.seed, at:end] += spike.height_sd * noise_sd * decay[: end - at]
+            grad_norm[spike.seed, max(at - 1, 0):end] += 5.0
+    return {"train/loss": loss, "train/grad_norm": grad_norm}
 
 
 def phase(steps: np.ndarray) -> np.ndarray:
@@ -91,43 +88,79 @@ def phase(steps: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.array([64, 3000, 40000]), steps, side="right")
 
 
-def checkpoint_rows(spec: StudySpec, rng: np.random.Generator) -> list[pd.DataFrame]:
-    """Weight features, validation loss and task accuracies at the checkpoint steps."""
-    steps = pythia_checkpoint_steps(spec.final_step)
+def checkpoint_values(spec: StudySpec, rng: np.random.Generator, model: str, steps: np.ndarray,
+                      phase_means: np.ndarray) -> dict[str, np.ndarray]:
+    """Weight features, validation loss and task accuracies, (seeds x checkpoints) each, of every seed of
+    one size (per seed: its 14 features, validation loss, then each task's accuracy noise, in seed order)."""
     progress = 1 / (1 + np.exp(-(np.log1p(steps) - 7.5)))  # 0 at init, ~1 at the end
-    phase_means = rng.normal(0, 3, size=(4, len(WEIGHT_FEATURES)))
-    frames = []
-    for model in spec.models:
-        for seed in range(spec.n_seeds):
-            drop = np.zeros(len(steps))
-            phases = phase(steps)
-            for c in (c for c in spec.collapses if c.model == model and c.seed == seed):
-                out = (steps >= c.onset_step) & ((steps < c.recovery_step) if c.recovery_step else True)
-                drop[out] = c.drop_sd
-                phases = np.where(out, 1, phases)  # the weights fall back to an early phase
-                if c.recovery_step is None:
-                    drop[steps >= c.onset_step] = np.linspace(c.drop_sd, c.drop_sd / 2, int((steps >= c.onset_step).sum()))
-            features = phase_means[phases] + rng.normal(0, 0.3, size=(len(steps), len(WEIGHT_FEATURES)))
-            rows = {name: features[:, i] for i, name in enumerate(WEIGHT_FEATURES)}
-            rows["valid/loss"] = 2.6 + 8.0 * (steps + 10.0) ** -0.3 + rng.normal(0, 0.01, len(steps))
-            for task_index, task in enumerate(TASKS):
-                chance = 0.25 + 0.1 * task_index
-                accuracy = chance + 0.3 * progress + rng.normal(0, spec.seed_sd, len(steps))
-                rows[f"eval/{task}/acc"] = accuracy - drop * spec.seed_sd
-            for metric, values in rows.items():
-                frames.append(pd.DataFrame({"model": model, "seed": seed, "step": steps, "metric": metric,
-                                            "value": values}))
-    return frames
+    n_steps, n_features = len(steps), len(WEIGHT_FEATURES)
+    noise = rng.standard_normal((spec.n_seeds, n_steps * (n_features + 1 + len(TASKS))))
+    out: dict[str, np.ndarray] = {}
+    for seed in range(spec.n_seeds):
+        drop = np.zeros(n_steps)
+        phases = phase(steps)
+        for c in (c for c in spec.collapses if c.model == model and c.seed == seed):
+            down = (steps >= c.onset_step) & ((steps < c.recovery_step) if c.recovery_step else True)
+            drop[down] = c.drop_sd
+            phases = np.where(down, 1, phases)  # the weights fall back to an early phase
+            if c.recovery_step is None:
+                drop[steps >= c.onset_step] = np.linspace(c.drop_sd, c.drop_sd / 2, int((steps >= c.onset_step).sum()))
+        draws = noise[seed]
+        features = phase_means[phases] + 0.3 * draws[:n_steps * n_features].reshape(n_steps, n_features)
+        rows = {name: features[:, i] for i, name in enumerate(WEIGHT_FEATURES)}
+        at = n_steps * n_features
+        rows["valid/loss"] = 2.6 + 8.0 * (steps + 10.0) ** -0.3 + 0.01 * draws[at:at + n_steps]
+        for task_index, task in enumerate(TASKS):
+            at += n_steps
+            chance = 0.25 + 0.1 * task_index
+            accuracy = chance + 0.3 * progress + spec.seed_sd * draws[at:at + n_steps]
+            rows[f"eval/{task}/acc"] = accuracy - drop * spec.seed_sd
+        for name, values in rows.items():
+            out.setdefault(name, np.empty((spec.n_seeds, n_steps)))[seed] = values
+    return out
 
 
 def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> pd.DataFrame:
-    """A tidy table (model, seed, step, metric, value) following ``spec``."""
+    """A tidy table (model, seed, step, metric, value) following ``spec``, built column by column in the
+    order :func:`analysis.load.tidy` gives (model, seed, metric, step), with categorical model, seed and
+    metric columns (a 500-run study with dense curves is 143 million rows, about 2.5 GB)."""
+    from polypythia.study import label_order
+
+    from analysis.load import sort_models
+
     spec = spec or StudySpec()
     rng = np.random.default_rng(spec.random_state)
-    frames = checkpoint_rows(spec, rng)
-    if dense_loss:
-        frames += loss_rows(spec, rng)
-    return tidy(pd.concat(frames, ignore_index=True))
+    checkpoint_steps = pythia_checkpoint_steps(spec.final_step)
+    phase_means = rng.normal(0, 3, size=(4, len(WEIGHT_FEATURES)))
+    per_model = {model: checkpoint_values(spec, rng, model, checkpoint_steps, phase_means) for model in spec.models}
+    dense_steps = np.arange(0, spec.final_step + 1, spec.loss_every_steps, dtype="int64")
+    dense = ("train/grad_norm", "train/loss") if dense_loss else ()
+    models = sort_models(set(spec.models))
+    metrics = sorted([*per_model[spec.models[0]], *dense])
+    steps_of = {name: dense_steps if name in dense else checkpoint_steps for name in metrics}
+    offsets = dict(zip(metrics, np.cumsum([0] + [len(steps_of[name]) for name in metrics])))
+    run_rows = int(sum(len(steps_of[name]) for name in metrics))
+    n_runs = spec.n_seeds * len(models)
+    value = np.empty((len(models), spec.n_seeds, run_rows))  # one block per run, metrics in name order
+    for model in spec.models:  # checkpoint values first, then dense curves: the draws in the study's order
+        for name, values in per_model[model].items():
+            value[models.index(model), :, offsets[name]:offsets[name] + values.shape[1]] = values
+    for size_index, model in enumerate(spec.models):
+        if dense_loss:
+            for name, values in loss_curves(spec, rng, model, size_index, dense_steps).items():
+                value[models.index(model), :, offsets[name]:offsets[name] + values.shape[1]] = values
+    run_steps = np.concatenate([steps_of[name] for name in metrics])
+    run_metrics = np.repeat(np.arange(len(metrics), dtype="int8"), [len(steps_of[name]) for name in metrics])
+    labels = sorted((str(s) for s in range(spec.n_seeds)), key=label_order)
+    seed_dtype = "int8" if spec.n_seeds < 128 else "int16"
+    return pd.DataFrame({
+        "model": pd.Categorical.from_codes(np.repeat(np.arange(len(models), dtype="int8"), spec.n_seeds * run_rows),
+                                           categories=models, validate=False),
+        "seed": pd.Categorical.from_codes(np.tile(np.repeat(np.arange(spec.n_seeds, dtype=seed_dtype), run_rows),
+                                                  len(models)), categories=labels, validate=False),
+        "step": np.tile(run_steps, n_runs),
+        "metric": pd.Categorical.from_codes(np.tile(run_metrics, n_runs), categories=metrics, validate=False),
+        "value": value.reshape(-1)}, copy=False)
 
 
 @dataclass

@@ -35,6 +35,7 @@ towards fewer states than were planted (``heldout_fraction=0.5`` recovers them; 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ N_ITER = 10000  # the released code's n_iter; tol stays hmmlearn's default
 TOL = 1e-2  # hmmlearn.hmm.GaussianHMM's default tol
 CRITERIA = ("bic", "aic", "ll")
 MIN_CHECKPOINTS = 3  # a seed with fewer checkpoints is left out of its model's map
+# Training rows x numbers of states from which the restarts are fitted in worker processes by default
+# (about 25 runs x 154 checkpoints x 8; smaller studies fit in a second or two in this process).
+PARALLEL_MIN_ROWS = 25_000
+WORKER_IDLE_S = 10  # idle worker processes exit after this many seconds
 
 PATH_COLUMNS = ["model", "seed", "step", "state"]
 DEPARTURE_COLUMNS = ["model", "seed", "departure_step", "fell_back", "fall_back_step", "skipped_states",
@@ -63,7 +68,7 @@ SELECTION_COLUMNS = ["model", "n_states", "restart", "heldout_log_likelihood", "
                      "iterations", "n_train_rows", "n_heldout_rows", "best_of_n", "chosen", "criterion"]
 
 __all__ = ["CRITERIA", "POLYPYTHIAS_EVAL_STEPS", "POLYPYTHIAS_RESTART_SEEDS", "POLYPYTHIAS_SPLIT_SEED",
-           "TrainingMaps", "feature_matrix", "fit_training_maps", "restart_seeds", "split_rows"]
+           "TrainingMaps", "feature_matrix", "fit_training_maps", "restart_seeds", "split_rows", "start_training_maps"]
 
 
 @dataclass
@@ -175,36 +180,68 @@ class Split:
 def fit_one(train: Split, heldout: Split, n_states: int, seed: int, n_iter: int,
             tol: float) -> tuple[dict, object] | None:
     """One restart: fit on ``train``, score on ``heldout``; None when the fit or the scoring fails."""
-    from hmmlearn.hmm import GaussianHMM
-    from sklearn.utils import check_random_state
+    return fit_states([(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, [seed], n_iter, tol)[0][0]
 
-    hmm = GaussianHMM(n_components=n_states, covariance_type="diag", n_iter=n_iter, tol=tol,
-                      random_state=check_random_state(seed))
-    try:
-        hmm.fit(train.X, train.lengths)
-        score = float(hmm.score(heldout.X, heldout.lengths))
-        bic, aic = float(hmm.bic(heldout.X, heldout.lengths)), float(hmm.aic(heldout.X, heldout.lengths))
-    except (ValueError, np.linalg.LinAlgError) as error:  # e.g. "startprob_ must sum to 1 (got nan)"
-        log.debug("HMM with %d states, restart %d skipped: %s", n_states, seed, error)
-        return None
-    row = {"n_states": n_states, "restart": seed, "heldout_log_likelihood": score, "bic": bic, "aic": aic,
-           "converged": bool(hmm.monitor_.converged), "iterations": int(hmm.monitor_.iter),
-           "n_train_rows": len(train.X), "n_heldout_rows": len(heldout.X)}
-    return row, hmm
+
+def fit_states(data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: int,
+               tol: float) -> list[list[tuple[dict, object] | None]]:
+    """Every restart of one number of states, for each size's ``(X, lengths, X_heldout, lengths_heldout)``:
+    per size, per restart seed, ``(row, hmm)`` or None when the fit or the scoring fails (skipped, as
+    the released code skips a restart whose scoring raises ``ValueError``).
+
+    Each restart is the released code's ``GaussianHMM(n_components=n_states, covariance_type="diag",
+    n_iter=n_iter, random_state=check_random_state(seed))`` (``tol``: hmmlearn's default 0.01), fitted on
+    the training rows and scored (log-likelihood, ``bic``, ``aic``) on the held-out rows. The fits run
+    together (:func:`analysis.hmm_batch.fit_together`: each follows hmmlearn's own EM loop and stops
+    where it would alone), with one BLAS/OpenMP thread and hmmlearn's warnings silenced: the unit of
+    work a worker process runs.
+    """
+    from sklearn.utils import check_random_state
+    from threadpoolctl import threadpool_limits
+
+    from analysis.hmm_batch import BatchedGaussianHMM, fit_together
+
+    logging.getLogger("hmmlearn").setLevel(logging.ERROR)
+    jobs = [(X, lengths, X_heldout, lengths_heldout, seed) for X, lengths, X_heldout, lengths_heldout in data
+            for seed in seeds]
+    models = [BatchedGaussianHMM(n_components=n_states, covariance_type="diag", n_iter=n_iter, tol=tol,
+                                 random_state=check_random_state(seed)) for *_, seed in jobs]
+    results = []
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
+        warnings.simplefilter("ignore")
+        errors = fit_together(models, [job[0] for job in jobs], [job[1] for job in jobs])
+        for hmm, error, (X, _, X_heldout, lengths_heldout, seed) in zip(models, errors, jobs):
+            try:
+                if error is not None:
+                    raise error
+                score = float(hmm.score(X_heldout, lengths_heldout))
+                bic, aic = float(hmm.bic(X_heldout, lengths_heldout)), float(hmm.aic(X_heldout, lengths_heldout))
+            except (ValueError, np.linalg.LinAlgError) as failure:  # e.g. "startprob_ must sum to 1 (got nan)"
+                log.debug("HMM with %d states, restart %d skipped: %s", n_states, seed, failure)
+                results.append(None)
+                continue
+            row = {"n_states": n_states, "restart": seed, "heldout_log_likelihood": score, "bic": bic, "aic": aic,
+                   "converged": bool(hmm.monitor_.converged), "iterations": int(hmm.monitor_.iter),
+                   "n_train_rows": len(X), "n_heldout_rows": len(X_heldout)}
+            results.append((row, hmm))
+    return [results[i:i + len(seeds)] for i in range(0, len(results), len(seeds))]
 
 
 def select_model(train: Split, heldout: Split, candidates: list[int], seeds: Sequence[int], n_iter: int, tol: float,
-                 criterion: str) -> tuple[list[dict], object, int]:
-    """Every restart's row, and the kept model of the chosen number of states (and that number)."""
+                 criterion: str, fitted: dict[int, list] | None = None) -> tuple[list[dict], object, int]:
+    """Every restart's row, and the kept model of the chosen number of states (and that number).
+    ``fitted``: the restarts of each number of states already fitted (:func:`fit_states`, in
+    ``seeds`` order); otherwise they are fitted here."""
     rows, kept = [], {}
     for n_states in candidates:
         if n_states > len(train.X):
             continue
-        for seed in seeds:
-            fitted = fit_one(train, heldout, n_states, seed, n_iter, tol)
-            if fitted is None:
+        results = fitted[n_states] if fitted is not None else fit_states(
+            [(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, seeds, n_iter, tol)[0]
+        for result in results:
+            if result is None:
                 continue
-            row, hmm = fitted
+            row, hmm = result
             rows.append(row)
             score = row["heldout_log_likelihood"]
             if np.isfinite(score) and (n_states not in kept or score > kept[n_states][0]["heldout_log_likelihood"]):
@@ -291,8 +328,18 @@ def usable_rows(model: str, wide: pd.DataFrame, notes: list[str]) -> pd.DataFram
     return wide[~wide.index.get_level_values("seed").isin(counts[counts < MIN_CHECKPOINTS].index)]
 
 
-def map_one_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: list[str]):
-    """Paths, majority path, departures and selection rows of one size (AnalysisError when it cannot be mapped)."""
+@dataclass
+class ModelData:
+    """One size ready to be fitted: the decoded rows and the training and held-out splits."""
+
+    model: str
+    decoded: pd.DataFrame
+    train: Split
+    heldout: Split
+
+
+def prepare_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: list[str]) -> ModelData:
+    """The rows of one size to decode and to fit, split as the study does (AnalysisError when it cannot be mapped)."""
     steps = wide.index.get_level_values("step")
     decoded = wide if settings.steps is None else wide[steps.isin(settings.steps)]
     decoded = usable_rows(model, decoded, notes)
@@ -301,15 +348,21 @@ def map_one_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: 
                             + ("" if settings.steps is None else " at the decoded steps"))
     fitted = usable_rows(model, wide, []) if settings.fit_all_steps else decoded
     train_at, heldout_at = split_rows(len(fitted), settings.heldout_fraction, settings.split_seed)
-    train = Split.of(fitted.iloc[train_at], settings.standardise)
-    heldout = Split.of(fitted.iloc[heldout_at], settings.standardise)
+    return ModelData(model, decoded, Split.of(fitted.iloc[train_at], settings.standardise),
+                     Split.of(fitted.iloc[heldout_at], settings.standardise))
+
+
+def finish_model(data: ModelData, settings: MapSettings, fitted: dict[int, list] | None = None):
+    """Model selection over the fitted restarts, then paths, majority path, departures and selection rows
+    of one size (AnalysisError when no model could be fitted)."""
+    model, train, heldout = data.model, data.train, data.heldout
     rows, hmm, n_chosen = select_model(train, heldout, settings.candidates, settings.seeds, settings.n_iter,
-                                       settings.tol, settings.criterion)
+                                       settings.tol, settings.criterion, fitted)
     if hmm is None:
         tried = ", ".join(map(str, settings.candidates))
         raise AnalysisError(f"no hidden Markov model with {tried} state(s) could be fitted on the {len(train.X)} "
                             f"training rows of {model} and scored on its {len(heldout.X)} held-out rows")
-    every = Split.of(decoded, settings.standardise)
+    every = Split.of(data.decoded, settings.standardise)
     seeds = every.index.get_level_values("seed").to_numpy()
     step_values = every.index.get_level_values("step").to_numpy()
     states = order_states_by_time(hmm.predict(every.X, every.lengths), step_values)
@@ -324,12 +377,115 @@ def map_one_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: 
     return paths, majority.assign(model=model), departures, selection
 
 
+def map_one_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: list[str]):
+    """Paths, majority path, departures and selection rows of one size (AnalysisError when it cannot be mapped)."""
+    return finish_model(prepare_model(model, wide, settings, notes), settings)
+
+
+def models_of(metrics: pd.DataFrame) -> list:
+    """The models present in ``metrics``, in the order ``groupby("model")`` gives them."""
+    column = metrics["model"]
+    present = set(column.unique())
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        return [m for m in column.cat.categories if m in present]
+    return sorted(present)
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def fit_all(prepared: list[ModelData], settings: MapSettings, n_jobs: int | None):
+    """Start every restart of every number of states of every size; returns a function that waits for
+    them and gives ``{model: {n_states: [result per restart]}}``.
+
+    One task per number of states fits all sizes and restarts together (:func:`fit_states`). The
+    tasks are independent, so with ``n_jobs`` > 1 they run in that many worker processes (``joblib``'s
+    loky executor, one BLAS/OpenMP thread each, so the workers do not oversubscribe the cores; they
+    exit after :data:`WORKER_IDLE_S` idle seconds), the largest number of states first, while the
+    caller goes on. ``n_jobs`` None: every available core once the study has
+    :data:`PARALLEL_MIN_ROWS` training rows x numbers of states (below that, starting the workers
+    costs more than it saves). The results do not depend on ``n_jobs``.
+    """
+    tasks = []
+    for n_states in sorted(settings.candidates, reverse=True):
+        members = [data for data in prepared if n_states <= len(data.train.X)]
+        if members:
+            tasks.append((n_states, members))
+    if n_jobs is None:
+        rows = sum(len(data.train.X) for data in prepared)
+        n_jobs = available_cores() if rows * len(settings.candidates) >= PARALLEL_MIN_ROWS else 1
+    n_jobs = max(1, min(int(n_jobs), len(tasks)))
+
+    def arguments(n_states: int, members: list[ModelData]) -> tuple:
+        data = [(d.train.X, d.train.lengths, d.heldout.X, d.heldout.lengths) for d in members]
+        return data, n_states, settings.seeds, settings.n_iter, settings.tol
+
+    def collect(results: list) -> dict[str, dict[int, list]]:
+        fitted: dict[str, dict[int, list]] = {data.model: {} for data in prepared}
+        for (n_states, members), per_model in zip(tasks, results):
+            for data, result in zip(members, per_model):
+                fitted[data.model][n_states] = result
+        return fitted
+
+    if n_jobs == 1:
+        done = collect([fit_states(*arguments(*task)) for task in tasks])
+        return lambda: done
+    from joblib.externals.loky import get_reusable_executor
+
+    executor = get_reusable_executor(max_workers=n_jobs, timeout=WORKER_IDLE_S)
+    futures = [executor.submit(fit_states, *arguments(*task)) for task in tasks]
+    return lambda: collect([future.result() for future in futures])
+
+
+class MapsJob:
+    """Training maps being fitted (:func:`start_training_maps`); :meth:`result` waits for them."""
+
+    def __init__(self, prepared: list[ModelData], settings: MapSettings, wait_for_fits, features: list[str],
+                 notes_by_model: dict[str, list[str]], parameters: dict):
+        self.prepared, self.settings, self.wait_for_fits = prepared, settings, wait_for_fits
+        self.features, self.notes_by_model, self.parameters = features, notes_by_model, parameters
+
+    def result(self) -> TrainingMaps:
+        """The maps: model selection, decoding and departures of every size once its fits are done."""
+        fitted = self.wait_for_fits()
+        paths, majorities, departures, selection = [], [], [], []
+        settings = self.settings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for data in self.prepared:
+                try:
+                    p, m, d, s = finish_model(data, settings, fitted[data.model])
+                except AnalysisError as error:
+                    self.notes_by_model[data.model].append(f"Training map of {data.model} skipped: {error}.")
+                    continue
+                paths.append(p), majorities.append(m), departures.extend(d), selection.extend(s)
+        notes = [note for model_notes in self.notes_by_model.values() for note in model_notes]
+        if not paths:
+            raise AnalysisError("No model could be mapped (" + " ".join(notes) + "); give more checkpoints "
+                                "or other --map-features.")
+        return TrainingMaps(
+            paths=pd.concat(paths, ignore_index=True)[PATH_COLUMNS],
+            majority=pd.concat(majorities, ignore_index=True)[["model", "step", "state"]],
+            departures=pd.DataFrame(departures, columns=DEPARTURE_COLUMNS).astype({"fall_back_step": "Int64"}),
+            selection=pd.DataFrame(selection, columns=SELECTION_COLUMNS), features=self.features,
+            criterion=settings.criterion,
+            settings={"heldout_fraction": settings.heldout_fraction, "split_seed": settings.split_seed,
+                      "restarts": list(settings.seeds), "n_iter": settings.n_iter, "tol": settings.tol,
+                      "steps": settings.steps, **self.parameters},
+            notes=notes)
+
+
 def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, max_states: int = 8,
                       restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS, *, states: int | None = None,
                       criterion: str = "bic", heldout_fraction: float = HELDOUT_FRACTION,
                       split_seed: int = POLYPYTHIAS_SPLIT_SEED, n_iter: int = N_ITER, tol: float = TOL,
                       steps: Iterable[int] | str | None = None, fit_all_steps: bool = False,
-                      standardise: str = "run") -> TrainingMaps:
+                      standardise: str = "run", n_jobs: int | None = None) -> TrainingMaps:
     """Fit one HMM per size as the PolyPythias release does, choose its number of states, decode every seed.
 
     ``features``: metric names (default: every ``weights/*`` metric). ``max_states``: try 1..max_states
@@ -337,14 +493,31 @@ def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, 
     states) or a list of random states. ``criterion``: ``"bic"`` (default) or ``"aic"`` (lowest, of the
     held-out rows) or ``"ll"`` (highest held-out log-likelihood). ``heldout_fraction`` and ``split_seed``:
     the held-out checkpoint rows (the study's 0.2 and 2546). ``n_iter``/``tol``: EM limits (the study's
-    10000 and hmmlearn's default 0.01). ``steps``: the checkpoints decoded and drawn (a list, or text
-    such as ``"polypythias"`` for :data:`POLYPYTHIAS_EVAL_STEPS`; None: all); the HMM is fitted on the
-    same rows, or on every checkpoint with ``fit_all_steps``. ``standardise``: ``"run"`` (z-score per
-    seed within each split, as the study) or ``"model"`` (over all seeds of a size). Deterministic.
+    10000 and hmmlearn's default 0.01, which the released code leaves as it is: EM stops once an
+    iteration gains less than 0.01 in log-likelihood). ``steps``: the checkpoints decoded and drawn (a
+    list, or text such as ``"polypythias"`` for :data:`POLYPYTHIAS_EVAL_STEPS`; None: all); the HMM is
+    fitted on the same rows, or on every checkpoint with ``fit_all_steps``. ``standardise``: ``"run"``
+    (z-score per seed within each split, as the study) or ``"model"`` (over all seeds of a size).
+    ``n_jobs``: worker processes for the fits (None: every core for a large study, see :func:`fit_all`).
+    Deterministic: the same maps whatever ``n_jobs``.
 
     A size that cannot be mapped (too few checkpoints, no model fits) is left out with a note in
     ``TrainingMaps.notes``; an AnalysisError when no size can be mapped.
     """
+    return start_training_maps(metrics, features, max_states, restarts, states=states, criterion=criterion,
+                               heldout_fraction=heldout_fraction, split_seed=split_seed, n_iter=n_iter, tol=tol,
+                               steps=steps, fit_all_steps=fit_all_steps, standardise=standardise,
+                               n_jobs=n_jobs).result()
+
+
+def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, max_states: int = 8,
+                        restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS, *, states: int | None = None,
+                        criterion: str = "bic", heldout_fraction: float = HELDOUT_FRACTION,
+                        split_seed: int = POLYPYTHIAS_SPLIT_SEED, n_iter: int = N_ITER, tol: float = TOL,
+                        steps: Iterable[int] | str | None = None, fit_all_steps: bool = False,
+                        standardise: str = "run", n_jobs: int | None = None) -> MapsJob:
+    """:func:`fit_training_maps` with the fits left running in worker processes (when it uses them):
+    the caller can do other work and then call ``.result()``. Argument errors raise here."""
     if standardise not in ("run", "model"):
         raise AnalysisError(f"standardise must be 'run' or 'model', not {standardise!r}; pick one of the two.")
     if criterion not in CRITERIA:
@@ -369,7 +542,7 @@ def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, 
                            seeds=restart_seeds(restarts), criterion="fixed" if states is not None else criterion,
                            heldout_fraction=float(heldout_fraction), split_seed=int(split_seed), n_iter=int(n_iter),
                            tol=float(tol), steps=wanted, fit_all_steps=fit_all_steps, standardise=standardise)
-    paths, majorities, departures, selection, notes = [], [], [], [], []
+    notes_by_model: dict[str, list[str]] = {}
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
     import hmmlearn.hmm  # noqa: F401  (loads scikit-learn's OpenMP runtime so that the limit below applies)
     from threadpoolctl import threadpool_limits
@@ -378,24 +551,17 @@ def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, 
     # barriers otherwise, ten times slower on a busy 2-core machine.
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")
-        for model, rows in metrics.groupby("model", observed=True):
+        prepared = []
+        feature_rows = metrics[metrics["metric"].isin(features).to_numpy()]  # not a copy of dense loss curves
+        by_model = dict(iter(feature_rows.groupby("model", observed=True)))
+        for model in models_of(metrics):
+            rows = by_model.get(model, feature_rows.iloc[:0])
+            notes = notes_by_model.setdefault(str(model), [])
             try:
-                p, m, d, s = map_one_model(str(model), wide_features(rows, features), settings, notes)
+                prepared.append(prepare_model(str(model), wide_features(rows, features), settings, notes))
             except AnalysisError as error:
                 notes.append(f"Training map of {model} skipped: {error}.")
-                continue
-            paths.append(p), majorities.append(m), departures.extend(d), selection.extend(s)
-    if not paths:
-        raise AnalysisError("No model could be mapped (" + " ".join(notes) + "); give more checkpoints "
-                            "or other --map-features.")
-    return TrainingMaps(
-        paths=pd.concat(paths, ignore_index=True)[PATH_COLUMNS],
-        majority=pd.concat(majorities, ignore_index=True)[["model", "step", "state"]],
-        departures=pd.DataFrame(departures, columns=DEPARTURE_COLUMNS).astype({"fall_back_step": "Int64"}),
-        selection=pd.DataFrame(selection, columns=SELECTION_COLUMNS), features=features,
-        criterion=settings.criterion,
-        settings={"heldout_fraction": settings.heldout_fraction, "split_seed": settings.split_seed,
-                  "restarts": list(settings.seeds), "n_iter": settings.n_iter, "tol": settings.tol,
-                  "steps": settings.steps, "fit_all_steps": fit_all_steps, "standardise": standardise,
-                  "states": states, "max_states": max_states},
-        notes=notes)
+        wait_for_fits = fit_all(prepared, settings, n_jobs)
+    return MapsJob(prepared, settings, wait_for_fits, features, notes_by_model,
+                   {"fit_all_steps": fit_all_steps, "standardise": standardise, "states": states,
+                    "max_states": max_states})

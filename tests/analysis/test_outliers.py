@@ -114,3 +114,22 @@ def test_mad_rule_on_final_loss():
 def test_unknown_outlier_metric_is_a_clear_error(stable_study):
     with pytest.raises(Exception, match="no metric 'nosuch'"):
         find_outliers(stable_study, outlier_metrics=["nosuch"])
+
+
+def test_final_values_of_dense_curves_equal_those_of_the_pivoted_table(outlier_study):
+    """final_rows takes each run's rows as slices of a tidy table: the same numbers, bit for bit, as
+    final_row of the (step x run) table, and the same MAD flags on a shuffled table."""
+    from analysis.outliers import final_row, final_rows, wide_by_seed
+
+    study = outlier_study.copy()
+    study.loc[(study.metric == "train/loss") & (study.model == "70m") & (study.seed == "5"), "value"] += 1.0
+    for metric in ("train/loss", "valid/loss"):
+        fast = final_rows(study, metric)
+        for model, table in wide_by_seed(study, metric).items():
+            slow = final_row(table)
+            assert list(map(str, slow.columns)) == list(fast[model].columns)
+            assert list(slow.index) == list(fast[model].index)
+            assert np.array_equal(slow.to_numpy(), fast[model].to_numpy())
+    flagged = flag_mad_outliers(study, "train/loss")
+    assert flagged[["model", "seed"]].values.tolist() == [["70m", "5"]]
+    pd.testing.assert_frame_equal(flagged, flag_mad_outliers(study.sample(frac=1, random_state=0), "train/loss"))

@@ -46,3 +46,14 @@ def test_unrecovered_spike_and_parameters():
     assert spikes["step"].tolist() == [200] and not spikes["recovered"].iloc[0]
     _, none = find_spikes(frame, window_values=100, threshold_sd=100)
     assert none.empty
+
+
+def test_spikes_do_not_depend_on_the_row_order(outlier_study):
+    """Array slices of a tidy table (analysis.load.run_blocks) and grouping a shuffled one agree."""
+    from analysis.load import run_blocks
+
+    assert run_blocks(outlier_study) is not None
+    shuffled = outlier_study.sample(frac=1, random_state=0)
+    assert run_blocks(shuffled) is None
+    for ours, theirs in zip(find_spikes(outlier_study), find_spikes(shuffled)):
+        pd.testing.assert_frame_equal(ours, theirs)

@@ -65,3 +65,31 @@ def test_compare_models_and_spread_test(stable_study):
     groups = [g["value"].to_numpy() for _, g in finals.groupby("model", observed=True)]
     direct = scipy_stats.levene(*groups, center="median")
     assert test["statistic"] == pytest.approx(direct.statistic) and test["p_value"] == pytest.approx(direct.pvalue)
+
+
+def test_bootstrap_interval_equals_scipy_bootstrap_for_every_row():
+    """The batched percentile bootstrap draws scipy's resampling indices and takes scipy's quantiles:
+    the same interval as ``scipy.stats.bootstrap`` row by row, up to rounding."""
+    from analysis.stats import bootstrap_mean_ci
+
+    rng = np.random.default_rng(1)
+    for n_seeds in (2, 10, 100):
+        values = rng.normal(size=(40, n_seeds)) * rng.uniform(0.1, 5, (40, 1)) + rng.normal(0, 50, (40, 1))
+        ours = bootstrap_mean_ci(values, 500, 0.95, 3, groups_per_batch=7)
+        scipy = scipy_stats.bootstrap((values,), np.mean, axis=-1, vectorized=True, n_resamples=500,
+                                      method="percentile", rng=np.random.default_rng(3)).confidence_interval
+        np.testing.assert_allclose(ours, np.c_[scipy.low, scipy.high], rtol=1e-12, atol=0)
+
+
+def test_final_values_are_each_runs_last_value_in_label_order(stable_study):
+    """Runs in model and run-label order (not the order of an unstable sort by step), the same whether
+    the table is laid out as tidy() leaves it or shuffled."""
+    from analysis.stats import final_values
+
+    values = final_values(stable_study, "train/loss")
+    assert list(values["seed"].astype(str)[values["model"] == "70m"]) == [str(s) for s in range(10)]
+    assert (values["step"] == 30_000).all() and list(pd.unique(values["model"])) == ["70m", "160m"]
+    last = stable_study[(stable_study.metric == "train/loss") & (stable_study.step == 30_000)]
+    assert sorted(values["value"]) == sorted(last["value"])
+    shuffled = final_values(stable_study.sample(frac=1, random_state=0), "train/loss")
+    pd.testing.assert_frame_equal(values, shuffled)

@@ -194,3 +194,13 @@ def test_cli_map_options_reach_the_report(tmp_path):
     assert main([str(path), "--out", str(tmp_path / "aic"), "--max-states", "3", "--restarts", "1",
                  "--map-criterion", "aic", "--no-plots", "--no-mlflow-log"]) == 0
     assert "lowest AIC on the held-out rows (`--map-criterion aic`)" in (tmp_path / "aic" / "report.md").read_text()
+
+
+def test_maps_do_not_depend_on_worker_processes():
+    """The fits of several sizes in two worker processes give the maps of fitting them here, restart by restart."""
+    study = pd.concat([planted_study(n_seeds=5), planted_study(n_seeds=4, model="70m", random_state=1)])
+    here = fit_training_maps(study, max_states=4, restarts=2, heldout_fraction=0.5, n_jobs=1)
+    workers = fit_training_maps(study, max_states=4, restarts=2, heldout_fraction=0.5, n_jobs=2)
+    pd.testing.assert_frame_equal(here.selection, workers.selection)
+    pd.testing.assert_frame_equal(here.paths, workers.paths)
+    assert set(here.paths["model"]) == {"70m", "410m"}
