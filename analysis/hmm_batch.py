@@ -146,13 +146,14 @@ def estep(models: list, Xs: list[np.ndarray], lengths: list) -> list[tuple[dict,
     transmat = np.stack([h.transmat_ for h in models])
     alpha, scale, frameprob, log_prob = forward(startprob, transmat, log_frameprob, padded)
     beta = np.ones_like(alpha)
-    weighted = np.zeros_like(alpha)  # b_{t+1} * beta_{t+1} / c_{t+1}
     transposed = transmat.transpose(0, 2, 1)
+    last = padded.last[..., None].astype("float64")  # 1 at and after each sequence's last frame
     with np.errstate(under="ignore", invalid="ignore", divide="ignore"):
+        scaled = np.where(padded.valid[..., None], frameprob / scale[..., None], 0.0)  # b_t / c_t, 0 when padded
         for t in range(alpha.shape[0] - 2, -1, -1):
-            weighted[t + 1] = np.where(padded.valid[t + 1][..., None],
-                                       frameprob[t + 1] * beta[t + 1] / scale[t + 1][..., None], 0.0)
-            beta[t] = np.where(padded.last[t][..., None], 1.0, np.matmul(weighted[t + 1], transposed))
+            # beta_t = A (b_{t+1} beta_{t+1} / c_{t+1}), 1 at the last frame (where frame t+1 is padding: 0 + 1)
+            np.add(np.matmul(scaled[t + 1] * beta[t + 1], transposed), last[t], out=beta[t])
+        weighted = scaled * beta  # b_{t+1} beta_{t+1} / c_{t+1}, read at t+1
         posteriors = alpha * beta
         posteriors /= row_sum(posteriors)[..., None]
     n = transmat.shape[1]

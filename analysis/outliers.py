@@ -216,13 +216,38 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
     return pd.DataFrame([finals], index=[table.index[-1]])
 
 
-def final_rows(metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01) -> dict[str, pd.DataFrame]:
+def finals_from_blocks(metrics: pd.DataFrame, metric: str, final_fraction: float,
+                       blocks: pd.DataFrame) -> dict[str, pd.DataFrame] | None:
+    """:func:`final_rows` from run slices (None when a run of ``metric`` has a non-finite value)."""
+    steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
+    out: dict[str, pd.DataFrame] = {}
+    runs = blocks[(blocks["metric"] == metric).to_numpy()]
+    for model, group in runs.groupby("model", sort=False):
+        finals, last_step = {}, None
+        for run in sorted(group.itertuples(), key=lambda run: label_order(str(run.seed))):
+            run_steps, run_values = steps[run.start:run.stop], values[run.start:run.stop]
+            if not np.isfinite(run_values).all():
+                return None
+            first_kept = run_steps[-1] - final_fraction * (run_steps[-1] - run_steps[0])
+            finals[str(run.seed)] = pd.Series(run_values[run_steps >= first_kept]).mean()
+            last_step = int(run_steps[-1]) if last_step is None else max(last_step, int(run_steps[-1]))
+        out[str(model)] = pd.DataFrame([finals], index=[last_step])
+    return out
+
+
+def final_rows(metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01,
+               blocks: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """Per model, :func:`final_row` of its (step x run) table of ``metric`` (:func:`wide_by_seed`).
 
     The same numbers without building that table when, as :func:`analysis.load.tidy` leaves them, each
     run's rows are contiguous, with rising steps and finite values: a dense loss curve of 143,000
     steps per run would otherwise be pivoted into a (steps x runs) table only to average its last 1%.
-    Otherwise the table is built."""
+    Otherwise the table is built. ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (then the
+    runs are read as slices, without selecting the metric's rows first)."""
+    if blocks is not None:
+        finals_by_model = finals_from_blocks(metrics, metric, final_fraction, blocks)
+        if finals_by_model is not None:
+            return finals_by_model
     rows = metrics[(metrics["metric"] == metric).to_numpy()]
     out: dict[str, pd.DataFrame] = {}
     for model, group in rows.groupby("model", observed=True, sort=True):
@@ -265,10 +290,10 @@ def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float
 
 
 def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5,
-                      min_relative_deviation: float = 0.01) -> pd.DataFrame:
+                      min_relative_deviation: float = 0.01, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
     """Outlier rows of :func:`mad_flags` on each run's final value (:func:`final_row`) of ``metric``."""
     rows = []
-    for model, final in final_rows(metrics, metric).items():
+    for model, final in final_rows(metrics, metric, blocks=blocks).items():
         values = final.iloc[0].dropna()
         deviation = robust_deviation(final).iloc[0]
         for seed in mad_flags(values, threshold, min_relative_deviation):
@@ -302,10 +327,11 @@ def default_outlier_metrics(metrics: pd.DataFrame, has_score: bool) -> list[str]
 def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: list[str] | None = None,
                   rule: OutlierRule = OutlierRule(), mad_threshold: float = 3.5,
                   final_metrics=("train/loss", "valid/loss"), final_min_relative_deviation: float = 0.01,
-                  score: pd.DataFrame | None = None) -> pd.DataFrame:
+                  score: pd.DataFrame | None = None, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
     """All outlier rows of a study: the calibrated trajectory rule on ``outlier_metrics`` (default:
     :func:`default_outlier_metrics`) and the MAD rule on the final value of ``final_metrics``.
-    ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it."""
+    ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it;
+    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
     present = set(map(str, metrics["metric"].unique()))
     if score is None and any(accuracy_metric(t, present) for t in tasks):
         score = standardised_accuracy(metrics, tasks)
@@ -325,7 +351,7 @@ def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: l
             frames.append(flag_trajectory_outliers(metrics, metric, rule))
     for metric in final_metrics:
         if metric in present:
-            frames.append(flag_mad_outliers(metrics, metric, mad_threshold, final_min_relative_deviation))
+            frames.append(flag_mad_outliers(metrics, metric, mad_threshold, final_min_relative_deviation, blocks))
     frames = [f for f in frames if not f.empty]
     if not frames:
         return outlier_frame([])

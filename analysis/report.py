@@ -157,17 +157,18 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
         maps_error = error
     maps_cpu = time.process_time() - maps_cpu
     with timed(seconds, "stats", cpu_seconds):
+        blocks = run_blocks(metrics)  # each run's rows as slices (None unless laid out as tidy() leaves them)
         stats = cross_seed_stats(metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples,
                                  random_state=options.random_state)
-        finals = {name: final_values(metrics, name) for name in names}  # each run's last value, once per metric
+        finals = {name: final_values(metrics, name, blocks=blocks) for name in names}  # once per metric
         comparisons = size_comparisons(metrics, names, options, finals)
         spread = pd.DataFrame([spread_test(metrics, n, values=finals[n]) for n in names])
     with timed(seconds, "spikes", cpu_seconds):
         spike_scores, spikes = find_spikes(metrics, window_values=options.spike_window_values,
-                                           threshold_sd=options.spike_threshold_sd)
+                                           threshold_sd=options.spike_threshold_sd, blocks=blocks)
     with timed(seconds, "outliers", cpu_seconds):
         outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
-                                 options.mad_threshold, score=score)
+                                 options.mad_threshold, score=score, blocks=blocks)  # study.metrics: a prefix
     maps, waited_cpu = None, time.process_time()
     try:
         if maps_error is not None:
@@ -182,7 +183,7 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
     if cpu_seconds is not None:  # this process's part: preparing, selecting, decoding (the fits run in workers)
         cpu_seconds["training_maps"] = maps_cpu + time.process_time() - waited_cpu
     return {"metrics": metrics, "names": names, "stats": stats, "comparisons": comparisons, "spread": spread,
-            "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": maps}
+            "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": maps, "blocks": blocks}
 
 
 def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[str]]:
@@ -201,7 +202,7 @@ def make_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     from analysis import plots  # matplotlib is imported only when figures are drawn
 
     metrics, flagged = tables["metrics"], outlier_seeds(tables["outliers"], runs)
-    blocks = run_blocks(metrics)  # each run's rows as slices, when the table is laid out for it
+    blocks = tables.get("blocks")  # each run's rows as slices, when the table is laid out for it
     figures = [plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
                plots.plot_metrics(metrics, [n for n in tables["names"] if n != "train/loss"],
                                   out_dir / "analysis_metrics.png", blocks=blocks)]

@@ -64,13 +64,13 @@ def spikes_of_series(steps: np.ndarray, values: np.ndarray, window_values: int,
     return score, spikes
 
 
-def runs_of(metrics: pd.DataFrame, names):
+def runs_of(metrics: pd.DataFrame, names, blocks: pd.DataFrame | None = None):
     """(model, seed, metric), steps and values of each run of the metrics in ``names``, steps ascending,
     in (model, seed, metric) order: array slices of the table when it is laid out as ``tidy`` leaves it
     (:func:`analysis.load.run_blocks`), else grouped and sorted."""
     from analysis.load import run_blocks
 
-    blocks = run_blocks(metrics, names)
+    blocks = run_blocks(metrics, names) if blocks is None else blocks[blocks["metric"].isin(list(names)).to_numpy()]
     if blocks is not None:
         steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
         for block in blocks.itertuples():
@@ -83,14 +83,14 @@ def runs_of(metrics: pd.DataFrame, names):
 
 
 def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_values: int = 1000,
-                threshold_sd: float = 7.0) -> tuple[pd.DataFrame, pd.DataFrame]:
+                threshold_sd: float = 7.0, blocks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Spike scores (one row per run and metric) and the spike list (one row per spike).
 
     ``window_values`` counts logged values, not steps (a run that logs every 10 steps looks back
-    10,000 steps with the default 1,000).
+    10,000 steps with the default 1,000). ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``.
     """
     scores, spikes = [], []
-    for (model, seed, metric), steps, values in runs_of(metrics, spike_metrics):
+    for (model, seed, metric), steps, values in runs_of(metrics, spike_metrics, blocks):
         score, found = spikes_of_series(steps, values, window_values, threshold_sd)
         key = {"model": str(model), "seed": str(seed), "metric": str(metric)}
         scores.append({**key, **score})

@@ -218,9 +218,16 @@ def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
     return order[ends]
 
 
-def final_values(metrics: pd.DataFrame, metric: str, step: int | None = None) -> pd.DataFrame:
+def final_values(metrics: pd.DataFrame, metric: str, step: int | None = None,
+                 blocks: pd.DataFrame | None = None) -> pd.DataFrame:
     """One value per (model, seed) of ``metric``: at ``step``, or at each run's last logged step (runs in
-    model and run-label order, see :func:`last_row_per_run`)."""
+    model and run-label order, see :func:`last_row_per_run`). ``blocks``: :func:`analysis.load.run_blocks`
+    of ``metrics``, to read each run's last row directly."""
+    if step is None and blocks is not None:
+        runs = blocks[(blocks["metric"] == metric).to_numpy()]
+        if len(runs):
+            last = metrics.iloc[runs["stop"].to_numpy() - 1]
+            return last[["model", "seed", "step", "value"]].astype({"model": str}).reset_index(drop=True)
     rows = metrics[(metrics["metric"] == metric).to_numpy()]
     if rows.empty:
         raise AnalysisError(f"The study has no metric {metric!r}; pick one of the metrics it holds.")

@@ -65,14 +65,18 @@ class StudySpec:
     random_state: int = 0
 
 
-def loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, size_index: int,
-                steps: np.ndarray) -> dict[str, np.ndarray]:
-    """Dense train/loss and train/grad_norm curves, (seeds x steps) each, of every seed of one size, spikes
-    injected (each seed's loss noise, then its grad-norm noise, drawn in seed order)."""
-    noise = rng.standard_normal((spec.n_seeds, 2, len(steps)))
+def write_loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, size_index: int, steps: np.ndarray,
+                      out: dict[str, np.ndarray], noise: np.ndarray) -> None:
+    """Dense train/loss and train/grad_norm curves of every seed of one size, spikes injected, written
+    into ``out[name]`` (seeds x steps views); each seed's loss noise, then its grad-norm noise, drawn
+    in seed order into ``noise`` (a (seeds, 2, steps) buffer reused across sizes)."""
+    rng.standard_normal(out=noise)
     noise_sd = 0.02
-    loss = 2.5 - 0.1 * size_index + 8.0 * (steps + 10.0) ** -0.3 + noise_sd * noise[:, 0]
-    grad_norm = 0.3 + 2.0 * (steps + 10.0) ** -0.5 + 0.01 * noise[:, 1]
+    loss, grad_norm = out["train/loss"], out["train/grad_norm"]
+    np.multiply(noise[:, 0], noise_sd, out=loss)
+    loss += 2.5 - 0.1 * size_index + 8.0 * (steps + 10.0) ** -0.3
+    np.multiply(noise[:, 1], 0.01, out=grad_norm)
+    grad_norm += 0.3 + 2.0 * (steps + 10.0) ** -0.5
     for spike in spec.spikes:
         if spike.model == model and spike.seed < spec.n_seeds:
             at = np.searchsorted(steps, spike.step)
@@ -80,7 +84,6 @@ def loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, size_inde
             end = min(at + spike.length_steps, len(steps))
             loss[spike.seed, at:end] += spike.height_sd * noise_sd * decay[: end - at]
             grad_norm[spike.seed, max(at - 1, 0):end] += 5.0
-    return {"train/loss": loss, "train/grad_norm": grad_norm}
 
 
 def phase(steps: np.ndarray) -> np.ndarray:
@@ -145,10 +148,12 @@ def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> p
     for model in spec.models:  # checkpoint values first, then dense curves: the draws in the study's order
         for name, values in per_model[model].items():
             value[models.index(model), :, offsets[name]:offsets[name] + values.shape[1]] = values
+    noise = np.empty((spec.n_seeds, 2, len(dense_steps))) if dense_loss else None
     for size_index, model in enumerate(spec.models):
         if dense_loss:
-            for name, values in loss_curves(spec, rng, model, size_index, dense_steps).items():
-                value[models.index(model), :, offsets[name]:offsets[name] + values.shape[1]] = values
+            views = {name: value[models.index(model), :, offsets[name]:offsets[name] + len(dense_steps)]
+                     for name in dense}
+            write_loss_curves(spec, rng, model, size_index, dense_steps, views, noise)
     run_steps = np.concatenate([steps_of[name] for name in metrics])
     run_metrics = np.repeat(np.arange(len(metrics), dtype="int8"), [len(steps_of[name]) for name in metrics])
     labels = sorted((str(s) for s in range(spec.n_seeds)), key=label_order)

@@ -60,6 +60,7 @@ MIN_CHECKPOINTS = 3  # a seed with fewer checkpoints is left out of its model's 
 # (about 25 runs x 154 checkpoints x 8; smaller studies fit in a second or two in this process).
 PARALLEL_MIN_ROWS = 25_000
 WORKER_IDLE_S = 10  # idle worker processes exit after this many seconds
+TIE_RTOL = 1e-9  # held-out log-likelihoods this close are the same optimum (see better())
 
 PATH_COLUMNS = ["model", "seed", "step", "state"]
 DEPARTURE_COLUMNS = ["model", "seed", "departure_step", "fell_back", "fall_back_step", "skipped_states",
@@ -227,6 +228,14 @@ def fit_states(data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: i
     return [results[i:i + len(seeds)] for i in range(0, len(results), len(seeds))]
 
 
+def better(score: float, best: float) -> bool:
+    """Whether a restart's held-out log-likelihood beats the best so far. The released code keeps the
+    first restart of equal scores (``score > best_score``); restarts that reach the same optimum differ
+    only by rounding (1e-13 relative), so scores within :data:`TIE_RTOL` count as equal and the
+    earlier restart is kept, whatever the rounding of the platform."""
+    return score > best + TIE_RTOL * abs(best)
+
+
 def select_model(train: Split, heldout: Split, candidates: list[int], seeds: Sequence[int], n_iter: int, tol: float,
                  criterion: str, fitted: dict[int, list] | None = None) -> tuple[list[dict], object, int]:
     """Every restart's row, and the kept model of the chosen number of states (and that number).
@@ -244,7 +253,7 @@ def select_model(train: Split, heldout: Split, candidates: list[int], seeds: Seq
             row, hmm = result
             rows.append(row)
             score = row["heldout_log_likelihood"]
-            if np.isfinite(score) and (n_states not in kept or score > kept[n_states][0]["heldout_log_likelihood"]):
+            if np.isfinite(score) and (n_states not in kept or better(score, kept[n_states][0]["heldout_log_likelihood"])):
                 kept[n_states] = (row, hmm)
     if not kept:
         return rows, None, 0
