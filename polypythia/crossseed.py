@@ -118,7 +118,8 @@ class CrossSeedMonitor:
 
     Each (run, step) is decided once, as soon as the run and at least ``rule.min_runs`` - 1 siblings
     have a smoothed loss there, from the rows of that step and earlier ones only; the threshold is
-    :func:`decision_threshold` for the group's runs x planned decision steps. A deviation the rule
+    :func:`decision_threshold` for the runs compared x the group's planned decision steps (while
+    siblings lag, the higher threshold of fewer runs). A deviation the rule
     leaves undefined (too few steps pooled yet, or too few siblings once a far run is left out) is
     tried again as more siblings reach the step, and is final (NaN, no alert) once every run has
     reached it or ended. A run's first alert is kept in :attr:`alerts`. A run's values after its row's
@@ -150,9 +151,15 @@ class CrossSeedMonitor:
         """What the progress board keeps per job: its decision steps and its loss window."""
         return {i: (g.grid, g.window) for g in self.groups for i in g.members}
 
-    def threshold(self, group: Group) -> float:
+    def threshold(self, group: Group, present: int | None = None) -> float:
+        """The alert threshold of a decision comparing ``present`` runs of ``group`` (None: all of
+        them). A decision taken while siblings lag compares fewer runs, whose band is less sure: it
+        gets the threshold calibrated for that many runs (higher), never the full group's."""
         rule = for_study_length(self.rule, len(group.grid))
-        return decision_threshold(len(group.members), len(group.grid), rule)
+        full = decision_threshold(len(group.members), len(group.grid), rule)
+        if present is None or present >= len(group.members):
+            return full
+        return max(full, decision_threshold(present, len(group.grid), rule))
 
     def observe(self, rows: dict[int, dict[str, Any]]) -> tuple[list[Decision], list[Band]]:
         decisions: list[Decision] = []
@@ -182,7 +189,7 @@ class CrossSeedMonitor:
             if undecided and attempt[0] >= rule.min_runs and self._attempts.get((number, step)) != attempt:
                 self._attempts[(number, step)] = attempt  # decide again only when a sibling has come or ended
                 deviation = _deviation_array(table[:position + 1], rule)[-1]
-                threshold = self.threshold(group)
+                threshold = self.threshold(group, attempt[0])
                 for k in undecided:
                     if np.isnan(deviation[k]) and not complete:
                         continue  # too few comparable siblings yet (a far run is left out of the band)
