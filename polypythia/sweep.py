@@ -20,7 +20,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from polypythia import mlflow_ui, raysetup, runfolder, runtime_env, tracking, watchdog, worker
+from polypythia import cores, mlflow_ui, raysetup, runfolder, runtime_env, tracking, watchdog, worker
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
@@ -62,6 +62,7 @@ class Sweep:
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
+        self.cores = cores.Advisor(self.jobs)  # each running job's share of the free cores (polypythia.cores)
         self.retries_left: dict[int, int] = {}  # per job, once the driver has ended one of its attempts
         self.tracking_uri: str | None = None
         self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
@@ -186,6 +187,7 @@ class Sweep:
                             outcomes[index] = JobOutcome(state="failed", error=exc, reason=_last_line(exc))
                             board.update.remote(index, {"state": "failed"})
                     rows = ray.get(board.snapshot.remote())
+                    self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
                     for ref, index in list(pending.items()):  # the stall watchdog
                         if watchdog.stalled(rows[index], time.time(), self.launcher.stall_timeout_s):
                             del pending[ref]

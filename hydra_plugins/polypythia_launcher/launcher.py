@@ -155,8 +155,8 @@ def _job_return(job_cfg: DictConfig, outcome: JobOutcome) -> JobReturn:
     ret.overrides = list(job_cfg.hydra.overrides.task)
     ret.working_dir = os.getcwd()  # jobs do not change directory (hydra.job.chdir: their paths are absolute)
     ret.task_name = str(job_cfg.hydra.job.name)
-    ret.status = JobStatus.COMPLETED if outcome.finished else JobStatus.FAILED
-    ret.return_value = outcome.summary if outcome.finished else outcome.error
+    ret.status = JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED  # ok: finished, or stopped by the monitor
+    ret.return_value = outcome.summary if outcome.ok else outcome.error
     return ret
 
 

@@ -106,7 +106,9 @@ def view_batch(cfg: JobConfig, step: int, rank: int = 0, workers: int = 1, max_r
 
     _check_request(cfg, step, rank, workers, max_rows)
     data = load_training_data(cfg)
-    batch_index = step - 1
+    from polypythia.train import rewind
+
+    batch_index = rewind.batch_index(step - 1, rewind.load(cfg.run_dir))  # a rewound run skipped batches
     indices = data.order.batch_indices(batch_index, data.global_batch_size, rank, workers)
     ids = data.sequences.rows(indices)  # exactly what TrainingData.batch(batch_index, rank, workers) returns
     first_position = batch_index * data.global_batch_size + rank * (data.global_batch_size // workers)

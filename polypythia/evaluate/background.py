@@ -84,11 +84,18 @@ def _kill_fault(cfg, job_pid: Optional[int]):
 
 
 def _ray_available() -> bool:
+    """Whether passes can be Ray tasks: in a Ray worker, and not in a placement group (a job of several
+    data-parallel workers holds every CPU of its group, and a task outside it might find no CPU free
+    while the job waits for it: such a job evaluates in its own process after training)."""
     try:
         import ray
     except ImportError:
         return False
-    return ray.is_initialized()
+    if not ray.is_initialized():
+        return False
+    from ray.util import get_current_placement_group
+
+    return get_current_placement_group() is None
 
 
 class CheckpointEvaluation(Callback):
@@ -132,23 +139,35 @@ class CheckpointEvaluation(Callback):
         self.in_flight = task.options(name="checkpoint-evaluation").remote(*self.args)
         self.in_flight_done = self.in_flight.future()
 
-    def finish(self) -> list[str]:
+    def finish(self, attempts: int = 3, pause_s: float = 10.0) -> list[str]:
         """Wait for the pass in flight, then run the last pass (every checkpoint is then evaluated);
-        returns the failures."""
-        errors: list[str] = []
-        if self.use_ray:
+        returns the failures of the last pass. A pass that failed (a tracking server that did not
+        answer in time, say) is run again, up to ``attempts`` passes: passes are idempotent."""
+        if self.use_ray and self.in_flight is not None:
             import ray
 
-            if self.in_flight is not None:
-                errors += self._wait(self.in_flight, ray)
-            task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
-            errors += self._wait(task.options(name="checkpoint-evaluation").remote(*self.args), ray)
-        else:
-            errors += evaluation_pass(*self.args)
+            self._report(self._wait(self.in_flight, ray))
         self.in_flight = None
-        for error in errors:
-            log.error("Checkpoint evaluation failed: %s", error)
+        for attempt in range(1, attempts + 1):
+            errors = self._last_pass()
+            if not errors:
+                return []
+            for error in errors:
+                log.error("Checkpoint evaluation failed (pass %d of at most %d): %s", attempt, attempts, error)
+            if attempt < attempts:
+                time.sleep(pause_s * attempt)
         return errors
+
+    def _last_pass(self) -> list[str]:
+        if not self.use_ray:
+            try:
+                return evaluation_pass(*self.args)
+            except Exception as exc:  # noqa: BLE001 - e.g. the tracking server did not answer: tried again
+                return [f"{type(exc).__name__}: {exc}"]
+        import ray
+
+        task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
+        return self._wait(task.options(name="checkpoint-evaluation").remote(*self.args), ray)
 
     def _wait(self, ref: Any, ray) -> list[str]:
         while True:
