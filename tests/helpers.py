@@ -29,6 +29,24 @@ def tiny_job(tmp_path: Path, cache_dir: Path, **overrides):
     return job_config(raw)
 
 
+def write_small_pair(folder: Path, repeats: int, copies: int):
+    """A byte-level BPE tokenizer of 300 tokens (``folder/tokenizer.json``) and a .bin/.idx pair of its
+    ids (``folder/d``) made from two pangrams; returns the tokenizer."""
+    import numpy as np
+
+    from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
+    from polypythia.data.indexed import write_indexed_dataset
+
+    texts = ["the quick brown fox jumps over the lazy dog " * repeats,
+             "pack my box with five dozen liquor jugs " * repeats] * copies
+    tokenizer = train_tokenizer(texts, 300)
+    tokenizer.save(str(folder / "tokenizer.json"))
+    eod = tokenizer.token_to_id(EOD_TOKEN)
+    docs = [np.asarray(e.ids + [eod], dtype=np.uint16) for e in tokenizer.encode_batch(texts)]
+    write_indexed_dataset(folder / "d", docs, np.uint16)
+    return tokenizer
+
+
 def train_here(cfg, callbacks=()):
     """Train ``cfg`` in this process, then leave its process group, so the next test can start one."""
     from polypythia.job import teardown

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import write_small_pair
 from polypythia.config import job_config
 from polypythia.errors import ConfigError, DataError
 
@@ -108,16 +109,8 @@ def test_mlflow_tracking_uri_env_with_a_file_store_is_named(tmp_path, monkeypatc
 @pytest.fixture(scope="module")
 def small_dataset(tmp_path_factory):
     """A byte-level BPE tokenizer of 300 tokens and a .bin/.idx pair of its ids."""
-    from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
-    from polypythia.data.indexed import write_indexed_dataset
-
     folder = tmp_path_factory.mktemp("small")
-    texts = ["the quick brown fox jumps over the lazy dog " * 4, "pack my box with five dozen liquor jugs " * 4] * 8
-    tokenizer = train_tokenizer(texts, 300)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    eod = tokenizer.token_to_id(EOD_TOKEN)
-    docs = [np.asarray(e.ids + [eod], dtype=np.uint16) for e in tokenizer.encode_batch(texts)]
-    write_indexed_dataset(folder / "d", docs, np.uint16)
+    tokenizer = write_small_pair(folder, repeats=4, copies=8)
     return folder, tokenizer.get_vocab_size(with_added_tokens=True)
 
 

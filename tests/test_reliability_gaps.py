@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, write_small_pair
 from polypythia.train.distributed import RENDEZVOUS_ENV
 
 # ---------------------------------------------------------------------------------------------
@@ -100,18 +100,8 @@ def small_job(tmp_path: Path, folder: Path, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def small_pair(tmp_path_factory):
     """A 300-token byte-level BPE tokenizer (a model of 384 rows) and a .bin/.idx pair of its ids."""
-    import numpy as np
-
-    from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
-    from polypythia.data.indexed import write_indexed_dataset
-
     folder = tmp_path_factory.mktemp("pair")
-    texts = ["the quick brown fox jumps over the lazy dog " * 6, "pack my box with five dozen liquor jugs " * 6] * 12
-    tokenizer = train_tokenizer(texts, 300)
-    tokenizer.save(str(folder / "tokenizer.json"))
-    eod = tokenizer.token_to_id(EOD_TOKEN)
-    docs = [np.asarray(e.ids + [eod], dtype=np.uint16) for e in tokenizer.encode_batch(texts)]
-    write_indexed_dataset(folder / "d", docs, np.uint16)
+    write_small_pair(folder, repeats=6, copies=12)
     return folder
 
 
