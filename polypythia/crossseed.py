@@ -117,7 +117,8 @@ class CrossSeedMonitor:
     leave their siblings' band; :meth:`observe` returns what is new since the last call.
 
     Each (run, step) is decided once, as soon as the run and at least ``rule.min_runs`` - 1 siblings
-    have a smoothed loss there, from the rows of that step and earlier ones only; the threshold is
+    have a smoothed loss there and every sibling that is training has reached it (a sibling not
+    started yet is not waited for), from the rows of that step and earlier ones only; the threshold is
     :func:`decision_threshold` for the runs compared x the group's planned decision steps (while
     siblings lag, the higher threshold of fewer runs). A deviation the rule
     leaves undefined (too few steps pooled yet, or too few siblings once a far run is left out) is
@@ -178,15 +179,17 @@ class CrossSeedMonitor:
         rule = for_study_length(self.rule, len(group.grid))
         smoothed = [_own_values(rows.get(i, {})) for i in group.members]
         ended = np.array([rows.get(i, {}).get("state") in ENDED_STATES for i in group.members])
+        running = np.array([rows.get(i, {}).get("state") == "running" for i in group.members])
         table = np.array([[s.get(step, np.nan) for s in smoothed] for step in group.grid], dtype="float64")
         table[~np.isfinite(table)] = np.nan  # a non-finite loss is no position in the band
         for position, step in enumerate(group.grid):
             reached = np.array([step in s for s in smoothed])
             present = ~np.isnan(table[position])
             complete = bool(reached.any() and (reached | ended).all())  # no run will add a value at this step
+            ready = bool((reached | ended | ~running).all())  # every sibling that trains now is there
             undecided = [k for k in np.flatnonzero(reached) if (group.members[k], step) not in self._decided]
             attempt = (int(present.sum()), complete)
-            if undecided and attempt[0] >= rule.min_runs and self._attempts.get((number, step)) != attempt:
+            if undecided and ready and attempt[0] >= rule.min_runs and self._attempts.get((number, step)) != attempt:
                 self._attempts[(number, step)] = attempt  # decide again only when a sibling has come or ended
                 deviation = _deviation_array(table[:position + 1], rule)[-1]
                 threshold = self.threshold(group, attempt[0])

@@ -178,7 +178,7 @@ class Sweep:
             ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
                 while pending:
-                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=1.0)
+                    done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)  # 2 s: on 2 cores a busier driver slows the steps
                     for ref in done:
                         index = pending.pop(ref)
                         try:
