@@ -1,12 +1,10 @@
 """The driver side of a sweep of training jobs on Ray: validation, shared set-up, submission, live
-progress, outcome.
-
-The Hydra launcher (``hydra_plugins/polypythia_launcher``) composes one config per job and hands
-them here as :class:`~polypythia.jobspec.JobRequest` values; this module knows nothing of Hydra.
-:meth:`Sweep.run` turns each into a :class:`~polypythia.jobspec.JobSpec` (the config, the tracking
-URI, the sweep's parent run, the worker count) and submits it to
-:func:`polypythia.worker.run_job`, the code that runs inside the Ray worker; the jobs' outcomes
-come back as :class:`~polypythia.jobspec.JobOutcome` values.
+progress, outcome. The Hydra launcher (``hydra_plugins/polypythia_launcher``) composes one config per
+job and hands them here as :class:`~polypythia.jobspec.JobRequest` values; this module knows nothing
+of Hydra. :meth:`Sweep.run` turns each into a :class:`~polypythia.jobspec.JobSpec` (the config, the
+tracking URI, the sweep's parent run, the worker count) and submits it to
+:func:`polypythia.worker.run_job`, the code that runs inside the Ray worker; the jobs' outcomes come
+back as :class:`~polypythia.jobspec.JobOutcome` values.
 """
 
 from __future__ import annotations
@@ -30,6 +28,7 @@ from polypythia.progress import ProgressBoard, ProgressDisplay
 from polypythia.study import KIND_TAG, SWEEP_KIND
 
 log = logging.getLogger(__name__)
+STOP = threading.Event()  # set by the launcher's SIGINT/SIGTERM handler (hydra_plugins/polypythia_launcher)
 
 # Called once per study after the sweep's outcome is printed, with (tracking URI, study, parent
 # run id); the launcher hands in the cross-seed summary of ``analysis``.
@@ -177,7 +176,7 @@ class Sweep:
             stalls: Counter = Counter()
             ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
-                while pending:
+                while pending and not STOP.is_set():  # STOP: a Ctrl-C or SIGTERM that a library call swallowed
                     done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=2.0)  # 2 s: on 2 cores a busier driver slows the steps
                     for ref in done:
                         index = pending.pop(ref)
@@ -211,6 +210,7 @@ class Sweep:
                             self._set_retries(index, rows[index], ended)
                             pending[submit(index)] = index
                     display.update(watch.marks(rows))
+            if STOP.is_set(): raise KeyboardInterrupt  # noqa: E701
             rows = ray.get(board.snapshot.remote())  # the jobs' last reports
             watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the launcher turns it into one)

@@ -89,7 +89,7 @@ def test_a_job_compiles_nothing_and_resume_runs_no_code_from_the_run_folder(tmp_
     lock = stale_lock(extensions)
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(extensions))
     monkeypatch.setattr(deepspeed.comm.comm, "cdb", None)  # DeepSpeed's backend starts afresh, as in a new process
-    cfg = tiny_job(tmp_path, cache_dir, budget__steps=2)
+    cfg = tiny_job(tmp_path, cache_dir, budget__steps=2, budget__checkpoint_every_steps=2)  # steps 1 and 2 keep a resume state
     started = time.monotonic()
     result = run(cfg)
     assert result.losses and time.monotonic() - started < 240

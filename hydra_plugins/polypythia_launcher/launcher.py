@@ -71,6 +71,7 @@ class PolypythiaRayLauncher(Launcher):
                 sweep.prepare()
             except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
                 exit_with(exc)
+            signal.signal(signal.SIGINT, _raise_interrupt)
             signal.signal(signal.SIGTERM, _raise_interrupt)  # stops the sweep as Ctrl-C does (after ray.init's own handler)
             outcomes = sweep.run()
         except KeyboardInterrupt:  # the sweep stopped its jobs and marked their MLflow runs KILLED
@@ -79,6 +80,7 @@ class PolypythiaRayLauncher(Launcher):
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         returns = [_job_return(c, outcome) for c, outcome in zip(job_configs, outcomes)]
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         failed = sum(r.status == JobStatus.FAILED for r in returns)
@@ -102,6 +104,11 @@ class PolypythiaRayLauncher(Launcher):
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM during a sweep: KeyboardInterrupt, and the sweep's STOP flag, which its loop
+    also checks (a KeyboardInterrupt raised inside a library call, Ray's or MLflow's, may be lost)."""
+    from polypythia.sweep import STOP
+
+    STOP.set()
     raise KeyboardInterrupt
 
 
