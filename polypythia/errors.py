@@ -44,3 +44,10 @@ def exit_with(exc: PolypythiaError, code: int = 2) -> "NoReturn":
 
     print(f"polypythia: error: {exc}", file=sys.stderr, flush=True)
     raise SystemExit(code)
+
+
+def last_line(exc: BaseException) -> str:
+    """An error from a Ray task in one line: its type and the last line of its text (Ray's text is
+    the remote traceback, which ends with the cause)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[-1] if text else ''}"

@@ -22,7 +22,7 @@ from polypythia import cores, mlflow_ui, raysetup, runfolder, runtime_env, track
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
-from polypythia.errors import ConfigError
+from polypythia.errors import ConfigError, last_line
 from polypythia.jobspec import STOPPED, JobOutcome, JobRequest, JobSpec
 from polypythia.progress import ProgressBoard, ProgressDisplay
 from polypythia.study import KIND_TAG, SWEEP_KIND
@@ -183,7 +183,7 @@ class Sweep:
                         try:
                             outcomes[index] = ray.get(ref)
                         except Exception as exc:  # noqa: BLE001 - its process died more often than retries allow
-                            outcomes[index] = JobOutcome(state="failed", error=exc, reason=_last_line(exc))
+                            outcomes[index] = JobOutcome(state="failed", error=exc, reason=last_line(exc))
                             board.update.remote(index, {"state": "failed"})
                     rows = ray.get(board.snapshot.remote())
                     self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
@@ -342,8 +342,3 @@ class _TrackingStart:
             if self.new_folder:
                 shutil.rmtree(self.cfg.dir, ignore_errors=True)
 
-
-def _last_line(exc: BaseException) -> str:
-    """A Ray error in one line (its text ends with the cause, after the traceback)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from polypythia.errors import last_line
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,14 @@ def _kill_fault(cfg, job_pid: Optional[int]):
             os.kill(job_pid or os.getpid(), signal.SIGKILL)
 
     return kill
+
+
+def _errors_of(result: Callable[[], list[str]]) -> list[str]:
+    """A finished pass task's failures: what it returned, or the error it ended with."""
+    try:
+        return result()
+    except Exception as exc:  # noqa: BLE001 - e.g. its process died twice: the job reports it
+        return [f"the evaluation task ended with {last_line(exc)}"]
 
 
 def _ray_available() -> bool:
@@ -134,10 +143,14 @@ class CheckpointEvaluation(Callback):
             # task could start on it while this one trains on. A future's done() is only Python.
             if not self.in_flight_done.done():
                 return  # the running pass, or the last one, takes this checkpoint too
-            self._report(self._wait(self.in_flight, ray))
-        task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
-        self.in_flight = task.options(name="checkpoint-evaluation").remote(*self.args)
+            self._report(_errors_of(self.in_flight_done.result))
+        self.in_flight = self._submit(ray)
         self.in_flight_done = self.in_flight.future()
+
+    def _submit(self, ray) -> Any:
+        """A pass as a Ray task of one CPU (started by Ray when a CPU is free)."""
+        task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
+        return task.options(name="checkpoint-evaluation").remote(*self.args)
 
     def finish(self, attempts: int = 3, pause_s: float = 10.0) -> list[str]:
         """Wait for the pass in flight, then run the last pass (every checkpoint is then evaluated);
@@ -166,18 +179,13 @@ class CheckpointEvaluation(Callback):
                 return [f"{type(exc).__name__}: {exc}"]
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=1)(evaluation_pass)
-        return self._wait(task.options(name="checkpoint-evaluation").remote(*self.args), ray)
+        return self._wait(self._submit(ray), ray)
 
     def _wait(self, ref: Any, ray) -> list[str]:
         while True:
             ready, _ = ray.wait([ref], timeout=5.0)
             if ready:
-                try:
-                    return ray.get(ref)
-                except Exception as exc:  # noqa: BLE001 - e.g. its process died twice: the job reports it
-                    text = str(exc).strip().splitlines()
-                    return [f"the evaluation task ended with {type(exc).__name__}: {text[-1] if text else ''}"]
+                return _errors_of(lambda: ray.get(ref))
             if self.heartbeat is not None:
                 self.heartbeat()
 
