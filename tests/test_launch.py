@@ -42,6 +42,7 @@ def test_data_seed_sweep_logs_every_step_once_and_keeps_the_runs_apart(tmp_path,
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Sweep outcome" in out.stdout and "tiny-seed1: finished" in out.stdout
     assert "tiny-wseed1-dseed3: finished" in out.stdout
+    assert "Callback" not in out.stderr, out.stderr[-2000:]  # Hydra warns of a callback hook that raised
     summary = out.stdout[out.stdout.index("Final train/loss"):]  # the cross-seed summary: one column per run
     assert "seed 1" in summary and "w1-d2" in summary and "w1-d3" in summary
     client = MlflowClient(mlflow_uri)

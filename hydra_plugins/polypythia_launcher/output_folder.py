@@ -14,11 +14,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 
-class WritableOutputFolder:
-    """Leaves with one line (exit code 2, nothing started) when the output folder cannot be written."""
+class WritableOutputFolder(Callback):
+    """Leaves with one line (exit code 2, nothing started) when the output folder cannot be written.
+
+    A subclass of Hydra's ``Callback``, whose other hooks (``on_multirun_end``, ``on_job_start``, ...)
+    do nothing: Hydra calls every hook on every callback, and a missing one was a warning at the end
+    of each sweep."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         check_output_folder(config, "hydra.sweep.dir")
