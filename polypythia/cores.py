@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from polypythia.files import write_json_atomic
 from polypythia.train.callbacks import Callback, TrainStart
 
@@ -88,6 +86,8 @@ class CoreShare(Callback):
         self.own = own
         self.every_s = every_s
         self.cores = cores or os.cpu_count() or 1
+        import torch  # here, not at the top: the driver imports this module for the Advisor, and needs no torch
+
         self.threads = torch.get_num_threads()
         self.last = 0.0
 
@@ -111,6 +111,8 @@ class CoreShare(Callback):
         except (OSError, ValueError, KeyError, TypeError):
             threads = self.own  # no advice (yet): the CPUs Ray gave the job
         if threads != self.threads:
+            import torch
+
             log.info("Torch threads %d -> %d (the job's share of the free cores).", self.threads, threads)
             torch.set_num_threads(threads)
             self.threads = threads

@@ -10,15 +10,13 @@ back as :class:`~polypythia.jobspec.JobOutcome` values.
 from __future__ import annotations
 
 import logging
-import shutil
 import threading
 import time
 from collections import Counter
 from dataclasses import replace
-from pathlib import Path
 from typing import Any, Callable, Optional
 
-from polypythia import cores, mlflow_ui, raysetup, runfolder, runtime_env, tracking, watchdog, worker
+from polypythia import cores, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
@@ -26,6 +24,7 @@ from polypythia.errors import ConfigError, last_line
 from polypythia.jobspec import STOPPED, JobOutcome, JobRequest, JobSpec
 from polypythia.progress import ProgressBoard, ProgressDisplay
 from polypythia.study import KIND_TAG, SWEEP_KIND
+from polypythia.trackingstart import TrackingStart
 
 log = logging.getLogger(__name__)
 STOP = threading.Event()  # set by the launcher's SIGINT/SIGTERM handler (hydra_plugins/polypythia_launcher)
@@ -76,15 +75,17 @@ class Sweep:
         down again, a server this call started is stopped, and a parent run made is closed."""
         self._build_data_caches()
         raysetup.check_reachable(self.launcher.address)  # seconds: before anything starts
-        server = _TrackingStart(self.jobs[0].tracking)
+        links: list[str] = []  # the parent runs open in the server's thread, beside ray.init
+        server = TrackingStart(self.jobs[0].tracking, then=lambda uri: self._open_parent_runs(uri, links))
         try:
             self._init_ray()
             self._check_resources()
             self.tracking_uri = server.result()
             print(f"MLflow tracking server: {self.tracking_uri}  (open it in a browser to see the runs)", flush=True)
+            print("\n".join(links), flush=True)
             self._reserve_workers()
-            self._open_parent_runs()
         except BaseException as exc:  # a parent run made already is closed (Ctrl-C: KILLED, interrupted)
+            server.join()  # it may still be making one
             interrupted = isinstance(exc, KeyboardInterrupt)
             self._close_parents("KILLED" if interrupted else "FAILED", watchdog.INTERRUPTED if interrupted else str(exc))
             self.shutdown()
@@ -106,9 +107,11 @@ class Sweep:
     def _reserve_workers(self) -> None:
         self.placement_groups = raysetup.reserve_workers(self.jobs)
 
-    def _open_parent_runs(self) -> None:
-        """One parent run per study, and the link that opens the study's training runs in the MLflow UI."""
-        client = tracking.client(self.tracking_uri)
+    def _open_parent_runs(self, uri: str, links: list[str]) -> None:
+        """One parent run per study, and (into ``links``) the line with the link that opens the study's
+        training runs in the MLflow UI."""
+        self.tracking_uri = uri
+        client = tracking.client(uri)
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for study in sorted({j.study for j in self.jobs}):
             exp_id = tracking.experiment_id(client, study)
@@ -118,8 +121,7 @@ class Sweep:
             mlflow_ui.mark_training_experiment(client, exp_id)
             # The UI charts 10 runs unless a saved view says otherwise (see polypythia.mlflow_ui).
             view = mlflow_ui.save_study_view(client, exp_id, run.info.run_id) if len(jobs) > 10 else None
-            print(f"Study {study} in MLflow: {mlflow_ui.study_url(self.tracking_uri, exp_id, run.info.run_id, view_id=view)}",
-                  flush=True)
+            links.append(f"Study {study} in MLflow: {mlflow_ui.study_url(uri, exp_id, run.info.run_id, view_id=view)}")
 
     # -- running -----------------------------------------------------------------------------
 
@@ -307,38 +309,3 @@ class Sweep:
         if self._started_ray and ray.is_initialized():
             ray.shutdown()
             self._started_ray = False
-
-
-class _TrackingStart:
-    """The MLflow server found or started (:func:`tracking.resolve_tracking_uri`) in a thread, while
-    Ray starts: :meth:`result` is its URI (or raises its error); :meth:`undo` stops the server again
-    and removes its folder if this start made them (a server that was already running, a remote one,
-    or a folder that existed, are left alone)."""
-
-    def __init__(self, cfg: Any):  # the first job's TrackingConfig
-        runtime_env.apply()  # the MLflow client settings, in this process's environment, before Ray starts
-        self.cfg, self.uri, self.error = cfg, None, None
-        self.fresh = not cfg.uri and tracking.running_server(cfg.dir) is None
-        self.new_folder = self.fresh and not Path(cfg.dir).exists()
-        self.thread = threading.Thread(target=self._run, name="tracking-server", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.uri = tracking.resolve_tracking_uri(self.cfg.uri, self.cfg.dir, self.cfg.host, self.cfg.port)
-        except BaseException as exc:  # noqa: BLE001 - raised in the sweep's thread by result()
-            self.error = exc
-
-    def result(self) -> str:
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-        return self.uri
-
-    def undo(self) -> None:
-        self.thread.join(timeout=120)
-        if self.fresh and self.uri is not None:  # a server that failed to start keeps its folder (server.log)
-            tracking.stop_server(self.cfg.dir)
-            if self.new_folder:
-                shutil.rmtree(self.cfg.dir, ignore_errors=True)
-

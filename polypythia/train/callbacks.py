@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, ContextManager, Iterable, Optional
 
 import numpy as np
-import torch
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only: the sweep's driver imports the callbacks and needs no torch
+    import torch
+
     from polypythia.train.data import TrainingData
 
 
