@@ -57,7 +57,8 @@ class StopOnNonFinite(ConvergenceMonitor):
 class Padded:
     """Sequence sets, one per model, as time-major padded positions (T, G, S): ``rows[t, g, s]`` is the row
     of model g's X at time t of its sequence s, ``valid`` marks real ones (a model with fewer sequences
-    has empty ones)."""
+    has empty ones). ``flat`` is that row in all models' rows one after the other (padded positions: one
+    past the last), ``positions`` the reverse: where each of those rows sits in (T, G, S), flattened."""
 
     def __init__(self, lengths_per_model: list):
         lengths = [np.asarray(lengths, dtype="int64") for lengths in lengths_per_model]
@@ -71,16 +72,21 @@ class Padded:
         self.rows = np.where(self.valid, starts[None] + t, 0)
         self.last = t >= self.lengths[None] - 1  # at or after each sequence's last frame
         self.has_next = t[:-1] < self.lengths[None] - 1  # frames t and t+1 both real: a transition
+        self.n_rows = self.lengths.sum(axis=1)  # (G,)
+        offsets = np.cumsum(self.n_rows) - self.n_rows
+        self.flat = np.where(self.valid, offsets[None, :, None] + self.rows, int(self.n_rows.sum()))
+        order = np.arange(self.valid.size).reshape(self.valid.shape)
+        self.positions = np.concatenate([order[:, g].T[self.valid[:, g].T] for g in range(len(lengths))])
 
     def spread(self, values: list[np.ndarray], fill: float) -> np.ndarray:
-        """One (n_rows_g, k) array per model -> (T, G, S, k), ``fill`` at padded positions."""
-        out = np.stack([v[self.rows[:, g]] for g, v in enumerate(values)], axis=1)
-        out[~self.valid] = fill
-        return out
+        """One (n_rows_g, k) array per model -> (T, G, S, k), ``fill`` at padded positions (one gather)."""
+        rows = np.concatenate([*values, np.full((1, values[0].shape[1]), fill)])
+        return np.take(rows, self.flat, axis=0)
 
-    def gather(self, padded: np.ndarray, g: int) -> np.ndarray:
-        """(T, G, S, k) -> model g's (n_rows_g, k) in its X's row order (sequence by sequence)."""
-        return padded[:, g].transpose(1, 0, 2)[self.valid[:, g].T]
+    def gather(self, padded: np.ndarray) -> list[np.ndarray]:
+        """(T, G, S, k) -> per model its (n_rows_g, k) in its X's row order (sequence by sequence)."""
+        rows = np.take(padded.reshape(-1, padded.shape[-1]), self.positions, axis=0)
+        return np.split(rows, np.cumsum(self.n_rows)[:-1])
 
 
 def row_sum(values: np.ndarray) -> np.ndarray:
@@ -97,15 +103,27 @@ def row_max(values: np.ndarray) -> np.ndarray:
     return out
 
 
-def log_density_diag(X: np.ndarray, means: np.ndarray, covars: np.ndarray) -> np.ndarray:
+class Rows:
+    """One model's training rows ``X`` with what every E-step reads of them: ``squares`` (X ** 2) and
+    ``both`` ([X ** 2, X] side by side, for :func:`log_density_diag`), computed once per fit."""
+
+    def __init__(self, X: np.ndarray):
+        self.X = X
+        self.squares = X ** 2
+        self.both = np.hstack([self.squares, X])
+
+
+def log_density_diag(X: np.ndarray, means: np.ndarray, covars: np.ndarray, rows: Rows | None = None) -> np.ndarray:
     """(n_samples, n_components) Gaussian log-densities with diagonal covariances, the formula of
     hmmlearn's ``stats._log_multivariate_normal_density_diag`` with its quadratic term expanded,
     sum((x - mu)^2 / var) = x^2 . (1/var) - 2 x . (mu/var) + sum(mu^2/var), as one matrix product
-    instead of an (n_samples, n_components, n_features) array (the same up to rounding)."""
+    instead of an (n_samples, n_components, n_features) array (the same up to rounding). ``rows``:
+    :class:`Rows` of ``X``, when the caller keeps them."""
     n_features = means.shape[1]
     covars = np.maximum(covars, np.finfo(float).tiny)
     precision = 1.0 / covars
-    quadratic = np.hstack([X ** 2, X]) @ np.vstack([precision.T, (-2.0 * means * precision).T])
+    both = rows.both if rows is not None else np.hstack([X ** 2, X])
+    quadratic = both @ np.vstack([precision.T, (-2.0 * means * precision).T])
     constant = n_features * np.log(2 * np.pi) + np.log(covars).sum(axis=1) + (means ** 2 * precision).sum(axis=1)
     with np.errstate(over="ignore"):
         return -0.5 * (constant[None, :] + quadratic)
@@ -114,11 +132,12 @@ def log_density_diag(X: np.ndarray, means: np.ndarray, covars: np.ndarray) -> np
 def forward(startprob: np.ndarray, transmat: np.ndarray, log_frameprob: np.ndarray, padded: Padded):
     """Scaled forward pass of G models over padded (T, G, S, N) log emission densities (startprob (G, N),
     transmat (G, N, N)): scaled alphas, scaling factors (T, G, S), the shifted frame probabilities and each
-    model's log-likelihood (G,), NaN where a frame has zero probability under every reachable state."""
+    model's log-likelihood (G,), NaN where a frame has zero probability under every reachable state.
+    The frame probabilities are computed in the array ``log_frameprob`` (so it is no longer the caller's)."""
     shift = row_max(log_frameprob)[..., None]
     shift[~np.isfinite(shift)] = 0.0
     with np.errstate(under="ignore"):
-        frameprob = np.exp(log_frameprob - shift)
+        frameprob = np.exp(np.subtract(log_frameprob, shift, out=log_frameprob), out=log_frameprob)
     alpha = np.empty_like(frameprob)
     scale = np.empty(frameprob.shape[:3])
     a = startprob[:, None, :] * frameprob[0]
@@ -136,12 +155,17 @@ def forward(startprob: np.ndarray, transmat: np.ndarray, log_frameprob: np.ndarr
     return alpha, scale, frameprob, log_prob
 
 
-def estep(models: list, Xs: list[np.ndarray], lengths: list) -> list[tuple[dict, float]]:
+def estep(models: list, Xs: list[np.ndarray], lengths: list, rows: list[Rows] | None = None,
+          padded: Padded | None = None) -> list[tuple[dict, float]]:
     """hmmlearn's E-step (sufficient statistics and summed log-likelihood) of several models with the
     same number of states, each on its own sequences, in one batched pass; a model with a frame that
-    has zero probability under every reachable state gets hmmlearn's own log-space E-step."""
-    padded = Padded(lengths)
-    log_frameprob = padded.spread([log_density_diag(X, h.means_, h._covars_) for h, X in zip(models, Xs)], 0.0)
+    has zero probability under every reachable state gets hmmlearn's own log-space E-step. ``rows``
+    (:class:`Rows` of each ``X``) and ``padded`` (``Padded(lengths)``): when the caller keeps them from
+    one E-step to the next."""
+    rows = rows if rows is not None else [Rows(X) for X in Xs]
+    padded = padded if padded is not None else Padded(lengths)
+    log_frameprob = padded.spread([log_density_diag(X, h.means_, h._covars_, r)
+                                   for h, X, r in zip(models, Xs, rows)], 0.0)
     startprob = np.stack([h.startprob_ for h in models])
     transmat = np.stack([h.transmat_ for h in models])
     alpha, scale, frameprob, log_prob = forward(startprob, transmat, log_frameprob, padded)
@@ -149,7 +173,8 @@ def estep(models: list, Xs: list[np.ndarray], lengths: list) -> list[tuple[dict,
     transposed = transmat.transpose(0, 2, 1)
     last = padded.last[..., None].astype("float64")  # 1 at and after each sequence's last frame
     with np.errstate(under="ignore", invalid="ignore", divide="ignore"):
-        scaled = np.where(padded.valid[..., None], frameprob / scale[..., None], 0.0)  # b_t / c_t, 0 when padded
+        scaled = np.divide(frameprob, scale[..., None], out=frameprob)  # b_t / c_t, 0 when padded
+        scaled[~padded.valid] = 0.0
         for t in range(alpha.shape[0] - 2, -1, -1):
             # beta_t = A (b_{t+1} beta_{t+1} / c_{t+1}), 1 at the last frame (where frame t+1 is padding: 0 + 1)
             np.add(np.matmul(scaled[t + 1] * beta[t + 1], transposed), last[t], out=beta[t])
@@ -157,6 +182,7 @@ def estep(models: list, Xs: list[np.ndarray], lengths: list) -> list[tuple[dict,
         posteriors = alpha * beta
         posteriors /= row_sum(posteriors)[..., None]
     n = transmat.shape[1]
+    gammas = padded.gather(posteriors)
     results = []
     for g, (h, X) in enumerate(zip(models, Xs)):
         if not np.isfinite(log_prob[g]):
@@ -169,12 +195,12 @@ def estep(models: list, Xs: list[np.ndarray], lengths: list) -> list[tuple[dict,
         if "t" in h.params and alpha.shape[0] > 1:
             left = (alpha[:-1, g] * padded.has_next[:, g, :, None]).reshape(-1, n)
             stats["trans"] += (left.T @ weighted[1:, g].reshape(-1, n)) * h.transmat_
-        gamma = padded.gather(posteriors, g)
+        gamma = gammas[g]
         if h._needs_sufficient_statistics_for_mean():
             stats["post"] += gamma.sum(axis=0)
             stats["obs"] += gamma.T @ X
         if h._needs_sufficient_statistics_for_covars():
-            stats["obs**2"] += gamma.T @ X ** 2
+            stats["obs**2"] += gamma.T @ rows[g].squares
         results.append((stats, float(log_prob[g])))
     return results
 
@@ -237,8 +263,13 @@ def fit_together(models: list[BatchedGaussianHMM], Xs: list[np.ndarray], lengths
         h.monitor_._reset()
         if h.n_iter > 0:
             active.append(g)
+    rows = [Rows(X) for X in Xs]  # what each E-step reads of the rows, computed once
+    padded = None  # the layout of the active models' sequences, made again when one of them stops
     while active:
-        results = estep([models[g] for g in active], [Xs[g] for g in active], [lengths[g] for g in active])
+        if padded is None or padded[0] != active:
+            padded = (active, Padded([lengths[g] for g in active]))
+        results = estep([models[g] for g in active], [Xs[g] for g in active], [lengths[g] for g in active],
+                        [rows[g] for g in active], padded[1])
         still = []
         for g, (stats, logprob) in zip(active, results):
             h = models[g]

@@ -87,12 +87,13 @@ def with_standardised_accuracy(metrics: pd.DataFrame, score: pd.DataFrame | None
     if score is None:
         return metrics
     score = score.copy()
-    metrics = metrics.copy()
+    columns = {}
     for column in ("model", "metric"):  # concatenate as categoricals: 14M strings would take minutes
         categories = list(pd.unique(pd.Series([*map(str, metrics[column].cat.categories), *score[column]])))
-        metrics[column] = metrics[column].cat.set_categories(categories)
+        columns[column] = metrics[column].cat.set_categories(categories)
         score[column] = pd.Categorical(score[column], categories=categories)
-    return pd.concat([metrics, score], ignore_index=True)
+    # assign: the study's rows are copied once, by the concatenation (a copy first cost 4-8 s at 144M rows)
+    return pd.concat([metrics.assign(**columns), score], ignore_index=True)
 
 
 def key_metrics(metrics: pd.DataFrame, tasks) -> list[str]:
@@ -135,13 +136,15 @@ def timed(seconds: dict, stage: str, cpu_seconds: dict | None = None):
     return Timer()
 
 
-def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None) -> dict:
+def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None,
+            while_maps_fit=None) -> dict:
     """All tables of the analysis (no files written).
 
     The training maps' HMM fits start first and run in worker processes (for a large study, see
     :func:`analysis.training_maps.fit_all`) while this process computes the statistics, spikes and
-    outliers; ``seconds["training_maps"]`` is the wall time from their start until the maps are
-    ready, so it overlaps the other stages."""
+    outliers, and then calls ``while_maps_fit(tables)`` (when given) with every table but the maps;
+    ``seconds["training_maps"]`` is the wall time from their start until the maps are ready, so it
+    overlaps the other stages."""
     score = standardised_score(study.metrics, options.tasks)
     metrics = with_standardised_accuracy(study.metrics, score)
     names = key_metrics(metrics, options.tasks)
@@ -169,6 +172,10 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
     with timed(seconds, "outliers", cpu_seconds):
         outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
                                  options.mad_threshold, score=score, blocks=blocks)  # study.metrics: a prefix
+    tables = {"metrics": metrics, "names": names, "stats": stats, "comparisons": comparisons, "spread": spread,
+              "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": None, "blocks": blocks}
+    if while_maps_fit is not None:
+        while_maps_fit(tables)
     maps, waited_cpu = None, time.process_time()
     try:
         if maps_error is not None:
@@ -182,8 +189,8 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
     seconds["training_maps"] = time.perf_counter() - maps_started
     if cpu_seconds is not None:  # this process's part: preparing, selecting, decoding (the fits run in workers)
         cpu_seconds["training_maps"] = maps_cpu + time.process_time() - waited_cpu
-    return {"metrics": metrics, "names": names, "stats": stats, "comparisons": comparisons, "spread": spread,
-            "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": maps, "blocks": blocks}
+    tables["maps"] = maps
+    return tables
 
 
 def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[str]]:
@@ -197,8 +204,8 @@ def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[s
     return seeds
 
 
-def make_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """All PNGs of the report."""
+def curve_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The PNGs of the report that do not need the training maps: loss curves and key metrics."""
     from analysis import plots  # matplotlib is imported only when figures are drawn
 
     metrics, flagged = tables["metrics"], outlier_seeds(tables["outliers"], runs)
@@ -206,6 +213,14 @@ def make_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     figures = [plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
                plots.plot_metrics(metrics, [n for n in tables["names"] if n != "train/loss"],
                                   out_dir / "analysis_metrics.png", blocks=blocks)]
+    return [f for f in figures if f is not None]
+
+
+def map_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
+    """The PNGs of the training maps (none without maps)."""
+    from analysis import plots
+
+    metrics, flagged, figures = tables["metrics"], outlier_seeds(tables["outliers"], runs), []
     maps = tables["maps"]
     if maps is not None:
         names = set(map(str, metrics["metric"].unique()))
@@ -247,12 +262,17 @@ def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | N
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     cpu_seconds: dict[str, float] = {}
-    tables = compute(study, options, seconds, cpu_seconds)
+    figures: list[Path] = []
+
+    def draw_curves(tables: dict) -> None:  # while the HMM fits run in worker processes
+        with timed(seconds, "plots", cpu_seconds):
+            figures.extend(curve_figures(tables, study.runs, out_dir))
+
+    tables = compute(study, options, seconds, cpu_seconds, while_maps_fit=draw_curves if options.make_plots else None)
     write_tables(tables, study.runs, out_dir)
-    figures = []
     if options.make_plots:
         with timed(seconds, "plots", cpu_seconds):
-            figures = make_figures(tables, study.runs, out_dir)
+            figures.extend(map_figures(tables, study.runs, out_dir))
     result = AnalysisResult(out_dir, tables["stats"], tables["spike_scores"], tables["spikes"], tables["outliers"],
                             tables["maps"], tables["comparisons"], tables["spread"], figures, seconds, cpu_seconds)
     write_report(study, tables, result, options, out_dir / "report.md")

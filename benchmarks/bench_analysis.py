@@ -59,7 +59,8 @@ def main() -> None:
     cpu = result.cpu_seconds_by_stage
     print(f"{'stage':>16}  {'wall':>7}  {'CPU here':>8}")
     for stage, seconds in result.seconds_by_stage.items():
-        note = "  (from the start of the analysis: overlaps the stages above)" if stage == "training_maps" else ""
+        note = {"training_maps": "  (from the start of the analysis: overlaps the stages above)",
+                "plots": "  (loss curves and metrics drawn while the HMM fits run, then the maps)"}.get(stage, "")
         print(f"{stage:>16}: {seconds:6.1f} s  {cpu.get(stage, 0.0):6.1f} s{note}")
     print(f"{'total':>16}: {total_s:6.1f} s  (analysis; tables, plots and report in {out})")
     print(f"{'with generation':>16}: {time.perf_counter() - wall:6.1f} s")

@@ -6,6 +6,11 @@ threshold a healthy study of the same shape exceeds with a chosen probability.
 (``analysis/replay.py``) and live while a sweep trains (:mod:`polypythia.crossseed`). A row's
 deviation uses that step and earlier rows only, so a live decision is the one the replay makes.
 Numpy and pandas only.
+
+The arithmetic is arranged for speed (calibrating one threshold judges 24,000 simulated studies):
+sorts instead of ``np.median``'s partition, sums in place, windows from row-by-row cumulative sums.
+It gives the numbers of the rule written out plainly bit for bit; ``tests/test_stability_speed.py``
+holds that plain version and compares the two.
 """
 
 from __future__ import annotations
@@ -53,16 +58,71 @@ def for_study_length(rule: OutlierRule, n_steps: int) -> OutlierRule:
 # Deviations
 
 
-def _others(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per entry: count, mean and variance (ddof=1) of the kept entries of the *other* runs in its row."""
-    kept = np.where(keep, values, 0.0)
-    count = keep.sum(axis=-1, keepdims=True) - keep
-    total = kept.sum(axis=-1, keepdims=True) - kept
-    square = (kept ** 2).sum(axis=-1, keepdims=True) - kept ** 2
+def _others(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray | float, np.ndarray, np.ndarray]:
+    """Per entry: count, mean and variance (ddof=1) of the kept entries of the *other* runs in its row
+    (the count a number when every entry is kept). In place where it can be: the same numbers as the
+    textbook expressions (an integer count converts to float exactly)."""
+    every = bool(keep.all())
+    kept = values if every else np.where(keep, values, 0.0)
+    squares = kept * kept
+    count = float(values.shape[-1] - 1) if every else np.subtract(keep.sum(axis=-1, keepdims=True), keep,
+                                                                  dtype="float64")
+    mean = np.subtract(kept.sum(axis=-1, keepdims=True), kept)
+    variance = np.subtract(squares.sum(axis=-1, keepdims=True), squares, out=squares)
     with np.errstate(invalid="ignore", divide="ignore"):
-        mean = total / count
-        variance = np.clip((square - count * mean ** 2) / (count - 1), 0, None)
-    return count, mean, variance
+        mean /= count
+        spread = np.multiply(mean, mean)
+        spread *= count
+        variance -= spread  # (sum of squares - count * mean ** 2) / (count - 1)
+        variance /= count - 1
+    return count, mean, np.maximum(variance, 0, out=variance)
+
+
+def _median(values: np.ndarray, complete: bool) -> np.ndarray:
+    """Median over the last axis (keepdims): ``np.nanmedian`` unless ``complete`` (no NaN in ``values``),
+    then ``np.median``'s numbers from a sorted copy: the mean of the middle one or two values, NaN in
+    a row holding NaN. numpy's own partition (its middle elements and the last, for that NaN check)
+    takes several times longer than a sort of a hundred values."""
+    size = values.shape[-1]
+    if not complete or size == 0:
+        return (np.median if complete else np.nanmedian)(values, axis=-1, keepdims=True)
+    ordered = np.sort(values, axis=-1)
+    median = np.mean(ordered[..., (size - 1) // 2:size // 2 + 1], axis=-1, keepdims=True)
+    np.copyto(median, ordered[..., -1:], where=np.isnan(ordered[..., -1:]))
+    return median
+
+
+def _cumulative(values: np.ndarray) -> np.ndarray:
+    """``np.cumsum`` over axis -2 with a row of zeros first: row i holds the sum of rows before i. A
+    large array adds row by row, which numpy's accumulation along a middle axis does several times
+    slower (the same additions in the same order)."""
+    shape = values.shape[:-2] + (values.shape[-2] + 1, values.shape[-1])
+    out = np.zeros(shape, dtype=values.dtype if values.dtype.kind == "f" else np.dtype(np.int_))
+    if values.size < 100_000 or values.shape[-1] == 1:
+        np.cumsum(values, axis=-2, out=out[..., 1:, :])
+        return out
+    if values.shape[-2]:
+        out[..., 1, :] = values[..., 0, :]
+    for row in range(1, values.shape[-2]):
+        np.add(out[..., row, :], values[..., row, :], out=out[..., row + 1, :])
+    return out
+
+
+def _rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``np.take(values, index, axis=-2)``, a view when ``index`` is a run of consecutive rows."""
+    if len(index) and (np.diff(index) == 1).all():
+        return values[..., index[0]:index[-1] + 1, :]
+    return np.take(values, index, axis=-2)
+
+
+def _window_sums(cumulative: np.ndarray, stop: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Row i: cumulative[stop[i]] - cumulative[start[i]] (rows of :func:`_cumulative`); rows that start
+    at row 0 (zeros) keep cumulative[stop[i]], which is what subtracting zero gives."""
+    total = _rows(cumulative, stop)
+    total = total.copy() if np.may_share_memory(total, cumulative) else total
+    first = int(np.count_nonzero(start == 0))  # start never falls: the rows from 0 are the first ones
+    total[..., first:, :] -= _rows(cumulative, start[first:])
+    return total
 
 
 def _window_mean(values: np.ndarray, window: int, causal: bool, min_count: int = 1) -> np.ndarray:
@@ -70,36 +130,47 @@ def _window_mean(values: np.ndarray, window: int, causal: bool, min_count: int =
     when ``causal``, else the ``window`` rows centred on the current one (fewer at the edges); NaN
     where fewer than ``min_count`` rows have values."""
     finite = np.isfinite(values)
-    pad = [(0, 0)] * values.ndim
-    pad[-2] = (1, 0)
-    totals = np.pad(np.cumsum(np.where(finite, values, 0.0), axis=-2), pad)  # row i: sum of rows < i
-    counts = np.pad(np.cumsum(finite, axis=-2), pad)
+    every = bool(finite.all())
     rows = values.shape[-2]
     ahead = 0 if causal else window // 2
     stop = np.minimum(np.arange(rows) + ahead + 1, rows)
     start = np.maximum(stop - window, 0)
-    total = np.take(totals, stop, axis=-2) - np.take(totals, start, axis=-2)
-    count = np.take(counts, stop, axis=-2) - np.take(counts, start, axis=-2)
+    total = _window_sums(_cumulative(values if every else np.where(finite, values, 0.0)), stop, start)
+    if every:  # every row counts: the count is the window's length
+        count = (stop - start)[:, None]
+    else:
+        count = _window_sums(_cumulative(finite), stop, start)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count >= min_count, total / np.maximum(count, 1), np.nan)
+        mean = np.divide(total, np.maximum(count, 1), out=total)
+    np.copyto(mean, np.nan, where=count < min_count)
+    return mean
 
 
 def _deviation_array(values: np.ndarray, rule: OutlierRule) -> np.ndarray:
-    """:func:`pooled_deviation` on an array (..., steps, runs); leading axes are independent studies."""
+    """:func:`pooled_deviation` on a float64 array (..., steps, runs); leading axes are independent studies."""
     present = ~np.isnan(values)
-    median_of = np.median if present.all() else np.nanmedian  # nanmedian is several times slower
+    complete = bool(present.all())  # then no NaN to mask (and np.median's numbers, which a sort gives faster)
     with np.errstate(invalid="ignore"):
-        median = median_of(values, axis=-1, keepdims=True)
+        median = _median(values, complete)
         centred = values - median  # centring first keeps the variance sums exact for large values
-        mad = median_of(np.abs(centred), axis=-1, keepdims=True) * MAD_TO_SD
+        distance = np.abs(centred)
+        mad = _median(distance, complete) * MAD_TO_SD
     robust_scale = np.sqrt(_window_mean(mad ** 2, rule.scale_window, rule.causal))
-    far = present & (np.abs(np.nan_to_num(centred)) > rule.exclude_sd * robust_scale)
-    count, mean, variance = _others(np.nan_to_num(centred), present & ~far)
-    variance = np.where(count >= rule.min_runs - 1, variance, np.nan)
-    pooled = np.sqrt(_window_mean(variance, rule.scale_window, rule.causal, rule.scale_window // 2 + 1))
+    if not (complete and np.isfinite(distance).all()):
+        centred_values = np.nan_to_num(centred)
+        distance = np.abs(centred_values)
+    else:
+        centred_values = centred
+    far = distance > rule.exclude_sd * robust_scale
+    keep = ~far if complete else present & ~far
+    count, mean, variance = _others(centred_values, keep)
+    np.copyto(variance, np.nan, where=np.asarray(count < rule.min_runs - 1))
+    pooled = _window_mean(variance, rule.scale_window, rule.causal, rule.scale_window // 2 + 1)
+    np.sqrt(pooled, out=pooled)
     with np.errstate(invalid="ignore", divide="ignore"):
-        deviation = (centred - mean) / pooled
-    deviation[~present | ~(pooled > 0)] = np.nan
+        deviation = np.subtract(centred, mean, out=mean)
+        deviation /= pooled
+    np.copyto(deviation, np.nan, where=~(pooled > 0) if complete else ~present | ~(pooled > 0))
     return deviation
 
 
@@ -121,31 +192,44 @@ def pooled_deviation(table: pd.DataFrame, rule: OutlierRule = OutlierRule()) -> 
 NULL_MODELS = ((0.0, 0.0), (0.9, 0.0), (0.5, 0.5), (0.9, 0.5))
 CALIBRATION_STUDIES = 6000
 _CALIBRATION_CHUNK_VALUES = 2_000_000  # values simulated at once: bounds the memory of a calibration
+_CALIBRATION_BLOCK_VALUES = 250_000  # values judged at once (2 MB an array)
 
 
 def null_studies(n_studies: int, n_steps: int, n_runs: int, correlation: float, rng: np.random.Generator,
                  offset_share: float = 0.0) -> np.ndarray:
     """(studies, steps, runs) of unit-variance Gaussian noise: a constant per-run offset carrying
-    ``offset_share`` of the variance plus AR(1) noise with the given step-to-step correlation."""
+    ``offset_share`` of the variance plus AR(1) noise with the given step-to-step correlation.
+    Computed in place (correlation * previous + innovation * current, as written out)."""
     noise = rng.standard_normal((n_studies, n_steps, n_runs))
-    innovation = np.sqrt(1.0 - correlation ** 2)
-    for step in range(1, n_steps):
-        noise[:, step] = correlation * noise[:, step - 1] + innovation * noise[:, step]
+    if correlation != 0.0:  # else each step is its own draw (the recursion: x 1.0, + 0.0 x the previous step)
+        innovation = np.sqrt(1.0 - correlation ** 2)
+        carried = np.empty((n_studies, n_runs))
+        for step in range(1, n_steps):
+            noise[:, step] *= innovation
+            noise[:, step] += np.multiply(noise[:, step - 1], correlation, out=carried)
     offsets = rng.standard_normal((n_studies, 1, n_runs))
-    return np.sqrt(offset_share) * offsets + np.sqrt(1.0 - offset_share) * noise
+    noise *= np.sqrt(1.0 - offset_share)
+    noise += np.sqrt(offset_share) * offsets
+    return noise
 
 
 def largest_null_deviations(n_runs: int, n_steps: int, rule: OutlierRule, correlation: float, offset_share: float,
                             n_studies: int, rng: np.random.Generator) -> np.ndarray:
-    """The largest |deviation| of each of ``n_studies`` simulated healthy studies (0 where none is defined)."""
+    """The largest |deviation| of each of ``n_studies`` simulated healthy studies (0 where none is defined).
+    The studies are drawn in chunks of :data:`_CALIBRATION_CHUNK_VALUES` (the random stream) and judged
+    in blocks of about :data:`_CALIBRATION_BLOCK_VALUES` (independent studies; the block's arrays stay
+    in the processor's cache)."""
     chunk = max(1, _CALIBRATION_CHUNK_VALUES // (n_steps * n_runs))
-    largest = []
+    block = max(1, _CALIBRATION_BLOCK_VALUES // (n_steps * n_runs))
+    largest = np.empty(n_studies)
     for start in range(0, n_studies, chunk):
         studies = null_studies(min(chunk, n_studies - start), n_steps, n_runs, correlation, rng, offset_share)
-        deviation = np.abs(_deviation_array(studies, rule)).reshape(len(studies), -1)
-        largest.append(np.nan_to_num(np.nanmax(np.where(np.isnan(deviation), -np.inf, deviation), axis=1),
-                                     neginf=0.0))
-    return np.concatenate(largest)
+        for first in range(0, len(studies), block):
+            deviation = _deviation_array(studies[first:first + block], rule)
+            deviation = np.fmax(np.abs(deviation, out=deviation), 0.0, out=deviation)  # NaN: none (0)
+            deviation = deviation.reshape(len(deviation), -1)
+            largest[start + first:start + first + len(deviation)] = np.nan_to_num(deviation.max(axis=1))
+    return largest
 
 
 @functools.lru_cache(maxsize=256)
