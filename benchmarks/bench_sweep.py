@@ -7,8 +7,8 @@ real launcher in a fresh POLYPYTHIA_HOME (cold, as ``make demo`` on a new machin
 
 measured in the same run (``bench_train_throughput.bare_loop``, same model, optimizer recipe and
 batches, ``nproc`` threads, median step after warm-up). The last line is ``sweep_wall/ideal: X``.
-The gap is broken down in core-seconds (cores x sweep wall): per job start-up (its process's start to its first
-step's start), training (the sum of its step times, times the threads each
+The gap is broken down in core-seconds (cores x sweep wall): per job start-up (its process's start, or its
+Ray task's start in a worker process started earlier, to its first step's start), training (the sum of its step times, times the threads each
 step ran with, ``train/threads``), checkpoint writing (``train/checkpoint_seconds``), checkpoint
 evaluation (the evaluation passes' seconds, ``<run>/evaluation_passes.jsonl``), the launch before
 the first job's run exists (driver: Hydra, Ray, MLflow server, data cache), and what is left:
@@ -115,6 +115,9 @@ def job_breakdown(client, run, home: Path, study: str) -> dict[str, float]:
     step_s = {m.step: tokens / m.value for m in history["train/tokens_per_s"] if m.value > 0}
     first = history["train/loss"][0]
     started = float(run.data.tags.get("process_started", run.info.start_time / 1000))
+    task = float(run.data.tags.get("task_started", started))
+    if task - started > 2.0:  # a worker process Ray started earlier (pre-started, or one an evaluation task used)
+        started = task  # waited idle for this job: its start-up counts from the task's start
     out = {
         "started": started,
         "start-up": max(0.0, first.timestamp / 1000 - step_s.get(first.step, 0.0) - started),

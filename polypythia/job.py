@@ -12,6 +12,7 @@ the steps already logged.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Callable, Optional, Sequence
 
@@ -19,7 +20,7 @@ from polypythia import rewindlog, runfolder, tracking
 from polypythia.config import JobConfig
 from polypythia.cores import core_share
 from polypythia.errors import DivergenceError, PolypythiaError
-from polypythia.jobspec import RewindRequest
+from polypythia.jobspec import TASK_STARTED_ENV, RewindRequest
 from polypythia.mlflowrun import open_run
 from polypythia.runtime_env import quiet_libraries
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart
@@ -44,6 +45,8 @@ class MLflowCallback(Callback):
         self.client.set_tag(self.run_id, "world_size", str(start.world_size))
         self.client.set_tag(self.run_id, "zero_stage", str(start.zero_stage))
         self.client.set_tag(self.run_id, "process_started", f"{_process_start_time():.3f}")  # start-up: bench_sweep.py
+        if os.environ.get(TASK_STARTED_ENV):  # a sweep's job: when its Ray task began (the process may be older)
+            self.client.set_tag(self.run_id, "task_started", os.environ[TASK_STARTED_ENV])
         if start.start_step:
             self.client.set_tag(self.run_id, "resumed_from_step", str(start.start_step))
 

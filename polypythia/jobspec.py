@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 STOPPED = "stopped"  # a JobOutcome state: the cross-seed monitor ended the run (monitor.action=stop)
+TASK_STARTED_ENV = "POLYPYTHIA_TASK_STARTED"  # set by the worker when a job's Ray task begins (Unix seconds)
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,11 @@ process that dies is retried by Ray (a dead process's ownership of the folder di
 from __future__ import annotations
 
 import logging
+import os
+import time
 from typing import Any
 
-from polypythia.jobspec import JobOutcome, JobSpec
+from polypythia.jobspec import TASK_STARTED_ENV, JobOutcome, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,7 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     from polypythia.config import job_config
     from polypythia.train.distributed import clear_rendezvous
 
+    os.environ[TASK_STARTED_ENV] = f"{time.time():.3f}"  # tagged on the run (start-up: bench_sweep.py)
     configure_logging(spec.logging_config, spec.debug_loggers)
     clear_rendezvous()  # whatever the worker inherited; several ranks get theirs set below
     try:  # before any other rank starts: a second launch of this run, or a changed config, stops here

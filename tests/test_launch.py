@@ -60,6 +60,8 @@ def test_data_seed_sweep_logs_every_step_once_and_keeps_the_runs_apart(tmp_path,
         norms = [m.value for m in client.get_metric_history(child.info.run_id, "train/grad_norm")]
         assert all(0 < n < 100 for n in norms), norms
         assert child.data.tags["checkpoint.latest_step"] == "6"
+        # start-up accounting (benchmarks/bench_sweep.py): the Ray task begins in a process started before it
+        assert float(child.data.tags["process_started"]) <= float(child.data.tags["task_started"]) <= child.info.start_time / 1000
     losses = [client.get_metric_history(c.info.run_id, "train/loss") for c in children]
     assert [m.value for m in losses[0]] != [m.value for m in losses[1]]  # same weights, other data
     for child in children:  # evaluation at every checkpoint, and the config as artifacts
