@@ -87,9 +87,10 @@ def _watched_forward(engine, forward, batch: torch.Tensor, probes: Sequence[Step
 
 @torch.no_grad()
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-    """L2 norm of all gradients (already averaged over ranks), before clipping."""
-    norms = [p.grad.detach().float().norm() for p in module.parameters() if p.grad is not None]
-    return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    """L2 norm of all gradients (already averaged over ranks), before clipping (torch's
+    ``get_total_norm``: the per-tensor norms in one foreach call, as ``clip_grad_norm_`` computes them)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
 def _reported_grad_norm(engine, own: torch.Tensor | None) -> float:
