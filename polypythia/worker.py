@@ -128,7 +128,6 @@ def run_other_rank(spec: JobSpec, rank: int, master_addr: str, master_port: int)
 def join_other_ranks(refs: list, outcome: JobOutcome) -> JobOutcome:
     """Wait for the other ranks. If one's process died, this process dies too, so that Ray retries
     the whole job (it resumes from its checkpoint); any other failure of a rank fails the job."""
-    import os
     import signal
 
     import ray

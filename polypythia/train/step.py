@@ -89,7 +89,7 @@ def _watched_forward(engine, forward, batch: torch.Tensor, probes: Sequence[Step
 def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
     """L2 norm of all gradients (already averaged over ranks), before clipping (torch's
     ``get_total_norm``: the per-tensor norms in one foreach call, as ``clip_grad_norm_`` computes them)."""
-    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    grads = [p.grad.detach().float() for p in module.parameters() if p.grad is not None]  # fp16 grads: no overflow
     return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 
