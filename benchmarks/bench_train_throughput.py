@@ -9,6 +9,10 @@ noise hits every variant alike, all on the same torch thread count and the same 
   +logging     polypythia.job.run(cfg) against a local MLflow server, same checkpoints
   +checkpoints polypythia.job.run(cfg) with the normal schedule (log-spaced 1, 2, 4, ... and every
                50 steps, each with its validation/weight-statistics evaluation)
+  bare+alloc   the bare loop in a child process started with the glibc allocator settings every
+               Ray worker of a sweep gets (polypythia.runtime_env.ALLOCATOR_ENV): launched/bare+alloc
+               is the framework's overhead alone, launched/bare what a job gains or loses against a
+               plain loop run with the system's defaults
   launched     `python launch.py -m seed=1 model=M budget=demo budget.steps=N ...` (Ray task,
                Hydra, everything), read back from the MLflow run (once per model, after the rounds)
 
@@ -37,7 +41,7 @@ from pathlib import Path
 
 from common import REPO, StepTimer, bench_home, child_env, job_dict, load_average, machine_description, mean, median
 
-VARIANTS = ("bare", "deepspeed", "+logging", "+checkpoints")
+VARIANTS = ("bare", "bare+alloc", "deepspeed", "+logging", "+checkpoints")
 
 
 def bare_loop(cfg, steps: int, after_step=None) -> list[float]:
@@ -92,6 +96,8 @@ def run_variant(variant: str, home: Path, model: str, args, uri: str, tag: str) 
     cfg = job_config(raw)
     timer = StepTimer()
     try:
+        if variant == "bare+alloc":
+            return bare_in_child(raw, home)
         if variant == "bare":
             return bare_loop(cfg, args.steps)
         if variant == "deepspeed":
@@ -107,6 +113,18 @@ def run_variant(variant: str, home: Path, model: str, args, uri: str, tag: str) 
     finally:
         job.teardown()
         shutil.rmtree(run_home, ignore_errors=True)
+
+
+def bare_in_child(raw: dict, home: Path) -> list[float]:
+    """The bare loop in a fresh process whose environment has the Ray workers' allocator settings."""
+    from polypythia.runtime_env import ALLOCATOR_ENV
+
+    env = {**child_env(home), **ALLOCATOR_ENV}
+    proc = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(raw)], env=env,
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the bare+alloc child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def launched(home: Path, model: str, args, uri: str) -> dict:
@@ -176,7 +194,14 @@ def main() -> None:
     parser.add_argument("--no-launch", action="store_true", help="skip the launch.py (Ray + Hydra) variant")
     parser.add_argument("--profile", action="store_true", help="only print a cProfile of bare vs train() per model")
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
+    parser.add_argument("--bare-child", help=argparse.SUPPRESS)  # internal: one bare loop for the bare+alloc variant
     args = parser.parse_args()
+    if args.bare_child:
+        from polypythia.config import job_config
+
+        raw = json.loads(args.bare_child)
+        print(json.dumps(bare_loop(job_config(raw), raw["budget"]["steps"])))
+        return
 
     import torch
 
@@ -228,6 +253,9 @@ def report(model: str, steps_by_variant: dict[str, list[float]], launch: dict | 
     if launch:
         in_loop = median(launch["in_loop"])
         print(f"  launched in-loop train/tokens_per_s (compute only): {tokens_per_step / in_loop:8.0f} tok/s, ratio {bare_med / in_loop:5.3f}")
+        alloc_med = median(steps_by_variant["bare+alloc"])
+        print(f"  launched against bare+alloc (same allocator settings): ratio {alloc_med / median(launch['intervals']):5.3f} "
+              f"between logged steps, {alloc_med / in_loop:5.3f} in-loop")
     print(json.dumps({"model": model, **{f"{n}_median_ms": round(med * 1000, 1) for n, med, _, _ in rows}}))
 
 

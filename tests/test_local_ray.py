@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO
+from polypythia.runtime_env import ALLOCATOR_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -34,16 +35,20 @@ try:
                                if c.status == psutil.CONN_LISTEN})
                  for name in ("gcs_server", "raylet")}
     where = ray.remote(num_cpus=0)(lambda: ray.util.get_node_ip_address())
+    import os
+    allocator = ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in ("MALLOC_TOP_PAD_", "MALLOC_TRIM_THRESHOLD_")})
     print(json.dumps({"nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
                       "gcs": ray.get_runtime_context().gcs_address, "listening": listening,
-                      "worker": ray.get(where.remote()), "auth_token": get_authentication_mode() == AuthenticationMode.TOKEN}))
+                      "worker": ray.get(where.remote()), "allocator": ray.get(allocator.remote()),
+                      "auth_token": get_authentication_mode() == AuthenticationMode.TOKEN}))
 finally:
     sweep.shutdown()
 """
 
 
 def test_a_local_sweep_starts_ray_on_loopback_with_its_authentication_kept(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)  # Ray's default (token) mode, without a token file
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=180)
@@ -54,4 +59,5 @@ def test_a_local_sweep_starts_ray_on_loopback_with_its_authentication_kept(tmp_p
     for name, addresses in seen["listening"].items():  # a dual-stack socket shows as ::ffff:127.0.0.1
         assert addresses and all(a in ("127.0.0.1", "::ffff:127.0.0.1") for a in addresses), (name, addresses)
     assert seen["auth_token"]
+    assert seen["allocator"] == ALLOCATOR_ENV  # every worker keeps freed memory (polypythia/runtime_env.py)
     assert "RAY_AUTH_MODE=disabled" not in out.stdout + out.stderr  # Ray's advice to turn it off
