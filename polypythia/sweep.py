@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
@@ -76,16 +77,20 @@ class Sweep:
         self._build_data_caches()
         raysetup.check_reachable(self.launcher.address)  # seconds: before anything starts
         links: list[str] = []  # the parent runs open in the server's thread, beside ray.init
+        worker_env = ExitStack()  # set before the server's thread copies the environment, put back after
+        worker_env.enter_context(raysetup.local_worker_env(self.launcher.address))
         server = TrackingStart(self.jobs[0].tracking, then=lambda uri: self._open_parent_runs(uri, links))
         try:
             self._init_ray()
             self._check_resources()
             self.tracking_uri = server.result()
+            worker_env.close()  # Ray's processes and the server's have started with it
             print(f"MLflow tracking server: {self.tracking_uri}  (open it in a browser to see the runs)", flush=True)
             print("\n".join(links), flush=True)
             self._reserve_workers()
         except BaseException as exc:  # a parent run made already is closed (Ctrl-C: KILLED, interrupted)
             server.join()  # it may still be making one
+            worker_env.close()
             interrupted = isinstance(exc, KeyboardInterrupt)
             self._close_parents("KILLED" if interrupted else "FAILED", watchdog.INTERRUPTED if interrupted else str(exc))
             self.shutdown()
