@@ -55,3 +55,18 @@ def test_the_settings_stop_a_freed_tensor_from_being_mapped_again():
     if default < 4 * 8000:  # 4 x 64 MiB of fresh 4 KiB pages; fewer where the kernel hands out huge pages
         pytest.skip(f"{default} page faults for 256 MiB: this kernel maps huge pages, the count cannot show the difference")
     assert kept < default / 10, (kept, default)
+
+
+def test_a_local_runtime_gets_the_settings_by_inheritance_and_the_driver_gets_its_environment_back(monkeypatch):
+    from polypythia import raysetup
+
+    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("PYTHONUNBUFFERED", "0")  # a value of the caller's, overridden while Ray starts
+    before = dict(os.environ)
+    with raysetup.local_worker_env(None):
+        assert {k: os.environ.get(k) for k in runtime_env.ray_env_vars()} == runtime_env.ray_env_vars()
+        assert os.environ["MALLOC_TOP_PAD_"] == runtime_env.ALLOCATOR_ENV["MALLOC_TOP_PAD_"]
+    assert dict(os.environ) == before
+    with raysetup.local_worker_env("10.0.0.1:6379"):  # a cluster's workers get them as the runtime_env
+        assert dict(os.environ) == before
