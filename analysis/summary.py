@@ -31,9 +31,13 @@ def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFra
 
 def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metric: str = "train/loss",
                        mad_threshold: float = 3.5, min_relative_deviation: float = 0.01) -> pd.DataFrame:
-    """Per model: each run's final ``metric`` (runs keyed by their label, so seed variants stay apart) (mean over the last 1% of its steps, see
-    :func:`final_values`), mean/std (ddof=1)/min/max across
-    seeds, the seeds a median/MAD rule flags, and the seeds tagged diverged or not FINISHED in ``runs``."""
+    """Per model: each run's final ``metric`` (runs keyed by their label, so seed variants stay apart)
+    (mean over the last 1% of its steps, see :func:`final_values`); mean/std (ddof=1)/min/max across
+    the runs that trained to their end, and the seeds a median/MAD rule flags among them; and the
+    runs that ended early: tagged diverged, or not FINISHED in ``runs`` (failed, or stopped by the
+    cross-seed monitor). A run that ended early shows its last value in ``final_loss_by_seed`` but is
+    left out of the spread and the flags: its last loss is from an earlier step than the others'
+    final loss (or is the last finite value before a divergence), not a final value to compare."""
     rows = df[df["metric"] == metric]
     if rows.empty:
         raise AnalysisError(f"The study has no {metric!r} values to summarise; check that the runs logged it.")
@@ -45,13 +49,16 @@ def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metri
             bad.setdefault(str(row.model), []).append(str(row.seed))
     summary = []
     for model in sort_models(finals["model"].unique()):
-        values = finals[finals["model"] == model].set_index("seed")["value"]
-        values = values.iloc[sorted(range(len(values)), key=lambda i: label_order(values.index[i]))]
+        shown = finals[finals["model"] == model].set_index("seed")["value"]
+        shown = shown.iloc[sorted(range(len(shown)), key=lambda i: label_order(shown.index[i]))]
+        ended_early = sorted(bad.get(model, []), key=label_order)
+        values = shown[~shown.index.isin(ended_early)]
         summary.append({
-            "model": model, "n_seeds": len(values), "final_loss_by_seed": values.to_dict(),
-            "mean": values.mean(), "std": values.std(ddof=1) if len(values) > 1 else np.nan,
-            "min": values.min(), "max": values.max(), "flagged_seeds": mad_flags(values, mad_threshold, min_relative_deviation),
-            "diverged_or_failed_seeds": sorted(bad.get(model, []), key=label_order),
+            "model": model, "n_seeds": len(shown), "final_loss_by_seed": shown.to_dict(),
+            "mean": values.mean() if len(values) else np.nan, "std": values.std(ddof=1) if len(values) > 1 else np.nan,
+            "min": values.min() if len(values) else np.nan, "max": values.max() if len(values) else np.nan,
+            "flagged_seeds": mad_flags(values, mad_threshold, min_relative_deviation),
+            "diverged_or_failed_seeds": ended_early,
         })
     return pd.DataFrame(summary, columns=SUMMARY_COLUMNS)
 
@@ -76,14 +83,16 @@ def summary_table(summary: pd.DataFrame, title: str):
     from rich.table import Table
 
     seeds = sorted({seed for losses in summary["final_loss_by_seed"] for seed in losses}, key=label_order)
-    table = Table(title=title, show_lines=False)
+    caption = ("mean, std, min, max and the flags are over the runs that trained to their end; a run that ended early "
+               "shows its last value") if any(len(r) for r in summary["diverged_or_failed_seeds"]) else None
+    table = Table(title=title, caption=caption, show_lines=False)
     table.add_column("model", style="bold")
     for seed in seeds:
         table.add_column(f"seed {seed}" if parse_run_label(seed) and "-" not in seed else seed, justify="right")
     for name in ("mean", "std", "min", "max"):
         table.add_column(name, justify="right")
     table.add_column(f"flagged (MAD, >={MIN_SEEDS_FOR_MAD} seeds)", style="red")
-    table.add_column("diverged/failed", style="red")
+    table.add_column("ended early (diverged, failed, stopped)", style="red")
     for row in summary.itertuples():
         losses = [f"{row.final_loss_by_seed[s]:.4f}" if s in row.final_loss_by_seed else "-" for s in seeds]
         spread = [f"{v:.4f}" if np.isfinite(v) else "-" for v in (row.mean, row.std, row.min, row.max)]

@@ -413,7 +413,7 @@ def test_cli_summary_of_a_csv_shows_the_diverged_seed(tmp_path, capsys, no_track
     code, out, _ = run_analysis([losses_csv(tmp_path / "study.csv", float("nan"))], capsys)
     assert code == 0
     row = next(line for line in out.splitlines() if line.strip("│ ").startswith("70m"))
-    assert row.rstrip(" │").endswith("2")  # the diverged/failed column
+    assert row.rstrip(" │").endswith("2")  # the "ended early" column
 
 
 # ---------------------------------------------------------------------------------------------

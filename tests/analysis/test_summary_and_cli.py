@@ -12,23 +12,51 @@ from analysis.__main__ import main
 from analysis.summary import summary_table
 
 
-def test_final_loss_summary_numbers():
+def _finals_frame(finals: dict) -> pd.DataFrame:
     rows = []
-    finals = {0: 2.50, 1: 2.52, 2: 2.49, 3: 2.51, 4: 3.40}
     for seed, final in finals.items():
         rows += [("70m", seed, step, "train/loss", value) for step, value in ((0, 10.0), (100, final))]
-    frame = pd.DataFrame(rows, columns=["model", "seed", "step", "metric", "value"])
-    runs = pd.DataFrame({"model": ["70m"], "seed": [4], "run_id": ["r4"], "status": ["FAILED"], "diverged": [True],
-                         "weight_seed": [4], "data_seed": [4], "budget": [None]})
-    summary = final_loss_summary(frame, runs).iloc[0]
+    return pd.DataFrame(rows, columns=["model", "seed", "step", "metric", "value"])
+
+
+def _runs(statuses: dict) -> pd.DataFrame:
+    return pd.DataFrame({"model": "70m", "seed": list(statuses), "run_id": [f"r{s}" for s in statuses],
+                         "status": [status for status, _ in statuses.values()],
+                         "diverged": [diverged for _, diverged in statuses.values()],
+                         "weight_seed": list(statuses), "data_seed": list(statuses), "budget": None})
+
+
+def test_final_loss_summary_numbers():
+    finals = {0: 2.50, 1: 2.52, 2: 2.49, 3: 2.51, 4: 2.50, 5: 3.40}
+    frame = _finals_frame(finals)
+    summary = final_loss_summary(frame, _runs({s: ("FINISHED", False) for s in finals})).iloc[0]
     values = np.array(list(finals.values()))
     assert summary["final_loss_by_seed"] == {str(seed): value for seed, value in finals.items()}
     assert summary["mean"] == pytest.approx(values.mean()) and summary["std"] == pytest.approx(values.std(ddof=1))
     assert (summary["min"], summary["max"]) == (2.49, 3.40)
-    assert summary["flagged_seeds"] == ["4"] and summary["diverged_or_failed_seeds"] == ["4"]
+    assert summary["flagged_seeds"] == ["5"] and summary["diverged_or_failed_seeds"] == []  # a finished outlier
     console = Console(file=io.StringIO(), width=200)
-    console.print(summary_table(final_loss_summary(frame, runs), "t"))
+    console.print(summary_table(final_loss_summary(frame, None), "t"))
     assert "3.4000" in console.file.getvalue()
+
+
+@pytest.mark.parametrize("status,diverged", [("FAILED", True), ("KILLED", False), ("FINISHED", True)])
+def test_a_run_that_ended_early_is_shown_but_left_out_of_the_spread(status, diverged):
+    """Failed, stopped by the cross-seed monitor (KILLED) or diverged: its last loss is from an
+    earlier step than the others' final loss, so it is no final value to average or flag."""
+    finals = {0: 2.50, 1: 2.52, 2: 2.49, 3: 2.51, 4: 2.50, 5: 3.40}
+    statuses = {s: ("FINISHED", False) for s in finals} | {5: (status, diverged)}
+    summary = final_loss_summary(_finals_frame(finals), _runs(statuses))
+    row = summary.iloc[0]
+    kept = np.array([finals[s] for s in range(5)])
+    assert row["final_loss_by_seed"]["5"] == 3.40 and row["n_seeds"] == 6
+    assert row["mean"] == pytest.approx(kept.mean()) and row["std"] == pytest.approx(kept.std(ddof=1))
+    assert (row["min"], row["max"]) == (2.49, 2.52)
+    assert row["flagged_seeds"] == [] and row["diverged_or_failed_seeds"] == ["5"]
+    console = Console(file=io.StringIO(), width=250)
+    console.print(summary_table(summary, "t"))
+    text = console.file.getvalue()
+    assert "3.4000" in text and "ended early" in text and "trained to their end" in text
 
 
 def test_cli_full_analysis_on_csv(tmp_path, outlier_study, capsys):
