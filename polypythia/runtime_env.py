@@ -51,7 +51,8 @@ WORKER_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "TOKENIZERS_PARALLELISM": "fal
 # training step of a CPU job maps its activations, logits and gradients afresh and the kernel zeroes
 # them page by page: 35-55k page faults a step, 7% of a 70m step and 26% of a 14m one on the
 # machine in README.md's Performance table. A large top pad with trimming off lets the heap grow to the
-# step's peak once and serve every later step from it (RSS about 50-70 MB higher). The variables are
+# step's peak once and serve every later step from it (RSS about 50-70 MB higher for 14m and 70m; at
+# most about the pad, 1 GiB, above glibc's default behaviour). The variables are
 # glibc's (mallopt(3), "ENVIRONMENT"); other C libraries ignore them. A caller who sets any MALLOC_*
 # variable or GLIBC_TUNABLES keeps their own settings instead.
 ALLOCATOR_ENV = {"MALLOC_TOP_PAD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
