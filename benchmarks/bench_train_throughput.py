@@ -117,9 +117,9 @@ def run_variant(variant: str, home: Path, model: str, args, uri: str, tag: str) 
 
 def bare_in_child(raw: dict, home: Path) -> list[float]:
     """The bare loop in a fresh process whose environment has the Ray workers' allocator settings."""
-    from polypythia.runtime_env import ALLOCATOR_ENV
+    from polypythia.runtime_env import allocator_env
 
-    env = {**child_env(home), **ALLOCATOR_ENV}
+    env = {**child_env(home), **allocator_env()}  # what ray_env_vars() gives the workers (a caller's own, if set)
     proc = subprocess.run([sys.executable, __file__, "--bare-child", json.dumps(raw)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:

@@ -83,10 +83,14 @@ def ray_env_vars(offline: bool = False) -> dict[str, str]:
     return {**WORKER_ENV, **allocator_env(), **(OFFLINE_ENV if offline else {})}
 
 
+def sets_allocator(key: str) -> bool:
+    """Whether the environment variable ``key`` is one of glibc's allocator settings."""
+    return key.startswith("MALLOC_") or key == "GLIBC_TUNABLES"
+
+
 def allocator_env() -> dict[str, str]:
     """:data:`ALLOCATOR_ENV`, or nothing where this process's environment sets the allocator itself."""
-    own = any(key.startswith("MALLOC_") or key == "GLIBC_TUNABLES" for key in os.environ)
-    return {} if own else dict(ALLOCATOR_ENV)
+    return {} if any(sets_allocator(key) for key in os.environ) else dict(ALLOCATOR_ENV)
 
 
 def quiet_libraries() -> None:

@@ -28,12 +28,16 @@ print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))
 
 
 def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    return {k: v for k, v in os.environ.items() if not runtime_env.sets_allocator(k)}
+
+
+def _without_allocator_settings(monkeypatch) -> None:
+    for key in [k for k in os.environ if runtime_env.sets_allocator(k)]:
+        monkeypatch.delenv(key)
 
 
 def test_workers_get_the_allocator_settings_unless_the_caller_sets_their_own(monkeypatch):
-    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
-        monkeypatch.delenv(key)
+    _without_allocator_settings(monkeypatch)
     assert runtime_env.ray_env_vars() == {**runtime_env.WORKER_ENV, **runtime_env.ALLOCATOR_ENV}
     monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
     assert runtime_env.allocator_env() == {}
@@ -60,8 +64,7 @@ def test_the_settings_stop_a_freed_tensor_from_being_mapped_again():
 def test_a_local_runtime_gets_the_settings_by_inheritance_and_the_driver_gets_its_environment_back(monkeypatch):
     from polypythia import raysetup
 
-    for key in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
-        monkeypatch.delenv(key)
+    _without_allocator_settings(monkeypatch)
     monkeypatch.setenv("PYTHONUNBUFFERED", "0")  # a value of the caller's, overridden while Ray starts
     before = dict(os.environ)
     with raysetup.local_worker_env(None):

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from helpers import REPO
-from polypythia.runtime_env import ALLOCATOR_ENV
+from polypythia.runtime_env import ALLOCATOR_ENV, sets_allocator
 
 pytestmark = pytest.mark.integration
 
@@ -47,8 +47,7 @@ finally:
 
 
 def test_a_local_sweep_starts_ray_on_loopback_with_its_authentication_kept(tmp_path):
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", "GLIBC_TUNABLES") and not k.startswith("MALLOC_")}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS") and not sets_allocator(k)}
     env["RAY_AUTH_TOKEN"] = secrets.token_hex(16)  # Ray's default (token) mode, without a token file
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=180)
