@@ -27,11 +27,13 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     ``progress_board`` is the sweep's :class:`~polypythia.progress.ProgressBoard` actor; a job of
     several workers gets the Ray placement group reserved for it, one bundle per rank.
     """
+    # When the task began (tagged on the run; bench_sweep.py's start-up), so before the imports below:
+    # torch, DeepSpeed and transformers take seconds, and they are start-up too.
+    os.environ[TASK_STARTED_ENV] = f"{time.time():.3f}"
     from polypythia import job, runfolder
     from polypythia.config import job_config
     from polypythia.train.distributed import clear_rendezvous
 
-    os.environ[TASK_STARTED_ENV] = f"{time.time():.3f}"  # tagged on the run (start-up: bench_sweep.py)
     configure_logging(spec.logging_config, spec.debug_loggers)
     clear_rendezvous()  # whatever the worker inherited; several ranks get theirs set below
     try:  # before any other rank starts: a second launch of this run, or a changed config, stops here
