@@ -41,6 +41,18 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"  # Hydra's config fol
 DEFAULTS_NAME = "polypythia_defaults"  # the ConfigStore entry conf/config.yaml starts from
 
 
+# DeepSpeed's fp16 optimizer at ZeRO stage 0 with a torch optimizer (FP16_UnfusedOptimizer) divides
+# every gradient by the loss scale in step(), but DeepSpeed 0.19's engine.backward() never multiplies
+# the loss by it (https://github.com/deepspeedai/DeepSpeed/pull/8393, open): seen on an H100, the
+# gradients reached Adam 4096 times too small and clipping could never act.
+FP16_ZERO0_REFUSED = (
+    "fp16 with train.zero_stage=0 is refused: DeepSpeed's fp16 optimizer at ZeRO stage 0 divides the gradients "
+    "by the loss scale without engine.backward() having scaled the loss (deepspeedai/DeepSpeed PR #8393), so "
+    "every update would come out thousands of times too small; use train.zero_stage=1 (Pythia's setting) or "
+    "train.precision=bf16."
+)
+
+
 @dataclass
 class JobConfig:
     """One job: one (model, seed) training run. Every field's default is here (or MISSING)."""
@@ -84,6 +96,9 @@ class JobConfig:
                 "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
                 "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
             )
+        fp16 = self.train.precision == "fp16" or (self.train.precision == "auto" and self.launcher.num_gpus_per_job > 0)
+        if fp16 and self.train.zero_stage == 0:
+            raise ConfigError(FP16_ZERO0_REFUSED)
         if self.budget.seq_length > self.model.max_positions:
             raise ConfigError(
                 f"budget.seq_length ({self.budget.seq_length}) exceeds model.max_positions ({self.model.max_positions}), "

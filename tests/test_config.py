@@ -45,10 +45,12 @@ def test_seeds_and_run_names(tmp_path):
     ("seed=abc", "seed"),
     ("data=indexed", "data.path"),
     ("train.precision=fp16", "fp16 needs a GPU per worker"),
+    ("train.precision=fp16 launcher.num_gpus_per_job=1 train.zero_stage=0", "zero_stage=0 is refused"),
+    ("launcher.num_gpus_per_job=1 train.zero_stage=0", "zero_stage=0 is refused"),  # auto: fp16 on a GPU
 ])
 def test_bad_values_raise_config_error(override, fragment, tmp_path):
     try:
-        raw = compose_job(override)
+        raw = compose_job(*override.split())
     except Exception as exc:  # Hydra itself may refuse the override (e.g. mandatory values)
         assert fragment.split(".")[0] in str(exc)
         return
@@ -77,3 +79,14 @@ def test_study_presets_sweep_five_sizes_by_ten_seeds(name, budget, tmp_path):
     assert {tuple(sorted(j)) for j in jobs} >= {("model=410m", "seed=9"), ("model=14m", "seed=0")}
     job = job_config({k: v for k, v in cfg.items() if k != "hydra"}, str(tmp_path))
     assert job.budget.name == budget and job.study == name
+
+
+def test_a_job_that_finds_a_gpu_refuses_fp16_at_zero0(monkeypatch, tmp_path):
+    """precision=auto means fp16 on a GPU; a job the launcher gave no GPU may still find one."""
+    from polypythia.train import engine
+
+    cfg = job_config(compose_job("model=tiny", "train.zero_stage=0"), str(tmp_path))
+    assert engine.effective_zero_stage(cfg, 1) == 0  # fp32 on the CPU
+    monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
+    with pytest.raises(ConfigError, match="zero_stage=0 is refused"):
+        engine.effective_zero_stage(cfg, 1)

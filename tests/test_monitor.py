@@ -191,8 +191,10 @@ def test_forward_signals_match_an_independent_computation(monkeypatch):
 
 
 def test_fp16_flat_master_weights_and_loss_scale():
-    """DeepSpeed's fused fp16 optimizer at ZeRO 0 (a GPU-only path): one flat fp32 master copy per
-    group, gradients scaled by the loss scale. Emulated here with the same attributes."""
+    """DeepSpeed's fused fp16 optimizer at ZeRO 0 (FP16_Optimizer, which DeepSpeed builds only around its
+    own FusedAdam; polypythia's torch AdamW never gets it, and fp16 at ZeRO 0 is refused): one flat fp32
+    master copy per group, gradients scaled by the loss scale. Emulated here with the same attributes;
+    tests/test_gpu.py checks the real fp16 ZeRO-1 path on a GPU."""
     from polypythia.model import build_model
 
     model = build_model(2, 64, 4, 512, 1)

@@ -123,11 +123,14 @@ def test_loss_above_the_ceiling_stops_the_run(tmp_path, cache_dir):
 def test_model_flops_per_token_follows_palm():
     from polypythia.config import model_preset
     from polypythia.model import count_parameters, gpt_neox_config
-    from polypythia.train.step import flops_per_token, peak_flops
+    from polypythia.train.step import flops_per_token, matmul_params, peak_flops
 
     s = model_preset("70m")
     total, _ = count_parameters(gpt_neox_config(s.num_layers, s.hidden_size, s.num_heads))
-    assert flops_per_token(total, 6, 512, 2048) == 6 * 70_426_624 + 12 * 6 * 512 * 2048
+    assert total == 70_426_624
+    n = matmul_params(s.build(50304, 1))  # the input embedding (50304 x 512) is a look-up, not a multiply
+    assert n == 70_426_624 - 50304 * 512
+    assert flops_per_token(n, 6, 512, 2048) == 6 * n + 12 * 6 * 512 * 2048
     assert peak_flops(100.0) == 1e14
     if not torch.cuda.is_available():
         assert peak_flops(None) is None  # no train/mfu on a CPU
@@ -160,7 +163,8 @@ def test_model_flops_utilisation_is_logged_against_the_given_peak(tmp_path, cach
             started.append(start)
 
     run(cfg, [keep, KeepStart()])
-    per_token = flops_per_token(started[0].num_params, 2, 64, 32)
+    embed_in = started[0].vocab_size * 64  # counted out: a look-up, not a matrix multiply
+    per_token = flops_per_token(started[0].num_params - embed_in, 2, 64, 32)
     for m in keep.metrics:
         assert m["train/mfu"] == pytest.approx(m["train/tokens_per_s"] * per_token / 0.5e12, rel=1e-9)
         assert 0 < m["train/mfu"] < 1

@@ -12,7 +12,8 @@ import os
 
 import torch
 
-from polypythia.config import JobConfig
+from polypythia.config import FP16_ZERO0_REFUSED, JobConfig
+from polypythia.errors import ConfigError
 from polypythia.train.schedule import lr_at
 
 
@@ -33,9 +34,13 @@ def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
     """ZeRO partitions optimizer state across data-parallel ranks; with one fp32 rank there is
     nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
     stage 0. Mixed precision keeps the configured stage: there DeepSpeed's ZeRO optimizer is
-    what keeps the fp32 master weights, and what reads checkpoints from other worker counts."""
-    if world_size == 1 and resolve_precision(cfg.train.precision) == "fp32":
+    what keeps the fp32 master weights, and what reads checkpoints from other worker counts.
+    fp16 at stage 0 is refused (:data:`polypythia.config.FP16_ZERO0_REFUSED`)."""
+    precision = resolve_precision(cfg.train.precision)
+    if world_size == 1 and precision == "fp32":
         return 0
+    if precision == "fp16" and cfg.train.zero_stage == 0:  # "auto" on a GPU the launcher did not ask for
+        raise ConfigError(FP16_ZERO0_REFUSED)
     return cfg.train.zero_stage
 
 

@@ -33,7 +33,7 @@ from polypythia.train.faults import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index, load as load_rewinds
 from polypythia.train.schedule import checkpoint_steps
-from polypythia.train.step import StepMetrics, train_step
+from polypythia.train.step import StepMetrics, matmul_params, train_step
 
 __all__ = ["Callback", "TrainResult", "TrainStart", "train"]
 
@@ -60,7 +60,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     for cb in callbacks:
         cb.on_train_start(start)
     checkpointer = Checkpointer(cfg, engine, data, schedule, callbacks)
-    step_metrics = StepMetrics(cfg, start.num_params, world_size)
+    step_metrics = StepMetrics(cfg, matmul_params(model), world_size)
     if start_step == 0:
         checkpointer.save_if_due(0, last_loss)  # the initial weights
 

@@ -25,8 +25,25 @@ PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G
 
 
 def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_length: int) -> float:
-    """Training FLOPs per token: 6N for the matrix multiplies plus 12 L d T for attention (PaLM, app. B)."""
+    """Training FLOPs per token: 6N for the matrix multiplies plus 12 L d T for attention (PaLM, app. B).
+
+    N counts the weights a token is multiplied by (:func:`matmul_params`)."""
     return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_length
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """N of :func:`flops_per_token`: every parameter but the input embedding, which is a table look-up.
+
+    PaLM ties its input and output embeddings, so its N holds the embedding once, as the output
+    layer; Pythia's are separate (GPT-NeoX ``embed_in`` and ``embed_out``), and only ``embed_out`` is
+    a matrix multiply. torchtitan counts the same way (``get_nparams_and_flops``: the ``nn.Embedding``
+    parameters are left out of the 6N term), as does GPT-NeoX's own ``get_flops`` (after Narayanan et
+    al. 2021, https://arxiv.org/abs/2104.04473: one vocabulary term, the logits)."""
+    total = sum(p.numel() for p in model.parameters())
+    embed_in, embed_out = model.get_input_embeddings(), model.get_output_embeddings()
+    if embed_out is not None and embed_out.weight is embed_in.weight:  # tied: the one table is the output layer
+        return total
+    return total - embed_in.weight.numel()
 
 
 def peak_flops(configured_tflops: float | None) -> float | None:
@@ -104,6 +121,7 @@ class StepMetrics:
     """Turns what a step measured into the ``train/*`` metrics the callbacks receive."""
 
     def __init__(self, cfg: JobConfig, num_params: int, world_size: int):
+        """``num_params``: the model's :func:`matmul_params`."""
         budget, model = cfg.budget, cfg.model
         self.budget, self.peak_lr, self.world_size = budget, model.lr, world_size
         self.tokens_per_step = budget.global_batch_size * budget.seq_length
