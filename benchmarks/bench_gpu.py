@@ -10,7 +10,13 @@ steps after --warmup and reports tokens/s and MFU:
 N counts every parameter except the input embedding. The default peak is an H100 SXM's dense
 bf16/fp16 figure (989 TFLOP/s); pass --peak-tflops for another GPU.
 
-    python benchmarks/bench_gpu.py [--models 70m,160m] [--seq-length 2048] [--micro-batch 8] [--compile]
+With --job, each shape and precision is also trained through polypythia's own training loop
+(``polypythia.train.loop.train``: the DeepSpeed engine with its fp16 or bf16 optimizer, ZeRO stage 1,
+fused AdamW, the default stability monitor, one NCCL rank) on the embedded corpus with the
+Pythia vocabulary size, and its tokens/s is printed next to the plain loop's as a ratio. The plain
+loop keeps fp32 weights under autocast; DeepSpeed keeps fp16/bf16 weights and an fp32 master copy.
+
+    python benchmarks/bench_gpu.py [--models 70m,160m] [--seq-length 2048] [--micro-batch 8] [--compile] [--job]
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import machine_description, median, model_shape
+from common import StepTimer, bench_home, job_dict, machine_description, median, model_shape
 
 PYTHIA_VOCAB = 50304
 
@@ -70,6 +76,31 @@ def measure(name: str, dtype_name: str, compile_model: bool, args) -> dict:
     return result
 
 
+def measure_job(name: str, dtype_name: str, args, home) -> dict:
+    """The same shape trained by polypythia's loop: tokens/s and train/mfu, medians after --warmup."""
+    from polypythia.config import job_config
+    from polypythia.train.callbacks import Callback
+    from polypythia.train.loop import train
+
+    class KeepMfu(Callback):
+        def __init__(self):
+            self.mfu = []
+
+        def on_step_end(self, step, metrics):
+            self.mfu.append(metrics.get("train/mfu", float("nan")))
+
+    raw = job_dict(home, name, args.warmup + args.steps, threads=0, checkpoints=False, study=f"gpu-{name}-{dtype_name}",
+                   seq_length=args.seq_length, global_batch_size=args.micro_batch, micro_batch_size=args.micro_batch)
+    raw["model"]["vocab_size"] = PYTHIA_VOCAB
+    raw["train"].update(precision=dtype_name, peak_tflops=args.peak_tflops)
+    raw["launcher"]["num_gpus_per_job"] = 1
+    timer, mfu = StepTimer(), KeepMfu()
+    train(job_config(raw), [timer, mfu])
+    step_s = median(timer.step_seconds()[args.warmup:])
+    return {"tokens_per_s": args.micro_batch * args.seq_length / step_s, "step_ms": step_s * 1000,
+            "mfu": median(mfu.mfu[args.warmup:])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -79,6 +110,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
+    parser.add_argument("--job", action="store_true", help="also train each shape through polypythia's DeepSpeed loop")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (default: H100 SXM, 989)")
     args = parser.parse_args()
 
@@ -90,13 +122,22 @@ def main() -> None:
     print(machine_description())
     print(f"seq_length {args.seq_length}, micro batch {args.micro_batch}, {args.steps} steps after {args.warmup}, "
           f"peak {args.peak_tflops:g} TFLOP/s")
-    for name in args.models.split(","):
-        for dtype_name in ("bf16", "fp16"):
-            for compile_model in ((False, True) if args.compile else (False,)):
-                r = measure(name, dtype_name, compile_model, args)
-                label = f"{name} {dtype_name} sdpa fused-AdamW{' compile' if compile_model else ''}"
-                print(f"  {label:<36} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
-                      f"MFU {r['mfu'] * 100:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+    with bench_home("polypythia-gpu-") as home:
+        for name in args.models.split(","):
+            for dtype_name in ("bf16", "fp16"):
+                plain = None
+                for compile_model in ((False, True) if args.compile else (False,)):
+                    r = measure(name, dtype_name, compile_model, args)
+                    plain = plain or r
+                    label = f"{name} {dtype_name} sdpa fused-AdamW{' compile' if compile_model else ''}"
+                    print(f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
+                          f"MFU {r['mfu'] * 100:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+                if args.job:
+                    r = measure_job(name, dtype_name, args, home)
+                    label = f"{name} {dtype_name} polypythia loop (DeepSpeed)"
+                    print(f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
+                          f"train/mfu {r['mfu'] * 100:5.1f}%  loop/plain {r['tokens_per_s'] / plain['tokens_per_s']:.3f}",
+                          flush=True)
 
 
 if __name__ == "__main__":
