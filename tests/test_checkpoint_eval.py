@@ -128,3 +128,42 @@ def test_early_log_spaced_checkpoints_keep_weights_only(every, steps, with_state
     checkpointer.cfg = SimpleNamespace(budget=SimpleNamespace(checkpoint_every_steps=every, steps=steps))
     schedule = [s for s in checkpoint_steps(steps, every, True) if s <= max(with_state)]
     assert [s for s in schedule if checkpointer.keeps_resume_state(s)] == with_state
+
+
+@pytest.mark.integration
+def test_a_gpu_job_stops_the_cpu_pass_and_finishes_evaluation_itself(tmp_path, mlflow_uri, cache_dir):
+    """A job with a GPU does not wait at its end for a CPU pass: finish() cancels the pass in flight
+    and runs the last pass in the job's process, on its GPU (here on the CPU, ``finish_device``
+    standing in for the GPU this machine lacks; tests/test_gpu.py has the GPU's validation loss).
+    Real Ray tasks, a real MLflow server: every checkpoint is still logged exactly once."""
+    import json
+    import os
+
+    import ray
+
+    from helpers import tiny_job, train_here
+    from polypythia.config import to_dict
+    from polypythia.evaluate.background import PASSES_FILE, CheckpointEvaluation
+    from polypythia.mlflowrun import open_run
+
+    cfg = tiny_job(tmp_path, cache_dir, tracking__system_metrics=False)
+    run_id = open_run(cfg, mlflow_uri, None).run_id
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        evaluation = CheckpointEvaluation(to_dict(cfg), mlflow_uri, run_id, use_ray=True, finish_device="cpu")
+        train_here(cfg, [evaluation])  # a pass as a Ray task at each checkpoint, when none is running
+        assert evaluation.in_flight is not None
+        evaluation.in_flight_done.result()  # let the last one end, then start one more, as if it were slow
+        evaluation._start_pass()
+        stopped = evaluation.in_flight
+        assert evaluation.finish() == []
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(stopped)
+    finally:
+        ray.shutdown()
+    passes = [json.loads(line) for line in (tmp_path / "runs" / "polypythia" / "tiny-seed1" / PASSES_FILE).open()]
+    assert passes[-1]["pid"] == os.getpid()  # the last pass ran in the job's process
+    client = MlflowClient(mlflow_uri)
+    for key in ("valid/loss", "valid/ppl", "weights/spectral", "weights/l2"):
+        steps = sorted(m.step for m in client.get_metric_history(run_id, key))
+        assert steps == CHECKPOINT_STEPS, (key, steps)

@@ -19,6 +19,13 @@ step, only the values the run lacks there. A job killed mid-pass therefore loses
 computed is on disk) and logs nothing twice (what was logged is skipped); a pass holds
 ``<run_dir>/eval.lock`` (``fcntl.flock``, released when its process dies), so two passes of one
 run, say one left behind by a killed job and the retry's, never plan and log at the same time.
+
+A job with a GPU evaluates beside training the same way (the passes are CPU tasks on the cores the
+job leaves idle), but it does not wait for a CPU pass at the end: the GPU is its own and idle then,
+and one CPU thread needs about a minute for the validation loss of one 160m checkpoint (seen on an
+H100 machine: a 2-seed 160m demo sweep spent minutes in ``finish`` after seconds of training). So
+:meth:`finish` stops the pass in flight (``ray.cancel``; what it computed is on disk, what it logged
+is not logged again) and runs the last pass in the job's own process, the validation loss on its GPU.
 """
 
 from __future__ import annotations
@@ -41,10 +48,12 @@ LOCK_FILE = "eval.lock"
 PASSES_FILE = "evaluation_passes.jsonl"  # one line per pass: when, how long, what it computed
 
 
-def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[str], job_pid: Optional[int] = None) -> list[str]:
+def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[str], job_pid: Optional[int] = None,
+                    device: str = "cpu", heartbeat: Optional[Callable[[], None]] = None) -> list[str]:
     """Evaluate (weights, validation loss) every checkpoint of the run that lacks a result, and log
     what its MLflow run lacks; returns the failures, one line each. Runs in a Ray task or in-process;
-    ``job_pid`` is the training job's process (``train.fault.kill_in_evaluation`` kills it)."""
+    ``job_pid`` is the training job's process (``train.fault.kill_in_evaluation`` kills it);
+    ``device`` is where the validation loss is computed; ``heartbeat`` is called after each checkpoint."""
     from polypythia.config import job_config
     from polypythia.evaluate.runner import EvalOptions, evaluate_run
     from polypythia.runtime_env import quiet_libraries
@@ -57,7 +66,8 @@ def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[
         started = time.time()
         try:
             summary = evaluate_run(cfg.run_dir, cfg=cfg, tracking_uri=tracking_uri, run_id=run_id,
-                                   options=EvalOptions(tasks=()), use_ray=False, heartbeat=_kill_fault(cfg, job_pid))
+                                   options=EvalOptions(tasks=(), device=device), use_ray=False,
+                                   heartbeat=_both(_kill_fault(cfg, job_pid), heartbeat))
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     record = {"started": started, "seconds": time.time() - started, "computed": summary.computed, "pid": os.getpid()}
@@ -82,6 +92,19 @@ def _kill_fault(cfg, job_pid: Optional[int]):
             os.kill(job_pid or os.getpid(), signal.SIGKILL)
 
     return kill
+
+
+def _both(first: Optional[Callable[[], None]], second: Optional[Callable[[], None]]) -> Optional[Callable[[], None]]:
+    if first is None or second is None:
+        return first or second
+    return lambda: (first(), second())
+
+
+def own_gpu() -> Optional[str]:
+    """``"cuda"`` when this process has a GPU (Ray shows a task only the GPUs it was given), else None."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def _errors_of(result: Callable[[], list[str]]) -> list[str]:
@@ -111,13 +134,17 @@ class CheckpointEvaluation(Callback):
     """Evaluates the run's checkpoints beside training (in a sweep) or after it; see the module doc.
 
     ``heartbeat`` is called while :meth:`finish` waits (a sweep's stall watchdog counts it as progress).
+    ``finish_device``: where the last pass runs in this process instead of waiting for a CPU task
+    (default: this process's GPU, if it has one; None: nowhere, wait).
     """
 
     def __init__(self, config: dict, tracking_uri: Optional[str], run_id: Optional[str],
-                 heartbeat: Optional[Callable[[], None]] = None, use_ray: Optional[bool] = None):
+                 heartbeat: Optional[Callable[[], None]] = None, use_ray: Optional[bool] = None,
+                 finish_device: Optional[str] = "auto"):
         self.args = (config, tracking_uri, run_id, os.getpid())
         self.heartbeat = heartbeat
         self.use_ray = _ray_available() if use_ray is None else use_ray
+        self.finish_device = own_gpu() if finish_device == "auto" else finish_device
         self.rank = 0
         self.in_flight: Any = None  # the Ray task of the pass running now
         self.in_flight_done: Any = None  # its concurrent.futures.Future
@@ -159,7 +186,11 @@ class CheckpointEvaluation(Callback):
         if self.use_ray and self.in_flight is not None:
             import ray
 
-            self._report(self._wait(self.in_flight, ray))
+            if self.finish_device is not None and not self.in_flight_done.done():
+                ray.cancel(self.in_flight, force=True)  # its process dies, and with it the run's eval.lock
+                self._wait(self.in_flight, ray)  # gone (or finished meanwhile); a cancelled pass reports nothing
+            else:
+                self._report(self._wait(self.in_flight, ray))
         self.in_flight = None
         for attempt in range(1, attempts + 1):
             errors = self._last_pass()
@@ -172,9 +203,9 @@ class CheckpointEvaluation(Callback):
         return errors
 
     def _last_pass(self) -> list[str]:
-        if not self.use_ray:
+        if not self.use_ray or self.finish_device is not None:
             try:
-                return evaluation_pass(*self.args)
+                return evaluation_pass(*self.args, device=self.finish_device or "cpu", heartbeat=self.heartbeat)
             except Exception as exc:  # noqa: BLE001 - e.g. the tracking server did not answer: tried again
                 return [f"{type(exc).__name__}: {exc}"]
         import ray
