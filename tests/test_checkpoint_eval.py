@@ -2,6 +2,7 @@
 following the free cores (polypythia/cores.py)."""
 
 import uuid
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -138,32 +139,55 @@ def test_a_gpu_job_stops_the_cpu_pass_and_finishes_evaluation_itself(tmp_path, m
     Real Ray tasks, a real MLflow server: every checkpoint is still logged exactly once."""
     import json
     import os
+    import shutil
 
     import ray
 
     from helpers import tiny_job, train_here
     from polypythia.config import to_dict
-    from polypythia.evaluate.background import PASSES_FILE, CheckpointEvaluation
+    from polypythia.evaluate.background import LOCK_FILE, PASSES_FILE, CheckpointEvaluation
     from polypythia.mlflowrun import open_run
 
     cfg = tiny_job(tmp_path, cache_dir, tracking__system_metrics=False)
+    run_dir = Path(cfg.run_dir)
     run_id = open_run(cfg, mlflow_uri, None).run_id
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         evaluation = CheckpointEvaluation(to_dict(cfg), mlflow_uri, run_id, use_ray=True, finish_device="cpu")
         train_here(cfg, [evaluation])  # a pass as a Ray task at each checkpoint, when none is running
         assert evaluation.in_flight is not None
-        evaluation.in_flight_done.result()  # let the last one end, then start one more, as if it were slow
-        evaluation._start_pass()
+        evaluation.in_flight_done.result()
+        for results in run_dir.glob("checkpoints/step*/eval"):  # every checkpoint to compute again (logged already)
+            shutil.rmtree(results)
+        evaluation._start_pass()  # one more pass, stopped half-way: finish() comes while it holds the run's lock
         stopped = evaluation.in_flight
+        wait_for_lock_holder(run_dir / LOCK_FILE, evaluation.in_flight_done)
         assert evaluation.finish() == []
         with pytest.raises(ray.exceptions.TaskCancelledError):
             ray.get(stopped)
     finally:
         ray.shutdown()
-    passes = [json.loads(line) for line in (tmp_path / "runs" / "polypythia" / "tiny-seed1" / PASSES_FILE).open()]
+    passes = [json.loads(line) for line in (run_dir / PASSES_FILE).open()]
     assert passes[-1]["pid"] == os.getpid()  # the last pass ran in the job's process
     client = MlflowClient(mlflow_uri)
     for key in ("valid/loss", "valid/ppl", "weights/spectral", "weights/l2"):
         steps = sorted(m.step for m in client.get_metric_history(run_id, key))
         assert steps == CHECKPOINT_STEPS, (key, steps)
+
+
+def wait_for_lock_holder(lock_path, done, timeout_s: float = 120.0) -> None:
+    """Until another process holds ``lock_path`` (an evaluation pass has begun its work)."""
+    import fcntl
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert not done.done(), "the pass ended before it was seen at work"
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        time.sleep(0.02)
+    raise AssertionError(f"no pass took {lock_path} within {timeout_s:.0f} s")
