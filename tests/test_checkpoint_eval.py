@@ -191,3 +191,24 @@ def wait_for_lock_holder(lock_path, done, timeout_s: float = 120.0) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
         time.sleep(0.02)
     raise AssertionError(f"no pass took {lock_path} within {timeout_s:.0f} s")
+
+
+@pytest.mark.parametrize("gpu_error, devices, errors", [
+    ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", ["cuda", "cpu"], []),
+    ("ConnectionError: the tracking server did not answer", ["cuda"], ["ConnectionError: the tracking server did not answer"]),
+])
+def test_a_last_pass_out_of_gpu_memory_finishes_on_the_cpu(monkeypatch, gpu_error, devices, errors):
+    """The training's model and optimizer may still fill the GPU when the job evaluates its last
+    checkpoints there: out of memory, the CPU does the rest; any other failure is reported as it is."""
+    from polypythia.evaluate import background
+
+    calls = []
+
+    def fake_pass(*args, device="cpu", heartbeat=None):
+        calls.append(device)
+        return [gpu_error] if device == "cuda" else []
+
+    monkeypatch.setattr(background, "evaluation_pass", fake_pass)
+    evaluation = background.CheckpointEvaluation({}, None, None, use_ray=False, finish_device="cuda")
+    assert evaluation.finish(attempts=1) == errors
+    assert calls == devices

@@ -25,7 +25,8 @@ job leaves idle), but it does not wait for a CPU pass at the end: the GPU is its
 and one CPU thread needs about a minute for the validation loss of one 160m checkpoint (seen on an
 H100 machine: a 2-seed 160m demo sweep spent minutes in ``finish`` after seconds of training). So
 :meth:`finish` stops the pass in flight (``ray.cancel``; what it computed is on disk, what it logged
-is not logged again) and runs the last pass in the job's own process, the validation loss on its GPU.
+is not logged again) and runs the last pass in the job's own process, the validation loss on its GPU
+(on the CPU instead if the training's model and optimizer leave too little GPU memory for it).
 """
 
 from __future__ import annotations
@@ -204,13 +205,23 @@ class CheckpointEvaluation(Callback):
 
     def _last_pass(self) -> list[str]:
         if not self.use_ray or self.finish_device is not None:
-            try:
-                return evaluation_pass(*self.args, device=self.finish_device or "cpu", heartbeat=self.heartbeat)
-            except Exception as exc:  # noqa: BLE001 - e.g. the tracking server did not answer: tried again
-                return [f"{type(exc).__name__}: {exc}"]
+            device = self.finish_device or "cpu"
+            errors = self._pass_here(device)
+            if device != "cpu" and any("out of memory" in error.lower() for error in errors):
+                # the training's model and optimizer state may still hold the GPU (a large model): the
+                # pass only computes what is missing, so the CPU takes over where the GPU stopped
+                log.warning("Checkpoint evaluation ran out of memory on %s; evaluating the rest on the CPU.", device)
+                errors = self._pass_here("cpu")
+            return errors
         import ray
 
         return self._wait(self._submit(ray), ray)
+
+    def _pass_here(self, device: str) -> list[str]:
+        try:
+            return evaluation_pass(*self.args, device=device, heartbeat=self.heartbeat)
+        except Exception as exc:  # noqa: BLE001 - e.g. the tracking server did not answer: tried again
+            return [f"{type(exc).__name__}: {exc}"]
 
     def _wait(self, ref: Any, ray) -> list[str]:
         while True:
