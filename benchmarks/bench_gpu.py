@@ -30,8 +30,10 @@ PYTHIA_VOCAB = 50304
 
 
 def step_flops(model, layers: int, hidden: int, seq: int, tokens: int) -> float:
-    n = sum(p.numel() for p in model.parameters()) - model.get_input_embeddings().weight.numel()
-    return 6 * n * tokens + 12 * layers * hidden * seq * tokens
+    """The same count as the training job's ``train/mfu`` (``polypythia.train.step``)."""
+    from polypythia.train.step import flops_per_token, matmul_params
+
+    return tokens * flops_per_token(matmul_params(model), layers, hidden, seq)
 
 
 def measure(name: str, dtype_name: str, compile_model: bool, args) -> dict:

@@ -24,6 +24,7 @@ import torch
 
 from helpers import tiny_job, train_here
 from polypythia.train.callbacks import Callback
+from polypythia.train.distributed import RENDEZVOUS_ENV
 
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (CI has none)", allow_module_level=True)
@@ -90,7 +91,7 @@ def cpu_fp32(tmp_path_factory, cache_dir, runs):
     code = ("import json, sys; from pathlib import Path; from helpers import tiny_job, train_here; "
             f"cfg = tiny_job(Path(sys.argv[1]), Path(sys.argv[2]), budget__steps={STEPS}, train__precision='fp32', "
             f"monitor__every_steps={EVERY}); print('LOSSES', json.dumps(train_here(cfg).losses))")
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_ENV}  # this process's group is not the child's
     env["CUDA_VISIBLE_DEVICES"] = ""
     out = subprocess.run([sys.executable, "-c", code, str(tmp), str(cache_dir)], cwd=Path(__file__).parent, env=env,
                          capture_output=True, text=True, timeout=600)
