@@ -20,6 +20,7 @@ one job and for two jobs starting together, and the cold start-up pieces timed o
     python benchmarks/bench_sweep.py                 # 3 x 14m, demo budget: a few minutes
     python benchmarks/bench_sweep.py --demo          # seed=1,2,3 model=70m budget=demo (the README demo)
     python benchmarks/bench_sweep.py --startup [--seeds 2] [--model 14m] [--steps 10]
+    python benchmarks/bench_sweep.py --demo train.valid_max_rows=16   # the demo with an override (what it costs)
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from pathlib import Path
 from common import REPO, bench_home, child_env, job_dict, load_average, machine_description, timed
 
 
-def launch(home: Path, seeds: list[int], model: str, steps: int | None, study: str) -> dict:
-    """One `launch.py -m` sweep; wall time and seconds from start to each run's first logged step."""
+def launch(home: Path, seeds: list[int], model: str, steps: int | None, study: str, overrides: list[str] = ()) -> dict:
+    """One `launch.py -m` sweep; wall time and seconds from start to each run's first logged step.
+    ``overrides``: more Hydra overrides, after the shape's own."""
     from polypythia import tracking
 
     cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, seeds)), f"model={model}",
-           "budget=demo", "launcher.progress=false", f"study={study}"] + ([f"budget.steps={steps}"] if steps else [])
+           "budget=demo", "launcher.progress=false", f"study={study}"] + ([f"budget.steps={steps}"] if steps else []) + list(overrides)
     env = child_env(home)
     started = time.time()
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True)
@@ -151,7 +153,9 @@ def efficiency(args) -> None:
     cores = os.cpu_count() or 1
     with bench_home("bench_sweep_", args.home) as home:
         print(machine_description(), flush=True)
-        sweep = launch(home, seeds, args.model, args.steps, "efficiency")
+        sweep = launch(home, seeds, args.model, args.steps, "efficiency", args.overrides)
+        if args.overrides:
+            print(f"overrides: {' '.join(args.overrides)}", flush=True)
         client = sweep["client"]
         runs = [r for r in client.search_runs([sweep["experiment_id"]], "tags.`polypythia.kind` = 'job'")]
         parts = {r.info.run_name: job_breakdown(client, r, home, "efficiency") for r in runs}
@@ -206,9 +210,13 @@ def main() -> None:
     parser.add_argument("--model", default="14m", help="conf/model name (default 14m)")
     parser.add_argument("--steps", type=int, help="steps per run (default: the demo budget's)")
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
+    parser.add_argument("overrides", nargs="*", help="more overrides for the sweep (efficiency only), e.g. "
+                        "budget.log_spaced_checkpoints=false; the ideal stays the training tokens at the bare loop's speed")
     args = parser.parse_args()
     if args.demo:
         args.seeds, args.model, args.steps = 3, "70m", None
+    if args.startup and args.overrides:
+        parser.error("overrides apply to the efficiency sweep only, not to --startup")
     if args.startup:
         if args.seeds == 3 and not args.demo:
             args.seeds = 2
