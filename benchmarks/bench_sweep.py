@@ -211,7 +211,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="steps per run (default: the demo budget's)")
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
     parser.add_argument("overrides", nargs="*", help="more overrides for the sweep (efficiency only), e.g. "
-                        "budget.log_spaced_checkpoints=false; the ideal stays the training tokens at the bare loop's speed")
+                        "budget.log_spaced_checkpoints=false; the ideal stays the runs' training tokens at the bare loop's speed, "
+                        "and the bare loop keeps the demo budget's batch shape")
     args = parser.parse_args()
     if args.demo:
         args.seeds, args.model, args.steps = 3, "70m", None
