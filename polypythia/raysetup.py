@@ -1,5 +1,6 @@
-"""The sweep's Ray runtime: started locally or attached to a cluster, checked for the resources the
-jobs ask for, and a placement group per multi-worker run (used by :class:`polypythia.sweep.Sweep`).
+"""The Ray runtime of a sweep or an offline evaluation (:mod:`polypythia.evaluate.runner`): started
+locally or attached to a cluster, checked for the resources the jobs ask for, and a placement group
+per multi-worker run (used by :class:`polypythia.sweep.Sweep`).
 
 ``ray.init`` arguments for a local runtime are :mod:`polypythia.localray`'s; the environment its
 workers get is :func:`polypythia.runtime_env.ray_env_vars`. Ray's placement groups are described in
@@ -27,34 +28,36 @@ from polypythia.runtime_env import ray_env_vars
 PACKAGE_DIRS = ("polypythia",)  # the code a cluster's workers import (uploaded when attaching to one)
 
 
-def init_ray(address: str | None) -> bool:
+def init_ray(address: str | None, offline: bool = False, option: str = "launcher.address") -> bool:
     """Start a local Ray runtime (``address`` null) or attach to the cluster at ``address``; True
-    when this call started a local runtime (the sweep shuts it down again)."""
+    when this call started a local runtime (the sweep shuts it down again). ``offline``: the workers
+    read local files only (:data:`polypythia.runtime_env.OFFLINE_ENV`, for lm-eval); ``option``: the
+    setting that gave ``address``, named in the error when the cluster does not answer."""
     import ray
 
     if ray.is_initialized():
         return False
     runtime_env: dict[str, Any] | None = None
-    check_reachable(address)
+    check_reachable(address, option=option)
     if address:
         root = Path(__file__).resolve().parent.parent
-        runtime_env = {"env_vars": ray_env_vars(),
+        runtime_env = {"env_vars": ray_env_vars(offline),
                        "py_modules": [str(root / d) for d in PACKAGE_DIRS if (root / d).is_dir()]}
     try:
-        with local_worker_env(address):
+        with local_worker_env(address, offline):
             ray.init(**localray.init_args(address), include_dashboard=False, log_to_driver=False,
                      runtime_env=runtime_env, logging_level=logging.WARNING)
     except ConnectionError as exc:
-        raise ConfigError(f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it or fix the address.") from None
+        raise ConfigError(f"Cannot connect to the Ray cluster at {option}={address} ({exc}); start it or fix {option}.") from None
     return not address
 
 
 @contextmanager
-def local_worker_env(address: str | None) -> Iterator[None]:
+def local_worker_env(address: str | None, offline: bool = False) -> Iterator[None]:
     """With no ``address`` (a local runtime): :func:`ray_env_vars` set in this process's environment for
     the duration, so that the Ray processes started meanwhile inherit them, then put back as they were.
     With an address, nothing (:func:`init_ray` passes them as the job's ``runtime_env``)."""
-    changes = {} if address else ray_env_vars()
+    changes = {} if address else ray_env_vars(offline)
     saved = {key: os.environ.get(key) for key in changes}
     os.environ.update(changes)
     try:
@@ -104,7 +107,7 @@ def reserve_workers(jobs: list[Any]) -> dict[int, Any]:
     return groups
 
 
-def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
+def check_reachable(address: str | None, timeout_s: float = 5.0, option: str = "launcher.address") -> None:
     """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
     if not address or address in ("auto", "local") or "://" in address or ":" not in address:
         return
@@ -115,6 +118,6 @@ def check_reachable(address: str | None, timeout_s: float = 5.0) -> None:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except (OSError, ValueError) as exc:
         raise ConfigError(
-            f"Cannot connect to the Ray cluster at launcher.address={address} ({exc}); start it "
-            "(ray start --head) or fix the address."
+            f"Cannot connect to the Ray cluster at {option}={address} ({exc}); start it "
+            f"(ray start --head) or fix {option}."
         ) from None

@@ -60,3 +60,26 @@ def test_a_local_sweep_starts_ray_on_loopback_with_its_authentication_kept(tmp_p
     assert seen["auth_token"]
     assert seen["allocator"] == ALLOCATOR_ENV  # every worker keeps freed memory (polypythia/runtime_env.py)
     assert "RAY_AUTH_MODE=disabled" not in out.stdout + out.stderr  # Ray's advice to turn it off
+
+
+EVALUATION_SCRIPT = r"""
+import json, os, ray
+from polypythia import raysetup
+assert raysetup.init_ray(None, offline=True, option="--ray-address")
+try:
+    seen = ray.get(ray.remote(num_cpus=0)(lambda: {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "MALLOC_TOP_PAD_")}).remote())
+    print(json.dumps({"worker": seen, "driver": os.environ.get("HF_HUB_OFFLINE")}))
+finally:
+    ray.shutdown()
+"""
+
+
+def test_an_offline_evaluations_local_workers_inherit_its_environment():
+    """polypythia.evaluate's local Ray runtime (raysetup.init_ray, offline): the workers read local files
+    only and keep the allocator settings; the driver's own environment is put back."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "HF_HUB_OFFLINE") and not sets_allocator(k)}
+    out = subprocess.run([sys.executable, "-c", EVALUATION_SCRIPT], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen == {"worker": {"HF_HUB_OFFLINE": "1", "MALLOC_TOP_PAD_": ALLOCATOR_ENV["MALLOC_TOP_PAD_"]}, "driver": None}

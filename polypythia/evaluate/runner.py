@@ -23,9 +23,9 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
-from polypythia import localray, tracking
+from polypythia import raysetup, tracking
 from safetensors import SafetensorError
 
 from polypythia.errors import CheckpointError, PolypythiaError
@@ -34,7 +34,7 @@ from polypythia.evaluate.integrity import checkpoint_problem, corrupt_message
 from polypythia.evaluate.results import read_result, write_result
 from polypythia.evaluate.tables import RunKey, reference_run, write_tables
 from polypythia.evaluate.targets import CheckpointTarget, EvaluationError, RunTarget, target_for_run_dir
-from polypythia.runtime_env import quiet_libraries, ray_env_vars
+from polypythia.runtime_env import quiet_libraries
 
 log = logging.getLogger(__name__)
 
@@ -133,16 +133,8 @@ def run_on_ray(targets: list[RunTarget], options: EvalOptions, on_report, addres
     import ray
 
     started_here = not ray.is_initialized()
-    if started_here:
-        env_vars = ray_env_vars(offline=True)
-        runtime_env: dict[str, Any] = {"env_vars": env_vars}
-        if address:  # a cluster's workers may not have this checkout: ship the package with the tasks
-            runtime_env["py_modules"] = [str(Path(__file__).resolve().parents[1])]
-        try:
-            ray.init(**localray.init_args(address), include_dashboard=False, log_to_driver=False,
-                     runtime_env=runtime_env, logging_level=logging.WARNING)
-        except ConnectionError as exc:
-            raise EvaluationError(f"Cannot connect to the Ray cluster at {address} ({exc}); start it or fix --ray-address.") from None
+    if started_here:  # workers read local files only (lm-eval); a cluster's get the package shipped
+        raysetup.init_ray(address, offline=True, option="--ray-address")
     try:
         task = ray.remote(num_cpus=1, num_gpus=num_gpus, num_returns="streaming")(compute_run)
         pending = [task.remote(asdict(t), asdict(options)) for t in targets]
