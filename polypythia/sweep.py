@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any, Callable, Optional
 
 from polypythia import cores, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia.sweepwide import check_sweep_wide
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
@@ -47,6 +48,7 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
         raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may appear only once.")
+    check_sweep_wide(jobs)  # launcher.address, tracking.uri, ...: one value for the whole sweep (polypythia.sweepwide)
     return jobs
 
 
@@ -57,7 +59,7 @@ class Sweep:
     def __init__(self, requests: list[JobRequest], launch_dir: str, on_finished: Optional[FinishedHook] = None):
         self.requests = requests
         self.jobs = _validate_all(requests, launch_dir)  # relative paths are relative to launch_dir
-        self.launcher = self.jobs[0].launcher
+        self.launcher = self.jobs[0].launcher  # its sweep-wide keys only (address, progress): the same in every job
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
@@ -107,7 +109,9 @@ class Sweep:
         self._started_ray = raysetup.init_ray(self.launcher.address) or self._started_ray
 
     def _check_resources(self) -> None:
-        raysetup.check_resources(self.launcher)  # prepare() shuts Ray down again
+        for launcher in {(j.launcher.num_cpus_per_job, j.launcher.num_gpus_per_job, j.launcher.workers_per_run): j.launcher
+                         for j in self.jobs}.values():  # each job's own resources (per-job keys)
+            raysetup.check_resources(launcher)  # prepare() shuts Ray down again
 
     def _reserve_workers(self) -> None:
         self.placement_groups = raysetup.reserve_workers(self.jobs)
@@ -195,7 +199,7 @@ class Sweep:
                     rows = ray.get(board.snapshot.remote())
                     self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
                     for ref, index in list(pending.items()):  # the stall watchdog
-                        if watchdog.stalled(rows[index], time.time(), self.launcher.stall_timeout_s):
+                        if watchdog.stalled(rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
                             del pending[ref]
                             ended[index] += 1
                             outcome = self._kill_stalled(index, ref, rows[index], stalls, ended, board)
@@ -240,7 +244,8 @@ class Sweep:
     def _kill_stalled(self, index: int, ref: Any, row: dict, stalls: Counter, ended: Counter,
                       board: Any) -> Optional[JobOutcome]:
         """Kill job ``index``'s stalled process; None when it is to be retried, else its outcome."""
-        job, timeout = self.jobs[index], self.launcher.stall_timeout_s
+        job = self.jobs[index]
+        timeout = job.launcher.stall_timeout_s
         watchdog.cancel(ref)
         stalls[index] += 1
         retry = self._set_retries(index, row, ended) <= job.launcher.max_retries
