@@ -44,11 +44,11 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
             runfolder.check_relaunch(jobs[-1])  # the run's folder: not in use, same training config
         except ConfigError as exc:
             raise ConfigError(f"Job #{i}: {exc}") from None
+    check_sweep_wide(jobs)  # launcher.address, tracking.uri, ...: one value for the whole sweep (polypythia.sweepwide)
     names = Counter((j.study, j.run_name) for j in jobs)
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
         raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may appear only once.")
-    check_sweep_wide(jobs)  # launcher.address, tracking.uri, ...: one value for the whole sweep (polypythia.sweepwide)
     return jobs
 
 
