@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from polypythia import cores, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia import cores, driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
 from polypythia.sweepwide import check_sweep_wide
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
@@ -124,8 +124,10 @@ class Sweep:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for study in sorted({j.study for j in self.jobs}):
             exp_id = tracking.experiment_id(client, study)
+            links.extend(driverloss.close_dead_sweeps(client, exp_id))  # sweeps of the study whose driver died
             jobs = [j.run_name for j in self.jobs if j.study == study]
-            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs)})
+            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs),
+                                                                             **driverloss.driver_tags()})
             self.parent_runs[study] = run.info.run_id
             mlflow_ui.mark_training_experiment(client, exp_id)
             # The UI charts 10 runs unless a saved view says otherwise (see polypythia.mlflow_ui).
@@ -183,7 +185,9 @@ class Sweep:
             def submit(i: int) -> Any:
                 return run_job.options(**self._task_options(i)).remote(self.job_spec(i), board, self.placement_groups.get(i))
 
-            pending = {submit(i): i for i in range(len(self.jobs))}
+            outcomes.update(self._skip_finished(board))  # a relaunch: runs that finished before are not trained again
+            pending = {submit(i): i for i in range(len(self.jobs)) if i not in outcomes}
+            heartbeat = driverloss.Heartbeat(watch.client, list(self.parent_runs.values()))  # polypythia.driverloss
             stalls: Counter = Counter()
             ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
@@ -221,6 +225,7 @@ class Sweep:
                             self._set_retries(index, rows[index], ended)
                             pending[submit(index)] = index
                     display.update(watch.marks(rows))
+                    heartbeat.beat()
             if STOP.is_set(): raise KeyboardInterrupt  # noqa: E701
             rows = ray.get(board.snapshot.remote())  # the jobs' last reports
             watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
@@ -234,6 +239,22 @@ class Sweep:
         results = [replace(outcomes[i], attempts=rows.get(i, {}).get("attempt", 1) or 1) for i in range(len(self.jobs))]
         self._report(results)
         return results
+
+    def _skip_finished(self, board: Any) -> dict[int, JobOutcome]:
+        """Say what this launch does with each run that has been launched before (skipped, or resumed
+        from which step, losing how many); the outcomes of those that finished before."""
+        client, skipped = tracking.client(self.tracking_uri), {}
+        for i, job in enumerate(self.jobs):
+            plan = driverloss.plan(client, job)
+            line = driverloss.describe(job.run_name, plan, job.budget.checkpoint_every_steps)
+            if line:
+                print(line, flush=True)
+            if plan.state == "finished":
+                driverloss.adopt(client, plan.run_id, self.parent_runs[job.study])
+                board.update.remote(i, {"state": "finished", "step": job.budget.steps, "total": job.budget.steps})
+                skipped[i] = JobOutcome(state="finished", summary={"run_id": plan.run_id, "run_name": job.run_name,
+                                                                   "final_loss": plan.final_loss, "skipped": True})
+        return skipped
 
     def _set_retries(self, index: int, row: dict, ended: Counter) -> int:
         """Job ``index``'s failed attempts so far; its next attempt gets the rest of ``launcher.max_retries``."""
@@ -296,7 +317,8 @@ class Sweep:
             flagged += "".join(f"; {note}" for note in self.actions.notes.get(index, []) if outcome.state != STOPPED)
             if outcome.finished:
                 summary = outcome.summary
-                print(f"  {job.run_name}: finished{retried}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
+                before = " (already finished before this launch)" if summary.get("skipped") else ""
+                print(f"  {job.run_name}: finished{retried}{before}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
             else:
                 print(f"  {job.run_name}: {outcome.state}{retried}: {outcome.reason or 'did not finish'}{flagged}")
         if self.on_finished is None:
