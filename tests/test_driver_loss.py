@@ -17,8 +17,6 @@ from mlflow.tracking import MlflowClient
 from helpers import REPO
 from test_launch import child_runs, launch
 
-pytestmark = pytest.mark.integration
-
 STEPS, EVERY, HANG = 40, 10, 25  # seed 2 stops making progress at step 25: its last checkpoint is step 20
 
 
@@ -30,6 +28,7 @@ def wait_for(what, check, timeout_s=300, proc=None):
         time.sleep(1)
 
 
+@pytest.mark.integration
 def test_a_killed_driver_leaves_nothing_training_and_a_relaunch_resumes_every_run_once(tmp_path, mlflow_uri, cache_dir):
     study = f"driver-{uuid.uuid4().hex[:8]}"
     args = ["-m", "seed=1,2", "model=tiny", "budget=smoke", f"budget.steps={STEPS}", f"budget.checkpoint_every_steps={EVERY}",
@@ -89,3 +88,27 @@ def test_a_killed_driver_leaves_nothing_training_and_a_relaunch_resumes_every_ru
     run_dir = tmp_path / "runs" / study / "tiny-seed2"
     assert json.loads((run_dir / "mlflow_run.json").read_text())["run_id"] == before["tiny-seed2"].info.run_id
     assert runs()["tiny-seed2"].data.tags["resumed_from_step"] == str(HANG - HANG % EVERY)
+
+
+def test_a_driver_is_gone_when_its_process_ended_here_or_its_heartbeat_stopped_elsewhere(tmp_path):
+    import socket
+
+    from polypythia import driverloss
+
+    now = time.time()
+    here = driverloss.driver_tags(now)
+    assert driverloss.driver_gone(here, now) is None  # this very process
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    gone = driverloss.driver_gone({**here, driverloss.PID_TAG: str(ended.pid)}, now)
+    assert gone == f"its driver (pid {ended.pid} on {socket.gethostname()}) has ended"
+    reused = {**here, driverloss.PID_STARTED_TAG: "12.00"}  # the pid now belongs to a later process
+    assert driverloss.driver_gone(reused, now).endswith("has ended")
+    elsewhere = {**here, driverloss.HOST_TAG: "node-7"}
+    assert driverloss.driver_gone(elsewhere, now + driverloss.STALE_S - 1) is None
+    assert "has sent no heartbeat for 3" in driverloss.driver_gone(elsewhere, now + driverloss.STALE_S + 1)
+    assert driverloss.driver_gone({}, now) is None  # a sweep of an older version names no driver: left alone
+    for step, state in ((0, True), (10, True), (20, False)):  # step20 kept its weights only
+        (tmp_path / "checkpoints" / f"step{step}" / ("state" if state else "weights")).mkdir(parents=True)
+    assert driverloss.resume_step(tmp_path) == 10 and driverloss.resume_step(tmp_path / "none") == 0
+    assert driverloss.Plan("resumes", "r", checkpoint_step=10, logged_step=17).lost_steps == 7
