@@ -35,6 +35,7 @@ from polypythia.study import JOB_KIND, KIND_TAG, PARENT_TAG, SWEEP_KIND, search_
 log = logging.getLogger(__name__)
 
 HOST_TAG, PID_TAG, PID_STARTED_TAG, HEARTBEAT_TAG = "driver.host", "driver.pid", "driver.pid_started", "driver.heartbeat"
+SUBMISSION_ENV, SUBMISSION_TAG = "POLYPYTHIA_SUBMISSION_ID", "ray.submission_id"  # a detached study's (polypythia.detach)
 HEARTBEAT_S = 60.0  # how often a running driver renews its heartbeat tag
 STALE_S = 5 * HEARTBEAT_S  # a driver on another host with no heartbeat for this long is gone
 LOST = "driver lost"
@@ -53,8 +54,11 @@ def _pid_started(pid: int) -> Optional[float]:
 def driver_tags(now: Optional[float] = None) -> dict[str, str]:
     """The tags that name this process as a sweep's driver."""
     pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_STARTED_TAG: f"{_pid_started(pid) or 0:.2f}",
+    tags = {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_STARTED_TAG: f"{_pid_started(pid) or 0:.2f}",
             HEARTBEAT_TAG: f"{now or time.time():.0f}"}
+    if os.environ.get(SUBMISSION_ENV):  # submitted as a Ray job: its stop command finds the runs by it
+        tags[SUBMISSION_TAG] = os.environ[SUBMISSION_ENV]
+    return tags
 
 
 class Heartbeat:
