@@ -101,19 +101,28 @@ def close_dead_sweeps(client: Any, experiment_id: str, now: Optional[float] = No
     KILLED with ``failure_reason``. Returns a line per sweep closed."""
     now = now or time.time()
     query = f"tags.`{KIND_TAG}` = '{SWEEP_KIND}' and attributes.status = 'RUNNING'"
-    said = []
-    for parent in client.search_runs([experiment_id], filter_string=query, max_results=1000):
-        why = driver_gone(parent.data.tags, now)
-        if why is None:
-            continue
-        reason = f"{LOST}: {why} without closing the sweep; launch the same command again to resume its runs"
-        open_jobs = [r for r in search_job_runs(client, experiment_id, parent.info.run_id) if r.info.status == "RUNNING"]
-        for run in open_jobs + [parent]:
-            client.set_tag(run.info.run_id, "failure_reason", reason)
-            client.set_terminated(run.info.run_id, status="KILLED")
-        said.append(f"[relaunch] {parent.info.run_name}: closed (KILLED) with {len(open_jobs)} job run(s) that were "
-                    f"left RUNNING; {why}.")
+    said: list[str] = []
+    try:
+        parents = client.search_runs([experiment_id], filter_string=query, max_results=1000)
+        for parent in parents:
+            _close_if_dead(client, experiment_id, parent, now, said)
+    except Exception as exc:  # noqa: BLE001 - closing an old sweep must not stop a new one
+        log.warning("Could not close the study's sweeps whose driver is gone: %s", exc)
     return said
+
+
+def _close_if_dead(client: Any, experiment_id: str, parent: Any, now: float, said: list[str]) -> None:
+    """Close one sweep (its job runs still RUNNING, then its parent run) if its driver is gone."""
+    why = driver_gone(parent.data.tags, now)
+    if why is None:
+        return
+    reason = f"{LOST}: {why} without closing the sweep; launch the same command again to resume its runs"
+    open_jobs = [r for r in search_job_runs(client, experiment_id, parent.info.run_id) if r.info.status == "RUNNING"]
+    for run in open_jobs + [parent]:
+        client.set_tag(run.info.run_id, "failure_reason", reason)
+        client.set_terminated(run.info.run_id, status="KILLED")
+    said.append(f"[relaunch] {parent.info.run_name}: closed (KILLED) with {len(open_jobs)} job run(s) that were "
+                f"left RUNNING; {why}.")
 
 
 @dataclass(frozen=True)
@@ -150,8 +159,10 @@ def plan(client: Any, cfg: Any) -> Plan:
         run = client.get_run(record["run_id"])
     except Exception:  # noqa: BLE001 - gone or elsewhere: the job reports it in one line when it starts
         return Plan("new")
-    latest = {m.key: m for m in run.data._metric_objs}
+    latest = {m.key: m for m in getattr(run.data, "_metric_objs", None) or ()}  # the latest point of each metric
     loss = latest.get("train/loss")
+    if loss is None and "train/loss" in run.data.metrics:  # (a client whose runs do not carry their points' steps)
+        loss = max(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda m: m.step)
     logged, final = (loss.step, loss.value) if loss is not None else (0, float("nan"))
     finished = run.info.status == "FINISHED" and not cfg.train.evaluate_after_training
     return Plan("finished" if finished else "resumes", run.info.run_id, resume_step(cfg.run_dir), logged, final)
