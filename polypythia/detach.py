@@ -41,6 +41,7 @@ PREFIX = "polypythia-"
 # Not uploaded: the virtual environment, git's objects, a local study's home, caches and build output.
 EXCLUDES = [".venv/", ".git/", ".polypythia/", "**/__pycache__/", "*.egg-info/", ".pytest_cache/", "analysis-out/"]
 STOP_WAIT_S = 60  # RAY_JOB_STOP_WAIT_TIME_S: how long the driver has to close its runs after SIGTERM
+AGENT_WAIT_S = 300.0  # a cluster just started: its job agent took over 90 s to register on 2 busy cores
 
 
 def client(address: Optional[str]) -> Any:
@@ -67,19 +68,25 @@ def submit(jobs: Any, launch_args: list[str], python: str, tracking_uri: Optiona
                           "one (python -m polypythia.tracking start --host 0.0.0.0) or set MLFLOW_TRACKING_URI.")
     tracking.require_reachable(uri, "start it or fix --tracking-uri (or MLFLOW_TRACKING_URI)")
     submission_id = f"{PREFIX}{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    # Keys of their own: Ray refuses to merge the job's env_vars with the driver's ray.init (raysetup.init_ray)
+    # where a key is in both, so the worker settings (runtime_env.ray_env_vars) are not repeated here.
     env_vars = {runtime_env.HOME_ENV: str(Path(home).resolve()), runtime_env.TRACKING_URI_ENV: uri,
-                SUBMISSION_ENV: submission_id, "PYTHONUNBUFFERED": "1", "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
-    deadline = time.monotonic() + 90
+                SUBMISSION_ENV: submission_id, "RAY_JOB_STOP_WAIT_TIME_S": str(STOP_WAIT_S)}
+    deadline = time.monotonic() + AGENT_WAIT_S
     while True:
         try:
-            jobs.submit_job(entrypoint=f"{shlex.quote(python)} launch.py {shlex.join(launch_args)}",
+            jobs.submit_job(entrypoint=f"{shlex.quote(python)} -u launch.py {shlex.join(launch_args)}",  # -u: logs as they come
                             submission_id=submission_id, metadata={"tracking_uri": uri, "polypythia_home": env_vars[runtime_env.HOME_ENV]},
                             runtime_env={"working_dir": str(REPO), "excludes": EXCLUDES, "env_vars": env_vars})
             return submission_id
-        except RuntimeError as exc:  # a cluster just started: its job agent registers seconds after the dashboard
-            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+        except RuntimeError as exc:  # a cluster just started: its job agent registers after the dashboard
+            if "No available agent" not in str(exc):
                 raise
-            time.sleep(2)
+            if time.monotonic() > deadline:
+                raise ConfigError(f"The Ray cluster's dashboard answers but no job agent took the study within "
+                                  f"{AGENT_WAIT_S:.0f} s; check that the head node's dashboard agent runs (ray status, "
+                                  "and its dashboard_agent.log) and submit again.") from None
+            time.sleep(3)
 
 
 def info(jobs: Any, submission_id: str, address: str) -> Any:
