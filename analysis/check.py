@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import (
-    choose_source, lm_eval_layout, lm_eval_named_models, load_study, parse_steps, pythia_identity, read_lm_eval_file,
-)
+from analysis.lmeval import lm_eval_layout, lm_eval_named_models, pythia_identity, read_lm_eval_file
+from analysis.load import choose_source, load_study, parse_steps
 from polypythia.evaluate import integrity
 from polypythia.evaluate.integrity import FOREIGN_FILE, IDENTICAL_HINT, Problem
 from polypythia.study import run_label
