@@ -4,8 +4,9 @@ Three sources are understood:
 
 * an MLflow experiment written by the training side (one child run per (model, seed) job,
   tagged ``polypythia.kind=job``; see :func:`load_mlflow`),
-* a folder of lm-evaluation-harness v0.4 result files in the published PolyPythias layout
-  ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json`` (:func:`load_lm_eval_folder`),
+* a folder of lm-evaluation-harness result files: v0.4 in the published PolyPythias layout
+  ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json``, v0.3 in the Pythia suite's
+  ``pythia-<size>[-deduped]/zero-shot/<name>_step<S>.json`` (:func:`load_lm_eval_folder`, :mod:`analysis.lmeval`),
 * a tidy CSV/TSV file with the five columns, or a wide one with ``seed``, ``step`` and one column
   per metric such as the study's released training map table (:func:`load_tidy_file`).
 
@@ -31,7 +32,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.lmeval import _LM_EVAL_LAYOUT, has_lm_eval_results, lm_eval_rows
+from analysis.lmeval import lm_eval_rows
+from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
 from polypythia.study import TIDY_COLUMNS, label_order, parse_run_label, run_label, search_job_runs, seeds_from_tags
 
 log = logging.getLogger(__name__)
@@ -253,7 +255,7 @@ def choose_source(source: str | os.PathLike) -> SourceChoice:
         if has_lm_eval_results(path):
             return SourceChoice("lm-eval", str(source))
         name = Path(os.path.abspath(path)).name
-        note = (f"The folder {source} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, so it is read "
+        note = (f"The folder {source} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, so it is read "
                 f"as the MLflow experiment name {name!r}.")
         return SourceChoice("mlflow", name, folder=str(source), note=note)
     if path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
@@ -271,7 +273,7 @@ def read_as_experiment(choice: SourceChoice):
             raise
         text = str(error)
         text = text[0].lower() + text[1:] if text[:2].istitle() else text
-        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, "
+        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, "
                             f"so it was read as the MLflow experiment name {choice.name!r}, and {text}") from None
 
 
