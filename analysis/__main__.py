@@ -1,7 +1,9 @@
-"""Command line: ``python -m analysis <source> [--out DIR]``.
+"""Command line: ``python -m analysis <source> [--out DIR]``, and ``python -m analysis power ...``.
 
 Without ``--out`` (or with ``--summary``) it prints the final-loss summary of a sweep; with
 ``--out`` it runs the whole analysis into that folder. User errors print one sentence and exit 2.
+A first argument ``power`` runs :mod:`analysis.power_cli` (how many seeds); a study literally named
+``power`` is ``python -m analysis -- power`` (or ``./power`` for a folder).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ examples:
   python -m analysis study.csv --out results/csv --metrics 'train/*' 'weights/*'
   python -m analysis training_maps.tsv --out results/map --outlier-metric score --steps polypythias
   python -m analysis polypythias-evals/ --check --steps polypythias              # integrity (exit 1: problems)
+  python -m analysis power --effect 1                                  # seeds per arm (see: power --help)
 
 outliers: a run starts an outlier episode where its distance from the other runs (leave-one-out,
 their SD pooled over recent checkpoints) exceeds the level that healthy studies of the same shape
@@ -231,6 +234,11 @@ def replay_study(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["power"]:  # the subcommand; a study named "power": python -m analysis -- power
+        from analysis.power_cli import main as power_main
+
+        return power_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
