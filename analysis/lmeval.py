@@ -62,7 +62,8 @@ def model_args(data: dict) -> dict:
 def disagreement(file: ResultFile, data: dict) -> tuple[str, str] | None:
     """``("model" | "step" | "shots", what the file says it is)`` where its own config (or lm-eval's output
     folder) contradicts its path; None when they agree or the file does not say."""
-    others = [n for n in lm_eval_named_models(data, file.inner) if pythia_identity(n) != (file.model.lower(), file.seed)]
+    path_says = (file.model.lower(), file.seed)
+    others = [n for n in lm_eval_named_models(data, file.inner) if pythia_identity(n) != path_says]
     if others:
         return "model", others[0]
     args = model_args(data)
@@ -148,12 +149,13 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
     branch polypythias, ``polypythias/plots.ipynb``). lm-eval 0.3 files carry no timestamp: two of them
     giving different values is an error. Files whose config contradicts their path (:func:`disagreement`:
     e.g. the base model's results filed under a seed) and the suite's files in other setting folders
-    (:func:`analysis.lmeval_layout.suite_layout`) are left out, with a warning and note counting them. Non-finite values are
-    passed on unchanged.
+    (:func:`analysis.lmeval_layout.suite_layout`) are left out, with a warning and note counting them.
+    Non-finite values are passed on unchanged.
     """
     root = Path(root)
     files = result_files(root)
-    at_steps = [f for f in files if steps is None or f.step in {int(s) for s in steps}]
+    wanted = None if steps is None else {int(s) for s in steps}
+    at_steps = [f for f in files if wanted is None or f.step in wanted]
     if not at_steps:
         present = sorted({f.step for f in files})
         shown = ", ".join(str(s) for s in present[:10]) + (", ..." if len(present) > 10 else "")

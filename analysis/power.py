@@ -66,7 +66,10 @@ def check_design(design: Design) -> None:
 def power_at(n, design: Design):
     """The power of the test with ``n`` seeds per arm (paired: ``n`` pairs), from the noncentral t."""
     n = np.asarray(n, dtype="float64")
-    df, ncp = (n - 1, design.effect_sd * np.sqrt(n)) if design.paired else (2 * n - 2, design.effect_sd * np.sqrt(n / 2))
+    if design.paired:
+        df, ncp = n - 1, design.effect_sd * np.sqrt(n)
+    else:
+        df, ncp = 2 * n - 2, design.effect_sd * np.sqrt(n / 2)
     if design.one_sided:
         return stats.nct.sf(stats.t.ppf(1 - design.alpha, df), df, ncp)
     critical = stats.t.ppf(1 - design.alpha / 2, df)
@@ -103,7 +106,8 @@ def simulated_power(n: int, design: Design, studies: int = 10_000, seed: int = 0
     else:
         def test(control, treated, axis):
             return stats.ttest_ind(treated, control, axis=axis, alternative=alternative).pvalue
-        rvs, sizes = (lambda size: rng.normal(0.0, 1.0, size), lambda size: rng.normal(design.effect_sd, 1.0, size)), (n, n)
+        rvs = (lambda size: rng.normal(0.0, 1.0, size), lambda size: rng.normal(design.effect_sd, 1.0, size))
+        sizes = (n, n)
     return float(stats.power(test, rvs, sizes, significance=design.alpha, n_resamples=studies).power)
 
 

@@ -61,13 +61,13 @@ def options_error(args) -> str | None:
     if args.effect is None and args.delta is None:
         return "Give the difference to detect: --effect D in seed SDs, or --delta X in the metric's units with --from."
     if args.effect is not None and args.delta is not None:
-        return "Give the difference to detect once: --effect D in seed SDs or --delta X in the metric's units, not both."
+        return "Give the difference to detect once: --effect D in seed SDs or --delta X in metric units, not both."
     if args.delta is not None and args.source is None:
         return ("--delta is in the metric's units and needs the seed SD: add --from SOURCE --metric M, or give "
                 "--effect D in seed SDs instead.")
     if args.delta is not None and args.paired:
-        return ("--delta with --paired needs the SD of the per-seed differences, which one study's seed spread does not "
-                "give; give --effect as d_z (mean difference / SD of the differences) instead.")
+        return ("--delta with --paired needs the SD of the per-seed differences, which one study's seed spread does "
+                "not give; give --effect as d_z (mean difference / SD of the differences) instead.")
     if args.delta is not None and not (math.isfinite(args.delta) and args.delta > 0):
         return f"--delta must be a positive difference in the metric's units, not {args.delta:g}."
     if (args.source is None) != (args.metric is None):

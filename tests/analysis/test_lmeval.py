@@ -42,7 +42,8 @@ def polypythias_file(root, size, seed, step, values, n_shot=None):
     name = f"pythia-{size}-seed{seed}"
     folder = root / name / f"step{step}" / f"EleutherAI__{name}"
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"results": {task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01} for task, acc in values.items()},
+    results = {task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01} for task, acc in values.items()}
+    data = {"results": results,
             "config": {"model": "hf", "model_args": f"pretrained=EleutherAI/{name},revision=step{step}"}}
     if n_shot is not None:
         data["n-shot"] = n_shot
@@ -200,5 +201,6 @@ def test_the_command_line_says_what_an_evaluation_folder_holds(suite, capsys):
     assert main([str(root)]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "no train/loss to summarise" in out
-    assert "│ 160m │ 0 │ 3 │ 0-143000 │ 10 │" in out and "│ 160m │ 2 │ 3 │ 0-143000 │ 1 │" in out
+    assert "│ 160m │ 0 │ 3 │ 0-143000 │ 10 │" in out
+    assert "│ 160m │ 2 │ 3 │ 0-143000 │ 1 │" in out
     assert "│ 160m-deduped │ 0 │ 3 │ 0-143000 │ 10 │" in out
