@@ -29,11 +29,11 @@ def parser() -> argparse.ArgumentParser:
                "An MLflow experiment literally named 'power': python -m analysis -- power (a folder: ./power).\n"
                "See docs/power.md.")
     p.add_argument("--effect", type=float, metavar="D",
-                      help="the difference to detect in seed SDs (Cohen's d; paired: d_z, in SDs of the per-seed "
-                           "differences)")
+                   help="the difference to detect in seed SDs (Cohen's d; paired: d_z, in SDs of the per-seed "
+                        "differences)")
     p.add_argument("--delta", type=float, metavar="X",
-                      help="the difference to detect in the metric's own units (needs --from and --metric: d = X / "
-                           "the seed SD found there)")
+                   help="the difference to detect in the metric's own units (needs --from and --metric: d = X / "
+                        "the seed SD found there)")
     p.add_argument("--from", dest="source", metavar="SOURCE",
                    help="take the seed SD from a study: anything python -m analysis reads (MLflow experiment, "
                         "folder of lm-eval results, .csv/.tsv table)")
