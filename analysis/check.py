@@ -34,14 +34,16 @@ CONFIG_PATH_DISAGREE = "evaluation file's config and path disagree"
 
 
 def foreign_files(root: str | Path, steps=None) -> dict[tuple[str, str], list[tuple[int, str, str, str]]]:
-    """(model, run label) of the path -> [(step, file relative to ``root``, the problem, what the file says it is)]
-    for the lm-eval result files whose config contradicts their path (``load_lm_eval_folder`` leaves them out):
+    """(model, run label) of the path -> [(step, file relative to ``root``, the problem, what the file says it is
+    and what became of it)] for the lm-eval result files whose config contradicts their path
+    (``load_lm_eval_folder`` reads them as their config says, or leaves out one that names no Pythia model):
     :data:`FOREIGN_FILE` when it names another model, :data:`CONFIG_PATH_DISAGREE` another step or number of shots."""
     found: dict[tuple[str, str], list[tuple[int, str, str, str]]] = {}
-    for file, kind, said in disagreeing_files(root, steps):
+    for file, kind, said, read in disagreeing_files(root, steps):
         problem = FOREIGN_FILE if kind == "model" else CONFIG_PATH_DISAGREE
+        fate = "it was read as its config says" if read else "it was left out"
         found.setdefault((file.model, run_label(file.seed, file.seed)), []).append(
-            (file.step, str(file.path.relative_to(root)), problem, said))
+            (file.step, str(file.path.relative_to(root)), problem, f"{said}; {fate}"))
     return found
 
 
@@ -113,7 +115,7 @@ def check_study(study, steps: list[int] | None = None, schedules: dict | None = 
 
 
 def foreign_problems(ident: tuple, files: list[tuple[int, str, str, str]]) -> list[Problem]:
-    return [Problem(*ident, problem, str(step), f"{path} is for {said}; it was left out")
+    return [Problem(*ident, problem, str(step), f"{path} is for {said}")
             for step, path, problem, said in files]
 
 

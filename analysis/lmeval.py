@@ -11,10 +11,13 @@ Two layouts are read, as their publishers laid them out:
 
 A model folder without ``-seed<k>`` is seed 0, the original Pythia run, as PolyPythias numbers it, so
 that seeds 1-9 lie beside it; ``-deduped`` (and the suite's other variants, ``-bf16``, ``-0.5MtokBS``)
-is part of the model's name, a model of its own. The model, seed and step are read from the path and
-from the file's own config (``pretrained=`` and ``revision=``, and lm-eval 0.4's output folder named
-after the model): a file where the two disagree is left out with a note, and ``--check`` lists it
-(:func:`disagreeing_files`). :func:`analysis.load.load_study` calls :func:`lm_eval_rows`.
+is part of the model's name, a model of its own. The model, seed and step come from the file's own
+config where it has one (``pretrained=`` and ``revision=``, and lm-eval 0.4's output folder named after
+the model), from the path otherwise: a file whose config contradicts its path is read as its config
+says (e.g. the base model's results filed under a seed's folder count for seed 0, never for that seed),
+with a note counting such files, and ``--check`` lists each (:func:`disagreeing_files`); a config that
+names no Pythia model cannot be placed and is left out. :func:`analysis.load.load_study` calls
+:func:`lm_eval_rows`.
 """
 
 from __future__ import annotations
@@ -78,6 +81,23 @@ def disagreement(file: ResultFile, data: dict) -> tuple[str, str] | None:
     if file.shots is not None and type(shots) is int and shots != file.shots:
         return "shots", f"{shots}-shot"
     return None
+
+
+def config_identity(file: ResultFile, data: dict) -> tuple[str, int, int] | None:
+    """(model, seed, step) as the file's own config gives it: the model and seed from ``pretrained=`` (else
+    lm-eval 0.4's output folder, else ``model_name``), the step from ``revision=step<S>``; what the config
+    does not say comes from the path. None when the file cannot be placed: its config names a model that is
+    no Pythia model, or the names it gives for itself are of different models."""
+    args = model_args(data)
+    pretrained = args.get("pretrained")
+    if isinstance(pretrained, str) and pythia_identity(pretrained) is None:
+        return None
+    identities = {pythia_identity(name) for name in lm_eval_named_models(data, file.inner)}
+    if len(identities) > 1:
+        return None
+    model, seed = identities.pop() if identities else (file.model, file.seed)
+    revision = _REVISION.match(str(args.get("revision", "")).strip())
+    return model, seed, int(revision["step"]) if revision else file.step
 
 
 def task_shots(data: dict) -> dict[str, int]:
@@ -162,27 +182,33 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
         raise AnalysisError(f"The folder {root} holds no metric values matching --steps (its lm-eval results are "
                             f"at steps {shown}); choose other steps." if files else f"The folder {root} holds no "
                             f"lm-eval result files laid out as {LM_EVAL_LAYOUTS}; check the path.")
-    rows, foreign = [], []
+    rows, foreign, placed = [], [], []
     read = [f for f in at_steps if not f.aside]
     for file in read:
         data = read_lm_eval_file(file.path)
         found = disagreement(file, data)
+        model, seed, step = file.model, file.seed, file.step
         if found:
-            foreign.append((file.path, found[1]))
-            continue
-        rows.extend((file.model, file.seed, file.step, name, value, file.stamp, str(file.path))
+            identity = config_identity(file, data)
+            (placed if identity else foreign).append((file.path, found[1]))
+            if identity is None:
+                continue
+            model, seed, step = identity
+            if wanted is not None and step not in wanted:
+                continue
+        rows.extend((model, seed, step, name, value, file.stamp, str(file.path), bool(found))
                     for name, value in lm_eval_metrics(data["results"], task_shots(data)))
     laid_out = {f.path for f in files}
     unread = [path for path in sorted(root.rglob("*.json")) if path not in laid_out]
-    notes = left_out_notes(root, len(read), foreign, [f for f in at_steps if f.aside], unread)
+    notes = left_out_notes(root, len(read), foreign, [f for f in at_steps if f.aside], unread, placed)
     for note in notes:
         log.warning(note)
     if not rows:
         example = foreign[0][0] if foreign else at_steps[0].path.parent
-        raise AnalysisError(f"No lm-eval result file under {root} could be read: each names another model, step or "
-                            f"number of shots than its path, or lies aside (e.g. {example}); check that the folders "
-                            "hold the right models' results, or point the source at the folder to read.")
-    frame = pd.DataFrame(rows, columns=[*TIDY_COLUMNS, "stamp", "file"])
+        raise AnalysisError(f"No lm-eval result file under {root} could be read: each names a model that is no Pythia "
+                            f"model, or lies aside (e.g. {example}); check that the folders hold the right models' "
+                            "results, or point the source at the folder to read.")
+    frame = without_shadowed(pd.DataFrame(rows, columns=[*TIDY_COLUMNS, "stamp", "file", "placed"]))
     check_undated(frame)
     # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
     frame = frame.sort_values(["stamp", "file"], kind="stable")
@@ -191,24 +217,47 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
 
 
 def left_out_notes(root: Path, n_read: int, foreign: list[tuple[Path, str]], aside: list[ResultFile],
-                   unread: list[Path]) -> list[str]:
-    """A note counting the files whose config contradicts their path, one counting the files set aside and
-    one counting the ``.json`` files in neither layout (the Pythia repository's ``evals/pythia-v0/``, whose
+                   unread: list[Path], placed: list[tuple[Path, str]] = ()) -> list[str]:
+    """A note counting the files read as their config says rather than as their path does, one counting the
+    files whose config names no Pythia model, one counting the files set aside and one counting the
+    ``.json`` files in neither layout (the Pythia repository's ``evals/pythia-v0/``, whose
     "pythia-1.4b-deduped" is another model than today's, and its OPT and BLOOM baselines)."""
     notes = []
     if unread:
         notes.append(f"{len(unread)} .json files below {root} are in neither lm-eval layout and were not read "
                      f"(e.g. {unread[0].relative_to(root)}).")
+    if placed:
+        example, name = placed[0]
+        notes.append(f"{len(placed)} of {n_read} lm-eval result files name another model, step or number of shots in "
+                     f"their config than their path and were read as their config says, where no file filed under "
+                     f"that identity gives the same value (e.g. {example.relative_to(root)} is for {name}); --check "
+                     "lists them.")
     if foreign:
         example, name = foreign[0]
-        notes.append(f"{len(foreign)} of {n_read} lm-eval result files were left out because they name another model "
-                     f"(or step, or number of shots) than their path (e.g. {example.relative_to(root)} is for {name}).")
+        notes.append(f"{len(foreign)} of {n_read} lm-eval result files were left out because their config names no "
+                     f"Pythia model, or models that contradict each other (e.g. {example.relative_to(root)} is for "
+                     f"{name}).")
     if aside:
         folders = ", ".join(sorted({f.path.parent.name + "/" for f in aside}))
         notes.append(f"{len(aside)} lm-eval result files in setting folders other than zero-shot/ or five-shot/ were "
                      f"not read ({folders} e.g. {aside[0].path.relative_to(root)}); point the source at such a "
                      "folder to read it alone.")
     return notes
+
+
+def without_shadowed(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of files placed by their config (``placed``) only where no file filed under its own identity
+    gives the same (model, seed, step, metric): the publisher's own filing wins, so that, for example, the
+    base model's results filed under a seed's folder never replace the base model's own values."""
+    keys = ["model", "seed", "step", "metric"]
+    placed = frame["placed"].to_numpy(bool)
+    if not placed.any():
+        return frame
+    own = frame.loc[~placed, keys].drop_duplicates()
+    shadowed = frame.loc[placed, keys].merge(own.assign(_own=True), on=keys, how="left")["_own"].notna().to_numpy()
+    keep = ~placed
+    keep[placed] = ~shadowed
+    return frame[keep]
 
 
 def check_undated(frame: pd.DataFrame) -> None:
@@ -231,15 +280,18 @@ def check_undated(frame: pd.DataFrame) -> None:
                         "choose the newer; remove one, or point the source at a folder that holds only one.")
 
 
-def disagreeing_files(root: str | os.PathLike, steps: Iterable[int] | None = None) -> list[tuple[ResultFile, str, str]]:
-    """``(file, "model" | "step" | "shots", what it says it is)`` for each result file below ``root`` (at
-    ``steps``) that :func:`lm_eval_rows` leaves out because its config contradicts its path."""
+def disagreeing_files(root: str | os.PathLike,
+                      steps: Iterable[int] | None = None) -> list[tuple[ResultFile, str, str, bool]]:
+    """``(file, "model" | "step" | "shots", what it says it is, read)`` for each result file below ``root`` (at
+    ``steps``) whose config contradicts its path; ``read``: :func:`lm_eval_rows` read it as its config says
+    (False: its config names no Pythia model, and it was left out)."""
     wanted = None if steps is None else {int(s) for s in steps}
     found = []
     for file in result_files(Path(root)):
         if file.aside or (wanted is not None and file.step not in wanted):
             continue
-        said = disagreement(file, read_lm_eval_file(file.path))
+        data = read_lm_eval_file(file.path)
+        said = disagreement(file, data)
         if said:
-            found.append((file, *said))
+            found.append((file, *said, config_identity(file, data) is not None))
     return found

@@ -116,27 +116,46 @@ def test_metric_names_of_lm_eval_03_and_04_and_their_shots():
         ("arc_easy/acc", 0.4), ("gsm8k@8shot/exact_match@flexible-extract", 0.1)]
 
 
-def test_a_file_whose_config_and_path_disagree_is_left_out_and_found_by_check(suite, tmp_path, capsys):
+def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_found_by_check(suite, tmp_path,
+                                                                                             capsys):
+    """Identity comes from the file's own config where it has one; the disagreement is a --check finding. A file
+    filed under its own identity wins over one that the config places on the same point."""
     root, expected = suite
     zero = root / "pythia-160m" / "zero-shot"
-    # Path says step 3000, config says step 1000; path says 160m, config 410m; a 5-shot run in zero-shot/.
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 3000, {"arc_easy": 0.9}).write_text(
-        (zero / "160m_step3000.json").read_text().replace("revision=step3000", "revision=step1000"))
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 13000, {"arc_easy": 0.9}, pretrained="EleutherAI/pythia-410m")
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 23000, {"arc_easy": 0.9}, shots=5)
+    # Path says step 3000, config step 1000 (which 160m_step1000.json gives: that one wins); path says step 4000,
+    # config step 2000 (no other file: read at 2000); path says 160m, config 410m; a 5-shot run in zero-shot/.
+    for path_step, config_step in ((3000, 1000), (4000, 2000)):
+        suite_file(root, "pythia-160m", "zero-shot", "160m", path_step, {"arc_easy": 0.9}).write_text(
+            (zero / f"160m_step{path_step}.json").read_text().replace(f"revision=step{path_step}",
+                                                                      f"revision=step{config_step}"))
+    suite_file(root, "pythia-160m", "zero-shot", "160m", 13000, {"arc_easy": 0.8}, pretrained="EleutherAI/pythia-410m")
+    suite_file(root, "pythia-160m", "zero-shot", "160m", 23000, {"arc_easy": 0.7}, shots=5)
+    suite_file(root, "pythia-160m", "zero-shot", "160m", 33000, {"arc_easy": 0.6},
+               pretrained="EleutherAI/intervention-pythia-v1.1-160m")  # no Pythia model: left out
     study = load_study(root)
     got = {(str(r.model), int(r.seed), int(r.step), str(r.metric)): r.value for r in study.metrics.itertuples()}
-    assert got == pytest.approx(expected)  # none of the three files' values is read
-    [note] = study.notes
-    assert "\n" not in note and note.startswith("3 of 17 lm-eval result files were left out")
+    for (model, step, path_step, task), acc in {("160m", 2000, 4000, "arc_easy"): 0.9,
+                                                ("410m", 13000, 13000, "arc_easy"): 0.8,
+                                                ("160m", 23000, 23000, "arc_easy@5shot"): 0.7}.items():
+        expected[(model, 0, step, f"{task}/acc")] = acc
+        expected[(model, 0, step, f"{task}/acc_norm")] = acc + 0.02
+        expected[(model, 0, step, f"{task.replace('arc_easy', 'lambada_openai')}/ppl")] = 30.0 + path_step / 1e4
+        expected[(model, 0, step, f"{task.replace('arc_easy', 'lambada_openai')}/acc")] = 0.3
+    assert got == pytest.approx(expected)  # step 1000 keeps its own file's values; nothing at 3000, 4000 or 33000
+    placed, left_out = study.notes
+    assert "\n" not in placed and placed.startswith("4 of 19 lm-eval result files name another model, step or number")
+    assert left_out.startswith("1 of 19 lm-eval result files were left out because their config names no Pythia model")
     out = tmp_path / "check"
     assert main([str(root), "--check", "--out", str(out)]) == 1
     rows = [r for r in csv.DictReader((out / "check.csv").open()) if "evaluation file" in r["problem"]]
     found = {(r["model"], r["seed"], r["problem"], r["steps"], r["detail"].split(" is for ")[1]) for r in rows}
+    read = "it was read as its config says"
     assert found == {
-        ("160m", "0", CONFIG_PATH_DISAGREE, "3000", "step 1000; it was left out"),
-        ("160m", "0", FOREIGN_FILE, "13000", "EleutherAI/pythia-410m; it was left out"),
-        ("160m", "0", CONFIG_PATH_DISAGREE, "23000", "5-shot; it was left out")}
+        ("160m", "0", CONFIG_PATH_DISAGREE, "3000", f"step 1000; {read}"),
+        ("160m", "0", CONFIG_PATH_DISAGREE, "4000", f"step 2000; {read}"),
+        ("160m", "0", FOREIGN_FILE, "13000", f"EleutherAI/pythia-410m; {read}"),
+        ("160m", "0", CONFIG_PATH_DISAGREE, "23000", f"5-shot; {read}"),
+        ("160m", "0", FOREIGN_FILE, "33000", "EleutherAI/intervention-pythia-v1.1-160m; it was left out")}
     capsys.readouterr()
 
 
