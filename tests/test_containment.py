@@ -143,3 +143,86 @@ def test_the_tracking_cli_names_a_folder_it_cannot_create(tmp_path):
     (tmp_path / "file").write_text("x")
     out = quick(tmp_path, "start", "--port", "0", "--dir", str(tmp_path / "file" / "mlflow"), module="polypythia.tracking")
     one_line(out, f"folder {tmp_path / 'file' / 'mlflow'} cannot be created (Not a directory); give --dir")
+
+
+# ---------------------------------------------------------------------------------------------
+# item 4: a Ray address held by a program that is not Ray
+
+
+@pytest.fixture
+def not_ray(tmp_path):
+    """``python -m http.server`` on a free loopback port: answers TCP, speaks HTTP/1, not Ray's gRPC."""
+    from polypythia.net import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        import time
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline
+                time.sleep(0.1)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.kill()
+        server.wait()
+
+
+def test_an_address_that_is_not_ray_is_told_apart(not_ray):
+    from polypythia import raysetup
+
+    assert raysetup.gcs_problem(not_ray) == "it does not speak gRPC, Ray's protocol"
+    with pytest.raises(ConfigError, match=rf"The program at launcher\.address={not_ray} is not a Ray cluster's head "
+                                          r"\(it does not speak gRPC, Ray's protocol\); give launcher\.address the address"):
+        raysetup.check_reachable(not_ray)
+
+
+def test_a_sweep_pointed_at_a_program_that_is_not_ray_fails_in_one_line(tmp_path, not_ray):
+    """``launcher.address`` at a port held by ``python -m http.server`` printed connection warnings for more
+    than 120 s and never failed (the subprocess timeout below is the hang's guard)."""
+    out = quick(tmp_path, "-m", "model=tiny", "budget=smoke", f"launcher.address={not_ray}")
+    one_line(out, f"launcher.address={not_ray} is not a Ray cluster's head")
+    assert not (tmp_path / "mlflow").exists() and not (tmp_path / "runs").exists()  # nothing started ...
+    assert not (tmp_path / "cache").exists()  # ... or built
+
+
+# ---------------------------------------------------------------------------------------------
+# item 6: the process group listens on the address its ranks meet at, not on every interface
+
+
+def test_the_rendezvous_store_listens_on_master_addr_only(monkeypatch):
+    import psutil
+
+    from polypythia.net import free_port
+    from polypythia.train import distributed
+
+    port = free_port()
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    store = distributed.rendezvous_store(0, 1)
+    store.set("k", "v")
+    listening = {c.laddr.ip for c in psutil.Process().net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert listening == {"127.0.0.1"} and store.get("k") == b"v"
+    del store
+
+
+def test_gloo_is_bound_to_the_interface_towards_the_master(monkeypatch):
+    from polypythia.train import distributed
+
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    loopback = distributed.interface_of("127.0.0.1")
+    assert loopback  # "lo" on Linux, "lo0" on macOS
+    distributed.bind_gloo_near("127.0.0.1")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == loopback
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth7")  # the user's choice stands
+    distributed.bind_gloo_near("127.0.0.1")
+    assert os.environ["GLOO_SOCKET_IFNAME"] == "eth7"
+    assert distributed.local_address_towards("localhost") in ("127.0.0.1", "::1")
