@@ -136,35 +136,31 @@ def server_processes(server_dir: str | Path, state: dict | None = None) -> list:
             continue
         try:
             in_group = bool(group) and os.getpgid(proc.pid) == group
-            listening = any(c.status == psutil.CONN_LISTEN and c.laddr.port == port
-                            for c in proc.net_connections(kind="inet"))
-        except (psutil.Error, OSError):
+        except OSError:
             continue
-        if in_group or listening:
+        if in_group or _listens_on(proc, port):
             found.append(proc)
     return found
 
 
-def _listens(state: dict, processes: list) -> bool:
-    """Whether one of ``processes`` listens on the recorded port (the port is the server's, not a stranger's)."""
+def _listens_on(proc, port: int) -> bool:
+    """Whether ``proc`` (a psutil.Process) listens on TCP ``port``."""
     import psutil
 
-    port = _recorded_port(state)
-    for proc in processes:
-        try:
-            if any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections(kind="inet")):
-                return True
-        except (psutil.Error, OSError):
-            continue
-    return False
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections(kind="inet"))
+    except (psutil.Error, OSError):
+        return False
 
 
 def _running(server_dir: Path, state: dict | None) -> bool:
     """Whether the server recorded in ``state`` answers at its address: its recorded ``mlflow server``,
-    or processes left serving this folder's database there (a SIGKILLed server's workers)."""
+    or processes left serving this folder's database there (a SIGKILLed server's workers; the port is
+    then theirs, not a stranger's)."""
     if not state or not is_healthy(state["uri"]):
         return False
-    return serves(state.get("pid"), server_dir) or _listens(state, server_processes(server_dir, state))
+    port = _recorded_port(state)
+    return serves(state.get("pid"), server_dir) or any(_listens_on(p, port) for p in server_processes(server_dir, state))
 
 
 def running_server(server_dir: str | Path) -> str | None:
