@@ -47,6 +47,8 @@ BOUNDS = (
     Bound("tracking.flush_interval_s", 0.1,
           why="the metrics sender wakes up this often, so a shorter interval keeps a CPU core busy; use the "
               "default 2.0"),
+    Bound("data.vocab_size", 258, why="the embedded tokenizer is byte-level: 256 byte tokens and 2 special tokens "
+                                      "come first (default 8192)"),
     Bound("train.threads", 1, why="torch needs at least one thread; set null for the CPUs Ray gave the job"),
     Bound("train.loss_ceiling_steps", 1, why="it counts consecutive steps above train.loss_ceiling (default 10)"),
     Bound("train.valid_max_rows", 1, why="the validation loss of no rows is undefined (default 64)"),

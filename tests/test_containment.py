@@ -95,6 +95,7 @@ def job_dict(tmp_path: Path, **overrides) -> dict:
     ("launcher__stall_timeout_s", float("inf"), r"launcher\.stall_timeout_s must be at least 5"),
     ("tracking__flush_interval_s", 0.001, r"tracking\.flush_interval_s must be at least 0\.1, got 0\.001: .*CPU core"),
     ("train__threads", 0, r"train\.threads must be at least 1, got 0: .*null"),
+    ("data__vocab_size", -3, r"data\.vocab_size must be at least 258, got -3: the embedded tokenizer is byte-level"),
     ("train__loss_ceiling_steps", 0, r"train\.loss_ceiling_steps must be at least 1"),
     ("train__valid_max_rows", 0, r"train\.valid_max_rows must be at least 1"),
     ("train__eval_limit_items", 0, r"train\.eval_limit_items must be at least 1, got 0: .*null for every item"),
@@ -110,6 +111,7 @@ def test_a_duration_or_count_below_what_works_is_one_error(tmp_path, key, value,
 
 @pytest.mark.parametrize("key, value", [
     ("launcher__stall_timeout_s", 0.0), ("launcher__stall_timeout_s", 5.0), ("tracking__flush_interval_s", 0.1),
+    ("data__vocab_size", 258),
     ("train__threads", None), ("train__threads", 1), ("train__eval_limit_items", None), ("train__peak_tflops", None),
     ("launcher__num_cpus_per_job", 0.5), ("launcher__num_cpus_per_job", 2.25), ("launcher__num_cpus_per_job", 0.0001),
 ])
