@@ -1,7 +1,9 @@
-"""Command line: ``python -m analysis <source> [--out DIR]``.
+"""Command line: ``python -m analysis <source> [--out DIR]``, and ``python -m analysis power ...``.
 
 Without ``--out`` (or with ``--summary``) it prints the final-loss summary of a sweep; with
 ``--out`` it runs the whole analysis into that folder. User errors print one sentence and exit 2.
+A first argument ``power`` runs :mod:`analysis.power_cli` (how many seeds); a study literally named
+``power`` is ``python -m analysis -- power`` (or ``./power`` for a folder).
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ from polypythia.tracking import default_tracking_uri
 
 EPILOG = """\
 source is auto-detected:
-  a folder          lm-evaluation-harness v0.4 results laid out as
-                    pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json
+  a folder          lm-evaluation-harness results laid out as PolyPythias published them (v0.4),
+                    pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json, or as the Pythia
+                    suite did (v0.3, EleutherAI/pythia evals/pythia-v1/), pythia-<size>[-deduped]/
+                    zero-shot/<name>_step<S>.json; no -seed<k> = seed 0, the original Pythia run
                     (a folder without such files: its name, as an MLflow experiment name)
   a .csv/.tsv file  tidy table with columns model, seed, step, metric, value
   anything else     an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
@@ -31,6 +35,7 @@ examples:
   python -m analysis study.csv --out results/csv --metrics 'train/*' 'weights/*'
   python -m analysis training_maps.tsv --out results/map --outlier-metric score --steps polypythias
   python -m analysis polypythias-evals/ --check --steps polypythias              # integrity (exit 1: problems)
+  python -m analysis power --effect 1                                  # seeds per arm (see: power --help)
 
 outliers: a run starts an outlier episode where its distance from the other runs (leave-one-out,
 their SD pooled over recent checkpoints) exceeds the level that healthy studies of the same shape
@@ -156,7 +161,25 @@ def summarise(args) -> None:
             print(choice.note, file=sys.stderr, flush=True)
         return
     study = load_study(args.source, steps=args.steps, model=args.model)
+    if not (study.metrics["metric"] == "train/loss").any():  # evaluations only: say what was read
+        Console().print(contents_table(study))  # the loader has logged its notes
+        return
     Console().print(summary_table(final_loss_summary(study.metrics, study.runs), f"Final train/loss of {args.source}"))
+
+
+def contents_table(study):
+    """What a source without train/loss (a folder of evaluations) holds: per model and run, its steps and metrics."""
+    from rich.table import Table
+
+    table = Table(title=f"{study.source}: no train/loss to summarise; read (--out DIR runs the analysis)")
+    for column in ("model", "run", "steps", "first-last step", "metrics"):
+        table.add_column(column, justify="left" if column in ("model", "run") else "right")
+    grouped = study.metrics.groupby(["model", "seed"], observed=True, sort=True)
+    for (model, seed), rows in grouped:
+        steps = rows["step"]
+        table.add_row(str(model), str(seed), str(steps.nunique()), f"{steps.min()}-{steps.max()}",
+                      str(rows["metric"].nunique()))
+    return table
 
 
 def analyse(args) -> None:
@@ -211,6 +234,11 @@ def replay_study(args) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["power"]:  # the subcommand; a study named "power": python -m analysis -- power
+        from analysis.power_cli import main as power_main
+
+        return power_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

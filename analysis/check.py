@@ -7,7 +7,8 @@ Per run it lists:
   step range; with ``--steps`` the steps asked for within that range);
 * identical metrics at consecutive checkpoints (every ``weights/*`` value equal, or every metric when
   there are none): a hint that the checkpoints are the same (published Pythia: step 0 = step 1);
-* lm-eval result files that name another model than their folder (the ones :mod:`analysis.load` leaves out).
+* lm-eval result files whose config names another model, step or number of shots than their path
+  (the ones :mod:`analysis.lmeval` leaves out).
 
 A folder of checkpoints (``<name>/step<S>/`` with config.json and weights) is checked on the weights
 themselves by :mod:`polypythia.evaluate.integrity` (identical files, descent from the run's own step 0).
@@ -19,32 +20,30 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import (
-    choose_source, lm_eval_layout, lm_eval_named_models, load_study, parse_steps, pythia_identity, read_lm_eval_file,
-)
+from analysis.errors import AnalysisError
+from analysis.lmeval import disagreeing_files
+from analysis.load import choose_source, load_study, parse_steps
 from polypythia.evaluate import integrity
 from polypythia.evaluate.integrity import FOREIGN_FILE, IDENTICAL_HINT, Problem
-from polypythia.study import run_label
+from polypythia.study import parse_run_label, run_label
 from polypythia.train.schedule import checkpoint_steps
 
 _NOT_CHECKPOINT_METRICS = ("train/", "system/")
+# An lm-eval file whose config (revision=, num_fewshot) gives another step or number of shots than its path.
+CONFIG_PATH_DISAGREE = "evaluation file's config and path disagree"
 
 
-def foreign_files(root: str | Path, steps=None) -> dict[tuple[str, str], list[tuple[int, str, str]]]:
-    """(model, run label) -> [(step, file relative to ``root``, the model it names)] for the lm-eval result
-    files that name another model than their seed folder (``load_lm_eval_folder`` leaves them out)."""
-    root = Path(root)
-    wanted = None if steps is None else set(steps)
-    found: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
-    for path in sorted(root.rglob("results_*.json")):
-        layout = lm_eval_layout(path, root)
-        if layout is None or (wanted is not None and layout[2] not in wanted):
-            continue
-        model, seed, step, _, inner = layout
-        others = [n for n in lm_eval_named_models(read_lm_eval_file(path), inner)
-                  if pythia_identity(n) != (model.lower(), seed)]
-        if others:
-            found.setdefault((model, run_label(seed, seed)), []).append((step, str(path.relative_to(root)), others[0]))
+def foreign_files(root: str | Path, steps=None) -> dict[tuple[str, str], list[tuple[int, str, str, str]]]:
+    """(model, run label) of the path -> [(step, file relative to ``root``, the problem, what the file says it is
+    and what became of it)] for the lm-eval result files whose config contradicts their path
+    (``load_lm_eval_folder`` reads them as their config says, or leaves out one that names no Pythia model):
+    :data:`FOREIGN_FILE` when it names another model, :data:`CONFIG_PATH_DISAGREE` another step or number of shots."""
+    found: dict[tuple[str, str], list[tuple[int, str, str, str]]] = {}
+    for file, kind, said, read in disagreeing_files(root, steps):
+        problem = FOREIGN_FILE if kind == "model" else CONFIG_PATH_DISAGREE
+        fate = "it was read as its config says" if read else "it was left out"
+        found.setdefault((file.model, run_label(file.seed, file.seed)), []).append(
+            (file.step, str(file.path.relative_to(root)), problem, f"{said}; {fate}"))
     return found
 
 
@@ -107,9 +106,17 @@ def check_study(study, steps: list[int] | None = None, schedules: dict | None = 
                 problems.append(Problem(*ident, IDENTICAL_HINT, integrity.step_list(group),
                                         f"all {len(vectors[0][1])} checkpoint metrics are equal at these steps; "
                                         "the checkpoints may be the same"))
-        for step, path, name in foreign.get(key, []):
-            problems.append(Problem(*ident, FOREIGN_FILE, str(step), f"{path} is for {name}; it was left out"))
+        problems += foreign_problems(ident, foreign.get(key, []))
+    listed = set(zip(runs["model"], runs["seed"]))
+    for (model, seed), files in foreign.items():  # runs of which every file was left out
+        if (model, seed) not in listed:
+            problems += foreign_problems((model, seed, *parse_run_label(seed)), files)
     return problems
+
+
+def foreign_problems(ident: tuple, files: list[tuple[int, str, str, str]]) -> list[Problem]:
+    return [Problem(*ident, problem, str(step), f"{path} is for {said}")
+            for step, path, problem, said in files]
 
 
 def checkpoint_folder(source: str) -> bool:
@@ -128,8 +135,15 @@ def check(args) -> int:
         problems = integrity.check_targets(targets_from_folder(args.source, args.out or Path(".")))
         return integrity.report(problems, f"Checkpoints of {args.source}", out)
     steps = None if args.steps is None else parse_steps(args.steps)
-    study = load_study(args.source, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run,
-                       metrics=args.metrics, steps=steps, model=args.model)
-    foreign = foreign_files(args.source, steps) if study.kind == "lm-eval" else {}
+    foreign = foreign_files(args.source, steps) if choose_source(args.source).kind == "lm-eval" else {}
+    try:
+        study = load_study(args.source, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run,
+                           metrics=args.metrics, steps=steps, model=args.model)
+    except AnalysisError:
+        if not foreign:
+            raise
+        problems = [p for (model, seed), files in foreign.items()  # every file was left out: list them
+                    for p in foreign_problems((model, seed, *parse_run_label(seed)), files)]
+        return integrity.report(problems, f"Integrity of {args.source}", out)
     problems = check_study(study, steps, mlflow_schedules(study), foreign)
     return integrity.report(problems, f"Integrity of {args.source}", out)

@@ -4,8 +4,9 @@ Three sources are understood:
 
 * an MLflow experiment written by the training side (one child run per (model, seed) job,
   tagged ``polypythia.kind=job``; see :func:`load_mlflow`),
-* a folder of lm-evaluation-harness v0.4 result files in the published PolyPythias layout
-  ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json`` (:func:`load_lm_eval_folder`),
+* a folder of lm-evaluation-harness result files: v0.4 in the published PolyPythias layout
+  ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json``, v0.3 in the Pythia suite's
+  ``pythia-<size>[-deduped]/zero-shot/<name>_step<S>.json`` (:func:`load_lm_eval_folder`, :mod:`analysis.lmeval`),
 * a tidy CSV/TSV file with the five columns, or a wide one with ``seed``, ``step`` and one column
   per metric such as the study's released training map table (:func:`load_tidy_file`).
 
@@ -18,7 +19,6 @@ failed runs are kept and can be reported).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -32,21 +32,14 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
+from analysis.lmeval import lm_eval_rows
+from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
 from polypythia.study import TIDY_COLUMNS, label_order, parse_run_label, run_label, search_job_runs, seeds_from_tags
 
 log = logging.getLogger(__name__)
 
 # One row per run: (model, weight_seed, data_seed); ``seed`` is its label (polypythia.study.run_label).
 RUN_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "run_id", "status", "diverged", "budget"]
-
-# lm-eval: "pythia-410m", "pythia-410m-seed3", "pythia-410m-seed10", "pythia-410m-deduped-seed3"
-# (size = "410m-deduped"); the same pattern reads model names ("EleutherAI/pythia-410m-seed3").
-_LM_EVAL_MODEL_DIR = re.compile(r"^pythia-(?P<size>.+?)(?:-seed(?P<seed>\d+))?$", re.IGNORECASE)
-_LM_EVAL_STEP_DIR = re.compile(r"^step(?P<step>\d+)$")
-_LM_EVAL_RESULT_FILE = re.compile(r"^results_(?P<stamp>.+)\.json$")
-# lm-eval names its output folder after the model with "/" (and other path characters) replaced by
-# "__": "EleutherAI/pythia-410m" -> "EleutherAI__pythia-410m" (lm_eval.utils, model_name_sanitized).
-_LM_EVAL_NAME_SEPARATOR = "__"
 
 # The 27 checkpoints the PolyPythias analyses use (van der Wal et al., "PolyPythias", ICLR 2025,
 # arXiv 2503.09543; EleutherAI/pythia branch polypythias, polypythias/data/training_maps.tsv):
@@ -242,8 +235,6 @@ def runs_from_metrics(metrics: pd.DataFrame, diverged: Iterable[tuple[str, str]]
 # ---------------------------------------------------------------------------------------------
 # Source detection
 
-_LM_EVAL_LAYOUT = "pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json"
-
 
 @dataclass
 class SourceChoice:
@@ -255,11 +246,6 @@ class SourceChoice:
     note: str | None = None  # the sentence that says so
 
 
-def has_lm_eval_results(root: Path) -> bool:
-    """Whether any ``results_*.json`` below ``root`` is laid out as lm-eval result files are."""
-    return any(lm_eval_layout(path, root) is not None for path in root.rglob("results_*.json"))
-
-
 def choose_source(source: str | os.PathLike) -> SourceChoice:
     """A folder of lm-eval results, a table file, or else an MLflow experiment name. A folder without
     lm-eval results is never taken for data (``python -m analysis polypythia`` run in the repository,
@@ -269,7 +255,7 @@ def choose_source(source: str | os.PathLike) -> SourceChoice:
         if has_lm_eval_results(path):
             return SourceChoice("lm-eval", str(source))
         name = Path(os.path.abspath(path)).name
-        note = (f"The folder {source} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, so it is read "
+        note = (f"The folder {source} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, so it is read "
                 f"as the MLflow experiment name {name!r}.")
         return SourceChoice("mlflow", name, folder=str(source), note=note)
     if path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
@@ -287,7 +273,7 @@ def read_as_experiment(choice: SourceChoice):
             raise
         text = str(error)
         text = text[0].lower() + text[1:] if text[:2].istitle() else text
-        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {_LM_EVAL_LAYOUT}, "
+        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, "
                             f"so it was read as the MLflow experiment name {choice.name!r}, and {text}") from None
 
 
@@ -531,168 +517,15 @@ def drop_repeated_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, s
 
 
 # ---------------------------------------------------------------------------------------------
-# lm-evaluation-harness result folders
-
-
-def parse_lm_eval_path(path: Path, root: Path) -> tuple[str, int, int, str] | None:
-    """(model, seed, step, timestamp) from ``pythia-<size>[-seed<k>]/step<S>/.../results_<ts>.json``.
-
-    The seed folder ``pythia-<size>`` without ``-seed<k>`` is seed 0, the original Pythia run.
-    """
-    layout = lm_eval_layout(path, root)
-    return None if layout is None else layout[:4]
-
-
-def lm_eval_layout(path: Path, root: Path) -> tuple[str, int, int, str, tuple[str, ...]] | None:
-    """Like :func:`parse_lm_eval_path`, plus the folder names between ``step<S>`` and the file."""
-    file_match = _LM_EVAL_RESULT_FILE.match(path.name)
-    if not file_match:
-        return None
-    parts = path.relative_to(root).parts[:-1]
-    for index in range(len(parts) - 1):
-        model_match = _LM_EVAL_MODEL_DIR.match(parts[index])
-        step_match = _LM_EVAL_STEP_DIR.match(parts[index + 1])
-        if model_match and step_match:
-            seed = int(model_match.group("seed") or 0)
-            return (model_match.group("size"), seed, int(step_match.group("step")), file_match.group("stamp"),
-                    parts[index + 2:])
-    return None
-
-
-def pythia_identity(name: str) -> tuple[str, int] | None:
-    """(size, seed) of a model name such as ``EleutherAI/pythia-410m-seed3`` or the folder lm-eval names
-    after it, ``EleutherAI__pythia-410m-seed3`` (seed 0 without -seed<k>).
-
-    The last ``/``- or ``__``-separated component that reads as ``pythia-...`` counts (so local paths
-    work too); None when no component does (a name that says nothing about which Pythia model it is).
-    """
-    components = re.split(r"/+|" + _LM_EVAL_NAME_SEPARATOR + "+", str(name).strip())
-    for component in reversed([c for c in components if c]):
-        match = _LM_EVAL_MODEL_DIR.match(component)
-        if match:
-            return match.group("size").lower(), int(match.group("seed") or 0)
-    return None
-
-
-def lm_eval_named_models(data: dict, inner_folders: tuple[str, ...]) -> list[str]:
-    """The model names an lm-eval result file gives for itself: its output folder(s) named after the
-    model (``EleutherAI__pythia-410m``), the ``pretrained=`` entry of ``config.model_args``, and the
-    top-level ``model_name`` that newer lm-eval versions write."""
-    names = [folder for folder in inner_folders if pythia_identity(folder)]
-    config = data.get("config")
-    model_args = config.get("model_args") if isinstance(config, dict) else None
-    if isinstance(model_args, dict):
-        pretrained = model_args.get("pretrained")
-    elif isinstance(model_args, str):
-        entries = dict(part.split("=", 1) for part in model_args.split(",") if "=" in part)
-        pretrained = entries.get("pretrained")
-    else:
-        pretrained = None
-    for name in (pretrained, data.get("model_name")):
-        if isinstance(name, str) and pythia_identity(name):
-            names.append(name.strip())
-    return names
-
-
-def read_lm_eval_file(path: Path) -> dict:
-    """The JSON object of one lm-eval result file; anything else is an AnalysisError naming the file."""
-    try:
-        data = json.loads(path.read_bytes())
-    except OSError as error:
-        raise AnalysisError(f"The result file {path} could not be read ({error.strerror or error}); "
-                            "check its permissions, or remove it.") from None
-    except UnicodeDecodeError:
-        raise AnalysisError(f"The result file {path} is not JSON text (it holds binary data); "
-                            "remove or repair it.") from None
-    except json.JSONDecodeError as error:
-        raise AnalysisError(f"The result file {path} is not valid JSON ({error.msg} at line {error.lineno}); "
-                            "remove or repair it.") from None
-    if not isinstance(data, dict):
-        kind = {list: "a list", str: "a string", type(None): "null"}.get(type(data), "a number")
-        raise AnalysisError(f"The result file {path} holds {kind}, not an lm-eval result object; "
-                            "remove or repair it.")
-    if not isinstance(data.get("results"), dict):
-        raise AnalysisError(f"The result file {path} has no 'results' object, so it is not an lm-eval v0.4 "
-                            "result file; remove or repair it.")
-    return data
-
-
-def lm_eval_metrics(results: dict) -> list[tuple[str, float]]:
-    """``(name, value)`` pairs from the ``results`` block of an lm-eval v0.4 file.
-
-    Naming: ``<task>/<metric>`` with the filter suffix dropped when it is ``none``
-    (``"acc,none"`` -> ``arc_easy/acc``), kept otherwise (``"exact_match,flexible-extract"``
-    -> ``gsm8k/exact_match@flexible-extract``). Standard errors (``*_stderr``) and non-numbers
-    are skipped.
-    """
-    pairs = []
-    for task, block in results.items():
-        if not isinstance(block, dict):
-            continue
-        for key, value in block.items():
-            if "_stderr" in key or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            metric, _, filter_name = key.partition(",")
-            name = f"{task}/{metric}" if filter_name in ("", "none") else f"{task}/{metric}@{filter_name}"
-            pairs.append((name, float(value)))
-    return pairs
+# lm-evaluation-harness result folders (the files are parsed in analysis.lmeval)
 
 
 def load_lm_eval_folder(root: str | os.PathLike, steps: Iterable[int] | None = None) -> Study:
-    """Read every ``results_*.json`` below ``root`` (optionally only those at ``steps``).
-
-    Laid out as the published PolyPythias evaluations (HF dataset ``EleutherAI/polypythias-evals``):
-    ``pythia-<size>[-seed<k>]/step<S>/EleutherAI__pythia-<size>[-seed<k>]/results_<timestamp>.json``.
-    When several files give one (task, metric) of one model, seed and step, the latest timestamp
-    wins; this is per metric, not per file, since two files may hold different tasks (as in
-    EleutherAI/pythia, branch polypythias, ``polypythias/plots.ipynb``). Files whose own model name
-    (output folder, ``config.model_args`` or ``model_name``) differs from their seed folder's hold
-    another model's results (e.g. the base model filed under a seed) and are left out, with one
-    warning and note counting them. Non-finite values are passed on unchanged.
-    """
-    root = Path(root)
-    wanted = None if steps is None else {int(s) for s in steps}
-    rows, foreign, laid_out, other_steps = [], [], 0, set()
-    for path in sorted(root.rglob("results_*.json")):
-        layout = lm_eval_layout(path, root)
-        if layout is None:
-            continue
-        model, seed, step, stamp, inner = layout
-        if wanted is not None and step not in wanted:
-            other_steps.add(step)
-            continue
-        laid_out += 1
-        data = read_lm_eval_file(path)
-        expected = (model.lower(), seed)
-        others = [name for name in lm_eval_named_models(data, inner) if pythia_identity(name) != expected]
-        if others:
-            foreign.append((path, others[0]))
-            continue
-        rows.extend((model, seed, step, name, value, stamp, str(path))
-                    for name, value in lm_eval_metrics(data["results"]))
-    if not laid_out and other_steps:
-        shown = ", ".join(str(s) for s in sorted(other_steps)[:10]) + (", ..." if len(other_steps) > 10 else "")
-        raise AnalysisError(f"The folder {root} holds no metric values matching --steps (its lm-eval results "
-                            f"are at steps {shown}); choose other steps.")
-    if not laid_out:
-        raise AnalysisError(f"The folder {root} holds no lm-eval result files laid out as "
-                            "pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json; check the path.")
-    notes = []
-    if foreign:
-        example, name = foreign[0]
-        note = (f"{len(foreign)} of {laid_out} lm-eval result files were left out because they name another "
-                f"model than their seed folder (e.g. {example.relative_to(root)} is for {name}).")
-        log.warning(note)
-        notes.append(note)
-    if not rows and foreign:
-        raise AnalysisError(f"Every lm-eval result file under {root} names another model than its seed folder "
-                            f"(e.g. {foreign[0][0]}); check that the folders hold the right models' results.")
-    frame = pd.DataFrame(rows, columns=[*TIDY_COLUMNS, "stamp", "file"])
-    # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
-    frame = frame.sort_values(["stamp", "file"], kind="stable")
-    frame = frame.drop_duplicates(["model", "seed", "step", "metric"], keep="last")
+    """Read every lm-eval result file below ``root`` (optionally only those at ``steps``); see
+    :func:`analysis.lmeval.lm_eval_rows` for the layout and which files are left out."""
+    frame, notes = lm_eval_rows(root, steps)
     diverged = non_finite_endings(frame)
-    metrics = tidy(frame[TIDY_COLUMNS])
+    metrics = tidy(frame)
     notes += diverged_notes(diverged)
     return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(root), kind="lm-eval",
                  notes=notes)

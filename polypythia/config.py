@@ -34,6 +34,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from polypythia import runtime_env
 from polypythia.errors import ConfigError
+from polypythia.limits import check_limits
 from polypythia.schema import (BudgetConfig, DataConfig, FaultConfig, LauncherConfig, ModelConfig,  # noqa: F401
                                MonitorConfig, TrackingConfig, TrainConfig)  # re-exported: the sections of a JobConfig
 
@@ -82,8 +83,8 @@ class JobConfig:
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be a non-negative integer, got {value}.")
-        if not self.study or "/" in self.study:
-            raise ConfigError(f"study must be a non-empty name without '/', got '{self.study}'.")
+        check_folder_name("study", self.study)
+        check_folder_name("model.name", self.model.name)
         self.model.check()
         self.launcher.check()  # before the budget, whose batch check divides by launcher.workers_per_run
         self.budget.check(self.launcher.workers_per_run)
@@ -91,6 +92,7 @@ class JobConfig:
         self.train.check()
         self.tracking.check()
         self.monitor.check()
+        check_limits(self)  # the lower bounds of durations and counts (polypythia.limits)
         if self.train.precision == "fp16" and self.launcher.num_gpus_per_job <= 0:
             raise ConfigError(
                 "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
@@ -112,6 +114,7 @@ class JobConfig:
                     f"token ids would have no embedding row; set model.vocab_size to at least {size}, or null for "
                     "the tokenizer's vocabulary padded to a multiple of 128."
                 )
+        self.check_run_dir()
         check_token_ids(self)  # a sample of indexed data's tokens against the model's vocabulary
         folders = [("runs_dir", self.runs_dir)]
         folders += [("tracking.dir", self.tracking.dir)] if not self.tracking.uri else []
@@ -157,6 +160,25 @@ class JobConfig:
     @property
     def run_dir(self) -> str:
         return os.path.join(self.runs_dir, self.study, self.run_name)
+
+    def check_run_dir(self) -> None:
+        """The run's folder lies inside ``<runs_dir>/<study>/`` (a second line behind the name checks:
+        nothing a name says may put checkpoints elsewhere)."""
+        study_dir = os.path.normpath(os.path.join(self.runs_dir, self.study))
+        run_dir = os.path.normpath(self.run_dir)
+        inside = os.path.dirname(run_dir) == study_dir and os.path.dirname(study_dir) == os.path.normpath(self.runs_dir)
+        if not inside:
+            raise ConfigError(f"The run folder {run_dir} would lie outside runs_dir={self.runs_dir}/<study>/; give "
+                              "study and model.name plain names (letters, digits, '-', '_', '.').")
+
+
+def check_folder_name(key: str, name: str) -> None:
+    """A configured name that becomes a folder name (a study, a model's name in ``<model>-seed<k>``)
+    must stay one folder: no path separator, not '.' or '..', no NUL byte."""
+    separators = {"/", os.sep} | ({os.altsep} if os.altsep else set())
+    if not name or name in (".", "..") or "\0" in name or any(sep in name for sep in separators):
+        raise ConfigError(f"{key} must be a plain name (it names a folder under runs_dir), without '/' and other than "
+                          f"'.' or '..', got {name!r}; pick a name such as 'pythia-seeds'.")
 
 
 _PATH_FIELDS = (("data", "path"), ("data", "tokenizer"), ("data", "cache_dir"), ("tracking", "dir"), ("", "runs_dir"), ("", "home"))

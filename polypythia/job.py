@@ -127,7 +127,6 @@ def run(cfg: JobConfig, tracking_uri: Optional[str] = None, parent_run_id: Optio
     """
     with runfolder.claim(cfg.run_dir):
         runfolder.check_relaunch(cfg)
-        runfolder.record_config(cfg)
         if tracking_uri is None:  # a job on its own (no sweep): find or start the server, and say where
             tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.tracking.dir, cfg.tracking.host,
                                                          cfg.tracking.port, cfg.tracking.backend_store_uri,
@@ -138,7 +137,10 @@ def run(cfg: JobConfig, tracking_uri: Optional[str] = None, parent_run_id: Optio
 
 def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], overrides: Sequence[str],
                progress: Optional[Callable[[dict], None]], rewind: Optional[RewindRequest] = None) -> dict:
-    opened = open_run(cfg, tracking_uri, parent_run_id)
+    # a folder without a config to check against (older than run_config.json) is checked against its
+    # MLflow run's params; the config is recorded only once it has passed
+    opened = open_run(cfg, tracking_uri, parent_run_id, check_params=not runfolder.config_known(cfg))
+    runfolder.record_config(cfg)
     mlflow_client, run_id, resumed = opened.client, opened.run_id, opened.resumed
     if not resumed:
         _log_config_artifacts(mlflow_client, run_id, cfg, overrides)

@@ -52,9 +52,10 @@ class OpenedRun:
     was_finished: bool  # ... and it had finished: a failure of this launch must not mark it FAILED
 
 
-def open_run(cfg: JobConfig, uri: str, parent_run_id: str | None) -> OpenedRun:
+def open_run(cfg: JobConfig, uri: str, parent_run_id: str | None, check_params: bool = False) -> OpenedRun:
     """The MLflow run recorded in the run folder, found by its id (on whatever address the server
-    has now), or a new one."""
+    has now), or a new one. ``check_params``: the run folder had no config to check ``cfg`` against
+    (:func:`runfolder.config_known`), so a recorded run's params are, before anything is changed."""
     from mlflow.entities import Param, RunTag
 
     mlflow_client = tracking.client(uri)
@@ -62,6 +63,8 @@ def open_run(cfg: JobConfig, uri: str, parent_run_id: str | None) -> OpenedRun:
     record = runfolder.read_mlflow_record(cfg.run_dir)
     if record is not None:
         run = _recorded_run(mlflow_client, record, cfg.run_dir, uri)
+        if check_params:
+            runfolder.check_mlflow_params(cfg, run.data.params, run.info.run_id)
         run_id, finished = run.info.run_id, run.info.status == "FINISHED"
         if not finished:
             mlflow_client.update_run(run_id, status="RUNNING")

@@ -108,7 +108,8 @@ def reserve_workers(jobs: list[Any]) -> dict[int, Any]:
 
 
 def check_reachable(address: str | None, timeout_s: float = 5.0, option: str = "launcher.address") -> None:
-    """Fail in seconds, not minutes, when a host:port cluster address does not answer."""
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer, or answers
+    but is not a Ray cluster (``ray.init`` would retry it for minutes, printing warnings)."""
     if not address or address in ("auto", "local") or "://" in address or ":" not in address:
         return
     import socket
@@ -121,3 +122,31 @@ def check_reachable(address: str | None, timeout_s: float = 5.0, option: str = "
             f"Cannot connect to the Ray cluster at {option}={address} ({exc}); start it "
             f"(ray start --head) or fix {option}."
         ) from None
+    problem = gcs_problem(address, timeout_s)
+    if problem:
+        raise ConfigError(f"The program at {option}={address} is not a Ray cluster's head ({problem}); give {option} "
+                          "the address `ray start --head` printed (its GCS port, 6379 by default), or fix the address.")
+
+
+def gcs_problem(address: str, timeout_s: float = 5.0) -> str | None:
+    """None if ``address`` answers as a Ray cluster's GCS (Ray's global control service, gRPC) would,
+    else what it did instead. The question is ``NodeInfoGcsService.CheckAlive`` with no node, which
+    the GCS answers with its Ray version; a cluster that wants a token may refuse it as unauthenticated,
+    which only a gRPC server that knows the method does."""
+    import grpc
+    from ray.core.generated import gcs_service_pb2, gcs_service_pb2_grpc
+
+    with grpc.insecure_channel(address) as channel:
+        try:
+            gcs_service_pb2_grpc.NodeInfoGcsServiceStub(channel).CheckAlive(gcs_service_pb2.CheckAliveRequest(),
+                                                                           timeout=timeout_s)
+            return None
+        except grpc.RpcError as exc:
+            code, details = exc.code(), (exc.details() or "").strip().splitlines()
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return None
+    if code == grpc.StatusCode.UNAVAILABLE:  # connected, but no gRPC (HTTP/2) answer: another protocol
+        return "it does not speak gRPC, Ray's protocol"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"no answer within {timeout_s:g} s"
+    return f"{code.name}: {details[0] if details else 'no details'}"

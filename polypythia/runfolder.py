@@ -7,7 +7,11 @@ Besides ``checkpoints/`` it holds three small files:
   (:func:`claim`), and a launch that finds the folder in use refuses before anything starts.
 - ``run_config.json``: the resolved config the run was started with. A later launch of the same
   run must agree on every key that changes the training (:func:`training_differences`); anything
-  else (tracking, launcher, paths, evaluation, threads, fault injection, ...) may change.
+  else (tracking, launcher, paths, evaluation, threads, fault injection, ...) may change. Every
+  checkpoint's trainer state keeps the config too (``"config"``), so a folder without this record
+  (written before it existed, or deleted, as the corrupt-record error allows) is checked against its
+  newest checkpoint's (:func:`check_trainer_state`); a folder whose checkpoints predate that as well is
+  checked by the job against its MLflow run's params (:func:`check_mlflow_params`), before it trains.
 - ``mlflow_run.json``: the MLflow run the job logs to (``run_id``, ``tracking_uri``), written
   atomically; a relaunch continues that run, found by its id.
 
@@ -186,6 +190,64 @@ def check_config(cfg: JobConfig) -> None:
                              f"{_way_forward(cfg.run_dir)}.")
 
 
+def _trainer_states(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, trainer_state.json) of the run's sealed checkpoints, newest first."""
+    found = [(int(m.group(1)), p / "trainer_state.json") for p in (Path(run_dir) / "checkpoints").glob("step*")
+             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return sorted(found, reverse=True)
+
+
+def checkpoint_config(run_dir: str | Path) -> tuple[Path, dict[str, Any] | None] | None:
+    """(checkpoint folder, the config its trainer state keeps, or None if it predates keeping one) of
+    the run's newest checkpoint with a readable trainer state; None without one."""
+    for _, path in _trainer_states(run_dir):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a corrupt checkpoint is reported, and skipped, when the job resumes
+        config = state.get("config") if isinstance(state, dict) else None
+        return path.parent, config if isinstance(config, dict) else None
+    return None
+
+
+def _refuse(cfg: JobConfig, diffs: list[tuple[str, Any, Any]], source: str) -> None:
+    shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
+    more = f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else ""
+    raise RunFolderError(f"Run {cfg.run_dir} has no {CONFIG_RECORD}, and {source} was trained with another "
+                         f"training configuration ({shown}{more}); {_way_forward(cfg.run_dir)}.")
+
+
+def check_trainer_state(cfg: JobConfig) -> bool:
+    """For a run folder without ``run_config.json``: :class:`RunFolderError` naming the differing keys
+    (budget and schedule included) if its newest checkpoint was trained with another config. Returns
+    whether there was a config to compare with (False: no checkpoint, or one from before trainer states
+    kept it; the job then checks its MLflow run's params, :func:`check_mlflow_params`)."""
+    found = checkpoint_config(cfg.run_dir)
+    if found is None or found[1] is None:
+        return False
+    folder, saved = found
+    diffs = training_differences(saved, to_dict(cfg))
+    if diffs:
+        _refuse(cfg, diffs, f"its newest checkpoint {folder.name}")
+    return True
+
+
+def check_mlflow_params(cfg: JobConfig, params: dict[str, str], run_id: str) -> None:
+    """:class:`RunFolderError` if the MLflow run ``run_id`` that this run continues was started with
+    another training config than ``cfg`` (its ``params``: the config it was made with, as strings)."""
+    from polypythia.config import flat_params
+
+    diffs = training_differences(params, flat_params(cfg))
+    if diffs:
+        _refuse(cfg, diffs, f"its MLflow run {run_id} (whose params are the config the run was started with)")
+
+
+def config_known(cfg: JobConfig) -> bool:
+    """Whether the launch checks of ``cfg.run_dir`` had a config to compare with: ``run_config.json``
+    or the newest checkpoint's."""
+    return saved_config(cfg.run_dir) is not None or check_trainer_state(cfg)
+
+
 def check_checkpoint(cfg: JobConfig) -> None:
     """:class:`RunFolderError` if the newest checkpoint in ``cfg.run_dir`` holds another network
     than ``cfg.model`` (for runs older than ``run_config.json``, and as a second line of defence)."""
@@ -237,12 +299,14 @@ def write_mlflow_record(run_dir: str | Path, run_id: str, tracking_uri: str) -> 
 
 def check_relaunch(cfg: JobConfig) -> None:
     """Everything a launch can check about the run's folder before anything starts: that no other
-    job owns it, that it was started with the same training config, that its newest checkpoint
-    holds the same network, and that its MLflow record is readable. Raises a :class:`ConfigError`
+    job owns it, that it was started with the same training config (its record, else its newest
+    checkpoint's), that its newest checkpoint holds the same network, and that its MLflow record is readable. Raises a :class:`ConfigError`
     (a :class:`RunFolderError`) in one sentence; a folder that does not exist yet passes."""
     if not Path(cfg.run_dir).is_dir():
         return
     check_not_in_use(cfg.run_dir)
     check_config(cfg)
-    check_checkpoint(cfg)
+    check_checkpoint(cfg)  # the network first: the plainer error when the shape differs too
+    if saved_config(cfg.run_dir) is None:
+        check_trainer_state(cfg)
     read_mlflow_record(cfg.run_dir)

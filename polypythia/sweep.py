@@ -76,8 +76,8 @@ class Sweep:
         """Shared setup, leaving nothing behind when a check fails: the tracking server starts in a
         thread while the Ray runtime starts and its resources are checked; on any error Ray is shut
         down again, a server this call started is stopped, and a parent run made is closed."""
+        raysetup.check_reachable(self.launcher.address)  # seconds: before anything starts or is written
         self._build_data_caches()
-        raysetup.check_reachable(self.launcher.address)  # seconds: before anything starts
         links: list[str] = []  # the parent runs open in the server's thread, beside ray.init
         worker_env = ExitStack()  # set before the server's thread copies the environment, put back after
         worker_env.enter_context(raysetup.local_worker_env(self.launcher.address))

@@ -10,6 +10,11 @@ records its address and pid (written atomically):
   another program has taken that port meanwhile;
 - the pid is checked before it is trusted: it must still be an MLflow process serving this folder's
   database (a stale pid may belong to any process by now), both to reuse the server and to stop it;
+- the server is a process group, not one process: ``mlflow server`` starts uvicorn, whose workers
+  serve the requests, and a SIGKILLed ``mlflow server`` leaves them serving. So the server's
+  processes are those of the group the pid leads (it is started as a session leader) and those that
+  listen on the recorded port, as long as they serve this folder's database (:func:`server_processes`):
+  ``start`` reuses them, ``status`` reports them and ``stop`` ends every one;
 - starting and stopping hold ``<dir>/server.lock`` (``fcntl.flock``), so two simultaneous starts
   make one server, not two on one database.
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -97,12 +103,74 @@ def serves(pid: int | None, server_dir: str | Path) -> bool:
                                     or bool(state.get("backend")) and state["backend"] in command)
 
 
+def _serves_database(proc, database: str) -> bool:
+    """Whether ``proc`` (a psutil.Process) belongs to an MLflow server of ``database``: the ``mlflow
+    server`` command names it on its command line, the uvicorn (or gunicorn) processes it starts have
+    it in their environment (MLflow 3 passes the backend store as ``_MLFLOW_SERVER_FILE_STORE``)."""
+    import psutil
+
+    try:
+        command = " ".join(proc.cmdline())
+        if "mlflow" in command and database in command:
+            return True
+        store = database if "://" in database else f"sqlite:///{database}"  # a PostgreSQL URI, or a SQLite file
+        return proc.environ().get("_MLFLOW_SERVER_FILE_STORE") == store
+    except (psutil.Error, OSError):  # gone, or another user's
+        return False
+
+
+def _recorded_port(state: dict) -> int:
+    return int(state.get("port") or state["uri"].rsplit(":", 1)[-1])
+
+
+def server_processes(server_dir: str | Path, state: dict | None = None) -> list:
+    """The live processes (psutil.Process) of the server recorded in ``server_dir``: those of the
+    process group its pid leads, and those listening on its recorded port, that serve the folder's
+    database. Found also when the recorded ``mlflow server`` itself is gone."""
+    import psutil
+
+    state = read_state(server_dir) if state is None else state
+    if not state:
+        return []
+    database = state.get("backend") or str(Path(server_dir).resolve() / DATABASE)  # PostgreSQL's URI has no password
+    group, port = state.get("pid"), _recorded_port(state)
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid() or not _serves_database(proc, database):
+            continue
+        try:
+            in_group = bool(group) and os.getpgid(proc.pid) == group
+        except OSError:
+            continue
+        if in_group or _listens_on(proc, port):
+            found.append(proc)
+    return found
+
+
+def _listens_on(proc, port: int) -> bool:
+    """Whether ``proc`` (a psutil.Process) listens on TCP ``port``."""
+    import psutil
+
+    try:
+        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections(kind="inet"))
+    except (psutil.Error, OSError):
+        return False
+
+
+def _running(server_dir: Path, state: dict | None) -> bool:
+    """Whether the server recorded in ``state`` answers at its address: its recorded ``mlflow server``,
+    or processes left serving this folder's database there (a SIGKILLed server's workers; the port is
+    then theirs, not a stranger's)."""
+    if not state or not is_healthy(state["uri"]):
+        return False
+    port = _recorded_port(state)
+    return serves(state.get("pid"), server_dir) or any(_listens_on(p, port) for p in server_processes(server_dir, state))
+
+
 def running_server(server_dir: str | Path) -> str | None:
     """The URI of the local server recorded in ``server_dir`` if it is up, else None."""
     state = read_state(server_dir)
-    if state and serves(state.get("pid"), server_dir) and is_healthy(state["uri"]):
-        return state["uri"]
-    return None
+    return state["uri"] if _running(Path(server_dir).resolve(), state) else None
 
 
 def _lock(server_dir: Path, timeout_s: float) -> FileLock:
@@ -145,15 +213,31 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
     else on ``port`` (0: any free port; the next free one if taken); its runs in SQLite in
     ``server_dir`` or in ``backend_store_uri`` (PostgreSQL, :mod:`polypythia.trackingstore`)."""
     server_dir = Path(server_dir).resolve()
-    server_dir.mkdir(parents=True, exist_ok=True)
+    if not 0 <= port <= 65535:
+        raise TrackingError(f"The tracking server's port must be a TCP port from 1 to 65535 (or 0 for any free "
+                            f"port), got {port}; give --port (tracking.port) such a port.")
+    try:
+        socket.getaddrinfo(host, port)  # a name that resolves to nothing: refused before a folder is made
+    except (OSError, UnicodeError) as exc:
+        raise TrackingError(f"The tracking server cannot listen on {host} ({exc}); give --host (tracking.host) "
+                            f"an address of this machine, such as {DEFAULT_TRACKING_HOST}.") from None
+    try:
+        server_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(f"The tracking server's folder {server_dir} cannot be created ({exc.strerror}); give "
+                            "--dir (tracking.dir) a folder you can write to.") from None
     with _lock(server_dir, timeout_s + 30):
         state = read_state(server_dir)
         backend, backend_env = trackingstore.command_uri(trackingstore.backend_uri(server_dir, backend_store_uri))
-        if state and serves(state.get("pid"), server_dir) and is_healthy(state["uri"]):
+        if _running(server_dir, state):
             trackingstore.check_same_backend(server_dir, state, backend)
             return state["uri"]
         trackingstore.check_database(trackingstore.backend_uri(server_dir, backend_store_uri))
-        port = _choose_port(state, host, port)
+        try:
+            port = _choose_port(state, host, port)
+        except OSError as exc:
+            raise TrackingError(f"The tracking server cannot listen on {host} ({exc}); give --host (tracking.host) "
+                                f"an address of this machine, such as {DEFAULT_TRACKING_HOST}.") from None
         uri = f"http://{host}:{port}"
         cmd = [
             sys.executable, "-m", "mlflow", "server",
@@ -180,6 +264,24 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
         raise TrackingError(f"The MLflow server did not answer on {uri} within {timeout_s:.0f} s; see {server_dir / 'server.log'}.")
 
 
+def _end(processes: list, timeout_s: float = 10.0) -> None:
+    """SIGTERM each of ``processes`` (psutil.Process), and SIGKILL those still alive after ``timeout_s``."""
+    import psutil
+
+    for proc in processes:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
+
+
 def _kill_group(pid: int, timeout_s: float = 10.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
@@ -199,7 +301,8 @@ def _kill_group(pid: int, timeout_s: float = 10.0) -> None:
 
 
 def stop_server(server_dir: str | Path) -> bool:
-    """Stop the local server recorded in ``server_dir``; True if one was running. A recorded pid
+    """Stop the local server recorded in ``server_dir``, every process of it (:func:`server_processes`),
+    also when the recorded ``mlflow server`` itself is gone; True if one was running. A recorded pid
     that is no longer this folder's MLflow server is left alone. The address stays recorded."""
     server_dir = Path(server_dir).resolve()
     if not (server_dir / STATE_FILE).is_file():
@@ -207,16 +310,15 @@ def stop_server(server_dir: str | Path) -> bool:
     with _lock(server_dir, 60.0):
         state = read_state(server_dir)
         pid = state.get("pid")
-        if not pid:
-            return False
-        ours = serves(pid, server_dir)
-        if ours:
-            _kill_group(pid)
-        elif _pid_alive(pid):
+        processes = server_processes(server_dir, state)
+        leader = bool(pid) and serves(pid, server_dir)
+        if not leader and pid and _pid_alive(pid):
             log.warning("The recorded MLflow server pid %d now belongs to another program (not the server of %s); "
                         "it was left alone.", pid, server_dir)
-        write_json_atomic(server_dir / STATE_FILE, {**state, "pid": None})
-        return ours
+        _end(processes)
+        if pid:
+            write_json_atomic(server_dir / STATE_FILE, {**state, "pid": None})
+        return bool(processes)
 
 
 def default_server_dir() -> Path:

@@ -69,3 +69,50 @@ class FakeMlflow:
 
     def set_tag(self, run_id, key, value):
         self.tags[key] = value
+
+
+class ListenerWatch:
+    """Every listening TCP socket of process ``pid`` and its descendants, sampled in a thread while it
+    runs (``with ListenerWatch(pid) as watch``): ``watch.seen`` maps (address, command line) to ports."""
+
+    def __init__(self, pid: int, every_s: float = 0.3):
+        import threading
+
+        self.pid, self.every_s = pid, every_s
+        self.seen: dict[tuple[str, str], set[int]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> "ListenerWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while not self._stop.wait(self.every_s):
+            try:
+                root = psutil.Process(self.pid)
+                processes = [root, *root.children(recursive=True)]
+            except psutil.Error:
+                continue
+            for proc in processes:
+                try:
+                    command = " ".join(proc.cmdline())
+                    for conn in proc.net_connections(kind="inet"):
+                        if conn.status == psutil.CONN_LISTEN:
+                            self.seen.setdefault((conn.laddr.ip, command), set()).add(conn.laddr.port)
+                except psutil.Error:
+                    continue
+
+
+def beyond_loopback(seen: dict[tuple[str, str], set[int]]) -> list[tuple[str, str]]:
+    """(address, command) of each listener in ``seen`` (:attr:`ListenerWatch.seen`) on an address other
+    than loopback (a dual-stack socket shows 127.0.0.1 as ::ffff:127.0.0.1)."""
+    import ipaddress
+
+    return [(ip, command) for ip, command in seen if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback]

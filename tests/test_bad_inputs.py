@@ -444,7 +444,8 @@ def test_analysis_folder_without_results_is_an_experiment_name(tmp_path, capsys,
     study = load.load_study(folder)
     assert seen["experiment"] == "my-study"
     assert study.notes[0] == (f"The folder {folder} holds no lm-eval result files laid out as pythia-<size>[-seed<k>]/"
-                              "step<S>/.../results_<timestamp>.json, so it is read as the MLflow experiment name 'my-study'.")
+                              "step<S>/.../results_<timestamp>.json (lm-eval 0.4) or pythia-<size>[-deduped]/zero-shot/"
+                              "<name>_step<S>.json (lm-eval 0.3), so it is read as the MLflow experiment name 'my-study'.")
 
     monkeypatch.setattr(summary, "print_summary", lambda uri, experiment, parent: seen.update(summary=experiment))
     code, _, err = run_analysis([folder, "--tracking-uri", "http://127.0.0.1:9"], capsys)

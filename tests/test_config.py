@@ -30,7 +30,8 @@ def test_pythia_budget_is_the_full_schedule(tmp_path):
     assert (b.steps, b.global_batch_size, b.seq_length, b.checkpoint_every_steps) == (143_000, 1024, 2048, 1000)
 
 
-def test_seeds_and_run_names(tmp_path):
+def test_seeds_and_run_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("POLYPYTHIA_HOME")  # the default home, .polypythia/ relative to where the job is launched
     cfg = job_config(compose_job("seed=4", "model=tiny"), str(tmp_path))
     assert (cfg.effective_weight_seed, cfg.effective_data_seed, cfg.run_name) == (4, 4, "tiny-seed4")
     cfg = job_config(compose_job("seed=4", "data_seed=7", "model=tiny"), str(tmp_path))

@@ -8,13 +8,15 @@ import uuid
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import REPO
+from helpers import REPO, ListenerWatch, beyond_loopback
 from polypythia.train.distributed import RENDEZVOUS_ENV
 
 pytestmark = pytest.mark.integration
 
 
-def launch(tmp_path, *overrides, uri=None, timeout=600, env_extra=None):
+def launch(tmp_path, *overrides, uri=None, timeout=600, env_extra=None, listeners=None):
+    """``launch.py overrides``; with ``listeners`` (a dict), the listening sockets of its processes are
+    sampled while it runs into it (tests/helpers.py: ListenerWatch.seen)."""
     env = {**os.environ, "POLYPYTHIA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
     for key in RENDEZVOUS_ENV:  # set by in-process tests
@@ -22,8 +24,18 @@ def launch(tmp_path, *overrides, uri=None, timeout=600, env_extra=None):
     if uri:
         env["MLFLOW_TRACKING_URI"] = uri
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "launch.py", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    command = [sys.executable, "launch.py", *overrides]
+    if listeners is None:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        with ListenerWatch(proc.pid) as watch:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        listeners.update(watch.seen)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
 
 
 def child_runs(client, study):
@@ -37,9 +49,15 @@ def child_runs(client, study):
 def test_data_seed_sweep_logs_every_step_once_and_keeps_the_runs_apart(tmp_path, mlflow_uri, cache_dir):
     """``seed=1 data_seed=1,2,3``: one weight initialisation, three data orders, three runs everywhere."""
     study = f"sweep-{uuid.uuid4().hex[:8]}"
+    listeners: dict = {}
     out = launch(tmp_path, "-m", "seed=1", "data_seed=1,2,3", "model=tiny", "budget=smoke", f"study={study}",
-                 f"data.cache_dir={cache_dir}", uri=mlflow_uri)
+                 f"data.cache_dir={cache_dir}", uri=mlflow_uri, listeners=listeners)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    # issue #27, item 6: nothing of a local sweep listens beyond loopback, the jobs' process group
+    # (torch's TCPStore, gloo) included; the jobs' own listeners were seen, so the check saw them
+    beyond = [(ip, command[:80]) for ip, command in beyond_loopback(listeners)]
+    assert beyond == [], beyond
+    assert any(command.startswith("ray::") for _, command in listeners), sorted(listeners)
     assert "Sweep outcome" in out.stdout and "tiny-seed1: finished" in out.stdout
     assert "tiny-wseed1-dseed3: finished" in out.stdout
     assert "Callback" not in out.stderr, out.stderr[-2000:]  # Hydra warns of a callback hook that raised

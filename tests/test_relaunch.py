@@ -159,3 +159,70 @@ def test_a_run_deleted_in_the_mlflow_ui_is_one_clear_error(tmp_path, mlflow_uri,
     with pytest.raises(TrackingError, match=r"is not on the tracking server at .* \(it was logged to http://127.0.0.1:1"):
         mlflowrun.open_run(cfg, mlflow_uri, None)
     assert client.get_run(run_id).info.lifecycle_stage == "deleted"  # nothing was changed
+
+
+def _without_config_records(run_dir, legacy: bool):
+    """Take away ``run_config.json`` (and with ``legacy`` the config in every checkpoint's trainer state, as
+    checkpoints written before they kept it); returns a function that puts everything back."""
+    saved = {run_dir / "run_config.json": (run_dir / "run_config.json").read_text()}
+    (run_dir / "run_config.json").unlink()
+    for path in (run_dir / "checkpoints").glob("step*/trainer_state.json") if legacy else ():
+        saved[path] = path.read_text()
+        path.write_text(json.dumps({k: v for k, v in json.loads(saved[path]).items() if k != "config"}))
+
+    def restore():
+        for path, text in saved.items():
+            path.write_text(text)
+
+    return restore
+
+
+def test_a_relaunch_without_the_config_record_is_checked_against_the_checkpoint(finished_run, mlflow_uri, cache_dir):
+    """Issue #27, item 2: ``$B seed=2``, ``rm .../run_config.json``, then ``$B seed=2 budget.steps=1000`` resumed
+    the 6-step run in the same MLflow run (its params still said 6; the learning rate warmed up again)."""
+    home, cfg, summary = finished_run
+    run_dir = home / "runs" / cfg.study / "tiny-seed1"
+    state = json.loads((run_dir / "checkpoints" / "step6" / "trainer_state.json").read_text())
+    assert state["config"]["budget"]["steps"] == 6 and state["step"] == 6
+    restore = _without_config_records(run_dir, legacy=False)
+    try:
+        runfolder.check_relaunch(same_run(finished_run, cache_dir))  # the same config: resumes
+        with pytest.raises(ConfigError, match=r"has no run_config\.json, and its newest checkpoint step6 was trained with "
+                                              r"another training configuration \(budget\.warmup_fraction=0\.5 \(was 0\.01\)\)"):
+            runfolder.check_relaunch(same_run(finished_run, cache_dir, budget__warmup_fraction=0.5))  # the schedule too
+        env = {**os.environ, "POLYPYTHIA_HOME": str(home), "MLFLOW_TRACKING_URI": mlflow_uri}
+        out = subprocess.run([sys.executable, "launch.py", "-m", "seed=1", "model=tiny", "budget=smoke", "budget.steps=1000",
+                              f"study={cfg.study}", f"data.cache_dir={cache_dir}"],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+        errors = [line for line in out.stderr.splitlines() if line.startswith("polypythia: error:")]
+        assert len(errors) == 1 and "Job #0: Run " in errors[0] and "has no run_config.json" in errors[0], out.stderr
+        assert "budget.steps=1000 (was 6)" in errors[0] and "MLflow tracking server" not in out.stdout
+        assert not (run_dir / "run_config.json").exists()  # nothing written
+    finally:
+        restore()
+    run = MlflowClient(mlflow_uri).get_run(summary["run_id"])
+    assert run.data.params["budget.steps"] == "6" and run.info.status == "FINISHED"
+
+
+def test_a_run_older_than_both_records_is_checked_against_its_mlflow_params(finished_run, mlflow_uri, cache_dir):
+    """A folder whose checkpoints predate the config in the trainer state, without ``run_config.json``: the
+    launch cannot tell, so the job compares its MLflow run's params before it changes anything."""
+    home, cfg, summary = finished_run
+    run_dir = home / "runs" / cfg.study / "tiny-seed1"
+    before = MlflowClient(mlflow_uri).get_run(summary["run_id"]).data
+    restore = _without_config_records(run_dir, legacy=True)
+    try:
+        longer = same_run(finished_run, cache_dir, budget__steps=1000)
+        runfolder.check_relaunch(longer)  # nothing to compare with here ...
+        assert not runfolder.config_known(longer)
+        with pytest.raises(ConfigError, match=rf"has no run_config\.json, and its MLflow run {summary['run_id']} .* was "
+                                              r"trained with another training configuration \(budget\.steps='1000' \(was '6'\)\)"):
+            job.run(longer, tracking_uri=mlflow_uri)  # ... the job's MLflow run can
+        assert not (run_dir / "run_config.json").exists()
+        params = MlflowClient(mlflow_uri).get_run(summary["run_id"]).data.params
+        runfolder.check_mlflow_params(same_run(finished_run, cache_dir), params, summary["run_id"])  # the same config passes
+    finally:
+        restore()
+    run = MlflowClient(mlflow_uri).get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and (run.data.tags, run.data.params) == (before.tags, before.params)  # untouched

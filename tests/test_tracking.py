@@ -2,7 +2,10 @@
 server per folder, reading back over HTTP; and a job's MLflow run found again by its id."""
 
 import json
+import os
+import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -10,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import tiny_job
+from helpers import REPO, tiny_job
 from polypythia import mlflowrun, runfolder, tracking, tracking_server
 from polypythia.errors import TrackingError
 
@@ -150,3 +153,53 @@ def test_a_relaunch_finds_its_mlflow_run_by_id_on_the_servers_new_address(tmp_pa
     assert (opened.run_id, opened.resumed, opened.was_finished) == (run_id, True, False)
     assert runfolder.read_mlflow_record(cfg.run_dir) == {"run_id": run_id, "tracking_uri": mlflow_uri}
     assert len(client.search_runs([client.get_experiment_by_name(cfg.study).experiment_id])) == 1
+
+
+def _session(leader: int) -> list[int]:
+    """The live processes of the session ``leader`` started (the server is started as a session leader)."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == leader and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
+def test_a_sigkilled_servers_workers_are_reused_reported_and_stopped(tmp_path):
+    """Issue #27, item 3: a SIGKILLed ``mlflow server`` left its uvicorn workers serving the database on
+    the old port; ``start`` then started a second server on the same database, ``stop`` said "stopped"
+    and ``status`` said "not running" while the old workers kept serving."""
+    server_dir = tmp_path / "mlflow"
+
+    def cli(action: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "polypythia.tracking", action, "--dir", str(server_dir), "--port", "0"],
+                              cwd=REPO, capture_output=True, text=True, timeout=180)
+
+    started = cli("start")
+    assert started.returncode == 0, started.stderr[-2000:]
+    uri = started.stdout.split("MLflow UI: ")[1].strip()
+    leader = tracking_server.read_state(server_dir)["pid"]
+    try:
+        os.kill(leader, signal.SIGKILL)
+        assert wait_for(lambda: leader not in _session(leader))
+        workers = _session(leader)
+        assert workers and tracking.is_healthy(uri)  # the finding: the workers serve on
+        status = cli("status")
+        assert (status.returncode, status.stdout.strip()) == (0, f"running at {uri}")
+        again = cli("start")
+        assert again.stdout.strip() == f"MLflow UI: {uri}", again.stderr[-2000:]
+        assert mlflow_servers_of(server_dir) == [] and sorted(_session(leader)) == sorted(workers)  # no second server
+        stopped = cli("stop")
+        assert stopped.stdout.strip() == "stopped", stopped.stderr[-2000:]
+        assert wait_for(lambda: _session(leader) == [], 15) and not tracking.is_healthy(uri)
+        status = cli("status")
+        assert (status.returncode, status.stdout.strip()) == (1, "not running")
+    finally:
+        try:
+            os.killpg(leader, signal.SIGKILL)  # whatever a failed assertion left
+        except OSError:
+            pass

@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from polypythia.config import JobConfig
+from polypythia.config import JobConfig, to_dict
 from polypythia.train import checkpoint as ckpt
 from polypythia.train.callbacks import Callback
 from polypythia.train.data import TrainingData
@@ -81,4 +81,6 @@ class Checkpointer:
                                                 "world_size": torch.distributed.get_world_size(),
                                                 "zero_stage": engine.zero_optimization_stage(),
                                                 "precision": resolve_precision(cfg.train.precision),
-                                                "loss": loss})
+                                                "loss": loss,
+                                                # what a relaunch without run_config.json is checked against
+                                                "config": to_dict(cfg)})

@@ -6,6 +6,14 @@ process is through the environment variables of PyTorch's ``env://`` rendezvous 
 https://pytorch.org/docs/stable/distributed.html#environment-variable-initialization); a process
 on its own gets rank 0 of 1 on a free loopback port.
 
+Nothing listens beyond the address the ranks meet at. The ``env://`` rendezvous would have rank 0's
+key-value store (torch's ``TCPStore``, unauthenticated) listen on every interface, so rank 0 binds
+the listening socket itself, to ``MASTER_ADDR`` only (loopback for a local run, the node's address
+for a run across nodes), and hands it to the store (``master_listen_fd``). Gloo's own sockets bind
+to the interface named by ``GLOO_SOCKET_IFNAME``, else to the address the host name resolves to (the
+machine's network address): unless it is set, it is set to the interface this process reaches
+``MASTER_ADDR`` through (:func:`bind_gloo_near`).
+
 Joining the group compiles nothing. On CPU, DeepSpeed's communication backend loads its
 shared-memory op (``deepspeed_shm_comm``, DeepSpeed's ``ShareMemCommBuilder``) through
 ``torch.utils.cpp_extension.load`` whenever it starts: that compiles the op the first time on a
@@ -19,7 +27,9 @@ an op, :func:`check_build_locks` turns a stale lock into an error that says whic
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import sys
 import time
 from pathlib import Path
@@ -27,7 +37,6 @@ from pathlib import Path
 import torch
 
 from polypythia.errors import PolypythiaError
-from polypythia.net import free_port
 
 RENDEZVOUS_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SHM_COMM_OP = "deepspeed_shm_comm"  # built by DeepSpeed's CPU accelerator when its comm backend starts
@@ -65,12 +74,61 @@ def init_distributed() -> tuple[int, int]:
     check_build_locks(skip_unused_ops())
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "MASTER_PORT" in os.environ:
-            torch.distributed.init_process_group(backend)
+        if "MASTER_PORT" not in os.environ:  # on its own: rank 0 of 1, on loopback
+            listener = socket.create_server(("127.0.0.1", 0))  # a port of its own, nobody can take it in between
+            set_rendezvous(0, 1, "127.0.0.1", listener.getsockname()[1])
         else:
-            _init_alone(backend)
+            listener = None
+        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        bind_gloo_near(os.environ["MASTER_ADDR"])
+        store = rendezvous_store(rank, world_size, listener)
+        torch.distributed.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     deepspeed.init_distributed(verbose=False)  # wraps the existing group
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def rendezvous_store(rank: int, world_size: int, listener: socket.socket | None = None):
+    """The process group's key-value store at ``MASTER_ADDR:MASTER_PORT``: hosted by rank 0 on a socket
+    bound to that address alone (``listener``, else one bound here), joined by the other ranks."""
+    from torch.distributed.constants import default_pg_timeout
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return torch.distributed.TCPStore(addr, port, world_size, is_master=False, timeout=default_pg_timeout)
+    listener = listener or socket.create_server((addr, port))
+    return torch.distributed.TCPStore(addr, port, world_size, is_master=True, timeout=default_pg_timeout,
+                                      master_listen_fd=listener.detach())  # the store owns the socket now
+
+
+def bind_gloo_near(master_addr: str) -> None:
+    """Have gloo bind its sockets to the interface this process reaches ``master_addr`` through (the
+    loopback interface for a local run), unless ``GLOO_SOCKET_IFNAME`` says otherwise; left to gloo
+    when no interface holds that address."""
+    if os.environ.get("GLOO_SOCKET_IFNAME"):
+        return
+    interface = interface_of(local_address_towards(master_addr))
+    if interface:
+        os.environ["GLOO_SOCKET_IFNAME"] = interface
+
+
+def local_address_towards(host: str) -> str:
+    """The address of this machine that packets to ``host`` leave from (a UDP "connect" sends nothing)."""
+    family, _, _, _, address = socket.getaddrinfo(host, 1, type=socket.SOCK_DGRAM)[0]
+    if ipaddress.ip_address(address[0]).is_loopback:
+        return address[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(address)
+        return probe.getsockname()[0]
+
+
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds ``address`` (e.g. ``lo`` for 127.0.0.1), or None."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return name
+    return None
 
 
 def skip_unused_ops() -> list[str]:
@@ -151,20 +209,6 @@ def _open_anywhere_here(path: Path) -> bool:
         except OSError:  # gone, or another user's
             continue
     return False
-
-
-def _init_alone(backend: str, attempts: int = 5) -> None:
-    for attempt in range(attempts):
-        set_rendezvous(0, 1, "127.0.0.1", free_port())
-        try:
-            torch.distributed.init_process_group(backend)
-            return
-        except torch.distributed.DistNetworkError:
-            if attempt == attempts - 1:
-                raise
-        except RuntimeError as exc:
-            if "EADDRINUSE" not in str(exc) or attempt == attempts - 1:
-                raise
 
 
 def barrier() -> None:

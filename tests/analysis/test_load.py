@@ -137,16 +137,17 @@ def test_published_evals_drop_mislabeled_files_and_keep_latest_per_task(tmp_path
     assert accuracy(metrics, 3, 1000, "arc_easy") == pytest.approx([0.35])  # newer file, overlapping task
     assert accuracy(metrics, 3, 1000, "sciq") == pytest.approx([0.40])  # older file, task the newer lacks
     assert len(metrics) == 3 * 2 * 2
-    warnings = [r for r in caplog.records if "another model" in r.getMessage()]
-    assert len(warnings) == 1
-    message = warnings[0].getMessage()
-    assert message.startswith("2 of 9 lm-eval result files were left out")
-    assert "pythia-410m-seed10/step1000/" in message and "EleutherAI/pythia-410m-seed1)" in message
-    assert [n for n in study.notes if "another model" in n] == [message]
-    # Without the seed-10 file, the example named is the base model's file under seed 3.
-    next((tmp_path / "pythia-410m-seed10" / "step1000").rglob("results_2024-12-*.json")).unlink()
-    notes = [n for n in load_study(tmp_path).notes if "another model" in n]
-    assert len(notes) == 1 and notes[0].startswith("1 of 8") and str(mislabeled.relative_to(tmp_path)) in notes[0]
+    # The base model's file under seed 3 is read as seed 0's, where seed 0's own file wins; the seed-10 file,
+    # whose folder and config name different models, cannot be placed and is left out.
+    placed = [r.getMessage() for r in caplog.records if "read as their config says" in r.getMessage()]
+    left_out = [r.getMessage() for r in caplog.records if "were left out" in r.getMessage()]
+    assert len(placed) == 1 and placed[0].startswith("1 of 9 lm-eval result files name another model")
+    assert str(mislabeled.relative_to(tmp_path)) in placed[0]
+    assert len(left_out) == 1 and left_out[0].startswith("1 of 9 lm-eval result files were left out")
+    assert "pythia-410m-seed10/step1000/" in left_out[0] and "EleutherAI/pythia-410m-seed1)" in left_out[0]
+    assert [n for n in study.notes if "were left out" in n] == left_out
+    assert accuracy(metrics, 0, 143000, "arc_easy") == pytest.approx([0.40])  # seed 0's own file wins
+    assert accuracy(metrics, 1, 1000, "arc_easy") == []  # no phantom seed 1
 
 
 def test_published_evals_bad_files_give_clear_errors(tmp_path):
