@@ -257,7 +257,7 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
                 raise TrackingError(f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}")
             if is_healthy(uri):
                 write_json_atomic(server_dir / STATE_FILE, {"pid": proc.pid, "uri": uri, "host": host, "port": port,
-                                                            "backend": backend})  # without its password
+                                                            **({"backend": backend} if backend_store_uri else {})})
                 return uri
             time.sleep(0.25)
         _kill_group(proc.pid)
