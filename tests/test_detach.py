@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def ray_head_with_dashboard(tmp_path):
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()  # Ray's agent port is fixed (52365) unless given
     short_tmp = tempfile.mkdtemp(prefix="rd", dir="/tmp")  # Ray's socket paths must stay under 107 bytes
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
@@ -32,6 +32,7 @@ def ray_head_with_dashboard(tmp_path):
     head = subprocess.Popen(
         [ray_cli, "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--node-ip-address=127.0.0.1",
          "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+         f"--dashboard-agent-listen-port={agent}",
          "--disable-usage-stats", f"--temp-dir={short_tmp}"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     try:
@@ -98,14 +99,15 @@ def test_a_detached_study_submits_at_once_and_status_logs_and_stop_are_one_comma
     assert status.returncode == 0 and status.stdout.startswith(f"{sid}: RUNNING"), status.stdout + status.stderr
     logs = detach("logs", sid, "--address", address)
     assert "[progress] tiny-seed1: finished step 12/12" in logs.stdout, logs.stdout[-3000:]
-    # the working dir went without the virtual environment (gigabytes; Ray refuses packages over 512 MiB)
+    # the working dir went without the virtual environment (gigabytes); Ray logs the size when it uploads
+    # (not when the same package is on the cluster already)
     size = re.search(r"Pushing file package '\S+' \(([\d.]+)MiB\)", out.stderr)
-    assert size and float(size.group(1)) < 10, out.stderr[-2000:]
+    assert size is None or float(size.group(1)) < 10, out.stderr[-2000:]
     assert detach("list", "--address", address).stdout.count(sid) == 1
 
     stopped = detach("stop", sid, "--address", address, timeout=200)
     assert stopped.returncode == 0, stopped.stderr[-3000:]
-    assert stopped.stdout.startswith(f"{sid}: STOPPED"), stopped.stdout
+    assert any(line.startswith(f"{sid}: STOPPED") for line in stopped.stdout.splitlines()), stopped.stdout
     parent = child_runs(client, study)[0][0]
     after = runs()
     assert after["tiny-seed1"].info.status == "FINISHED"  # what had finished stays finished
