@@ -1,4 +1,5 @@
-"""How much a local MLflow server takes in, whether it keeps every point, and what logging costs a step.
+"""How much a local MLflow server takes in, whether it keeps every point, and what logging costs a step;
+on SQLite, or on PostgreSQL (a lab's shared server), or both side by side (--backend).
 
 1. Ten writer processes, each a polypythia.tracking.MetricsLogger on its own run, log K steps x 4
    metrics as fast as they can into one server: points/s ingested, then every point read back
@@ -8,6 +9,7 @@
 3. Reading 50 runs' full train/loss curves (50 x --read-steps points) back with get_metric_history.
 
     python benchmarks/bench_tracking.py [--writers 10] [--steps 2000] [--read-runs 50] [--read-steps 2000]
+    python benchmarks/bench_tracking.py --backend both --writers-only     # PostgreSQL and SQLite side by side
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
-from common import bench_home, job_dict, load_average, machine_description, median
+from common import REPO, bench_home, job_dict, load_average, machine_description, median
 
 KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"]
 
@@ -41,7 +45,7 @@ def writer(uri: str, run_id: str, steps: int, barrier) -> tuple[int, float, floa
     return steps * len(KEYS), in_log, time.perf_counter() - started
 
 
-def concurrent_writers(uri: str, n_writers: int, steps: int) -> None:
+def concurrent_writers(uri: str, n_writers: int, steps: int, label: str = "") -> float:
     from polypythia import tracking
 
     client = tracking.client(uri)
@@ -56,7 +60,7 @@ def concurrent_writers(uri: str, n_writers: int, steps: int) -> None:
         outs = [r.get() for r in results]
         elapsed = time.perf_counter() - started
     sent = sum(o[0] for o in outs)
-    print(f"\n1. {n_writers} concurrent writers x {steps} steps x {len(KEYS)} metrics = {sent:,} points: "
+    print(f"\n1. {label}{n_writers} concurrent writers x {steps} steps x {len(KEYS)} metrics = {sent:,} points: "
           f"{elapsed:.1f} s from first log() to last close(), {sent / elapsed:,.0f} points/s ingested ({load_average()})")
     print(f"   time inside log(): {median([o[1] / steps * 1e6 for o in outs]):.1f} us per step of 4 metrics (median writer); "
           f"close() waited {median([o[2] for o in outs]):.1f} s (median)")
@@ -69,6 +73,26 @@ def concurrent_writers(uri: str, n_writers: int, steps: int) -> None:
             duplicates += sum(n - 1 for n in counts.values() if n > 1)
             missing += len(set(range(1, steps + 1)) - {m.step for m in history})
     print(f"   sent {sent:,}, stored {stored:,}, exact duplicates {duplicates}, missing (key, step) pairs {missing}")
+    return sent / elapsed
+
+
+def start_backend(home: Path, backend: str, postgres_uri: str | None, stack) -> str:
+    """An MLflow server (SQLite, or PostgreSQL: ``postgres_uri`` or a throwaway server) under ``home``."""
+    from polypythia import tracking
+
+    started = time.perf_counter()
+    if backend == "sqlite":
+        uri = tracking.start_server(home / "mlflow", port=0)
+    else:
+        if not postgres_uri:
+            sys.path.insert(0, str(REPO / "scripts"))
+            from pg_throwaway import throwaway_postgres
+
+            postgres_uri = stack.enter_context(throwaway_postgres())
+        uri = tracking.start_server(home / "mlflow-pg", port=0, backend_store_uri=postgres_uri,
+                                    artifacts_destination=str(home / "artifacts-pg"))
+    print(f"MLflow server ({backend}, 2 workers) up in {time.perf_counter() - started:.1f} s at {uri}")
+    return uri
 
 
 def logging_overhead(home: Path, uri: str, steps: int, rounds: int, threads: int) -> None:
@@ -143,19 +167,30 @@ def main() -> None:
     parser.add_argument("--overhead-rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
+    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="sqlite",
+                        help="the server's database: SQLite in its folder, PostgreSQL (--postgres-uri, else a throwaway "
+                             "server from scripts/pg_throwaway.py), or both side by side (default: sqlite)")
+    parser.add_argument("--postgres-uri", help="postgresql://user:password@host:port/database to use (its runs stay there)")
+    parser.add_argument("--writers-only", action="store_true", help="only the concurrent writers (section 1)")
     args = parser.parse_args()
 
-    from polypythia import tracking
-
-    with bench_home("bench_tracking_", args.home) as home:
+    backends = ["sqlite", "postgresql"] if args.backend == "both" else [args.backend]
+    with bench_home("bench_tracking_", args.home) as home, ExitStack() as stack:
         os.environ["POLYPYTHIA_HOME"] = str(home)
         print(machine_description())
-        started = time.perf_counter()
-        uri = tracking.start_server(home / "mlflow", port=0)
-        print(f"MLflow server (SQLite, 2 workers) up in {time.perf_counter() - started:.1f} s at {uri}; writing to {home}")
-        concurrent_writers(uri, args.writers, args.steps)
-        logging_overhead(home, uri, args.overhead_steps, args.overhead_rounds, args.threads)
-        read_back(uri, args.read_runs, args.read_steps)
+        rates = {}
+        for backend in backends:  # one after the other, each with the machine to itself
+            uri = start_backend(home, backend, args.postgres_uri, stack)
+            rates[backend] = concurrent_writers(uri, args.writers, args.steps, label=f"{backend}: ")
+        if len(rates) == 2:
+            print(f"\n   points/s postgresql/sqlite: {rates['postgresql'] / rates['sqlite']:.2f}")
+        if not args.writers_only:
+            logging_overhead(home, uri, args.overhead_steps, args.overhead_rounds, args.threads)
+            read_back(uri, args.read_runs, args.read_steps)
+        for server_dir in home.glob("mlflow*"):  # before the PostgreSQL server they may be using stops
+            from polypythia import tracking
+
+            tracking.stop_server(server_dir)
     print(machine_description())
 
 

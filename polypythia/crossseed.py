@@ -135,6 +135,7 @@ class CrossSeedMonitor:
         self._decided: set[tuple[int, int]] = set()  # (job, step)
         self._banded: set[tuple[int, int]] = set()  # (group, step)
         self._attempts: dict[tuple[int, int], tuple[int, bool]] = {}  # (group, step) -> (values, complete) when tried
+        self._tables: dict[int, _Table] = {}  # per group: its smoothed losses, kept from poll to poll
 
     def forget(self, index: int, step: int) -> None:
         """Job ``index`` went back to ``step`` (a rewind): its decisions after it are undone, to be
@@ -143,6 +144,8 @@ class CrossSeedMonitor:
         for number, group in enumerate(self.groups):
             if index in group.members:
                 self._attempts = {k: v for k, v in self._attempts.items() if k[0] != number or k[1] <= step}
+                if number in self._tables:
+                    self._tables[number].reopen_after(step)
         if index in self.latest and self.latest[index].step > step:
             del self.latest[index]
         if index in self.alerts and self.alerts[index].step > step:
@@ -177,39 +180,78 @@ class CrossSeedMonitor:
     def _observe(self, number: int, group: Group, rows: dict[int, dict[str, Any]],
                  decisions: list[Decision], bands: list[Band]) -> None:
         rule = for_study_length(self.rule, len(group.grid))
-        smoothed = [_own_values(rows.get(i, {})) for i in group.members]
+        table = self._tables.setdefault(number, _Table(group))
+        table.update(rows)  # the new smoothed losses only (a run gone back to an earlier step: its column anew)
         ended = np.array([rows.get(i, {}).get("state") in ENDED_STATES for i in group.members])
         running = np.array([rows.get(i, {}).get("state") == "running" for i in group.members])
-        table = np.array([[s.get(step, np.nan) for s in smoothed] for step in group.grid], dtype="float64")
-        table[~np.isfinite(table)] = np.nan  # a non-finite loss is no position in the band
-        for position, step in enumerate(group.grid):
-            reached = np.array([step in s for s in smoothed])
-            present = ~np.isnan(table[position])
+        for position in table.open_positions():  # steps done (banded, every run there decided) are not looked at again
+            step, reached, present = group.grid[position], table.reached[position], ~np.isnan(table.values[position])
             complete = bool(reached.any() and (reached | ended).all())  # no run will add a value at this step
             ready = bool((reached | ended | ~running).all())  # every sibling that trains now is there
             undecided = [k for k in np.flatnonzero(reached) if (group.members[k], step) not in self._decided]
             attempt = (int(present.sum()), complete)
             if undecided and ready and attempt[0] >= rule.min_runs and self._attempts.get((number, step)) != attempt:
                 self._attempts[(number, step)] = attempt  # decide again only when a sibling has come or ended
-                deviation = _deviation_array(table[:position + 1], rule)[-1]
+                deviation = _deviation_array(table.values[:position + 1], rule)[-1]
                 threshold = self.threshold(group, attempt[0])
                 for k in undecided:
                     if np.isnan(deviation[k]) and not complete:
                         continue  # too few comparable siblings yet (a far run is left out of the band)
                     self._decided.add((group.members[k], step))
-                    decisions.append(Decision(group.members[k], group.name, step, float(table[position, k]),
+                    decisions.append(Decision(group.members[k], group.name, step, float(table.values[position, k]),
                                               float(deviation[k]), threshold, int(present.sum() - present[k])))
             if complete and (number, step) not in self._banded:
                 self._banded.add((number, step))
-                band = seeds_band_metrics({i: table[position, k] for k, i in enumerate(group.members)})
+                band = seeds_band_metrics({i: table.values[position, k] for k, i in enumerate(group.members)})
                 bands.append(Band(group.study, step, {group.prefix + key.removeprefix(SEEDS_PREFIX): value
                                                       for key, value in band.items()}))
+            if complete and (number, step) in self._banded and all(
+                    (group.members[k], step) in self._decided for k in np.flatnonzero(reached)):
+                table.close(position)
 
 
-def _own_values(row: dict[str, Any]) -> dict[int, float]:
-    """A row's smoothed losses up to its current step (a rewound run's later ones were abandoned)."""
-    smoothed, step = row.get("smoothed") or {}, row.get("step")
-    return smoothed if step is None else {s: v for s, v in smoothed.items() if s <= step}
+class _Table:
+    """A group's smoothed losses (decision steps x runs) kept from poll to poll: each poll adds only a run's
+    new values; a run whose step went back (a retry or rewind from a checkpoint) or that started a new
+    attempt has its column read anew, without the values after its step (its abandoned branch). Steps
+    that are done (banded, every run that reached them decided) are closed, and reopened by a rewind."""
+
+    def __init__(self, group: Group):
+        self.grid = group.grid
+        self.members = group.members
+        self.values = np.full((len(group.grid), len(group.members)), np.nan)
+        self.reached = np.zeros((len(group.grid), len(group.members)), dtype=bool)
+        self.filled = [0] * len(group.members)  # per run: grid positions read so far
+        self.seen: list[tuple] = [(None, None)] * len(group.members)  # per run: (step, attempt) at the last poll
+        self.closed = np.zeros(len(group.grid), dtype=bool)
+
+    def update(self, rows: dict[int, dict[str, Any]]) -> None:
+        for k, index in enumerate(self.members):
+            row = rows.get(index, {})
+            smoothed, step, attempt = row.get("smoothed") or {}, row.get("step"), row.get("attempt")
+            last_step = self.seen[k][0]
+            if attempt != self.seen[k][1] or (step is not None and last_step is not None and step < last_step):
+                self.values[:, k], self.reached[:, k], self.filled[k] = np.nan, False, 0
+            self.seen[k] = (step, attempt)
+            position, limit = self.filled[k], math.inf if step is None else step
+            while position < len(self.grid) and self.grid[position] <= limit:  # a step it passed without a value
+                if self.grid[position] in smoothed:  # (one before the checkpoint it resumed from) gets none later
+                    value = smoothed[self.grid[position]]
+                    self.values[position, k] = value if math.isfinite(value) else np.nan  # non-finite: no place in the band
+                    self.reached[position, k] = True
+                position += 1
+            self.filled[k] = position
+
+    def open_positions(self) -> list[int]:
+        """The positions to look at: not closed, up to the furthest any run has reached."""
+        last = max(self.filled, default=0)
+        return [p for p in range(last) if not self.closed[p]]
+
+    def close(self, position: int) -> None:
+        self.closed[position] = True
+
+    def reopen_after(self, step: int) -> None:
+        self.closed &= np.asarray(self.grid) <= step
 
 
 class MonitorLog:

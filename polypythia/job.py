@@ -129,7 +129,8 @@ def run(cfg: JobConfig, tracking_uri: Optional[str] = None, parent_run_id: Optio
         runfolder.check_relaunch(cfg)
         if tracking_uri is None:  # a job on its own (no sweep): find or start the server, and say where
             tracking_uri = tracking.resolve_tracking_uri(cfg.tracking.uri, cfg.tracking.dir, cfg.tracking.host,
-                                                         cfg.tracking.port)
+                                                         cfg.tracking.port, cfg.tracking.backend_store_uri,
+                                                         cfg.tracking.artifacts_destination)
             print(f"MLflow tracking server: {tracking_uri}", flush=True)
         return _run_owned(cfg, tracking_uri, parent_run_id, overrides, progress, rewind)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any, Optional
 
 from rich.console import Console
@@ -111,7 +111,24 @@ def state_note(row: dict[str, Any], markup: bool = False) -> str:
     return " (evaluating checkpoints)" if row.get("evaluating") else ""
 
 
-def render(rows: dict[int, dict[str, Any]]) -> Table:
+URGENT_STATES = ("failed", "diverged", "stalled", "retrying", "rewinding")
+
+
+def shown_rows(rows: dict[int, dict[str, Any]], max_rows: Optional[int]) -> tuple[list, Counter]:
+    """The rows a table of ``max_rows`` has room for, in job order: the jobs that need a look first
+    (an alert, a failure, a stall, a retry), then running ones, then the rest; and the states of the
+    rows left out (a terminal shows some 40 rows, and drawing 450 costs the driver ~0.2 s of CPU)."""
+    if max_rows is None or len(rows) <= max_rows:
+        return sorted(rows.items()), Counter()
+    def rank(item):  # noqa: E306
+        row = item[1]
+        urgent = row.get("alert") is not None or row["state"] in URGENT_STATES
+        return (0 if urgent else 1 if row["state"] == "running" else 2, item[0])
+    order = sorted(rows.items(), key=rank)
+    return sorted(order[:max_rows]), Counter(row["state"] for _, row in order[max_rows:])
+
+
+def render(rows: dict[int, dict[str, Any]], max_rows: Optional[int] = None) -> Table:
     table = Table(title="polypythia sweep", expand=False)
     for col, justify in (("job", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
                          ("tokens/s", "right"), ("ETA", "right"), ("vs seeds", "right")):
@@ -119,7 +136,8 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
     now = time.time()
     colours = {"running": "cyan", "finished": "green", "failed": "red", "diverged": "yellow", "retrying": "magenta",
                "stalled": "bold red"}
-    for _, row in sorted(rows.items()):
+    kept, rest = shown_rows(rows, max_rows)
+    for _, row in kept:
         total = row.get("total")
         step = f"{row.get('step', 0)}/{total}" if total else "-"
         loss = row.get("loss", math.nan)
@@ -130,6 +148,9 @@ def render(rows: dict[int, dict[str, Any]]) -> Table:
             "-" if loss != loss else f"{loss:.4f}", "-" if tps != tps else f"{tps:,.0f}",
             _fmt_eta(eta_seconds(row, now)) if state == "running" else "-", cross_seed_text(row),
         )
+    if rest:
+        states = ", ".join(f"{n} {state}" for state, n in sorted(rest.items(), key=lambda kv: -kv[1]))
+        table.add_row(f"... {sum(rest.values())} more jobs ({states})", "", "", "", "", "", "")
     return table
 
 
@@ -155,16 +176,20 @@ class ProgressDisplay:
         self._last_states: dict[int, tuple] = {}  # per job: its state and its alert, as last printed
 
     def __enter__(self) -> "ProgressDisplay":
-        if self.enabled and self.console.is_terminal:
-            self.live = Live(console=self.console, refresh_per_second=2, transient=False)
+        if self.enabled and self.console.is_terminal:  # drawn once per poll (not on a clock): the driver's CPU
+            self.live = Live(console=self.console, auto_refresh=False, transient=False)
             self.live.__enter__()
         return self
+
+    def max_rows(self) -> int:
+        """Job rows that fit the terminal (its height less the title, header, borders and the summary row)."""
+        return max(5, self.console.height - 6)
 
     def update(self, rows: dict[int, dict[str, Any]]) -> None:
         if not self.enabled:
             return
         if self.live is not None:
-            self.live.update(render(rows))
+            self.live.update(render(rows, self.max_rows()), refresh=True)
             return
         now = time.time()
         changed = {i for i, r in rows.items() if self._last_states.get(i) != (r["state"], r.get("alert"))}

@@ -283,8 +283,8 @@ class MonitorConfig:
 @dataclass
 class TrackingConfig:
     """MLflow. ``uri`` null (and no ``MLFLOW_TRACKING_URI``) starts, or reuses, a local server on
-    ``host``:``port`` (the next free port if taken) with a SQLite database under ``dir``; set ``uri``
-    to use a remote server that every node can reach."""
+    ``host``:``port`` (the next free port if taken), its record under ``dir``, on a SQLite database there
+    or on ``backend_store_uri`` (PostgreSQL); set ``uri`` to use a server that every node can reach."""
 
     uri: Optional[str] = f"${{oc.env:{runtime_env.TRACKING_URI_ENV},null}}"
     dir: str = f"${{home}}/{runtime_env.MLFLOW_SUBDIR}"  # the local server's database and artifacts
@@ -293,8 +293,12 @@ class TrackingConfig:
     flush_interval_s: float = 2.0
     max_outage_s: float = 300.0  # a server away longer than this fails the job
     system_metrics: bool = True
+    backend_store_uri: Optional[str] = None  # the local server's database: null (SQLite in dir) or postgresql://...
+    artifacts_destination: Optional[str] = None  # where it keeps artifacts: null (<dir>/artifacts), a folder, s3://...
 
     def check(self) -> None:
+        from polypythia.trackingstore import check_keys
+
         if self.uri and is_file_store(self.uri):
             raise ConfigError(
                 f"tracking.uri={self.uri} (or MLFLOW_TRACKING_URI) is an MLflow file store, which the tracking "
@@ -303,13 +307,7 @@ class TrackingConfig:
         if not 0 <= self.port <= 65535:
             raise ConfigError(
                 f"tracking.port must be a TCP port from 1 to 65535 (or 0 for any free port), got {self.port}.")
-        if not (self.flush_interval_s > 0 and math.isfinite(self.flush_interval_s)):
-            raise ConfigError(
-                f"tracking.flush_interval_s must be a positive number of seconds (default 2.0), got "
-                f"{self.flush_interval_s}; with 0 the metrics sender would keep a CPU core busy.")
-        if not self.max_outage_s >= 0:
-            raise ConfigError(f"tracking.max_outage_s must be 0 or a positive number of seconds (default 300), "
-                              f"got {self.max_outage_s}.")
+        check_keys(self)  # flush_interval_s, max_outage_s, backend_store_uri, artifacts_destination
 
 
 @dataclass

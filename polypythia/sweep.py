@@ -17,7 +17,8 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from polypythia import cores, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia import cores, driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia.sweepwide import check_sweep_wide
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
 from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
@@ -43,6 +44,7 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
             runfolder.check_relaunch(jobs[-1])  # the run's folder: not in use, same training config
         except ConfigError as exc:
             raise ConfigError(f"Job #{i}: {exc}") from None
+    check_sweep_wide(jobs)  # launcher.address, tracking.uri, ...: one value for the whole sweep (polypythia.sweepwide)
     names = Counter((j.study, j.run_name) for j in jobs)
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
@@ -57,7 +59,7 @@ class Sweep:
     def __init__(self, requests: list[JobRequest], launch_dir: str, on_finished: Optional[FinishedHook] = None):
         self.requests = requests
         self.jobs = _validate_all(requests, launch_dir)  # relative paths are relative to launch_dir
-        self.launcher = self.jobs[0].launcher
+        self.launcher = self.jobs[0].launcher  # its sweep-wide keys only (address, progress): the same in every job
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
@@ -107,7 +109,9 @@ class Sweep:
         self._started_ray = raysetup.init_ray(self.launcher.address) or self._started_ray
 
     def _check_resources(self) -> None:
-        raysetup.check_resources(self.launcher)  # prepare() shuts Ray down again
+        for launcher in {(j.launcher.num_cpus_per_job, j.launcher.num_gpus_per_job, j.launcher.workers_per_run): j.launcher
+                         for j in self.jobs}.values():  # each job's own resources (per-job keys)
+            raysetup.check_resources(launcher)  # prepare() shuts Ray down again
 
     def _reserve_workers(self) -> None:
         self.placement_groups = raysetup.reserve_workers(self.jobs)
@@ -120,8 +124,10 @@ class Sweep:
         stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
         for study in sorted({j.study for j in self.jobs}):
             exp_id = tracking.experiment_id(client, study)
+            links.extend(driverloss.close_dead_sweeps(client, exp_id))  # sweeps of the study whose driver died
             jobs = [j.run_name for j in self.jobs if j.study == study]
-            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs)})
+            run = client.create_run(exp_id, run_name=f"sweep-{stamp}", tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs),
+                                                                             **driverloss.driver_tags()})
             self.parent_runs[study] = run.info.run_id
             mlflow_ui.mark_training_experiment(client, exp_id)
             # The UI charts 10 runs unless a saved view says otherwise (see polypythia.mlflow_ui).
@@ -179,7 +185,9 @@ class Sweep:
             def submit(i: int) -> Any:
                 return run_job.options(**self._task_options(i)).remote(self.job_spec(i), board, self.placement_groups.get(i))
 
-            pending = {submit(i): i for i in range(len(self.jobs))}
+            outcomes.update(self._skip_finished(board))  # a relaunch: runs that finished before are not trained again
+            pending = {submit(i): i for i in range(len(self.jobs)) if i not in outcomes}
+            heartbeat = driverloss.Heartbeat(watch.client, list(self.parent_runs.values()))  # polypythia.driverloss
             stalls: Counter = Counter()
             ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
             with ProgressDisplay(enabled=self.launcher.progress) as display:
@@ -195,7 +203,7 @@ class Sweep:
                     rows = ray.get(board.snapshot.remote())
                     self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
                     for ref, index in list(pending.items()):  # the stall watchdog
-                        if watchdog.stalled(rows[index], time.time(), self.launcher.stall_timeout_s):
+                        if watchdog.stalled(rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
                             del pending[ref]
                             ended[index] += 1
                             outcome = self._kill_stalled(index, ref, rows[index], stalls, ended, board)
@@ -217,6 +225,7 @@ class Sweep:
                             self._set_retries(index, rows[index], ended)
                             pending[submit(index)] = index
                     display.update(watch.marks(rows))
+                    heartbeat.beat()
             if STOP.is_set(): raise KeyboardInterrupt  # noqa: E701
             rows = ray.get(board.snapshot.remote())  # the jobs' last reports
             watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
@@ -231,6 +240,22 @@ class Sweep:
         self._report(results)
         return results
 
+    def _skip_finished(self, board: Any) -> dict[int, JobOutcome]:
+        """Say what this launch does with each run that has been launched before (skipped, or resumed
+        from which step, losing how many); the outcomes of those that finished before."""
+        client, skipped = tracking.client(self.tracking_uri), {}
+        for i, job in enumerate(self.jobs):
+            plan = driverloss.plan(client, job)
+            line = driverloss.describe(job.run_name, plan, job.budget.checkpoint_every_steps)
+            if line:
+                print(line, flush=True)
+            if plan.state == "finished":
+                driverloss.adopt(client, plan.run_id, self.parent_runs[job.study])
+                board.update.remote(i, {"state": "finished", "step": job.budget.steps, "total": job.budget.steps})
+                skipped[i] = JobOutcome(state="finished", summary={"run_id": plan.run_id, "run_name": job.run_name,
+                                                                   "final_loss": plan.final_loss, "skipped": True})
+        return skipped
+
     def _set_retries(self, index: int, row: dict, ended: Counter) -> int:
         """Job ``index``'s failed attempts so far; its next attempt gets the rest of ``launcher.max_retries``."""
         failed = watchdog.failed_attempts(row, ended[index], self.actions.rewinds[index])
@@ -240,7 +265,8 @@ class Sweep:
     def _kill_stalled(self, index: int, ref: Any, row: dict, stalls: Counter, ended: Counter,
                       board: Any) -> Optional[JobOutcome]:
         """Kill job ``index``'s stalled process; None when it is to be retried, else its outcome."""
-        job, timeout = self.jobs[index], self.launcher.stall_timeout_s
+        job = self.jobs[index]
+        timeout = job.launcher.stall_timeout_s
         watchdog.cancel(ref)
         stalls[index] += 1
         retry = self._set_retries(index, row, ended) <= job.launcher.max_retries
@@ -291,7 +317,8 @@ class Sweep:
             flagged += "".join(f"; {note}" for note in self.actions.notes.get(index, []) if outcome.state != STOPPED)
             if outcome.finished:
                 summary = outcome.summary
-                print(f"  {job.run_name}: finished{retried}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
+                before = " (already finished before this launch)" if summary.get("skipped") else ""
+                print(f"  {job.run_name}: finished{retried}{before}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}")
             else:
                 print(f"  {job.run_name}: {outcome.state}{retried}: {outcome.reason or 'did not finish'}{flagged}")
         if self.on_finished is None:

@@ -45,14 +45,17 @@ def default_tracking_uri() -> str | None:
         return None
 
 
-def resolve_tracking_uri(uri: str | None, server_dir: str, host: str, port: int) -> str:
-    """The configured server if it answers, else a clear error; with no URI, the local server."""
+def resolve_tracking_uri(uri: str | None, server_dir: str, host: str, port: int, backend_store_uri: str | None = None,
+                         artifacts_destination: str | None = None) -> str:
+    """The configured server if it answers, else a clear error; with no URI, the local server (on
+    ``backend_store_uri``, else SQLite in ``server_dir``)."""
     runtime_env.apply()  # a job's or a sweep's first MLflow step: the client settings, before mlflow loads
     if uri:
         require_reachable(uri, "start it, fix tracking.uri (or MLFLOW_TRACKING_URI), or set tracking.uri=null "
                                "for a local server")
         return uri
-    return start_server(server_dir, host, port)
+    return start_server(server_dir, host, port, backend_store_uri=backend_store_uri,
+                        artifacts_destination=artifacts_destination)
 
 
 def require_reachable(uri: str, fix: str) -> None:
@@ -219,10 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=DEFAULT_TRACKING_HOST)
     parser.add_argument("--port", type=int, default=runtime_env.DEFAULT_TRACKING_PORT,
                         help="the port of a folder's first server (later ones keep the address it had)")
+    parser.add_argument("--backend-store-uri", help="start: the database of the runs (default: SQLite in --dir), "
+                        "e.g. postgresql://user:password@db:5432/mlflow (pip install 'polypythia[postgres]')")
+    parser.add_argument("--artifacts-destination", help="start: where artifacts are stored (default: --dir/artifacts), "
+                        "e.g. a shared folder or s3://bucket/path")
     args = parser.parse_args(argv)
     try:
         if args.action == "start":
-            print(f"MLflow UI: {start_server(args.dir, args.host, args.port)}")
+            uri = start_server(args.dir, args.host, args.port, backend_store_uri=args.backend_store_uri,
+                               artifacts_destination=args.artifacts_destination)
+            print(f"MLflow UI: {uri}")
         elif args.action == "stop":
             print("stopped" if stop_server(args.dir) else "no server was running")
         else:

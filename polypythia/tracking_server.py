@@ -35,7 +35,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from polypythia import runtime_env
+from polypythia import runtime_env, trackingstore
 from polypythia.errors import TrackingError
 from polypythia.files import FileLock, read_json, write_json_atomic
 from polypythia.net import free_port, port_free
@@ -98,7 +98,9 @@ def serves(pid: int | None, server_dir: str | Path) -> bool:
     if not pid or not _pid_alive(pid):
         return False
     command = _command_line(pid)
-    return "mlflow" in command and str(Path(server_dir).resolve() / DATABASE) in command
+    state = read_state(server_dir) or {}  # a PostgreSQL-backed server: its database's URI, without password
+    return "mlflow" in command and (str(Path(server_dir).resolve() / DATABASE) in command
+                                    or bool(state.get("backend")) and state["backend"] in command)
 
 
 def _serves_database(proc, database: str) -> bool:
@@ -111,7 +113,8 @@ def _serves_database(proc, database: str) -> bool:
         command = " ".join(proc.cmdline())
         if "mlflow" in command and database in command:
             return True
-        return proc.environ().get("_MLFLOW_SERVER_FILE_STORE") == f"sqlite:///{database}"
+        store = database if "://" in database else f"sqlite:///{database}"  # a PostgreSQL URI, or a SQLite file
+        return proc.environ().get("_MLFLOW_SERVER_FILE_STORE") == store
     except (psutil.Error, OSError):  # gone, or another user's
         return False
 
@@ -129,7 +132,8 @@ def server_processes(server_dir: str | Path, state: dict | None = None) -> list:
     state = read_state(server_dir) if state is None else state
     if not state:
         return []
-    database, group, port = str(Path(server_dir).resolve() / DATABASE), state.get("pid"), _recorded_port(state)
+    database = state.get("backend") or str(Path(server_dir).resolve() / DATABASE)  # PostgreSQL's URI has no password
+    group, port = state.get("pid"), _recorded_port(state)
     found = []
     for proc in psutil.process_iter():
         if proc.pid == os.getpid() or not _serves_database(proc, database):
@@ -203,9 +207,11 @@ def _choose_port(state: dict | None, host: str, port: int) -> int:
 
 
 def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port: int = DEFAULT_TRACKING_PORT,
-                 timeout_s: float = 90.0) -> str:
+                 timeout_s: float = 90.0, backend_store_uri: str | None = None,
+                 artifacts_destination: str | None = None) -> str:
     """Start (or reuse) the detached MLflow server of ``server_dir``: at the address it had before,
-    else on ``port`` (0: any free port; the next free one if taken)."""
+    else on ``port`` (0: any free port; the next free one if taken); its runs in SQLite in
+    ``server_dir`` or in ``backend_store_uri`` (PostgreSQL, :mod:`polypythia.trackingstore`)."""
     server_dir = Path(server_dir).resolve()
     if not 0 <= port <= 65535:
         raise TrackingError(f"The tracking server's port must be a TCP port from 1 to 65535 (or 0 for any free "
@@ -222,8 +228,11 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
                             "--dir (tracking.dir) a folder you can write to.") from None
     with _lock(server_dir, timeout_s + 30):
         state = read_state(server_dir)
+        backend, backend_env = trackingstore.command_uri(trackingstore.backend_uri(server_dir, backend_store_uri))
         if _running(server_dir, state):
+            trackingstore.check_same_backend(server_dir, state, backend)
             return state["uri"]
+        trackingstore.check_database(trackingstore.backend_uri(server_dir, backend_store_uri))
         try:
             port = _choose_port(state, host, port)
         except OSError as exc:
@@ -233,11 +242,11 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
         cmd = [
             sys.executable, "-m", "mlflow", "server",
             "--host", host, "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{server_dir / DATABASE}",
-            "--artifacts-destination", str(server_dir / "artifacts"),
+            "--backend-store-uri", backend,
+            "--artifacts-destination", trackingstore.artifacts_uri(server_dir, artifacts_destination),
             "--workers", "2",
         ]
-        env = {**os.environ, **runtime_env.MLFLOW_SERVER_ENV}
+        env = {**os.environ, **runtime_env.MLFLOW_SERVER_ENV, **backend_env}
         with open(server_dir / "server.log", "ab") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, env=env, cwd=server_dir)
@@ -247,7 +256,8 @@ def start_server(server_dir: str | Path, host: str = DEFAULT_TRACKING_HOST, port
                 tail = (server_dir / "server.log").read_text(errors="replace")[-600:]
                 raise TrackingError(f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}")
             if is_healthy(uri):
-                write_json_atomic(server_dir / STATE_FILE, {"pid": proc.pid, "uri": uri, "host": host, "port": port})
+                write_json_atomic(server_dir / STATE_FILE, {"pid": proc.pid, "uri": uri, "host": host, "port": port,
+                                                            **({"backend": backend} if backend_store_uri else {})})
                 return uri
             time.sleep(0.25)
         _kill_group(proc.pid)

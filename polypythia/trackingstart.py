@@ -30,7 +30,8 @@ class TrackingStart:
 
     def _run(self) -> None:
         try:
-            self.uri = tracking.resolve_tracking_uri(self.cfg.uri, self.cfg.dir, self.cfg.host, self.cfg.port)
+            self.uri = tracking.resolve_tracking_uri(self.cfg.uri, self.cfg.dir, self.cfg.host, self.cfg.port,
+                                                     self.cfg.backend_store_uri, self.cfg.artifacts_destination)
             if self.then is not None:
                 self.then(self.uri)
         except BaseException as exc:  # noqa: BLE001 - raised in the sweep's thread by result()

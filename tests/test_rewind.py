@@ -209,7 +209,8 @@ def test_an_interrupted_prepare_closes_the_parent_run_it_made(tmp_path, cache_di
     client = SimpleNamespace(
         create_run=lambda exp, run_name, tags: SimpleNamespace(info=SimpleNamespace(run_id="parent-1")),
         set_tag=lambda run_id, key, value: calls.append(("tag", run_id, key, value)),
-        set_terminated=lambda run_id, status: calls.append(("end", run_id, status)))
+        set_terminated=lambda run_id, status: calls.append(("end", run_id, status)),
+        search_runs=lambda *a, **k: [])  # no earlier sweep of the study to close (polypythia.driverloss)
     monkeypatch.setattr(tracking, "client", lambda uri: client)
     monkeypatch.setattr(tracking, "experiment_id", lambda c, name: "7")
     monkeypatch.setattr(tracking, "resolve_tracking_uri", lambda *a: "http://127.0.0.1:1")
