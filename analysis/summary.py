@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
 from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
 from analysis.outliers import MIN_SEEDS_FOR_MAD, mad_flags
@@ -72,6 +73,7 @@ def final_losses_from_mlflow(tracking_uri: str | None, experiment: str, parent_r
     if table.empty:
         raise AnalysisError(f"No runs tagged polypythia.kind=job were found in experiment {experiment!r}"
                             f"{' under parent run ' + parent_run_id if parent_run_id else ''}; check the names.")
+    check_one_training_config(runs, table)  # seeds of one model differ in their seeds alone (analysis.configs)
     by_id = {run.info.run_id: run for run in runs}
     rows = [(row.model, row.seed, 0, metric, by_id[row.run_id].data.metrics[metric])
             for row in table.itertuples() if metric in by_id[row.run_id].data.metrics]
@@ -106,10 +108,14 @@ def print_summary(tracking_uri: str | None, experiment: str, parent_run_id: str 
     """Read the sweep's runs from MLflow and print the final-loss summary table; returns the summary."""
     from rich.console import Console
 
+    from analysis.replicates import floor_lines, floor_table, set_aside, without_runs_of
+
     finals, runs = final_losses_from_mlflow(tracking_uri, experiment, parent_run_id)
     if finals.empty:
         raise AnalysisError(f"No run in experiment {experiment!r} has logged train/loss yet; "
                             "wait for the runs to log a step or check the experiment name.")
+    finals, replicates = set_aside(finals)  # the same seeds trained again: the nondeterminism floor, not seeds
+    runs = without_runs_of(runs, replicates)
     summary = final_loss_summary(finals, runs)
     if console is None:  # a log file or pipe gets wide lines rather than truncated numbers
         import sys
@@ -119,4 +125,6 @@ def print_summary(tracking_uri: str | None, experiment: str, parent_run_id: str 
     missing = runs[~runs.set_index(["model", "seed"]).index.isin(finals.set_index(["model", "seed"]).index)]
     for row in missing.itertuples():
         console.print(f"[yellow]model {row.model} run {row.seed} (MLflow run {row.run_id}, {row.status}) logged no train/loss.")
+    for line in floor_lines(floor_table(finals, replicates, curves=False)) if len(replicates) else []:
+        console.print(line, highlight=False)
     return summary

@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from polypythia import cores, driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia import driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
 from polypythia.sweepwide import check_sweep_wide
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
@@ -63,7 +63,6 @@ class Sweep:
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
-        self.cores = cores.Advisor(self.jobs)  # each running job's share of the free cores (polypythia.cores)
         self.retries_left: dict[int, int] = {}  # per job, once the driver has ended one of its attempts
         self.tracking_uri: str | None = None
         self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
@@ -201,7 +200,6 @@ class Sweep:
                             outcomes[index] = JobOutcome(state="failed", error=exc, reason=last_line(exc))
                             board.update.remote(index, {"state": "failed"})
                     rows = ray.get(board.snapshot.remote())
-                    self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
                     for ref, index in list(pending.items()):  # the stall watchdog
                         if watchdog.stalled(rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
                             del pending[ref]

@@ -1,0 +1,55 @@
+"""The same config launched twice gives bit-identical train/loss on the CPU, whatever its siblings do
+(issue #27, item 10): a job's torch threads are fixed when it starts (polypythia/cores.py), and a
+replicate (the same seeds trained again) measures the nondeterminism floor the analysis reports."""
+
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from helpers import REPO
+from test_launch import child_runs, launch
+
+STEPS = 24  # long enough that the sweep's tail (seed 3 alone on two cores) trains for many steps
+
+
+def loss_curve(client, run) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "train/loss"))
+
+
+@pytest.mark.integration
+def test_seed_3_in_a_sweep_and_alone_later_gives_bit_identical_losses(tmp_path, mlflow_uri, cache_dir):
+    study = f"repro-{uuid.uuid4().hex[:8]}"
+    common = ["model=tiny", "budget=smoke", f"budget.steps={STEPS}", f"study={study}", f"data.cache_dir={cache_dir}"]
+    sweep = launch(tmp_path / "a", "-m", "seed=1,2,3", *common, uri=mlflow_uri)
+    assert sweep.returncode == 0, sweep.stdout[-3000:] + sweep.stderr[-3000:]
+    # later, alone, from another home (another run folder): the same seeds again, as replicate 1
+    alone = launch(tmp_path / "b", "-m", "seed=3", "replicate=1", *common, uri=mlflow_uri)
+    assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
+    assert "tiny-seed3-rep1: finished" in alone.stdout
+
+    client = MlflowClient(mlflow_uri)
+    _, children = child_runs(client, study)
+    by_name = {c.info.run_name: c for c in children}
+    assert sorted(by_name) == ["tiny-seed1", "tiny-seed2", "tiny-seed3", "tiny-seed3-rep1"]
+    first, again = loss_curve(client, by_name["tiny-seed3"]), loss_curve(client, by_name["tiny-seed3-rep1"])
+    assert [s for s, _ in first] == list(range(1, STEPS + 1))
+    assert first == again  # bit-identical, step by step
+    assert loss_curve(client, by_name["tiny-seed2"]) != first
+    for child in children:  # one thread each, from the first step to the last (launcher.num_cpus_per_job=1)
+        threads = {m.value for m in client.get_metric_history(child.info.run_id, "train/threads")}
+        assert threads == {1.0}, (child.info.run_name, threads)
+    assert by_name["tiny-seed3-rep1"].data.tags["replicate"] == "1"
+
+    # the analysis keeps the replicate out of the seeds and reports the nondeterminism floor beside them
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_uri}
+    done = subprocess.run([sys.executable, "-m", "analysis", study], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "Nondeterminism floor of tiny train/loss: replicate SD 0 (largest difference 0, 2 runs of 1 seed(s)" \
+        in done.stdout, done.stdout
+    assert "over 3 seeds" in done.stdout and "seed variance exceeds it" in done.stdout
+    assert "rep1" not in done.stdout.split("Nondeterminism floor")[0]  # no column of its own in the seed table
