@@ -40,7 +40,7 @@ def differing_keys(configs: dict[str, dict]) -> dict[str, dict[str, list[str]]]:
 def describe(key: str, by_value: dict[str, list[str]]) -> str:
     """``budget.steps 6 (runs 1, 2) / 400 (run 3)``."""
     parts = []
-    for value, labels in sorted(by_value.items(), key=lambda item: -len(item[1])):
+    for value, labels in sorted(by_value.items(), key=lambda item: (-len(item[1]), label_order(item[1][0]))):
         shown = ", ".join(labels[:4]) + (", ..." if len(labels) > 4 else "")
         parts.append(f"{value} ({'runs' if len(labels) > 1 else 'run'} {shown})")
     return f"{key} " + " / ".join(parts)

@@ -57,8 +57,8 @@ _UNNAMED_COLUMN = re.compile(r"^(unnamed: \d+(_level_\d+)?|)$")
 _ID_COLUMNS = ("model", "seed", "step", "run_id", "weight_seed", "data_seed")
 # A model size in a file name: "pythia-410m", "410m", "1.4b", "410m-deduped".
 _SIZE_IN_NAME = re.compile(r"(?<![0-9a-z.])(?:pythia-)?(\d+(?:\.\d+)?[mb](?:-deduped)?)(?![0-9a-z])")
-# A run label the analysis writes when weight and data seeds differ ("w1-d2").
-_RUN_LABEL = re.compile(r"^w\d+-d\d+$")
+# A run label the analysis writes when weight and data seeds differ ("w1-d2"), or for a replicate ("1-rep1").
+_RUN_LABEL = re.compile(r"^(?:\d+|w\d+-d\d+)(?:-rep\d+)?$")
 # A run whose last value of one of these is NaN or infinite diverged (tidy() drops the value itself).
 DIVERGENCE_METRICS = ("train/loss", "valid/loss")
 
@@ -459,7 +459,7 @@ def first_bad(column: pd.Series, good: np.ndarray) -> str:
 
 
 def checked_seeds(column: pd.Series, path: Path) -> pd.Series:
-    """Seeds as int64, or as strings when some are run labels ("w1-d2"); anything else is an error."""
+    """Seeds as int64, or as strings when some are run labels ("w1-d2", "1-rep1"); anything else is an error."""
     numbers = pd.to_numeric(column, errors="coerce").astype("float64").to_numpy()
     whole = np.isfinite(numbers) & (numbers >= 0) & (np.round(numbers) == numbers)
     text = column.astype(str).str.strip()
@@ -559,7 +559,12 @@ def mlflow_client(tracking_uri: str | None):
         raise AnalysisError("No MLflow tracking URI is set; pass --tracking-uri or set MLFLOW_TRACKING_URI "
                             "(or give a folder or .csv/.tsv file as the source).")
     from polypythia import tracking
+    from polypythia.preflight import is_file_store
 
+    if is_file_store(uri):  # MLflow 3 refuses file stores with a traceback-length message; polypythia never writes one
+        raise AnalysisError(f"The tracking URI {uri} is an MLflow file store, which polypythia never writes and MLflow "
+                            "no longer reads by default; give the study's server (http://host:port, as printed by "
+                            "python -m polypythia.tracking status) or its database (sqlite:///.../mlflow.db).")
     try:
         tracking.require_reachable(uri, "start it or fix --tracking-uri / MLFLOW_TRACKING_URI")
     except tracking.TrackingError as error:

@@ -46,9 +46,12 @@ def set_aside(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def _finals(rows: pd.DataFrame) -> pd.Series:
-    """Each run's last value, indexed by run label."""
-    rows = rows.astype({"seed": str}).sort_values("step", kind="stable")
-    return rows.groupby("seed")["value"].last()
+    """Each run's final value as the summary takes it (the mean over its last 1% of steps), by run label."""
+    from analysis.summary import final_values
+
+    if rows.empty:
+        return pd.Series(dtype="float64")
+    return final_values(rows).set_index("seed")["value"]
 
 
 def _curves_identical(rows: pd.DataFrame, runs: pd.DataFrame) -> bool:
