@@ -386,7 +386,7 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
     (``pythia-410m``, ``410m``), else ``"unknown"``; a note says which. Seeds must be whole
     numbers (or ``w<k>-d<k>`` run labels) and steps whole numbers. Repeated
     (model, seed, step, metric) rows keep the last value, with a note counting those that disagree.
-    Non-finite values are passed on unchanged.
+    Impossible values (NaN, an accuracy outside [0, 1]) are set aside with a note (:mod:`analysis.values`).
     """
     path = Path(path)
     if not path.is_file():

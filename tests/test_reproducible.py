@@ -53,3 +53,14 @@ def test_seed_3_in_a_sweep_and_alone_later_gives_bit_identical_losses(tmp_path, 
         in done.stdout, done.stdout
     assert "over 3 seeds" in done.stdout and "seed variance exceeds it" in done.stdout
     assert "rep1" not in done.stdout.split("Nondeterminism floor")[0]  # no column of its own in the seed table
+
+
+def test_a_replicate_is_in_the_run_name_only_when_nonzero(tmp_path, cache_dir):
+    from helpers import tiny_job
+    from polypythia.errors import ConfigError
+
+    assert tiny_job(tmp_path, cache_dir).run_name == "tiny-seed1"
+    assert tiny_job(tmp_path, cache_dir, replicate=2).run_name == "tiny-seed1-rep2"
+    assert tiny_job(tmp_path, cache_dir, data_seed=2, replicate=1).run_name == "tiny-wseed1-dseed2-rep1"
+    with pytest.raises(ConfigError, match=r"^replicate must be a non-negative integer, got -1\.$"):
+        tiny_job(tmp_path, cache_dir, replicate=-1)
