@@ -64,3 +64,12 @@ def test_a_replicate_is_in_the_run_name_only_when_nonzero(tmp_path, cache_dir):
     assert tiny_job(tmp_path, cache_dir, data_seed=2, replicate=1).run_name == "tiny-wseed1-dseed2-rep1"
     with pytest.raises(ConfigError, match=r"^replicate must be a non-negative integer, got -1\.$"):
         tiny_job(tmp_path, cache_dir, replicate=-1)
+
+
+def test_a_replicate_is_no_sibling_seed_of_the_live_monitor(tmp_path, cache_dir):
+    """Its twin would narrow the band it is judged by; the analysis sets replicates aside too."""
+    from helpers import tiny_job
+    from polypythia.crossseed import plan_groups
+
+    jobs = [tiny_job(tmp_path, cache_dir, seed=s, replicate=r) for s, r in ((1, 0), (2, 0), (3, 0), (1, 1))]
+    assert [group.members for group in plan_groups(jobs)] == [[0, 1, 2]]
