@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.values import final_per_run
 from polypythia.study import label_replicate, seed_label
 
 FLOOR_COLUMNS = ["model", "metric", "seeds_replicated", "replicate_runs", "replicate_sd", "replicate_max_diff",
@@ -47,11 +48,9 @@ def set_aside(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def _finals(rows: pd.DataFrame) -> pd.Series:
     """Each run's final value as the summary takes it (the mean over its last 1% of steps), by run label."""
-    from analysis.summary import final_values
-
     if rows.empty:
         return pd.Series(dtype="float64")
-    return final_values(rows).set_index("seed")["value"]
+    return final_per_run(rows).set_index("seed")["value"]
 
 
 def _curves_identical(rows: pd.DataFrame, runs: pd.DataFrame) -> bool:

@@ -12,6 +12,7 @@ import pandas as pd
 
 from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
+from analysis.values import final_per_run
 from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
 from analysis.outliers import MIN_SEEDS_FOR_MAD, mad_flags
 from polypythia.study import label_order, parse_run_label, search_job_runs
@@ -20,20 +21,10 @@ SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min
                    "diverged_or_failed_seeds"]
 
 
-def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
-    """Per (model, seed): the mean over the last ``final_fraction`` of the run's steps (the single
-    last value when a run has one row, as when read from MLflow's latest values)."""
-    rows = rows.astype({"model": str, "seed": str})
-    first = rows.groupby(["model", "seed"])["step"].transform("min")
-    last = rows.groupby(["model", "seed"])["step"].transform("max")
-    tail = rows[rows["step"] >= last - final_fraction * (last - first)]
-    return tail.groupby(["model", "seed"])["value"].mean().reset_index()
-
-
 def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metric: str = "train/loss",
                        mad_threshold: float = 3.5, min_relative_deviation: float = 0.01) -> pd.DataFrame:
     """Per model: each run's final ``metric`` (runs keyed by their label, so seed variants stay apart)
-    (mean over the last 1% of its steps, see :func:`final_values`); mean/std (ddof=1)/min/max across
+    (mean over the last 1% of its steps, see :func:`analysis.values.final_per_run`); mean/std (ddof=1)/min/max across
     the runs that trained to their end, and the seeds a median/MAD rule flags among them; and the
     runs that ended early: tagged diverged, or not FINISHED in ``runs`` (failed, or stopped by the
     cross-seed monitor). A run that ended early shows its last value in ``final_loss_by_seed`` but is
@@ -42,7 +33,7 @@ def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metri
     rows = df[df["metric"] == metric]
     if rows.empty:
         raise AnalysisError(f"The study has no {metric!r} values to summarise; check that the runs logged it.")
-    finals = final_values(rows)
+    finals = final_per_run(rows)
     bad = {}
     if runs is not None and not runs.empty:
         flagged_runs = runs[runs["diverged"].astype(bool) | (runs["status"].astype(str) != "FINISHED")]

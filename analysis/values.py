@@ -5,6 +5,7 @@ is a fault of whatever wrote it (a diverged run, a broken evaluation, a hand-edi
 value would decide a mean or a standard deviation alone (an accuracy of 1e300 gave a mean of 3e299
 and an infinite SD), so :func:`set_aside` drops them and says how many, of which metrics, in one note.
 A run whose loss *ended* non-finite is also reported as diverged (:func:`analysis.load.non_finite_endings`).
+:func:`final_per_run` is what a run's final value is, in the summary and the nondeterminism floor.
 """
 
 from __future__ import annotations
@@ -47,3 +48,13 @@ def set_aside(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
             f"infinite, {int(outside.sum())} outside their metric's range such as an accuracy outside [0, 1]) of "
             f"{named}; they enter no statistic.")
     return frame[~bad], note
+
+
+def final_per_run(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
+    """Per (model, seed): the mean over the last ``final_fraction`` of the run's steps (the single
+    last value when a run has one row, as when read from MLflow's latest values)."""
+    rows = rows.astype({"model": str, "seed": str})
+    first = rows.groupby(["model", "seed"])["step"].transform("min")
+    last = rows.groupby(["model", "seed"])["step"].transform("max")
+    tail = rows[rows["step"] >= last - final_fraction * (last - first)]
+    return tail.groupby(["model", "seed"])["value"].mean().reset_index()
