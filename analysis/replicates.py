@@ -25,13 +25,17 @@ FLOOR_COLUMNS = ["model", "metric", "seeds_replicated", "replicate_runs", "repli
 
 def _run_keys(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per (model, run label) with its seeds' label and its replicate number."""
-    runs = metrics[["model", "seed"]].astype(str).drop_duplicates()
+    runs = metrics[["model", "seed"]].drop_duplicates().astype(str)  # the few runs, not every row as text
     return runs.assign(seeds=runs["seed"].map(seed_label), replicate=runs["seed"].map(label_replicate))
 
 
 def set_aside(metrics: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(the seed runs, the further replicates): per model and seeds, the run with the lowest replicate
     number stays a seed run; every other replicate of the same seeds is set apart."""
+    column = metrics["seed"]
+    labels = column.cat.categories if isinstance(column.dtype, pd.CategoricalDtype) else pd.unique(column)
+    if not any(label_replicate(label) for label in labels):  # no replicate at all: nothing to look at per row
+        return metrics, metrics.iloc[0:0]
     runs = _run_keys(metrics)
     lowest = runs.groupby(["model", "seeds"])["replicate"].transform("min")
     extra = runs[runs["replicate"] != lowest]
