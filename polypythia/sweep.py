@@ -48,7 +48,8 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
     names = Counter((j.study, j.run_name) for j in jobs)
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
-        raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may appear only once.")
+        raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may "
+                          "appear only once (to train the same seeds again, add replicate=1,2,...: a run each).")
     return jobs
 
 

@@ -73,3 +73,11 @@ def test_a_replicate_is_no_sibling_seed_of_the_live_monitor(tmp_path, cache_dir)
 
     jobs = [tiny_job(tmp_path, cache_dir, seed=s, replicate=r) for s, r in ((1, 0), (2, 0), (3, 0), (1, 1))]
     assert [group.members for group in plan_groups(jobs)] == [[0, 1, 2]]
+
+
+def test_the_same_seed_twice_in_one_sweep_points_to_replicate(tmp_path, cache_dir):
+    """``seed=1,1`` would be one run folder trained twice: refused before anything starts, with the way to replicates."""
+    out = launch(tmp_path, "-m", "seed=1,1", "model=tiny", "budget=smoke", f"data.cache_dir={cache_dir}")
+    assert out.returncode != 0
+    assert "The sweep has the same run more than once (polypythia/tiny-seed1)" in out.stderr
+    assert "add replicate=1,2,...: a run each" in out.stderr and "Traceback" not in out.stderr
