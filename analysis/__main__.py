@@ -113,6 +113,10 @@ def options_from(args):
     if not 0 < args.map_heldout_fraction < 1 or (args.states is not None and args.states < 1) or args.restarts < 1:
         raise AnalysisError("--map-heldout-fraction must lie between 0 and 1 (the study: 0.2), and --states and "
                             "--restarts must be at least 1.")
+    if args.max_states < 1 or args.spike_window < 2 or args.min_checkpoints < 1:
+        raise AnalysisError(f"--max-states ({args.max_states}) and --min-checkpoints ({args.min_checkpoints}) must be "
+                            f"at least 1 and --spike-window ({args.spike_window}) at least 2 (a rolling SD needs two "
+                            "values); the defaults are 8, 1 and 1000.")
     rule = OutlierRule(false_alarm_rate=args.false_alarm_rate, band_sd=args.band_sd,
                        min_checkpoints=args.min_checkpoints)
     return AnalysisOptions(
@@ -165,6 +169,10 @@ def summarise(args) -> None:
         Console().print(contents_table(study))  # the loader has logged its notes
         return
     Console().print(summary_table(final_loss_summary(study.metrics, study.runs), f"Final train/loss of {args.source}"))
+    from analysis.replicates import floor_lines
+
+    for line in floor_lines(study.floor) if study.floor is not None else []:
+        print(line)
 
 
 def contents_table(study):
@@ -226,11 +234,22 @@ def replay_study(args) -> None:
         lead = "-" if row.lead_steps is pd.NA else str(row.lead_steps)
         table.add_row(row.model, row.seed, row.signal, str(row.alert_step), f"{row.deviation_sd:.1f}", onset, lead)
     console = Console()
-    console.print(table if len(alerts) else f"No alert in {args.source}: every run stayed with its siblings.")
+    console.print(table if len(alerts) else no_alert_line(args.source, study))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         alerts.to_csv(args.out / "alerts.csv", index=False)
         console.print(f"Wrote {args.out / 'alerts.csv'}.")
+
+
+def no_alert_line(source: str, study) -> str:
+    """What a replay without alerts says: that the runs stayed together, or that there was nothing to compare."""
+    sizes = study.runs.groupby("model", observed=True).size() if len(study.runs) else pd.Series(dtype=int)
+    if sizes.empty or sizes.max() < 2:
+        return (f"No alert in {source}: it holds one run per model, and a run cannot be compared with siblings it does "
+                "not have; the replay needs two or more seeds of a model.")
+    lone = [str(m) for m, n in sizes.items() if n < 2]
+    also = f" (model(s) {', '.join(lone)} have one run, with no sibling to compare)" if lone else ""
+    return f"No alert in {source}: every run stayed with its siblings{also}."
 
 
 def main(argv=None) -> int:

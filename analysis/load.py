@@ -31,10 +31,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
 from analysis.lmeval import lm_eval_rows
 from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
-from polypythia.study import TIDY_COLUMNS, label_order, parse_run_label, run_label, search_job_runs, seeds_from_tags
+from analysis.values import set_aside as set_impossible_aside
+from polypythia.study import (TIDY_COLUMNS, label_order, label_replicate, parse_run_label, replicate_from_tags,
+                              run_label, search_job_runs, seeds_from_tags)
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +57,8 @@ _UNNAMED_COLUMN = re.compile(r"^(unnamed: \d+(_level_\d+)?|)$")
 _ID_COLUMNS = ("model", "seed", "step", "run_id", "weight_seed", "data_seed")
 # A model size in a file name: "pythia-410m", "410m", "1.4b", "410m-deduped".
 _SIZE_IN_NAME = re.compile(r"(?<![0-9a-z.])(?:pythia-)?(\d+(?:\.\d+)?[mb](?:-deduped)?)(?![0-9a-z])")
-# A run label the analysis writes when weight and data seeds differ ("w1-d2").
-_RUN_LABEL = re.compile(r"^w\d+-d\d+$")
+# A run label the analysis writes when weight and data seeds differ ("w1-d2"), or for a replicate ("1-rep1").
+_RUN_LABEL = re.compile(r"^(?:\d+|w\d+-d\d+)(?:-rep\d+)?$")
 # A run whose last value of one of these is NaN or infinite diverged (tidy() drops the value itself).
 DIVERGENCE_METRICS = ("train/loss", "valid/loss")
 
@@ -72,6 +75,8 @@ class Study:
     experiment_id: str | None = None
     parent_run_id: str | None = None
     notes: list[str] = field(default_factory=list)
+    replicates: pd.DataFrame | None = None  # further replicates of seeds, kept out of metrics (analysis.replicates)
+    floor: pd.DataFrame | None = None  # their nondeterminism floor beside the seed spread, per model
 
     @property
     def models(self) -> list[str]:
@@ -91,9 +96,10 @@ def sort_models(models) -> list[str]:
     return sorted((str(m) for m in models), key=lambda m: (size_in_params(m), m))
 
 
-def tidy(frame: pd.DataFrame) -> pd.DataFrame:
-    """Check and normalise a tidy table: the five columns, typed, sorted, NaN values dropped (a run
-    whose loss ended in NaN is found by :func:`non_finite_endings` before)."""
+def tidy(frame: pd.DataFrame, notes: list[str] | None = None) -> pd.DataFrame:
+    """Check and normalise a tidy table: the five columns, typed, sorted, impossible values (NaN, an
+    accuracy outside [0, 1], :mod:`analysis.values`) set aside with a note appended to ``notes`` (a
+    run whose loss ended in NaN is found by :func:`non_finite_endings` before)."""
     missing = [c for c in TIDY_COLUMNS if c not in frame.columns]
     if missing:
         raise AnalysisError(
@@ -102,18 +108,22 @@ def tidy(frame: pd.DataFrame) -> pd.DataFrame:
         )
     out = frame[TIDY_COLUMNS].copy()
     out["value"] = pd.to_numeric(out["value"], errors="coerce").astype("float64")
-    out = out[np.isfinite(out["value"].to_numpy())]
+    out["metric"] = as_string_category(out["metric"])
+    out, note = set_impossible_aside(out)
+    if note and notes is not None:
+        notes.append(note)
     out["seed"] = run_label_column(out["seed"])
     out["step"] = pd.to_numeric(out["step"], errors="raise").astype("int64")
     out["model"] = as_string_category(out["model"])
     out["model"] = out["model"].cat.reorder_categories(sort_models(out["model"].cat.categories))
-    out["metric"] = as_string_category(out["metric"])
+    out["metric"] = out["metric"].cat.remove_unused_categories()
     return out.sort_values(["model", "seed", "metric", "step"], kind="stable").reset_index(drop=True)
 
 
 def run_label_column(column: pd.Series) -> pd.Series:
     """The ``seed`` column as run labels (categorical strings, see :mod:`polypythia.study`): a seed
-    number k (also 3.0, "3" or "w3-d3") becomes "k"; "w1-d2" stays; anything else is an AnalysisError."""
+    number k (also 3.0, "3" or "w3-d3") becomes "k"; "w1-d2" and a replicate's "3-rep1" stay; anything
+    else is an AnalysisError."""
     column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     column = column.cat.remove_unused_categories()
     labels = []
@@ -124,7 +134,7 @@ def run_label_column(column: pd.Series) -> pd.Series:
         if seeds is None:
             raise AnalysisError(f"The seed column holds {category!r}, which is neither a seed number nor a run "
                                 "label like w1-d2; give whole seed numbers.")
-        labels.append(run_label(*seeds))  # one label per run: w3-d3 is run 3
+        labels.append(run_label(*seeds, label_replicate(label)))  # one label per run: w3-d3 is run 3
     column = column.cat.rename_categories(range(len(labels))).astype("int64").map(dict(enumerate(labels)))
     order = sorted(set(labels), key=label_order)
     return pd.Series(pd.Categorical(column, categories=order), index=column.index)
@@ -306,6 +316,10 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
         study.metrics["metric"] = study.metrics["metric"].cat.remove_unused_categories()
     if wanted_steps is not None:
         restrict_steps(study, wanted_steps)
+    if not study.metrics.empty:
+        from analysis.replicates import set_study_replicates_aside
+
+        set_study_replicates_aside(study)
     if study.metrics.empty:
         matching = " and ".join(what for what, given in (("--metrics", metrics), ("--steps", wanted_steps))
                                 if given is not None)
@@ -372,7 +386,7 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
     (``pythia-410m``, ``410m``), else ``"unknown"``; a note says which. Seeds must be whole
     numbers (or ``w<k>-d<k>`` run labels) and steps whole numbers. Repeated
     (model, seed, step, metric) rows keep the last value, with a note counting those that disagree.
-    Non-finite values are passed on unchanged.
+    Impossible values (NaN, an accuracy outside [0, 1]) are set aside with a note (:mod:`analysis.values`).
     """
     path = Path(path)
     if not path.is_file():
@@ -405,7 +419,7 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
         if note:
             notes.append(note)
     diverged = non_finite_endings(frame)
-    metrics = tidy(frame)
+    metrics = tidy(frame, notes)
     notes += diverged_notes(diverged)
     for note in notes:
         log.warning(note)
@@ -445,7 +459,7 @@ def first_bad(column: pd.Series, good: np.ndarray) -> str:
 
 
 def checked_seeds(column: pd.Series, path: Path) -> pd.Series:
-    """Seeds as int64, or as strings when some are run labels ("w1-d2"); anything else is an error."""
+    """Seeds as int64, or as strings when some are run labels ("w1-d2", "1-rep1"); anything else is an error."""
     numbers = pd.to_numeric(column, errors="coerce").astype("float64").to_numpy()
     whole = np.isfinite(numbers) & (numbers >= 0) & (np.round(numbers) == numbers)
     text = column.astype(str).str.strip()
@@ -525,8 +539,11 @@ def load_lm_eval_folder(root: str | os.PathLike, steps: Iterable[int] | None = N
     :func:`analysis.lmeval.lm_eval_rows` for the layout and which files are left out."""
     frame, notes = lm_eval_rows(root, steps)
     diverged = non_finite_endings(frame)
-    metrics = tidy(frame)
-    notes += diverged_notes(diverged)
+    set_aside: list[str] = []
+    metrics = tidy(frame, set_aside)
+    for note in set_aside:
+        log.warning(note)
+    notes += set_aside + diverged_notes(diverged)
     return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(root), kind="lm-eval",
                  notes=notes)
 
@@ -542,7 +559,12 @@ def mlflow_client(tracking_uri: str | None):
         raise AnalysisError("No MLflow tracking URI is set; pass --tracking-uri or set MLFLOW_TRACKING_URI "
                             "(or give a folder or .csv/.tsv file as the source).")
     from polypythia import tracking
+    from polypythia.preflight import is_file_store
 
+    if is_file_store(uri):  # MLflow 3 refuses file stores with a traceback-length message; polypythia never writes one
+        raise AnalysisError(f"The tracking URI {uri} is an MLflow file store, which polypythia never writes and MLflow "
+                            "no longer reads by default; give the study's server (http://host:port, as printed by "
+                            "python -m polypythia.tracking status) or its database (sqlite:///.../mlflow.db).")
     try:
         tracking.require_reachable(uri, "start it or fix --tracking-uri / MLFLOW_TRACKING_URI")
     except tracking.TrackingError as error:
@@ -573,7 +595,8 @@ def run_record(run) -> dict | None:
     weight_seed, data_seed = seeds_from_tags(tags)
     diverged = str(tags.get("diverged", "false")).lower() not in ("false", "0", "", "no")
     return {
-        "model": tags["model"], "seed": run_label(weight_seed, data_seed), "weight_seed": weight_seed,
+        "model": tags["model"], "seed": run_label(weight_seed, data_seed, replicate_from_tags(tags)),
+        "weight_seed": weight_seed,
         "data_seed": data_seed, "run_id": run.info.run_id, "status": run.info.status, "diverged": diverged,
         "budget": tags.get("budget"), "start_time": run.info.start_time or 0,
     }
@@ -628,6 +651,7 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
         where = f"under parent run {parent_run_id}" if parent_run_id else f"in experiment {experiment!r}"
         raise AnalysisError(f"No runs tagged polypythia.kind=job were found {where}; check the experiment "
                             "name and --parent-run.")
+    check_one_training_config(runs, table)  # seeds of one model differ in their seeds alone (analysis.configs)
     by_id = {run.info.run_id: run for run in runs}
     frames = []
     for row in table.itertuples():
@@ -635,9 +659,11 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
         frames.append(rows.assign(model=row.model, seed=row.seed))
     every_row = pd.concat(frames, ignore_index=True)
     diverged = non_finite_endings(every_row)
-    metrics = tidy(every_row)
+    set_aside: list[str] = []
+    metrics = tidy(every_row, set_aside)
     if diverged:
         ended = [(m, s) in diverged for m, s in zip(table["model"].astype(str), table["seed"].astype(str))]
         table["diverged"] = table["diverged"].astype(bool) | np.asarray(ended, dtype=bool)
     return Study(metrics=metrics, runs=table, source=experiment, kind="mlflow", tracking_uri=uri,
-                 experiment_id=found.experiment_id, parent_run_id=parent_run_id, notes=diverged_notes(diverged))
+                 experiment_id=found.experiment_id, parent_run_id=parent_run_id,
+                 notes=set_aside + diverged_notes(diverged))

@@ -183,7 +183,7 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
         maps = maps_job.result()
         study.notes.extend(maps.notes)
     except AnalysisError as error:
-        if options.map_features:
+        if options.map_features or options.map_states is not None:  # asked for: an error, not a skipped note
             raise
         study.notes.append(f"Training maps skipped: {error}")
     seconds["training_maps"] = time.perf_counter() - maps_started
@@ -270,6 +270,8 @@ def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | N
 
     tables = compute(study, options, seconds, cpu_seconds, while_maps_fit=draw_curves if options.make_plots else None)
     write_tables(tables, study.runs, out_dir)
+    if study.floor is not None and len(study.floor):  # replicates: analysis.replicates
+        study.floor.to_csv(out_dir / "nondeterminism_floor.csv", index=False)
     if options.make_plots:
         with timed(seconds, "plots", cpu_seconds):
             figures.extend(map_figures(tables, study.runs, out_dir))

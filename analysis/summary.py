@@ -10,7 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
+from analysis.values import final_per_run
 from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
 from analysis.outliers import MIN_SEEDS_FOR_MAD, mad_flags
 from polypythia.study import label_order, parse_run_label, search_job_runs
@@ -19,20 +21,10 @@ SUMMARY_COLUMNS = ["model", "n_seeds", "final_loss_by_seed", "mean", "std", "min
                    "diverged_or_failed_seeds"]
 
 
-def final_values(rows: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
-    """Per (model, seed): the mean over the last ``final_fraction`` of the run's steps (the single
-    last value when a run has one row, as when read from MLflow's latest values)."""
-    rows = rows.astype({"model": str, "seed": str})
-    first = rows.groupby(["model", "seed"])["step"].transform("min")
-    last = rows.groupby(["model", "seed"])["step"].transform("max")
-    tail = rows[rows["step"] >= last - final_fraction * (last - first)]
-    return tail.groupby(["model", "seed"])["value"].mean().reset_index()
-
-
 def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metric: str = "train/loss",
                        mad_threshold: float = 3.5, min_relative_deviation: float = 0.01) -> pd.DataFrame:
     """Per model: each run's final ``metric`` (runs keyed by their label, so seed variants stay apart)
-    (mean over the last 1% of its steps, see :func:`final_values`); mean/std (ddof=1)/min/max across
+    (mean over the last 1% of its steps, see :func:`analysis.values.final_per_run`); mean/std (ddof=1)/min/max across
     the runs that trained to their end, and the seeds a median/MAD rule flags among them; and the
     runs that ended early: tagged diverged, or not FINISHED in ``runs`` (failed, or stopped by the
     cross-seed monitor). A run that ended early shows its last value in ``final_loss_by_seed`` but is
@@ -41,7 +33,7 @@ def final_loss_summary(df: pd.DataFrame, runs: pd.DataFrame | None = None, metri
     rows = df[df["metric"] == metric]
     if rows.empty:
         raise AnalysisError(f"The study has no {metric!r} values to summarise; check that the runs logged it.")
-    finals = final_values(rows)
+    finals = final_per_run(rows)
     bad = {}
     if runs is not None and not runs.empty:
         flagged_runs = runs[runs["diverged"].astype(bool) | (runs["status"].astype(str) != "FINISHED")]
@@ -72,6 +64,7 @@ def final_losses_from_mlflow(tracking_uri: str | None, experiment: str, parent_r
     if table.empty:
         raise AnalysisError(f"No runs tagged polypythia.kind=job were found in experiment {experiment!r}"
                             f"{' under parent run ' + parent_run_id if parent_run_id else ''}; check the names.")
+    check_one_training_config(runs, table)  # seeds of one model differ in their seeds alone (analysis.configs)
     by_id = {run.info.run_id: run for run in runs}
     rows = [(row.model, row.seed, 0, metric, by_id[row.run_id].data.metrics[metric])
             for row in table.itertuples() if metric in by_id[row.run_id].data.metrics]
@@ -106,10 +99,14 @@ def print_summary(tracking_uri: str | None, experiment: str, parent_run_id: str 
     """Read the sweep's runs from MLflow and print the final-loss summary table; returns the summary."""
     from rich.console import Console
 
+    from analysis.replicates import floor_lines, floor_table, set_aside, without_runs_of
+
     finals, runs = final_losses_from_mlflow(tracking_uri, experiment, parent_run_id)
     if finals.empty:
         raise AnalysisError(f"No run in experiment {experiment!r} has logged train/loss yet; "
                             "wait for the runs to log a step or check the experiment name.")
+    finals, replicates = set_aside(finals)  # the same seeds trained again: the nondeterminism floor, not seeds
+    runs = without_runs_of(runs, replicates)
     summary = final_loss_summary(finals, runs)
     if console is None:  # a log file or pipe gets wide lines rather than truncated numbers
         import sys
@@ -119,4 +116,6 @@ def print_summary(tracking_uri: str | None, experiment: str, parent_run_id: str 
     missing = runs[~runs.set_index(["model", "seed"]).index.isin(finals.set_index(["model", "seed"]).index)]
     for row in missing.itertuples():
         console.print(f"[yellow]model {row.model} run {row.seed} (MLflow run {row.run_id}, {row.status}) logged no train/loss.")
+    for line in floor_lines(floor_table(finals, replicates, curves=False)) if len(replicates) else []:
+        console.print(line, highlight=False)
     return summary

@@ -408,6 +408,16 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def check_states_possible(prepared: list[ModelData], states: int | None) -> None:
+    """A fixed number of states more than a size's training rows can be given no HMM: an error, not an
+    empty map (the chosen number of states is only ever among those that fit)."""
+    short = [(data.model, len(data.train.X)) for data in prepared if states is not None and int(states) > len(data.train.X)]
+    if short:
+        model, rows = min(short, key=lambda item: item[1])
+        raise AnalysisError(f"--states {states} is more than the {rows} checkpoint rows the training map of {model} "
+                            f"is fitted on; give at most {rows} (or leave --states out to choose the number).")
+
+
 def fit_all(prepared: list[ModelData], settings: MapSettings, n_jobs: int | None):
     """Start every restart of every number of states of every size; returns a function that waits for
     them and gives ``{model: {n_states: [result per restart]}}``.
@@ -570,6 +580,7 @@ def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None
                 prepared.append(prepare_model(str(model), wide_features(rows, features), settings, notes))
             except AnalysisError as error:
                 notes.append(f"Training map of {model} skipped: {error}.")
+        check_states_possible(prepared, states)
         wait_for_fits = fit_all(prepared, settings, n_jobs)
     return MapsJob(prepared, settings, wait_for_fits, features, notes_by_model,
                    {"fit_all_steps": fit_all_steps, "standardise": standardise, "states": states,

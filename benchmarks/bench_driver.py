@@ -2,7 +2,7 @@
 machine the driver runs on, at ten times the PolyPythias study (450 jobs) by default.
 
 Each poll the driver (every 2 s) reads the progress board's rows (Ray pickles them: simulated with
-pickle), advises thread counts (polypythia.cores), checks every job for a stall (polypythia.watchdog),
+pickle), checks every job for a stall (polypythia.watchdog),
 runs the cross-seed monitor and writes its decisions (polypythia.crossseed.MonitorLog.watch, against
 an MLflow client that only counts calls), looks for alerts to act on (polypythia.actions) and redraws
 the live table (polypythia.progress.ProgressDisplay, a rich Live table on a simulated terminal of 50
@@ -111,12 +111,11 @@ class SimulatedBoard:
         return pickle.loads(pickle.dumps(self.rows))  # what ray.get(board.snapshot.remote()) costs the driver
 
 
-def poll(jobs, board, watch, actions, advisor, display, pending, outcomes) -> None:
+def poll(jobs, board, watch, actions, display, pending, outcomes) -> None:
     """One poll's work in Sweep.run, in its order (the Ray calls replaced by the simulated board)."""
     from polypythia import watchdog
 
     rows = board.snapshot()
-    advisor.advise(rows, 0.0)
     now = time.time()
     for index in pending.values():
         watchdog.stalled(rows[index], now, jobs[index].launcher.stall_timeout_s)
@@ -152,7 +151,6 @@ def measure(args: argparse.Namespace, jobs: list, before: bool) -> tuple[list[fl
     monitor and display of now, or (``before``) those that rebuilt the table and redrew every row."""
     from rich.console import Console
 
-    from polypythia import cores
     from polypythia.actions import MonitorActions
     from polypythia.crossseed import CrossSeedMonitor, MonitorLog, plan_groups
     from polypythia.progress import ProgressDisplay
@@ -161,7 +159,7 @@ def measure(args: argparse.Namespace, jobs: list, before: bool) -> tuple[list[fl
     monitor = (RebuildingMonitor if before else CrossSeedMonitor)(plan_groups(jobs))
     client = CountingClient([j.run_name for j in jobs])
     watch = MonitorLog(monitor, client, {"bench": "parent"}, jobs)
-    actions, advisor = MonitorActions(jobs, monitor), cores.Advisor(jobs)
+    actions = MonitorActions(jobs, monitor)
     board = SimulatedBoard(jobs, monitor.plans(), args.steps_per_poll, random.Random(0))  # the same rows both times
     pending, outcomes = {f"ref{i}": i for i in range(len(jobs))}, {}
     console = Console(file=io.StringIO(), force_terminal=True, width=160, height=50)
@@ -170,7 +168,7 @@ def measure(args: argparse.Namespace, jobs: list, before: bool) -> tuple[list[fl
         for _ in range(args.warmup + args.polls):
             board.advance()
             began, started = time.monotonic(), time.process_time()
-            poll(jobs, board, watch, actions, advisor, display, pending, outcomes)
+            poll(jobs, board, watch, actions, display, pending, outcomes)
             work.append(time.process_time() - started)
             time.sleep(max(0.0, args.interval_s - (time.monotonic() - began)))  # the live table redraws meanwhile
             cpu.append(time.process_time() - started)

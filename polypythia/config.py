@@ -69,6 +69,9 @@ class JobConfig:
     seed: int = 1  # sets both the weight seed and the data seed ...
     weight_seed: Optional[int] = None  # ... unless one of these overrides it (null: seed)
     data_seed: Optional[int] = None
+    # A rerun of the same seeds (replicate=1,2 beside replicate=0): the spread between replicates is
+    # the study's nondeterminism floor (python -m analysis reports it). Part of the run name when nonzero.
+    replicate: int = 0
     # Everything a study writes (checkpoints, MLflow database, caches) lives under POLYPYTHIA_HOME,
     # by default .polypythia/ in the directory you launch from.
     home: str = f"${{oc.env:{runtime_env.HOME_ENV},{runtime_env.DEFAULT_HOME}}}"
@@ -79,7 +82,7 @@ class JobConfig:
         from polypythia.preflight import (CPU_SLOW_HOURS, CPU_TRAIN_FLOPS_PER_S, budget_tokens, check_token_ids,
                                           format_duration, short_count, training_params, writable_folder_problem)
 
-        for key in ("seed", "weight_seed", "data_seed"):
+        for key in ("seed", "weight_seed", "data_seed", "replicate"):
             value = getattr(self, key)
             if value is not None and value < 0:
                 raise ConfigError(f"{key} must be a non-negative integer, got {value}.")
@@ -151,11 +154,10 @@ class JobConfig:
 
     @property
     def run_name(self) -> str:
-        """``<model>-seed<k>``, or with both seeds when they differ."""
+        """``<model>-seed<k>``, or with both seeds when they differ; ``-rep<r>`` after it for a replicate."""
         w, d = self.effective_weight_seed, self.effective_data_seed
-        if w == d:
-            return f"{self.model.name}-seed{w}"
-        return f"{self.model.name}-wseed{w}-dseed{d}"
+        name = f"{self.model.name}-seed{w}" if w == d else f"{self.model.name}-wseed{w}-dseed{d}"
+        return f"{name}-rep{self.replicate}" if self.replicate else name
 
     @property
     def run_dir(self) -> str:

@@ -1,131 +1,71 @@
-"""Cores follow the work: a sweep's training jobs share the CPU cores no other work is using.
+"""A job's torch threads are fixed when it starts, so that its numbers do not depend on its siblings.
 
-Each job of a local sweep asks Ray for ``launcher.num_cpus_per_job`` CPUs and starts with that many
-torch threads. When fewer jobs train than the machine has cores (the tail of a sweep, a sweep of one
-job), the cores left over would idle. The driver, which polls the progress board anyway, calls
-:func:`advise` with the board's rows and the CPUs Ray has free: each training job's fair share is
-``floor((free + running * own) / running)`` threads, never fewer than its own CPUs and never more
-than the machine's cores, written to ``<run_dir>/threads.json``. The job's :class:`CoreShare`
-callback reads that file every few seconds and sets its intra-op threads (``torch.set_num_threads``).
-A checkpoint-evaluation task (a Ray task of one CPU, :mod:`polypythia.evaluate.background`) takes a
-free CPU like anything else, and the shares drop at the next poll. The training process makes no
-Ray call for this (a task blocked in ``ray.get`` lends its CPU to Ray, which may start another task
-on it meanwhile).
+A CPU kernel's result can depend on how many threads split its work (a reduction summed in another
+order rounds differently), so a job whose thread count changed mid-run with the cores its siblings
+left free (what this module did before) drifted from a rerun of the same config: a reference run
+that moved from 1 to 2 threads at step 456 left its own rerun's losses from there. Run-to-run
+nondeterminism alone can be as large as seed variance (Zhuang et al., "Randomness in neural network
+training: characterizing the impact of tooling", MLSys 2022), and a tool that measures seed variance
+must not add scheduling noise to it.
 
-Only for a local sweep (``launcher.address`` null): the run folders are this machine's, and the
-free CPUs are this machine's. Off when ``train.threads`` is set, for a job of several data-parallel
-workers, and for GPU jobs.
+So the thread count is a function of the config alone: ``train.threads`` when set, else the CPUs the
+job asks for (``launcher.num_cpus_per_job``, at least one), in a sweep (each job a Ray task) and in a
+job run in the launching process alike, and it is never changed during the run. Free cores go to
+jobs that start and to checkpoint evaluation (a Ray task of one CPU, :mod:`polypythia.evaluate.background`).
+Each step logs the count it ran with as ``train/threads``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import time
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from polypythia.files import write_json_atomic
 from polypythia.train.callbacks import Callback, TrainStart
 
 log = logging.getLogger(__name__)
 
-THREADS_FILE = "threads.json"
 
-
-def fair_threads(own: int, free: float, running: int, cores: int) -> int:
-    """Threads of one of ``running`` training jobs holding ``own`` CPUs each, with ``free`` CPUs idle."""
-    running = max(1, running)
-    share = int((max(0.0, free) + running * own) // running)
-    return max(own, min(share, cores))
-
-
-def follows_free_cores(cfg: Any) -> bool:
-    """Whether the job of ``cfg`` (a JobConfig) takes its share of the free cores in a sweep."""
-    launcher = cfg.launcher
-    return not (cfg.train.threads or launcher.address or launcher.workers_per_run > 1 or launcher.num_gpus_per_job)
-
-
-def own_cpus(cfg: Any) -> int:
+def job_threads(cfg: Any) -> int:
+    """The torch intra-op threads of the job of ``cfg`` (a JobConfig): configured, else its own CPUs."""
+    if cfg.train.threads:
+        return int(cfg.train.threads)
     return max(1, int(cfg.launcher.num_cpus_per_job))
 
 
-class Advisor:
-    """The driver's side: writes each training job's share of the cores when it changes."""
+def fix_threads(cfg: Any) -> int:
+    """Set torch's intra-op threads for the whole run (before the model is built); returns the count."""
+    import torch  # here, not at the top: the driver imports polypythia modules that need no torch
 
-    def __init__(self, jobs: list[Any], cores: Optional[int] = None):
-        self.jobs = jobs
-        self.cores = cores or os.cpu_count() or 1
-        self.written: dict[int, int] = {}
-
-    def advise(self, rows: dict[int, dict[str, Any]], free_cpus: float) -> None:
-        """``rows``: the progress board's; ``free_cpus``: what Ray has free now."""
-        training = [i for i, row in rows.items() if row.get("state") == "running" and not row.get("evaluating")]
-        for i in training:
-            job = self.jobs[i]
-            if not follows_free_cores(job):
-                continue
-            threads = fair_threads(own_cpus(job), free_cpus, len(training), self.cores)
-            if self.written.get(i) != threads:
-                try:
-                    write_json_atomic(Path(job.run_dir) / THREADS_FILE, {"threads": threads, "written": time.time()})
-                    self.written[i] = threads
-                except OSError as exc:  # a missed advice keeps the job's threads as they are
-                    log.debug("Could not write %s's thread advice: %s", job.run_name, exc)
+    threads = job_threads(cfg)
+    torch.set_num_threads(threads)
+    return threads
 
 
-class CoreShare(Callback):
-    """The job's side: sets its torch threads to the driver's advice, at the start and every
-    ``every_s`` seconds; each step's thread count is logged as ``train/threads``."""
+class ThreadsLog(Callback):
+    """Logs each step's thread count as ``train/threads``, and says so if anything changed it mid-run."""
 
     priority = 10  # before the job's MLflow callback, which logs the step's metrics
 
-    def __init__(self, run_dir: str, own: int, every_s: float = 3.0, cores: Optional[int] = None):
-        self.path = Path(run_dir) / THREADS_FILE
-        self.own = own
-        self.every_s = every_s
-        self.cores = cores or os.cpu_count() or 1
-        import torch  # here, not at the top: the driver imports this module for the Advisor, and needs no torch
-
-        self.threads = torch.get_num_threads()
-        self.last = 0.0
+    def __init__(self, threads: int):
+        self.threads = threads
 
     def on_train_start(self, start: TrainStart) -> None:
-        try:
-            self.path.unlink()  # an earlier attempt's advice: the driver writes anew for this one
-        except OSError:
-            pass
-        self.adjust()
+        self.check()
 
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        metrics["train/threads"] = self.threads  # the threads this step ran with
-        if time.monotonic() - self.last >= self.every_s:
-            self.adjust()
+        metrics["train/threads"] = self.check()  # the threads this step ran with
 
-    def adjust(self) -> None:
-        self.last = time.monotonic()
-        try:
-            advice = json.loads(self.path.read_text())
-            threads = max(1, min(int(advice["threads"]), self.cores))
-        except (OSError, ValueError, KeyError, TypeError):
-            threads = self.own  # no advice (yet): the CPUs Ray gave the job
-        if threads != self.threads:
-            import torch
+    def check(self) -> int:
+        import torch
 
-            log.info("Torch threads %d -> %d (the job's share of the free cores).", self.threads, threads)
-            torch.set_num_threads(threads)
-            self.threads = threads
+        now = torch.get_num_threads()
+        if now != self.threads:
+            log.warning("Torch threads changed from %d to %d during the run; its losses may not reproduce.",
+                        self.threads, now)
+            self.threads = now
+        return now
 
 
-def core_share(cfg: Any) -> list[Callback]:
-    """``[CoreShare(...)]`` for a job of a local sweep (a Ray worker) where it applies, else ``[]``."""
-    if not follows_free_cores(cfg):
-        return []
-    try:
-        import ray
-    except ImportError:
-        return []
-    if not ray.is_initialized():
-        return []
-    return [CoreShare(cfg.run_dir, own_cpus(cfg))]
+def threads_log(cfg: Any) -> list[Callback]:
+    """``[ThreadsLog(...)]`` for the job of ``cfg``, its count the one :func:`fix_threads` set."""
+    return [ThreadsLog(job_threads(cfg))]

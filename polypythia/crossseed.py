@@ -70,10 +70,11 @@ class Group:
 
 def plan_groups(jobs: list[Any]) -> list[Group]:
     """The sibling groups of a sweep's jobs (JobConfigs) with ``monitor.cross_seed`` on. A study with
-    several groups names each one's band ``seeds/<model>/loss_*``."""
+    several groups names each one's band ``seeds/<model>/loss_*``. A replicate (``replicate`` > 0, the
+    same seeds trained again) is no sibling seed: its twin would narrow the band it is judged by."""
     groups: dict[tuple, Group] = {}
     for index, job in enumerate(jobs):
-        if job.monitor.cross_seed:
+        if job.monitor.cross_seed and not getattr(job, "replicate", 0):
             key = (job.study, job.model.name, decision_steps(job), loss_window(job))
             groups.setdefault(key, Group(*key)).members.append(index)
     for group in groups.values():

@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 
 from polypythia import rewindlog, runfolder, tracking
 from polypythia.config import JobConfig
-from polypythia.cores import core_share
+from polypythia.cores import threads_log
 from polypythia.errors import DivergenceError, PolypythiaError
 from polypythia.jobspec import TASK_STARTED_ENV, RewindRequest
 from polypythia.mlflowrun import open_run
@@ -151,7 +151,7 @@ def _run_owned(cfg: JobConfig, tracking_uri: str, parent_run_id: Optional[str], 
     logger = logger if rewound is None else rewindlog.RewoundLogger(logger, rewound, mlflow_client, run_id, cfg.run_dir)
     callbacks: list[Callback] = [] if rewound is None else [logger]
     evaluation = _checkpoint_evaluation(cfg, tracking_uri, run_id, progress)
-    callbacks += ([evaluation] if evaluation is not None else []) + core_share(cfg)  # threads: polypythia.cores
+    callbacks += ([evaluation] if evaluation is not None else []) + threads_log(cfg)  # train/threads: polypythia.cores
     callbacks.append(MLflowCallback(logger, mlflow_client, run_id))
     if progress is not None:
         callbacks.append(ProgressCallback(progress, cfg.budget.steps, waiting=lambda: logger.waiting))

@@ -34,6 +34,7 @@ def run_tags(cfg: JobConfig, parent_run_id: str | None) -> dict[str, str]:
         study.SEED_TAG: str(cfg.seed),
         study.WEIGHT_SEED_TAG: str(cfg.effective_weight_seed),
         study.DATA_SEED_TAG: str(cfg.effective_data_seed),
+        study.REPLICATE_TAG: str(cfg.replicate),
         study.WEIGHT_STATS_TAG: cfg.train.weight_stats,
         "budget": cfg.budget.name,
         "git_commit": git_commit(),

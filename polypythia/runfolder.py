@@ -40,7 +40,7 @@ MLFLOW_RECORD = "mlflow_run.json"
 # besides training, and how its steps are computed (the same sums, in other pieces or kernels).
 # A key is exempt if it equals one of these or lies under one ending in ".".
 FREE_KEYS = (
-    "tracking.", "launcher.", "home", "runs_dir", "data.cache_dir", "seed", "weight_seed", "data_seed",
+    "tracking.", "launcher.", "home", "runs_dir", "data.cache_dir", "seed", "weight_seed", "data_seed", "replicate",
     "budget.name", "budget.micro_batch_size", "budget.checkpoint_every_steps", "budget.log_spaced_checkpoints",
     "train.threads", "train.peak_tflops", "train.compile", "train.activation_checkpointing",
     "train.attn_implementation", "train.loss_ceiling", "train.loss_ceiling_steps", "train.eval_every_checkpoint",

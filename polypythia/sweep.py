@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import replace
 from typing import Any, Callable, Optional
 
-from polypythia import cores, driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
+from polypythia import driverloss, mlflow_ui, raysetup, runfolder, tracking, watchdog, worker
 from polypythia.sweepwide import check_sweep_wide
 from polypythia.actions import MonitorActions
 from polypythia.config import JobConfig, job_config, to_dict
@@ -48,7 +48,8 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
     names = Counter((j.study, j.run_name) for j in jobs)
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
-        raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may appear only once.")
+        raise ConfigError(f"The sweep has the same run more than once ({', '.join(repeated)}); each (model, seed) may "
+                          "appear only once (to train the same seeds again, add replicate=1,2,...: a run each).")
     return jobs
 
 
@@ -63,7 +64,6 @@ class Sweep:
         self.on_finished = on_finished
         self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
-        self.cores = cores.Advisor(self.jobs)  # each running job's share of the free cores (polypythia.cores)
         self.retries_left: dict[int, int] = {}  # per job, once the driver has ended one of its attempts
         self.tracking_uri: str | None = None
         self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
@@ -201,7 +201,6 @@ class Sweep:
                             outcomes[index] = JobOutcome(state="failed", error=exc, reason=last_line(exc))
                             board.update.remote(index, {"state": "failed"})
                     rows = ray.get(board.snapshot.remote())
-                    self.cores.advise(rows, ray.available_resources().get("CPU", 0.0))  # threads follow the free cores
                     for ref, index in list(pending.items()):  # the stall watchdog
                         if watchdog.stalled(rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
                             del pending[ref]

@@ -1,5 +1,5 @@
 """Checkpoint evaluation off the step loop (polypythia/evaluate/background.py), and the job's threads
-following the free cores (polypythia/cores.py)."""
+fixed when it starts (polypythia/cores.py)."""
 
 import uuid
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from polypythia.cores import fair_threads
+from polypythia.cores import job_threads
 from test_launch import child_runs, launch
 
 CHECKPOINT_STEPS = [0, 1, 2, 3, 4, 6]  # budget=smoke: log-spaced and every 3 steps, of 6
@@ -38,16 +38,17 @@ def test_a_job_killed_while_evaluating_logs_every_checkpoint_exactly_once(tmp_pa
         assert (run_dir / "checkpoints" / f"step{step}" / "eval" / "valid.json").exists()
 
 
-@pytest.mark.parametrize("own, free, running, cores, expected", [
-    (1, 1, 1, 2, 2),  # the tail of a sweep: the last job takes the idle core
-    (1, 0, 2, 2, 1),  # two jobs on two cores
-    (1, 2, 2, 4, 2),  # two jobs on four: two threads each
-    (1, 1, 2, 4, 1),  # one free CPU between two jobs: nobody gets a half
-    (2, 6, 1, 4, 4),  # never more threads than cores
-    (1, -1, 0, 2, 1),  # nonsense from Ray: the job's own CPUs
+@pytest.mark.parametrize("threads, cpus, expected", [
+    (None, 1.0, 1),  # the CPUs the job asks for, whatever its siblings leave free
+    (None, 2.0, 2),
+    (None, 0.5, 1),  # a fraction of a CPU: one thread
+    (3, 1.0, 3),  # train.threads wins
 ])
-def test_threads_are_the_fair_share_of_the_free_cores(own, free, running, cores, expected):
-    assert fair_threads(own, free, running, cores) == expected
+def test_a_jobs_threads_follow_its_config_alone(threads, cpus, expected):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(train=SimpleNamespace(threads=threads), launcher=SimpleNamespace(num_cpus_per_job=cpus))
+    assert job_threads(cfg) == expected
 
 
 def test_the_live_table_says_when_a_job_waits_for_the_tracking_server():
@@ -74,42 +75,21 @@ def test_the_live_table_says_when_a_job_waits_for_the_tracking_server():
     assert "(evaluating checkpoints)" in line(board.rows[0])
 
 
-def test_the_driver_advises_threads_and_the_job_follows(tmp_path):
-    """Advisor (driver) -> <run_dir>/threads.json -> CoreShare (job): torch threads follow the share."""
-    from types import SimpleNamespace
-
+def test_the_threads_log_says_the_count_each_step_ran_with():
+    """train/threads is what torch ran the step with, also when something changed it mid-run."""
     import torch
 
-    from polypythia.cores import Advisor, CoreShare
-
-    def job(name, **launcher):
-        run_dir = tmp_path / name
-        run_dir.mkdir()
-        return SimpleNamespace(run_dir=str(run_dir), run_name=name, train=SimpleNamespace(threads=None),
-                               launcher=SimpleNamespace(**{"address": None, "workers_per_run": 1, "num_gpus_per_job": 0,
-                                                           "num_cpus_per_job": 1, **launcher}))
-
-    jobs = [job("a"), job("b"), job("fixed", workers_per_run=2)]
-    advisor = Advisor(jobs, cores=2)
-    running = {"state": "running"}
-    advisor.advise({0: running, 1: running, 2: running}, free_cpus=0)
-    assert advisor.written == {0: 1, 1: 1}  # two jobs on two cores; a multi-worker job is left alone
-    advisor.advise({0: running, 1: {"state": "finished"}, 2: {"state": "pending"}}, free_cpus=1)
-    assert advisor.written[0] == 2  # the tail: the last job takes the idle core
-    advisor.advise({0: {"state": "running", "evaluating": True}, 1: running}, free_cpus=0)
-    assert advisor.written[1] == 1  # an evaluating job holds no CPU share
+    from polypythia.cores import ThreadsLog
 
     before = torch.get_num_threads()
     try:
-        share = CoreShare(jobs[0].run_dir, own=1, every_s=0.0, cores=2)
-        share.adjust()
-        assert torch.get_num_threads() == 2 and share.threads == 2
-        metrics = {}
-        share.on_step_end(1, metrics)
+        torch.set_num_threads(1)
+        threads, metrics = ThreadsLog(1), {}
+        threads.on_step_end(1, metrics)
+        assert metrics["train/threads"] == 1
+        torch.set_num_threads(2)
+        threads.on_step_end(2, metrics)
         assert metrics["train/threads"] == 2
-        (tmp_path / "a" / "threads.json").write_text("not json")
-        share.adjust()
-        assert share.threads == 1  # no readable advice: the job's own CPUs
     finally:
         torch.set_num_threads(before)
 

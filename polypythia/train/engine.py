@@ -8,7 +8,6 @@ partitioning of optimizer state, mixed precision and the engine's checkpoints.
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -18,10 +17,10 @@ from polypythia.train.schedule import lr_at
 
 
 def set_threads(cfg: JobConfig) -> None:
-    """Torch's intra-op threads: configured, else the CPUs the launcher gave the job."""
-    threads = cfg.train.threads or int(os.environ.get("OMP_NUM_THREADS", "0")) or None
-    if threads:
-        torch.set_num_threads(threads)
+    """Torch's intra-op threads, fixed for the whole run (polypythia.cores: the count decides the numbers)."""
+    from polypythia.cores import fix_threads
+
+    fix_threads(cfg)
 
 
 def resolve_precision(precision: str) -> str:

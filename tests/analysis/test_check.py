@@ -70,7 +70,7 @@ def test_cli_exits_0_on_a_clean_source_and_2_on_a_user_error(tmp_path, capsys):
 def test_steps_polypythias_asks_only_for_the_study_steps(tmp_path):
     root = tmp_path / "evals"
     for step in (0, 1, 2, 8, 16, 1000):  # 4 is missing of the 27; 3, 5, ..., 2000 are not asked for
-        write_result(root, "pythia-70m", step, "EleutherAI/pythia-70m", {"arc_easy": 0.3 + 0.001 * step})
+        write_result(root, "pythia-70m", step, "EleutherAI/pythia-70m", {"arc_easy": 0.3 + 0.0001 * step})  # <= 1
     steps = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1000, 3000]
     problems = check_study(load_study(root, steps="polypythias"), steps=steps)
     assert [(p.seed, p.problem, p.steps) for p in problems] == [("0", MISSING, "4,32,64,128,256,512")]

@@ -279,9 +279,9 @@ def test_table_loader_passes_non_finite_values_on(tmp_path, monkeypatch):
     seen = {}
     real_tidy = load.tidy
 
-    def spy(frame):
+    def spy(frame, notes=None):
         seen["values"] = frame["value"].tolist()
-        return real_tidy(frame)
+        return real_tidy(frame, notes)
 
     monkeypatch.setattr(load, "tidy", spy)
     path = tmp_path / "diverged.csv"
