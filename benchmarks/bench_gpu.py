@@ -91,7 +91,7 @@ def measure_job(name: str, dtype_name: str, args, home) -> dict:
         def on_step_end(self, step, metrics):
             self.mfu.append(metrics.get("train/mfu", float("nan")))
 
-    raw = job_dict(home, name, args.warmup + args.steps, threads=0, checkpoints=False, study=f"gpu-{name}-{dtype_name}",
+    raw = job_dict(home, name, args.warmup + args.steps, threads=None, checkpoints=False, study=f"gpu-{name}-{dtype_name}",
                    seq_length=args.seq_length, global_batch_size=args.micro_batch, micro_batch_size=args.micro_batch)
     raw["model"]["vocab_size"] = PYTHIA_VOCAB
     raw["train"].update(precision=dtype_name, peak_tflops=args.peak_tflops)

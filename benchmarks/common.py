@@ -113,7 +113,7 @@ def model_shape(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), resolve=True)
 
 
-def job_dict(home: Path, model: str, steps: int, threads: int, cache_dir: Path | None = None,
+def job_dict(home: Path, model: str, steps: int, threads: int | None, cache_dir: Path | None = None,
              checkpoints: bool = True, seed: int = 1, study: str = "bench", **budget) -> dict:
     """A job config (as a plain dict for :func:`polypythia.config.job_config`) writing under ``home``.
 
