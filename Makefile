@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast mlflow-ui stop-mlflow analysis clean
+.PHONY: setup demo test test-slow test-fast mlflow-ui stop-mlflow analysis clean
 
 setup: $(VENV)/.installed
 
@@ -27,11 +27,16 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(PY) launch.py -m seed=1,2,3 model=70m
 
+# the suite a change must pass, within 15 minutes on 2 cores; the long checks (marker `slow`) run in
+# `make test-slow`, which .ci/run runs after it
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: setup
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not integration" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 mlflow-ui: setup
 	$(PY) -m polypythia.tracking start
