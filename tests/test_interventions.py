@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import tiny_job, train_here
+from helpers import record_attention_logit_maxima, tiny_job, train_here
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback
 from polypythia.train.skipstep import SkipStepAdamW, SkipStepRule, min_previous_values
@@ -90,8 +90,6 @@ def test_qk_layernorm_normalises_each_heads_queries_and_keys_and_keeps_the_plain
 def test_the_monitor_measures_attention_logits_after_the_norm(monkeypatch):
     """monitor/attn_logit_max of a qk-layernorm model: the logits of the queries and keys attention
     actually uses (normalised, then rotated), not of the raw projection."""
-    from transformers.models.gpt_neox import modeling_gpt_neox
-
     from polypythia.model import build_model
     from polypythia.train.monitor import ForwardSignals
 
@@ -100,16 +98,7 @@ def test_the_monitor_measures_attention_logits_after_the_norm(monkeypatch):
         for layer in model.gpt_neox.layers:  # norms that change the logits a lot
             layer.attention.query_key_value.q_layernorm.weight.fill_(3.0)
             layer.attention.query_key_value.k_layernorm.weight.fill_(2.0)
-    seen = []
-    eager = modeling_gpt_neox.eager_attention_forward
-
-    def recording(module, query, key, value, attention_mask, scaling, **kwargs):
-        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-        future = torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1)
-        seen.append(float(logits.masked_fill(future, float("-inf")).amax()))
-        return eager(module, query, key, value, attention_mask, scaling, **kwargs)
-
-    monkeypatch.setattr(modeling_gpt_neox, "eager_attention_forward", recording)
+    seen = record_attention_logit_maxima(monkeypatch)
     metrics = {}
     with torch.no_grad(), ForwardSignals(model).watch(metrics):
         model(input_ids=torch.randint(0, 512, (3, 20)))
