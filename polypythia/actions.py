@@ -1,7 +1,8 @@
 """What the sweep's driver does when the cross-seed monitor (:mod:`polypythia.crossseed`) alerts on a
 run: ``monitor.action`` of that run.
 
-- ``none`` (the default): the alert only (the ``stability.alert`` tag, ``monitor/band_deviation``,
+- ``none`` (the default), and ``skip_step`` (which acts inside the job, on its own steps:
+  :mod:`polypythia.train.skipstep`): the alert only (the ``stability.alert`` tag, ``monitor/band_deviation``,
   the mark in the live table, a log line).
 - ``stop``: the run's Ray task is killed (as the stall watchdog kills a stalled one), its MLflow run
   gets ``stability.action=stopped at step T (...)`` and ends KILLED with a ``failure_reason`` naming
@@ -33,6 +34,7 @@ from typing import Any, Optional
 from polypythia import watchdog
 from polypythia.crossseed import CrossSeedMonitor, Decision, MonitorLog
 from polypythia.jobspec import STOPPED, JobOutcome, RewindRequest
+from polypythia.monitorconfig import DRIVER_ACTIONS
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +62,12 @@ class MonitorActions:
                 self.monitor.forget(index, rows[index].get("first_step") or 0)
 
     def due(self, pending: dict[Any, int], outcomes: dict[int, JobOutcome]) -> list[tuple[Any, int, Decision]]:
-        """(task, job, alert) of each job with an alert not acted on yet, whose action is not none: a
+        """(task, job, alert) of each job with an alert not acted on yet, whose action is stop or rewind: a
         running job, or (rewind) one that finished before its alert was decided (task None)."""
         tasks = {index: ref for ref, index in pending.items()}
         found = []
         for index, alert in list(self.monitor.alerts.items()):
-            if self.handled.get(index) is alert or index in self.awaiting or self.jobs[index].monitor.action == "none":
+            if self.handled.get(index) is alert or index in self.awaiting or self.jobs[index].monitor.action not in DRIVER_ACTIONS:
                 continue
             if index in tasks:
                 found.append((tasks[index], index, alert))

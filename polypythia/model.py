@@ -96,11 +96,17 @@ def build_model(
     weight_seed: int,
     max_positions: int = PYTHIA_MAX_POSITIONS,
     attn_implementation: str = "sdpa",
+    qk_layernorm: bool = False,
 ) -> GPTNeoXForCausalLM:
-    """Build a Pythia-initialised GPT-NeoX whose weights depend only on ``weight_seed``."""
+    """Build a Pythia-initialised GPT-NeoX whose weights depend only on ``weight_seed``; with
+    ``qk_layernorm``, the network of :mod:`polypythia.qknorm` (its norms start at weight 1, bias 0)."""
     config = gpt_neox_config(num_layers, hidden_size, num_heads, vocab_size, max_positions)
+    if qk_layernorm:
+        from polypythia.qknorm import QKNormGPTNeoXForCausalLM, qk_config
+
+        config = qk_config(config)
     config._attn_implementation = attn_implementation
-    model = GPTNeoXForCausalLM(config)
+    model = QKNormGPTNeoXForCausalLM(config) if qk_layernorm else GPTNeoXForCausalLM(config)
     generator = torch.Generator().manual_seed(weight_seed)
     init_pythia_weights(model, generator)
     return model

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from polypythia import runtime_env
 from polypythia.errors import ConfigError
+from polypythia.monitorconfig import MonitorConfig  # noqa: F401  (a section of the schema, in its own module)
 from polypythia.preflight import is_file_store, tokenizer_file_size
 from polypythia.recipe import PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
 
@@ -34,6 +35,8 @@ class ModelConfig:
     # null: the tokenizer's vocabulary padded to a multiple of 128, as GPT-NeoX does.
     vocab_size: Optional[int] = None
     max_positions: int = PYTHIA_MAX_POSITIONS
+    # LayerNorm on each head's queries and keys (polypythia.qknorm; Wortsman et al. 2023); not Pythia's recipe
+    qk_layernorm: bool = False
 
     def check(self) -> None:
         for key in ("num_layers", "hidden_size", "num_heads"):
@@ -67,7 +70,7 @@ class ModelConfig:
         from polypythia.model import build_model
 
         return build_model(self.num_layers, self.hidden_size, self.num_heads, vocab_size, weight_seed,
-                           self.max_positions, attn_implementation)
+                           self.max_positions, attn_implementation, self.qk_layernorm)
 
 
 @dataclass
@@ -198,6 +201,7 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     weight_decay: float = 0.1
     gradient_clipping: float = 1.0
+    z_loss: float = 0.0  # coefficient of log(Z)^2 of the output softmax added to the loss (PaLM: 1e-4); 0: off, as Pythia
     attn_implementation: str = "sdpa"
     activation_checkpointing: bool = False
     compile: bool = False
@@ -236,48 +240,9 @@ class TrainConfig:
             raise ConfigError(f"train.weight_decay must be 0 (none) or positive (Pythia: 0.1), got {self.weight_decay}.")
         if not (self.gradient_clipping >= 0 and math.isfinite(self.gradient_clipping)):
             raise ConfigError(f"train.gradient_clipping must be 0 (no clipping) or a positive norm, got {self.gradient_clipping}.")
+        if not (self.z_loss >= 0 and math.isfinite(self.z_loss)):
+            raise ConfigError(f"train.z_loss must be 0 (off) or a positive coefficient (PaLM: 1e-4), got {self.z_loss}.")
         self.fault.check()
-
-
-@dataclass
-class MonitorConfig:
-    """The live stability monitor (:mod:`polypythia.train.monitor`): signals from inside sampled steps,
-    logged as ``monitor/*`` metrics, and in-run spike detection on the loss and the gradient norm.
-
-    The spike rule is OLMo-core's (``StabilityMonitorCallback``, ``SkipStepAdamW``): a value more
-    than ``spike_threshold_sd`` SDs above the mean of the previous ``spike_window`` values."""
-
-    every_steps: int = 10  # the in-step signals every this many optimizer steps (0: off)
-    spikes: bool = True  # spike detection on train/loss and train/grad_norm, every step
-    spike_window: int = 128
-    spike_threshold_sd: float = 6.0
-    spike_min_values: Optional[int] = None  # previous values a verdict needs (null: the whole window)
-    cross_seed: bool = True  # in a sweep, the driver compares each run's smoothed train/loss with its sibling seeds' (polypythia.stability)
-    cross_seed_every_steps: Optional[int] = None  # its decision steps: every this many steps (null: the checkpoint steps)
-    loss_window_steps: Optional[int] = None  # steps in the smoothed loss (null: 1% of budget.steps, at least 1)
-    action: str = "none"  # on a run's cross-seed alert (polypythia.actions): none (alert only), stop, or rewind (as PaLM)
-    skip_batches: Optional[int] = None  # batches a rewind skips (null: as many as steps rewound; 0: replay them)
-    max_rewinds: int = 2  # rewinds per run; an alert after the last is an alert only
-
-    def check(self) -> None:
-        if self.action not in ("none", "stop", "rewind"):
-            raise ConfigError(f"monitor.action must be none (alert only), stop or rewind, got '{self.action}'.")
-        if (self.skip_batches is not None and self.skip_batches < 0) or self.max_rewinds < 0:
-            raise ConfigError("monitor.skip_batches (or null) and monitor.max_rewinds must be 0 or more.")
-        if self.action != "none" and not self.cross_seed:
-            raise ConfigError(f"monitor.action={self.action} acts on cross-seed alerts; set monitor.cross_seed=true.")
-        if self.every_steps < 0:
-            raise ConfigError(f"monitor.every_steps must be 0 (off) or a positive number of steps, got {self.every_steps}.")
-        if any(v is not None and v < 1 for v in (self.cross_seed_every_steps, self.loss_window_steps)):
-            raise ConfigError("monitor.cross_seed_every_steps and monitor.loss_window_steps must be at least 1 step, or null.")
-        if self.spike_window < 2:
-            raise ConfigError(f"monitor.spike_window must be at least 2 values, got {self.spike_window}.")
-        if not (self.spike_threshold_sd > 0 and math.isfinite(self.spike_threshold_sd)):
-            raise ConfigError(f"monitor.spike_threshold_sd must be a positive number of SDs, got {self.spike_threshold_sd}.")
-        if self.spike_min_values is not None and not 2 <= self.spike_min_values <= self.spike_window:
-            raise ConfigError(
-                f"monitor.spike_min_values must lie between 2 and monitor.spike_window ({self.spike_window}), "
-                f"got {self.spike_min_values}.")
 
 
 @dataclass

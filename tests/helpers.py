@@ -47,6 +47,26 @@ def write_small_pair(folder: Path, repeats: int, copies: int):
     return tokenizer
 
 
+def record_attention_logit_maxima(monkeypatch) -> list[float]:
+    """The largest causal attention logit of every eager attention call from now on, computed from
+    the query and key that transformers' GPT-NeoX attention hands its kernel (an independent check
+    of the stability monitor's probe); the list fills as the model runs."""
+    import torch
+    from transformers.models.gpt_neox import modeling_gpt_neox
+
+    seen: list[float] = []
+    eager = modeling_gpt_neox.eager_attention_forward
+
+    def recording(module, query, key, value, attention_mask, scaling, **kwargs):
+        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
+        future = torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1)
+        seen.append(float(logits.masked_fill(future, float("-inf")).amax()))
+        return eager(module, query, key, value, attention_mask, scaling, **kwargs)
+
+    monkeypatch.setattr(modeling_gpt_neox, "eager_attention_forward", recording)
+    return seen
+
+
 def train_here(cfg, callbacks=()):
     """Train ``cfg`` in this process, then leave its process group, so the next test can start one."""
     from polypythia.job import teardown

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from helpers import tiny_job, train_here
+from helpers import record_attention_logit_maxima, tiny_job, train_here
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback, TrainResult
 from polypythia.train.faults import BoostLR, RepeatBatch, callbacks_from_config
@@ -161,22 +161,11 @@ def test_monitor_reports_spikes_with_their_batch():
 
 
 def test_forward_signals_match_an_independent_computation(monkeypatch):
-    from transformers.models.gpt_neox import modeling_gpt_neox
-
     from polypythia.model import build_model
 
     model = build_model(2, 64, 4, 512, 1, attn_implementation="eager")
     x = torch.randint(0, 512, (3, 20))
-    seen = []
-    eager = modeling_gpt_neox.eager_attention_forward
-
-    def recording(module, query, key, value, attention_mask, scaling, **kwargs):
-        logits = torch.matmul(query, key.transpose(2, 3)) * scaling
-        future = torch.ones(logits.shape[-2:], dtype=torch.bool).triu(1)
-        seen.append(float(logits.masked_fill(future, float("-inf")).amax()))
-        return eager(module, query, key, value, attention_mask, scaling, **kwargs)
-
-    monkeypatch.setattr(modeling_gpt_neox, "eager_attention_forward", recording)
+    seen = record_attention_logit_maxima(monkeypatch)
     metrics = {}
     with torch.no_grad(), ForwardSignals(model).watch(metrics):
         logits = model(input_ids=x).logits

@@ -137,6 +137,8 @@ def evaluate_checkpoint(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
+    import polypythia.qknorm  # noqa: F401  (lm-eval loads with AutoModelForCausalLM: a qk-layernorm checkpoint too)
+
     results = lm_eval.simple_evaluate(
         model="hf",
         model_args=f"pretrained={checkpoint_dir},tokenizer={checkpoint_dir}",

@@ -221,6 +221,7 @@ def compute_valid(checkpoint: CheckpointTarget, rows, batch_size: int, device: s
     import torch
     from transformers import AutoModelForCausalLM
 
+    import polypythia.qknorm  # noqa: F401  (registers the qk-layernorm model type with the Auto classes)
     from polypythia.evaluate.perplexity import validation_loss
 
     model = AutoModelForCausalLM.from_pretrained(checkpoint.path, torch_dtype=torch.float32).to(device)

@@ -43,6 +43,9 @@ class TrainStart:
     # the DeepSpeed engine (its .module, .optimizer, .lr_scheduler), for callbacks that look inside
     # the training (the stability monitor) or change it (fault injection); read, never step it
     engine: Any = None
+    # the trainer state of the checkpoint resumed from (empty on a fresh start): what callbacks kept
+    # there through Callback.trainer_state
+    trainer_state: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -103,6 +106,11 @@ class Callback:
         durable what the checkpoint stands for."""
 
     def on_checkpoint(self, step: int, path: str, model: torch.nn.Module) -> None: ...
+
+    def trainer_state(self) -> dict:
+        """Plain (JSON) values to keep in each checkpoint's trainer state, under keys of the callback's
+        own; a resume hands them back in :attr:`TrainStart.trainer_state`."""
+        return {}
 
     def on_train_end(self, result: TrainResult) -> None: ...
 

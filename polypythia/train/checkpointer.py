@@ -13,6 +13,7 @@ from typing import Sequence
 import torch
 
 from polypythia.config import JobConfig, to_dict
+from polypythia.qknorm import write_loading_note
 from polypythia.train import checkpoint as ckpt
 from polypythia.train.callbacks import Callback
 from polypythia.train.data import TrainingData
@@ -75,8 +76,11 @@ class Checkpointer:
             engine.save_checkpoint(str(directory / "state"), tag=ckpt.STATE_TAG)
         if rank == 0:
             engine.module.save_pretrained(directory, safe_serialization=True)
+            if cfg.model.qk_layernorm:  # not loadable by GPTNeoXForCausalLM: the folder says how to load it
+                write_loading_note(directory)
             self.data.save_tokenizer(directory)
-            ckpt.save_trainer_state(directory, {"step": step, "weight_seed": cfg.effective_weight_seed,
+            kept = {key: value for cb in self.callbacks for key, value in cb.trainer_state().items()}
+            ckpt.save_trainer_state(directory, {**kept, "step": step, "weight_seed": cfg.effective_weight_seed,
                                                 "data_seed": cfg.effective_data_seed,
                                                 "world_size": torch.distributed.get_world_size(),
                                                 "zero_stage": engine.zero_optimization_stage(),

@@ -14,6 +14,7 @@ import torch
 from polypythia.config import FP16_ZERO0_REFUSED, JobConfig
 from polypythia.errors import ConfigError
 from polypythia.train.schedule import lr_at
+from polypythia.train.skipstep import SkipStepAdamW
 
 
 def set_threads(cfg: JobConfig) -> None:
@@ -99,7 +100,9 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_u
 
     train = cfg.train
     fused = torch.cuda.is_available()
-    optimizer = torch.optim.AdamW(
+    # monitor.action=skip_step: the same AdamW, whose update a step may skip (train/skipstep.py)
+    adamw = SkipStepAdamW if cfg.monitor.action == "skip_step" else torch.optim.AdamW
+    optimizer = adamw(
         param_groups(model, train.weight_decay),
         lr=cfg.model.lr,
         betas=(train.adam_beta1, train.adam_beta2),

@@ -24,6 +24,7 @@ from polypythia.config import JobConfig
 from polypythia.errors import DivergenceError
 from polypythia.train.callbacks import Callback, TrainStart
 from polypythia.train.monitor import StabilityMonitor
+from polypythia.train.skipstep import SkipStep
 
 
 class DivergenceCheck(Callback):
@@ -161,12 +162,14 @@ class HangAtStep(Callback):
 
 
 def callbacks_from_config(cfg: JobConfig) -> list[Callback]:
-    """The divergence check, the stability monitor, and the faults ``train.fault`` injects into this
-    job (by its seed)."""
+    """The divergence check, the stability monitor, the skip-step action (``monitor.action=skip_step``),
+    and the faults ``train.fault`` injects into this job (by its seed)."""
     fault = cfg.train.fault
     callbacks: list[Callback] = [DivergenceCheck(cfg.train.loss_ceiling, cfg.train.loss_ceiling_steps)]
     if cfg.monitor.every_steps or cfg.monitor.spikes:
         callbacks.append(StabilityMonitor.from_config(cfg))
+    if cfg.monitor.action == "skip_step":
+        callbacks.append(SkipStep.from_config(cfg))
     if fault.nan_at_step is not None and _applies(cfg, fault.nan_seeds):
         callbacks.append(InjectNaN(fault.nan_at_step))
     if fault.kill_at_step is not None and _applies(cfg, fault.kill_seeds):

@@ -12,7 +12,8 @@ pieces live in their own modules: :mod:`~polypythia.train.engine` (model, optimi
 :mod:`~polypythia.train.resume`, :mod:`~polypythia.train.step`, :mod:`~polypythia.train.checkpointer`,
 :mod:`~polypythia.train.faults` (divergence detection and fault injection, as callbacks) and
 :mod:`~polypythia.train.monitor` (the stability monitor, a callback that probes sampled steps) and
-:mod:`~polypythia.train.rewind` (the batches a rewound run skips).
+:mod:`~polypythia.train.rewind` (the batches a rewound run skips) and :mod:`~polypythia.train.skipstep`
+(``monitor.action=skip_step``: updates skipped inside the step).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from polypythia.train.faults import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index, load as load_rewinds
 from polypythia.train.schedule import checkpoint_steps
+from polypythia.train.skipstep import SkipStep
 from polypythia.train.step import StepMetrics, matmul_params, train_step
 
 __all__ = ["Callback", "TrainResult", "TrainStart", "train"]
@@ -56,9 +58,10 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     callbacks = in_order([*callbacks, *callbacks_from_config(cfg)])
     start = TrainStart(rank=rank, world_size=world_size, start_step=start_step, vocab_size=vocab_size,
                        zero_stage=plan.stage, num_params=sum(p.numel() for p in model.parameters()),
-                       checkpoint_steps=tuple(schedule), data=data, engine=engine)
+                       checkpoint_steps=tuple(schedule), data=data, engine=engine, trainer_state=plan.state)
     for cb in callbacks:
         cb.on_train_start(start)
+    skip = next((cb for cb in callbacks if isinstance(cb, SkipStep)), None)  # monitor.action=skip_step
     checkpointer = Checkpointer(cfg, engine, data, schedule, callbacks)
     step_metrics = StepMetrics(cfg, matmul_params(model), world_size)
     if start_step == 0:
@@ -72,8 +75,9 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         for cb in callbacks:  # fault injection may replace the batch
             rows = cb.on_batch(done, rows)
         probes = [p for cb in callbacks if (p := cb.probe(done)) is not None]  # the stability monitor's sampled steps
-        loss, grad_norm = train_step(engine, forward, rows, budget.micro_batch_size, probes)
-        metrics = step_metrics(step, loss, grad_norm, time.perf_counter() - started)
+        loss, grad_norm, extra = train_step(engine, forward, rows, budget.micro_batch_size, probes,
+                                            cfg.train.z_loss, skip)
+        metrics = {**step_metrics(step, loss, grad_norm, time.perf_counter() - started), **extra}
         for cb in callbacks:  # may stop the run (divergence) or change the metrics (fault injection, the monitor's signals)
             cb.on_step_end(done, metrics)
         losses.append(metrics["train/loss"])

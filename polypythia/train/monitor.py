@@ -22,6 +22,9 @@ and adds what it measured to the step's metrics, which the job logs to MLflow:
     the largest pre-softmax attention logit q.k/sqrt(d) (after rotary embedding, causal positions
     only) of the step's first micro-batch on this rank, per layer and over layers (attention-logit
     growth: Dehghani et al. 2023, https://arxiv.org/abs/2302.05442; Wortsman et al. 2023, proxies).
+    With ``model.qk_layernorm`` the queries and keys are those after their norm (the hook reads the
+    output of ``query_key_value``, where :class:`polypythia.qknorm.QKNormLinear` normalises them):
+    the logits attention uses.
 ``monitor/logz_mean``, ``monitor/logz_max``
     log Z = logsumexp of the output logits at each token of that micro-batch, mean and max over its
     tokens (output-logit divergence; PaLM's z-loss keeps log Z near 0, https://arxiv.org/abs/2204.02311).

@@ -19,6 +19,7 @@ from polypythia.config import JobConfig
 from polypythia.train.callbacks import StepProbe
 from polypythia.train.distributed import global_mean
 from polypythia.train.schedule import lr_at
+from polypythia.train.skipstep import SkipStep
 
 # Dense bf16/fp16 tensor-core peaks (TFLOP/s) by device-name fragment, for model FLOPs utilisation.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -56,36 +57,49 @@ def peak_flops(configured_tflops: float | None) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int,
-               probes: Sequence[StepProbe] = ()) -> tuple[float, float]:
-    """Train on this rank's ``rows`` of the global batch; returns (loss averaged over every rank's
-    micro-batches, gradient norm before clipping).
+def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int, probes: Sequence[StepProbe] = (),
+               z_loss: float = 0.0, skip: SkipStep | None = None) -> tuple[float, float, dict[str, float]]:
+    """Train on this rank's ``rows`` of the global batch; returns (cross-entropy loss averaged over
+    every rank's micro-batches, gradient norm before clipping, further ``train/*`` metrics).
 
     ``forward`` is the engine, or its module compiled by ``torch.compile`` (the engine still does
     the backward pass and the optimizer step). ``probes`` look inside the step (see
-    :class:`~polypythia.train.callbacks.StepProbe`).
+    :class:`~polypythia.train.callbacks.StepProbe`). ``z_loss`` > 0 adds ``z_loss * mean(log(Z)^2)``
+    to the loss that is trained (PaLM's z-loss; ``train/z_loss`` is that term); ``skip`` (the
+    skip-step action) is told the step's loss before the update, which it may then skip.
     """
     device = engine.device
-    losses = []
-    own_grad_norm = None
+    losses, z_terms = [], []
+    own_grad_norm = mean_loss = None
     for i in range(0, len(rows), micro_batch_size):
         batch = torch.from_numpy(rows[i : i + micro_batch_size]).to(device, non_blocking=True)
         if probes and i == 0:  # the probes watch the forward pass of the step's first micro-batch
             logits = _watched_forward(engine, forward, batch, probes)
         else:
             logits = forward(input_ids=batch[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch[:, 1:].flatten())
-        engine.backward(loss)
+        logits = logits.flatten(0, 1).float()
+        loss = torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten())
+        if z_loss:
+            z_terms.append(z_loss * torch.logsumexp(logits, dim=-1).square().mean())
+            engine.backward(loss + z_terms[-1])
+        else:
+            engine.backward(loss)
+        losses.append(loss.detach())
         if engine.is_gradient_accumulation_boundary():
             if not engine.zero_optimization_stage():
                 own_grad_norm = _grad_norm(engine.module)  # DeepSpeed records it only under ZeRO
             for probe in probes:
                 probe.before_update(engine)
+            if skip is not None:
+                mean_loss = global_mean(torch.stack(losses).mean())
+                skip.before_update(mean_loss, None if own_grad_norm is None else float(own_grad_norm))
         engine.step()
-        losses.append(loss.detach())
     for probe in probes:
         probe.after_update(engine)
-    return global_mean(torch.stack(losses).mean()), _reported_grad_norm(engine, own_grad_norm)
+    extra = {"train/z_loss": global_mean(torch.stack(z_terms).detach().mean())} if z_terms else {}
+    if mean_loss is None:
+        mean_loss = global_mean(torch.stack(losses).mean())
+    return mean_loss, _reported_grad_norm(engine, own_grad_norm), extra
 
 
 def _watched_forward(engine, forward, batch: torch.Tensor, probes: Sequence[StepProbe]) -> torch.Tensor:
