@@ -30,8 +30,8 @@ from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 def lighten_step(engine) -> None:
     """Switch ``engine``'s step to the foreach forms above, where its configuration allows."""
     zero = engine.zero_optimization_stage()
-    if zero and engine.fp16_enabled():
-        engine.optimizer.check_grad_overflow = False
+    if zero and engine.fp16_enabled() and getattr(engine.optimizer, "compute_grad_norm", False):
+        engine.optimizer.check_grad_overflow = False  # the global norm it computes decides instead
     if zero in (1, 2) and not getattr(engine.optimizer, "cpu_offload", True) and engine.mpu is None:
         optimizer = engine.optimizer
         original = optimizer.get_grad_norm_direct
