@@ -62,7 +62,7 @@ class _Fragment:
             return None
         if value.shape == self.weight.shape:  # a whole parameter's state, as the parameter: as it is
             return value
-        value = value.view(-1)
+        value = value if value.dim() == 1 else value.view(-1)  # ZeRO's flat state: 1-D already
         return value if value.numel() == self.weight.numel() else value.narrow(0, self.start, self.weight.numel())
 
 
@@ -84,7 +84,8 @@ def _hp_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     """This rank's fragment of ``param``'s reduced gradient under ZeRO-1/2 or DeepSpeed's bf16
     optimizer, as ``deepspeed.utils.tensor_fragment.get_full_hp_grad`` takes it (without its all-reduce)."""
     mapping = param._hp_mapping
-    grad = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+    grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+    grad = grad if grad.dim() == 1 else grad.reshape(-1)
     if grad.numel() == param.numel():  # a full-size buffer: keep the part this rank owns
         grad = grad.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
     return grad
