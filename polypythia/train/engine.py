@@ -13,6 +13,7 @@ import torch
 
 from polypythia.config import FP16_ZERO0_REFUSED, JobConfig
 from polypythia.errors import ConfigError
+from polypythia.train.lighten import lighten_step
 from polypythia.train.schedule import lr_at
 from polypythia.train.skipstep import SkipStepAdamW
 
@@ -44,6 +45,15 @@ def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
     return cfg.train.zero_stage
 
 
+def zero_config(stage: int) -> dict:
+    """ZeRO's section. Stage 1 reduces the gradients once, after the last micro-batch; DeepSpeed's
+    default ``contiguous_gradients`` then copies every gradient tensor into a bucket and again into a
+    partition buffer (about 11 ops a tensor, and a second full-size gradient buffer), where without
+    it the bucket is flattened and all-reduced in one piece (``buffered_reduce_fallback``). Stage 2
+    reduces during the backward pass, where the contiguous buffer avoids fragmentation: kept there."""
+    return {"stage": stage, "contiguous_gradients": False} if stage == 1 else {"stage": stage}
+
+
 def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = False) -> dict:
     budget, train = cfg.budget, cfg.train
     micro_per_step = budget.global_batch_size // (budget.micro_batch_size * world_size)
@@ -52,7 +62,7 @@ def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = Fal
         "train_micro_batch_size_per_gpu": budget.micro_batch_size,
         "gradient_accumulation_steps": micro_per_step,
         "gradient_clipping": train.gradient_clipping,
-        "zero_optimization": {"stage": effective_zero_stage(cfg, world_size)},
+        "zero_optimization": zero_config(effective_zero_stage(cfg, world_size)),
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**12,
         "wall_clock_breakdown": False,
@@ -63,7 +73,9 @@ def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = Fal
     if precision == "fp16":  # Pythia: fp16 with dynamic loss scaling
         ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}
     elif precision == "bf16":
-        ds["bf16"] = {"enabled": True}
+        # bf16 has fp32's exponent range: no loss scale to lower, so no per-tensor overflow check
+        # (DeepSpeed's default checks every gradient tensor, ~13 ops each, and skips the step)
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": False}
     return ds
 
 
@@ -99,15 +111,14 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_u
     import deepspeed
 
     train = cfg.train
-    fused = torch.cuda.is_available()
     # monitor.action=skip_step: the same AdamW, whose update a step may skip (train/skipstep.py)
     adamw = SkipStepAdamW if cfg.monitor.action == "skip_step" else torch.optim.AdamW
-    optimizer = adamw(
+    optimizer = adamw(  # fused: one kernel for all tensors, on CPU too (torch >= 2.4)
         param_groups(model, train.weight_decay),
         lr=cfg.model.lr,
         betas=(train.adam_beta1, train.adam_beta2),
         eps=train.adam_eps,
-        fused=fused,
+        fused=True,
     )
     peak = cfg.model.lr
     budget = cfg.budget
@@ -123,4 +134,5 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_u
         # over a group of one and copy it back, each step (~4% of a 70m step on CPU); the mean over one
         # rank is the gradient itself. DeepSpeed turns the same switch off where it has no backend.
         engine.enable_backward_allreduce = False
+    lighten_step(engine)
     return engine

@@ -58,22 +58,34 @@ class _Fragment:
 
     def exp_avg_sq(self) -> Optional[torch.Tensor]:
         value = self.state.get("exp_avg_sq") if self.state else None
-        return None if value is None else value.detach().reshape(-1).narrow(0, self.start, self.weight.numel())
+        if value is None:
+            return None
+        if value.shape == self.weight.shape:  # a whole parameter's state, as the parameter: as it is
+            return value
+        value = value if value.dim() == 1 else value.view(-1)  # ZeRO's flat state: 1-D already
+        return value if value.numel() == self.weight.numel() else value.narrow(0, self.start, self.weight.numel())
 
-    def adam_steps(self, cache: dict[int, float]) -> float:
-        """Updates Adam has made to this fragment so far (one host sync per optimizer state)."""
-        if not self.state or self.state.get("step") is None:
-            return 0.0
-        if id(self.state) not in cache:
-            cache[id(self.state)] = float(self.state["step"])
-        return cache[id(self.state)]
+
+def adam_steps(frags: list[_Fragment]) -> dict[int, float]:
+    """Updates Adam has made so far, by ``id`` of optimizer state: the step counters (tensors under
+    torch's fused and foreach AdamW) stacked and read in one host sync, not one per state."""
+    states = {id(f.state): f.state for f in frags if f.state and f.state.get("step") is not None}
+    counters = [state["step"] for state in states.values()]
+    if not counters:
+        return {}
+    if all(torch.is_tensor(c) and c.dim() == 0 for c in counters):
+        values = torch.stack(counters).tolist()
+    else:
+        values = [float(c) for c in counters]
+    return dict(zip(states, values))
 
 
 def _hp_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     """This rank's fragment of ``param``'s reduced gradient under ZeRO-1/2 or DeepSpeed's bf16
     optimizer, as ``deepspeed.utils.tensor_fragment.get_full_hp_grad`` takes it (without its all-reduce)."""
     mapping = param._hp_mapping
-    grad = mapping.get_lp_grad_fragment(param._index_in_param_group).reshape(-1)
+    grad = mapping.get_lp_grad_fragment(param._index_in_param_group)
+    grad = grad if grad.dim() == 1 else grad.reshape(-1)
     if grad.numel() == param.numel():  # a full-size buffer: keep the part this rank owns
         grad = grad.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
     return grad
@@ -81,6 +93,10 @@ def _hp_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
 
 def _full_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
     return None if param.grad is None else param.grad.reshape(-1)
+
+
+def _grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    return param.grad
 
 
 def fragments(engine, group_index: dict[int, int]) -> tuple[list[_Fragment], bool]:
@@ -113,9 +129,9 @@ def fragments(engine, group_index: dict[int, int]) -> tuple[list[_Fragment], boo
             for p, hp in zip(lp_group, hp_group):
                 out.append(_Fragment(group_index[id(p)], hp.detach().reshape(-1), partial(_full_grad, p),
                                      opt.optimizer.state.get(hp), 0))
-    else:  # fp32, ZeRO-0: the torch optimizer updates the module's own parameters
+    else:  # fp32, ZeRO-0: the torch optimizer updates the module's own parameters (read as they are: no op per tensor)
         for p in params:
-            out.append(_Fragment(group_index[id(p)], p.detach().reshape(-1), partial(_full_grad, p), opt.state.get(p), 0))
+            out.append(_Fragment(group_index[id(p)], p, partial(_grad, p), opt.state.get(p), 0))
     return out, False
 
 
@@ -156,27 +172,28 @@ class UpdateSignals:
         have = [i for i, g in enumerate(grads) if g is not None]
         index = torch.tensor([frags[i].group for i in have], dtype=torch.long, device=device)
 
-        squares = [norm.square() for norm in torch._foreach_norm([grads[i] for i in have], 2, dtype=torch.float32)]
-        grad_sq = self._sum_groups(squares, index, partitioned, n) / scale**2
+        norms = torch._foreach_norm([grads[i] for i in have], 2, dtype=torch.float32) if have else []
+        grad_sq = self._sum_groups(norms, index, partitioned, n, square=True) / scale**2
         total = math.sqrt(float(grad_sq.sum()))
         clip = min(1.0, self.max_grad_norm / (total + 1e-6)) if self.max_grad_norm > 0 else 1.0  # as DeepSpeed clips
 
         # g: the gradient Adam applies (unscaled, clipped); v_t = b2 v_{t-1} + (1 - b2) g^2, bias-corrected
-        b2, steps, ratios = self.beta2, {}, []
+        b2, steps, ratios = self.beta2, adam_steps(frags), []
         for chunk in _chunks(have, [frags[i].weight.numel() for i in have]):
             g2 = torch._foreach_mul([grads[i].float() for i in chunk], clip / scale)  # copies: the gradient stays as it is
             torch._foreach_mul_(g2, g2)
             v = [frags[i].exp_avg_sq() for i in chunk]
             v = [torch.zeros_like(g) if vi is None else vi for vi, g in zip(v, g2)]
             v_t = torch._foreach_add(v, g2, alpha=(1 - b2) / b2)
-            torch._foreach_mul_(v_t, [b2 / (1 - b2 ** (frags[i].adam_steps(steps) + 1)) for i in chunk])
+            torch._foreach_mul_(v_t, [b2 / (1 - b2 ** (steps.get(id(frags[i].state), 0.0) + 1)) for i in chunk])
             torch._foreach_clamp_min_(v_t, self.eps**2)
             torch._foreach_div_(g2, v_t)
             ratios.extend(torch._foreach_norm(g2, 1))  # the ratios are >= 0: their sum
-        counts = torch.zeros(n, dtype=torch.float64)
+        counts = [0] * n
         for f in frags:
             counts[f.group] += f.weight.numel()
-        sums = self._sum_groups(ratios, index, partitioned, n, extra=counts.to(device))
+        sums = self._sum_groups(ratios, index, partitioned, n,
+                                extra=torch.tensor(counts, dtype=torch.float64, device=device))
         ratio_sum, count = sums[:n], sums[n:]
 
         values = {f"monitor/grad_norm/{g}": v for g, v in zip(self.groups, grad_sq.sqrt().tolist())}
@@ -194,8 +211,7 @@ class UpdateSignals:
         weights, before, index, n = kept["weights"], kept["before"], kept["index"], len(self.groups)
         change = list(torch._foreach_norm(torch._foreach_sub(weights, before))) if weights else []
         weight = list(torch._foreach_norm(before)) if weights else []
-        sums = self._sum_groups([c.square() for c in change] + [w.square() for w in weight],
-                                torch.cat([index, index + n]), kept["partitioned"], 2 * n)
+        sums = self._sum_groups(change + weight, torch.cat([index, index + n]), kept["partitioned"], 2 * n, square=True)
         change_sq, weight_sq = sums[:n], sums[n:]
         metrics.update({f"monitor/update_ratio/{g}": v for g, v in
                         zip(self.groups, (change_sq.sqrt() / weight_sq.sqrt()).tolist())})
@@ -206,12 +222,13 @@ class UpdateSignals:
 
     @staticmethod
     def _sum_groups(values: list[torch.Tensor], index: torch.Tensor, partitioned: bool, n: int,
-                    extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Per-group sums of per-fragment scalars (then ``extra``, appended), summed over ranks where
-        the fragments are partitioned: one all-reduce."""
+                    extra: Optional[torch.Tensor] = None, square: bool = False) -> torch.Tensor:
+        """Per-group sums of per-fragment scalars (``square``: of their squares; then ``extra``,
+        appended), summed over ranks where the fragments are partitioned: one all-reduce."""
         sums = torch.zeros(n, dtype=torch.float64, device=index.device)
         if values:  # a rank may own no fragment at all
-            sums.index_add_(0, index, torch.stack(values).to(torch.float64))
+            stacked = torch.stack(values)
+            sums.index_add_(0, index, (stacked.square() if square else stacked).to(torch.float64))
         if extra is not None:
             sums = torch.cat([sums, extra.to(torch.float64)])
         if partitioned and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -18,6 +18,7 @@ import torch
 from polypythia.config import JobConfig
 from polypythia.train.callbacks import StepProbe
 from polypythia.train.distributed import global_mean
+from polypythia.train.lighten import records_grad_norm
 from polypythia.train.schedule import lr_at
 from polypythia.train.skipstep import SkipStep
 
@@ -86,8 +87,8 @@ def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int, probes:
             engine.backward(loss)
         losses.append(loss.detach())
         if engine.is_gradient_accumulation_boundary():
-            if not engine.zero_optimization_stage():
-                own_grad_norm = _grad_norm(engine.module)  # DeepSpeed records it only under ZeRO
+            if not records_grad_norm(engine):
+                own_grad_norm = _grad_norm(engine.module)
             for probe in probes:
                 probe.before_update(engine)
             if skip is not None:
@@ -128,7 +129,10 @@ def _reported_grad_norm(engine, own: torch.Tensor | None) -> float:
     value = engine.get_global_grad_norm()
     if value is None:
         value = own
-    return float(value) if value is not None else float("nan")
+    if value is None:
+        return float("nan")
+    value = float(value)
+    return float("inf") if value < 0 else value  # ZeRO's -1 stands for an inf/NaN norm
 
 
 class StepMetrics:
