@@ -10,7 +10,10 @@ injected and nothing is seed-specific.
 Whether a run went unstable is decided by the product's analysis of the finished cell, never by
 eye (:func:`unstable_runs`); a run is unstable when any of these holds:
 
-  diverged   its MLflow run ended in a non-finite loss or not FINISHED (``analysis.load``)
+  diverged   its MLflow run ended in a non-finite loss or not FINISHED (``analysis.load``); every
+             cell trains with ``train.loss_ceiling`` = ln(vocabulary), the loss of a uniform guess,
+             and ``train.loss_ceiling_steps=50``, so a run that stays worse than chance for 50
+             steps is stopped by the job's own divergence check (``polypythia.train.faults``)
   outlier    an outlier episode against its sibling seeds in the same cell: the calibrated
              trajectory rule of ``analysis.outliers.find_outliers`` on ``valid/loss`` at every
              checkpoint, or its final-value MAD rule (5 or more seeds), both with the defaults of
@@ -38,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fcntl
 import math
 import os
 import subprocess
@@ -159,6 +163,7 @@ def launch_cell(home: Path, cell: Cell, seeds: list[int], args: argparse.Namespa
     cpus = max(math.floor(args.cpus / len(seeds) * 1e4) / 1e4, 0.01)  # Ray schedules in steps of 0.0001
     cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, seeds)),
            f"model={args.model}", f"budget={args.budget}", f"model.lr={cell.lr:g}", f"study={cell.study}",
+           f"data.vocab_size={args.vocab}", f"train.loss_ceiling={math.log(args.vocab):.2f}", "train.loss_ceiling_steps=50",
            f"launcher.num_cpus_per_job={cpus:g}", "train.threads=1", "launcher.progress=false",
            "tracking.system_metrics=false", *args.override, *cell.overrides]
     env = child_env(home)
@@ -241,6 +246,8 @@ def main() -> None:
                         help="a named set of Hydra overrides; repeatable (default: one variant 'base' with none)")
     parser.add_argument("--model", default="14m-hot", help="conf/model (default 14m-hot)")
     parser.add_argument("--budget", default="laptop", help="conf/budget (default laptop)")
+    parser.add_argument("--vocab", type=int, default=2048,
+                        help="data.vocab_size of the embedded tokenizer (default 2048, as experiment=laptop)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra Hydra override for every cell (repeatable)")
     parser.add_argument("--cpus", type=float, default=2.0,
@@ -263,6 +270,11 @@ def main() -> None:
     print(machine_description())
     print(f"lr search: {args.model}, budget={args.budget}, seeds {args.seeds}, {len(cells)} cells; home {home}",
           flush=True)
+    lock = open(home / "bench.lock", "w")
+    try:  # one search per home: a second one would relaunch the first one's running seeds and stop its server
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        parser.error(f"another bench_lr_search.py is using {home}; wait for it to end or give another --home")
     csv_path = home / "lr_search.csv"
     previous = list(csv.DictReader(open(csv_path))) if csv_path.exists() else []
     mine = {c.study for c in cells}
