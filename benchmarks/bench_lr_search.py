@@ -53,7 +53,7 @@ from pathlib import Path
 from common import REPO, child_env, load_average, machine_description
 
 UNSTABLE_COLUMNS = ["cell", "variant", "lr", "seed", "status", "unstable", "reasons", "final_train_loss",
-                    "attn_logit_max", "grad_norm_max"]
+                    "train_loss_max", "attn_logit_max", "grad_norm_max"]
 SEARCH_METRICS = ["train/loss", "train/grad_norm", "valid/loss", "monitor/attn_logit_max"]
 DONE_STATUSES = ("FINISHED", "FAILED")
 
@@ -128,12 +128,12 @@ def run_rows(cell: Cell, study, spike_window: int, spike_sd: float) -> list[dict
             return dict(zip(*final_values(rows)[["seed", "value"]].to_numpy().T))
         return rows.groupby("seed")["value"].max().to_dict()
 
-    final, attn, grad = per_seed("train/loss", "final"), per_seed("monitor/attn_logit_max", "max"), \
-        per_seed("train/grad_norm", "max")
+    final, peak = per_seed("train/loss", "final"), per_seed("train/loss", "max")
+    attn, grad = per_seed("monitor/attn_logit_max", "max"), per_seed("train/grad_norm", "max")
     status = {str(r.seed): r.status for r in study.runs.itertuples()}
     return [{"cell": cell.study, "variant": cell.variant, "lr": cell.lr, "seed": seed, "status": status.get(seed, "?"),
              "unstable": bool(why), "reasons": "; ".join(why), "final_train_loss": final.get(seed, float("nan")),
-             "attn_logit_max": attn.get(seed, float("nan")), "grad_norm_max": grad.get(seed, float("nan"))}
+             "train_loss_max": peak.get(seed, float("nan")), "attn_logit_max": attn.get(seed, float("nan")), "grad_norm_max": grad.get(seed, float("nan"))}
             for seed, why in sorted(reasons.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)]
 
 
@@ -209,24 +209,36 @@ def search_cell(home: Path, cell: Cell, args: argparse.Namespace) -> list[dict]:
 # Output
 
 
+def finite(rows: list[dict], key: str) -> list[float]:
+    """The finite values of ``key`` over ``rows`` (fresh rows hold floats, rows read back from the CSV text)."""
+    values = [float(r[key]) for r in rows if str(r[key]) not in ("", "None")]
+    return [v for v in values if math.isfinite(v)]
+
+
 def cell_summary(rows: list[dict]) -> dict:
-    """Per cell: seeds, how many unstable, the median final loss and the largest attention logit."""
+    """Per cell: seeds, how many unstable, the medians of the final and the peak train loss over seeds,
+    and the largest attention logit of any seed."""
     import statistics
 
-    finals = [r["final_train_loss"] for r in rows if r["final_train_loss"] == r["final_train_loss"]]
-    attn = [r["attn_logit_max"] for r in rows if r["attn_logit_max"] == r["attn_logit_max"]]
-    return {"n": len(rows), "unstable": sum(r["unstable"] for r in rows),
-            "final": statistics.median(finals) if finals else float("nan"), "attn": max(attn, default=float("nan"))}
+    def median(key: str) -> float:
+        values = finite(rows, key)
+        return statistics.median(values) if values else float("nan")
+
+    return {"n": len(rows), "unstable": sum(str(r["unstable"]) == "True" for r in rows),
+            "final": median("final_train_loss"), "peak": median("train_loss_max"),
+            "attn": max(finite(rows, "attn_logit_max"), default=float("nan"))}
 
 
-def print_table(cells: list[Cell], rows: list[dict]) -> None:
-    print(f"\n  {'variant':<28} {'lr':>7}  {'unstable':>9}  {'final train/loss (median)':>25}  {'max attn logit':>14}")
-    for cell in cells:
-        mine = [r for r in rows if r["cell"] == cell.study]
-        if not mine:
-            continue
+def print_table(rows: list[dict]) -> None:
+    """One line per cell of ``rows`` (every cell in the home's CSV, in the order they were searched)."""
+    print(f"\n  {'variant':<28} {'lr':>7}  {'unstable':>9}  {'final train/loss':>16}  {'peak train/loss':>15}  "
+          f"{'max attn logit':>14}")
+    for study in dict.fromkeys(r["cell"] for r in rows):
+        mine = [r for r in rows if r["cell"] == study]
         s = cell_summary(mine)
-        print(f"  {cell.variant:<28} {cell.lr:>7g}  {s['unstable']:>4}/{s['n']:<4}  {s['final']:>25.3f}  {s['attn']:>14.3g}")
+        print(f"  {mine[0]['variant']:<28} {float(mine[0]['lr']):>7g}  {s['unstable']:>4}/{s['n']:<4}  "
+              f"{s['final']:>16.3f}  {s['peak']:>15.2f}  {s['attn']:>14.3g}")
+    print("  (final and peak train/loss: medians over the cell's seeds; max attn logit: the largest of any seed)")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -287,7 +299,7 @@ def main() -> None:
         from polypythia import tracking
 
         tracking.stop_server(home / "mlflow")
-    print_table(cells, rows)
+    print_table(rows)
     print(f"\nper-run rows: {csv_path}")
     print(machine_description())
 

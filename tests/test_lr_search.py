@@ -15,7 +15,7 @@ from polypythia.config import job_config, model_preset
 REPO = Path(__file__).resolve().parent.parent
 CONF = str(REPO / "conf")
 sys.path.insert(0, str(REPO / "benchmarks"))
-from bench_lr_search import parse_seeds, parse_variant, unstable_runs  # noqa: E402
+from bench_lr_search import cell_summary, parse_seeds, parse_variant, unstable_runs  # noqa: E402
 
 STEPS = 500
 CHECKPOINTS = np.r_[0, 1, 2, 4, 8, 16, 32, 64, 128, 256, np.arange(20, STEPS + 1, 20)]
@@ -76,6 +76,14 @@ def test_seed_and_variant_arguments():
         "noclip", ("train.gradient_clipping=0", "budget.warmup_fraction=0"))
     with pytest.raises(ValueError):
         parse_variant("no clip: x=1")
+
+
+def test_a_cell_sums_up_fresh_rows_and_rows_read_back_from_its_csv():
+    fresh = [{"unstable": True, "final_train_loss": 5.0, "train_loss_max": 30.0, "attn_logit_max": 1e5},
+             {"unstable": False, "final_train_loss": 4.0, "train_loss_max": 8.0, "attn_logit_max": float("nan")}]
+    read_back = [{k: str(v) for k, v in row.items()} for row in fresh]
+    for rows in (fresh, read_back):
+        assert cell_summary(rows) == {"n": 2, "unstable": 1, "final": 4.5, "peak": 19.0, "attn": 1e5}
 
 
 def compose_config(*overrides, hydra=False):
