@@ -17,7 +17,8 @@ eye (:func:`unstable_runs`); a run is unstable when any of these holds:
   outlier    an outlier episode against its sibling seeds in the same cell: the calibrated
              trajectory rule of ``analysis.outliers.find_outliers`` on ``valid/loss`` at every
              checkpoint, or its final-value MAD rule (5 or more seeds), both with the defaults of
-             ``python -m analysis``
+             ``python -m analysis``; the trajectory rule decides only with 4 or more seeds (its
+             ``min_runs``), so a cell of 3 seeds is judged by the other two rules alone
   spike      a loss spike of ``train/loss`` (``analysis.spikes.find_spikes``) upwards, with the
              rule OLMo-core's live monitor uses (6 SD above the mean of the previous 128 values;
              ``--spike-window``, ``--spike-sd``): the analysis's own default window of 1,000
@@ -32,9 +33,9 @@ Resumable: a seed that already has a FINISHED or FAILED run in its cell's MLflow
 ``--home`` is not trained again, so rerunning the same command only analyses, and adding seeds
 (``--seeds 1-9``) trains only the new ones.
 
-    nice -n 15 python benchmarks/bench_lr_search.py --home /tmp/lrs --lrs 0.01,0.1,1 --seeds 1-3
+    nice -n 15 python benchmarks/bench_lr_search.py --home /tmp/lrs --lrs 0.01,0.1,1 --seeds 1-4
     nice -n 15 python benchmarks/bench_lr_search.py --home /tmp/lrs --lrs 0.3 \\
-        --variant "nowarmup-noclip: budget.warmup_fraction=0 train.gradient_clipping=0" --seeds 1-3
+        --variant "nowarmup-noclip: budget.warmup_fraction=0 train.gradient_clipping=0" --seeds 1-4
 """
 
 from __future__ import annotations
@@ -253,7 +254,7 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--home", required=True, help="folder for every cell's runs and MLflow (kept: resumable)")
     parser.add_argument("--lrs", default="0.01,0.1,1", help="comma-separated peak learning rates (default 0.01,0.1,1)")
-    parser.add_argument("--seeds", default="1-3", help="seeds per cell, e.g. 1-3 or 1,2,5 (default 1-3)")
+    parser.add_argument("--seeds", default="1-4", help="seeds per cell, e.g. 1-4 or 1,2,5 (default 1-4: the outlier rule's least)")
     parser.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
                         help="a named set of Hydra overrides; repeatable (default: one variant 'base' with none)")
     parser.add_argument("--model", default="14m-hot", help="conf/model (default 14m-hot)")
