@@ -100,23 +100,16 @@ def test_the_laptop_model_and_budget_validate(tmp_path):
 
 
 def test_the_laptop_experiment_sweeps_two_arms_of_nine_seeds_at_one_learning_rate(tmp_path):
-    from dataclasses import fields
-
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from polypythia.schema import ModelConfig
 
     cfg = compose_config("experiment=laptop", hydra=True)
     overrides = [f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()]
     jobs = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(overrides), max_batch_size=None)[0]
     assert sorted(tuple(sorted(j)) for j in jobs) == sorted(
         (f"model={m}", f"seed={s}") for m in ("14m-hot", "14m-hot-qknorm") for s in range(1, 10))
-    has_control = "qk_layernorm" in {f.name for f in fields(ModelConfig)}
-    for model in ("14m-hot", "14m-hot-qknorm") if has_control else ("14m-hot",):
+    for model in ("14m-hot", "14m-hot-qknorm"):
         checked = job_config(compose_config("experiment=laptop", f"model={model}", "seed=3"), str(tmp_path))
         assert checked.study == "laptop" and checked.budget.name == "laptop" and checked.model.name == model
         assert checked.model.lr == cfg.model.lr and checked.data.vocab_size == cfg.data.vocab_size
-        assert getattr(checked.model, "qk_layernorm", False) == (model == "14m-hot-qknorm")
-    if not has_control:
-        pytest.skip("model.qk_layernorm (the control arm) arrives with the interventions branch (#23 item 1)")
+        assert checked.model.qk_layernorm == (model == "14m-hot-qknorm")
