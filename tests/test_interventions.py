@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import record_attention_logit_maxima, tiny_job, train_here
+from helpers import on_two_ranks, record_attention_logit_maxima, tiny_job, train_here
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback
 from polypythia.train.skipstep import SkipStepAdamW, SkipStepRule, min_previous_values
@@ -322,19 +322,7 @@ def _zero2_rank(rank, port, tmp_path, cache_dir, queue):
 def test_skip_step_at_zero2_on_two_ranks_reads_deepspeeds_gradient_norm(tmp_path, cache_dir):
     """At ZeRO-2 the gradient norm is the one DeepSpeed's ZeRO optimizer computed for the step (the
     torch optimizer it wraps is called once per parameter group): both ranks skip step 10, and only it."""
-    import torch.multiprocessing as mp
-
-    from polypythia.net import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.SimpleQueue(), free_port()
-    procs = [ctx.Process(target=_zero2_rank, args=(r, port, tmp_path, cache_dir, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
-    assert sorted(queue.get() for _ in range(2)) == [(0, [10], True), (1, [10], True)]
+    assert sorted(on_two_ranks(_zero2_rank, tmp_path, cache_dir)) == [(0, [10], True), (1, [10], True)]
 
 
 @pytest.mark.parametrize("key, value, fragment", [
