@@ -315,13 +315,17 @@ def _zero2_rank(rank, port, tmp_path, cache_dir, queue):
     record = Record(watch_steps=(10,))
     train(cfg, [record])
     unchanged = all(torch.equal(a, b) for a, b in zip(record.weights[("before", 10)], record.weights[("after", 10)]))
+    state = json.loads((Path(cfg.run_dir) / "checkpoints" / "step12" / "trainer_state.json").read_text())
+    logged = [record.metrics[s]["train/grad_norm"] for s in range(5, 13)]  # the window: the last 8 steps' norms
+    unchanged = unchanged and (rank != 0 or state["skip_step"]["grad_norm"]["values"] == pytest.approx(logged, rel=1e-6))
     queue.put((rank, [s for s, m in record.metrics.items() if m["train/skipped_step"]], unchanged))
 
 
 @pytest.mark.integration
 def test_skip_step_at_zero2_on_two_ranks_reads_deepspeeds_gradient_norm(tmp_path, cache_dir):
     """At ZeRO-2 the gradient norm is the one DeepSpeed's ZeRO optimizer computed for the step (the
-    torch optimizer it wraps is called once per parameter group): both ranks skip step 10, and only it."""
+    torch optimizer it wraps is called once per parameter group): the window holds the logged gradient
+    norms, and both ranks skip step 10, and only it, without changing the weights."""
     assert sorted(on_two_ranks(_zero2_rank, tmp_path, cache_dir)) == [(0, [10], True), (1, [10], True)]
 
 
