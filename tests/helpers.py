@@ -67,6 +67,24 @@ def record_attention_logit_maxima(monkeypatch) -> list[float]:
     return seen
 
 
+def on_two_ranks(target, *args, timeout_s: float = 300) -> list:
+    """Run ``target(rank, port, *args, queue)`` in two spawned processes (ranks 0 and 1 of a gloo group
+    on a free loopback port); returns what they put on the queue, one item each."""
+    import torch.multiprocessing as mp
+
+    from polypythia.net import free_port
+
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.SimpleQueue(), free_port()
+    procs = [ctx.Process(target=target, args=(rank, port, *args, queue)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=timeout_s)
+        assert p.exitcode == 0
+    return [queue.get() for _ in range(2)]
+
+
 def train_here(cfg, callbacks=()):
     """Train ``cfg`` in this process, then leave its process group, so the next test can start one."""
     from polypythia.job import teardown

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helpers import record_attention_logit_maxima, tiny_job, train_here
+from helpers import on_two_ranks, record_attention_logit_maxima, tiny_job, train_here
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback
 from polypythia.train.skipstep import SkipStepAdamW, SkipStepRule, min_previous_values
@@ -276,16 +276,18 @@ def test_a_skipped_adamw_step_changes_neither_weights_nor_moments_nor_its_step_c
 # --- the skip-step action in a job -------------------------------------------------------------------
 
 
+SKIP_SETTINGS = {"budget__steps": 12, "budget__checkpoint_every_steps": 6, "budget__log_spaced_checkpoints": False,
+                 "monitor__action": "skip_step", "monitor__skip_window": 8, "monitor__every_steps": 0,
+                 "train__fault__repeat_batch_at_step": 10}
+
+
 @pytest.mark.integration
 def test_a_forced_high_step_is_skipped_and_the_windows_survive_a_resume(tmp_path, cache_dir):
     """A tiny 12-step job with monitor.action=skip_step (window 8, so a verdict from 4 values on): step 10
     trains on a batch of one repeated token (fault injection), whose gradient norm lies far above the
     previous ones; its update is skipped (weights and Adam's step count unchanged), train/skipped_step
     says so, and a run resumed from step 6 skips the same step and ends with the same windows."""
-    settings = {"budget__steps": 12, "budget__checkpoint_every_steps": 6, "budget__log_spaced_checkpoints": False,
-                "monitor__action": "skip_step", "monitor__skip_window": 8, "monitor__every_steps": 0,
-                "train__fault__repeat_batch_at_step": 10}
-    cfg = tiny_job(tmp_path, cache_dir, **settings)
+    cfg = tiny_job(tmp_path, cache_dir, **SKIP_SETTINGS)
     record = Record(watch_steps=(9, 10))
     train_here(cfg, [record])
     skipped = [s for s, m in record.metrics.items() if m["train/skipped_step"]]
@@ -302,6 +304,29 @@ def test_a_forced_high_step_is_skipped_and_the_windows_survive_a_resume(tmp_path
     train_here(cfg, [resumed])  # from step 6
     assert min(resumed.metrics) == 7 and [s for s, m in resumed.metrics.items() if m["train/skipped_step"]] == [10]
     assert json.loads((final / "trainer_state.json").read_text())["skip_step"] == windows
+
+
+def _zero2_rank(rank, port, tmp_path, cache_dir, queue):
+    from polypythia.train.distributed import set_rendezvous
+    from polypythia.train.loop import train
+
+    set_rendezvous(rank, 2, "127.0.0.1", port)
+    cfg = tiny_job(tmp_path, cache_dir, **SKIP_SETTINGS, train__zero_stage=2, launcher__workers_per_run=2)
+    record = Record(watch_steps=(10,))
+    train(cfg, [record])
+    unchanged = all(torch.equal(a, b) for a, b in zip(record.weights[("before", 10)], record.weights[("after", 10)]))
+    state = json.loads((Path(cfg.run_dir) / "checkpoints" / "step12" / "trainer_state.json").read_text())
+    logged = [record.metrics[s]["train/grad_norm"] for s in range(5, 13)]  # the window: the last 8 steps' norms
+    unchanged = unchanged and (rank != 0 or state["skip_step"]["grad_norm"]["values"] == pytest.approx(logged, rel=1e-6))
+    queue.put((rank, [s for s, m in record.metrics.items() if m["train/skipped_step"]], unchanged))
+
+
+@pytest.mark.integration
+def test_skip_step_at_zero2_on_two_ranks_reads_deepspeeds_gradient_norm(tmp_path, cache_dir):
+    """At ZeRO-2 the gradient norm is the one DeepSpeed's ZeRO optimizer computed for the step (the
+    torch optimizer it wraps is called once per parameter group): the window holds the logged gradient
+    norms, and both ranks skip step 10, and only it, without changing the weights."""
+    assert sorted(on_two_ranks(_zero2_rank, tmp_path, cache_dir)) == [(0, [10], True), (1, [10], True)]
 
 
 @pytest.mark.parametrize("key, value, fragment", [

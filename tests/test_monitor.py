@@ -7,10 +7,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from helpers import record_attention_logit_maxima, tiny_job, train_here
+from helpers import on_two_ranks, record_attention_logit_maxima, tiny_job, train_here
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback, TrainResult
 from polypythia.train.faults import BoostLR, RepeatBatch, callbacks_from_config
@@ -252,17 +251,7 @@ def _rank(rank, port, tmp_path, cache_dir, queue):
 
 @pytest.mark.integration
 def test_zero2_on_two_ranks_matches_one_process(run, tmp_path, cache_dir):
-    from polypythia.net import free_port
-
-    ctx = mp.get_context("spawn")
-    queue, port = ctx.SimpleQueue(), free_port()
-    procs = [ctx.Process(target=_rank, args=(r, port, tmp_path, cache_dir, queue)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        assert p.exitcode == 0
-    ranks = dict(queue.get() for _ in range(2))
+    ranks = dict(on_two_ranks(_rank, tmp_path, cache_dir))
     for step in (2, 4):
         one, two = run.metrics[step], ranks[0][step]
         for key, value in one.items():

@@ -81,8 +81,9 @@ def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int, probes:
         logits = logits.flatten(0, 1).float()
         loss = torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten())
         if z_loss:
-            z_terms.append(z_loss * torch.logsumexp(logits, dim=-1).square().mean())
-            engine.backward(loss + z_terms[-1])
+            z_term = z_loss * torch.logsumexp(logits, dim=-1).square().mean()
+            engine.backward(loss + z_term)
+            z_terms.append(z_term.detach())
         else:
             engine.backward(loss)
         losses.append(loss.detach())
@@ -97,7 +98,7 @@ def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int, probes:
         engine.step()
     for probe in probes:
         probe.after_update(engine)
-    extra = {"train/z_loss": global_mean(torch.stack(z_terms).detach().mean())} if z_terms else {}
+    extra = {"train/z_loss": global_mean(torch.stack(z_terms).mean())} if z_terms else {}
     if mean_loss is None:
         mean_loss = global_mean(torch.stack(losses).mean())
     return mean_loss, _reported_grad_norm(engine, own_grad_norm), extra
