@@ -31,13 +31,20 @@ def test_seed_3_in_a_sweep_and_alone_later_gives_bit_identical_losses(tmp_path, 
     assert alone.returncode == 0, alone.stdout[-3000:] + alone.stderr[-3000:]
     assert "tiny-seed3-rep1: finished" in alone.stdout
 
+    # and literally the same command alone, into a study of its own (its run name would be taken here)
+    literal = launch(tmp_path / "c", "-m", "seed=3", *common[:-2], f"study={study}-alone", common[-1], uri=mlflow_uri)
+    assert literal.returncode == 0, literal.stdout[-3000:] + literal.stderr[-3000:]
+
     client = MlflowClient(mlflow_uri)
+    _, alone_runs = child_runs(client, f"{study}-alone")
+    assert [r.info.run_name for r in alone_runs] == ["tiny-seed3"]
     _, children = child_runs(client, study)
     by_name = {c.info.run_name: c for c in children}
     assert sorted(by_name) == ["tiny-seed1", "tiny-seed2", "tiny-seed3", "tiny-seed3-rep1"]
     first, again = loss_curve(client, by_name["tiny-seed3"]), loss_curve(client, by_name["tiny-seed3-rep1"])
     assert [s for s, _ in first] == list(range(1, STEPS + 1))
     assert first == again  # bit-identical, step by step
+    assert loss_curve(client, alone_runs[0]) == first
     assert loss_curve(client, by_name["tiny-seed2"]) != first
     for child in children:  # one thread each, from the first step to the last (launcher.num_cpus_per_job=1)
         threads = {m.value for m in client.get_metric_history(child.info.run_id, "train/threads")}

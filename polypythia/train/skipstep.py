@@ -114,7 +114,10 @@ class SkipStep(Callback):
         if not isinstance(inner, SkipStepAdamW):
             raise TypeError("monitor.action=skip_step needs the engine built with SkipStepAdamW (train/engine.py)")
         inner.gate = self
-        self._grad_norm_source = engine.optimizer if engine.optimizer is not inner else None
+        # where the caller did not measure the norm, the object that holds this step's norm when our
+        # AdamW's step runs: DeepSpeed's ZeRO/bf16/fp16 wrapper, or the engine itself, whose fp32
+        # clipping (train/lighten.py) records the norm just before the optimizer's step
+        self._grad_norm_source = engine.optimizer if engine.optimizer is not inner else engine
         if STATE_KEY in start.trainer_state:
             self.rule.load_state_dict(start.trainer_state[STATE_KEY])
 
@@ -126,7 +129,7 @@ class SkipStep(Callback):
         """Asked by the optimizer inside DeepSpeed's step; decided once per step."""
         if self._decision is None:
             loss, grad_norm = self._values if self._values is not None else (float("nan"), None)
-            if grad_norm is None:  # ZeRO 1/2, bf16, fp16: DeepSpeed's norm of this step, before clipping
+            if grad_norm is None:  # DeepSpeed's (or the fp32 clipping's) norm of this step, before clipping
                 reported = getattr(self._grad_norm_source, "_global_grad_norm", None)
                 grad_norm = float("nan") if reported is None else float(reported)
             self._decision = self.rule.decide(loss, grad_norm)
