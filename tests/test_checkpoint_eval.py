@@ -14,6 +14,7 @@ CHECKPOINT_STEPS = [0, 1, 2, 3, 4, 6]  # budget=smoke: log-spaced and every 3 st
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_job_killed_while_evaluating_logs_every_checkpoint_exactly_once(tmp_path, mlflow_uri, cache_dir):
     """The job is SIGKILLed as soon as an evaluation pass (a Ray task beside training) has evaluated
     one checkpoint; Ray starts it again, it resumes, and every checkpoint's weights/* and valid/*

@@ -60,6 +60,7 @@ def _kill_group(pgid, sig):
         pass
 
 
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_two_seed_sweep_on_an_existing_cluster(tmp_path, ray_head, mlflow_uri, cache_dir):
     study = f"cluster-{uuid.uuid4().hex[:8]}"
     out = launch(tmp_path, "-m", "seed=1,2", "model=tiny", "budget=smoke", f"launcher.address={ray_head}",

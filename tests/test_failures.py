@@ -80,6 +80,7 @@ def test_sigkill_then_relaunch_resumes_the_same_run(tmp_path, mlflow_uri, cache_
         assert [s for s, _ in history(client, run_id, f"eval/{task}/acc")] == [0, 1, 2, 3, 4, 6]
 
 
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_two_workers_match_one_worker(tmp_path, mlflow_uri, cache_dir):
     study = f"dp-{uuid.uuid4().hex[:8]}"
     out = launch(tmp_path, "-m", "seed=1", "model=tiny", "budget=smoke", "launcher.workers_per_run=2",
@@ -95,6 +96,7 @@ def test_two_workers_match_one_worker(tmp_path, mlflow_uri, cache_dir):
 
 
 
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_run_of_two_workers_that_died_resumes_on_one(tmp_path, mlflow_uri, cache_dir):
     """A node is lost for good: the 2-worker run (ZeRO-1) dies after step 5 and is not retried;
     launched again with one worker, it converts its step-4 checkpoint and finishes in the same
@@ -116,6 +118,7 @@ def test_a_run_of_two_workers_that_died_resumes_on_one(tmp_path, mlflow_uri, cac
     assert not list((tmp_path / "runs" / study / "tiny-seed1" / "checkpoints").glob("*.universal"))
 
 
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_dead_rank_restarts_the_whole_run(tmp_path, mlflow_uri, cache_dir):
     study = f"dp-kill-{uuid.uuid4().hex[:8]}"
     out = launch(tmp_path, "-m", "seed=1", "model=tiny", "budget=smoke", "launcher.workers_per_run=2",

@@ -21,6 +21,7 @@ def loss_curve(client, run) -> list[tuple[int, float]]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_seed_3_in_a_sweep_and_alone_later_gives_bit_identical_losses(tmp_path, mlflow_uri, cache_dir):
     study = f"repro-{uuid.uuid4().hex[:8]}"
     common = ["model=tiny", "budget=smoke", f"budget.steps={STEPS}", f"study={study}", f"data.cache_dir={cache_dir}"]

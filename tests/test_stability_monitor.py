@@ -299,6 +299,7 @@ def test_a_sweep_tags_the_diverging_seed_logs_the_band_and_stops_it(tmp_path, ml
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_rewound_seed_goes_on_in_the_same_run_from_an_earlier_checkpoint_on_other_batches(tmp_path, mlflow_uri,
                                                                                                cache_dir):
     """``monitor.action=rewind``: seed 3 (learning rate x1000 from step 8) alerts; the driver kills it

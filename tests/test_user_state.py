@@ -109,6 +109,7 @@ def test_the_planted_server_looks_live_to_polypythia(planted):
     assert "GET /health" in requests.read_text()
 
 
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_slice_of_the_suite_neither_reads_nor_writes_the_users_state(planted, tmp_path):
     user, home, uri, requests = planted
     requests.write_text("")

@@ -64,6 +64,7 @@ def test_the_hang_fault_is_a_check_of_the_config():
 # -- through the launcher ------------------------------------------------------------------------
 
 @pytest.mark.integration
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_a_hung_job_is_killed_retried_and_failed_as_stalled(tmp_path, mlflow_uri, cache_dir):
     study = f"stall-{uuid.uuid4().hex[:8]}"
     start = time.time()

@@ -277,6 +277,7 @@ def test_help_and_unknown_experiment(tmp_path, mlflow_uri):
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_two_seed_study_end_to_end(tmp_path, mlflow_uri, cache_dir):
     from mlflow.tracking import MlflowClient
     from test_launch import launch
