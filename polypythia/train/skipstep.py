@@ -21,11 +21,12 @@ in OLMo-core one NaN in the window would skip every later step), and a window fl
 :data:`~polypythia.train.spikes.MIN_SD` skips nothing.
 
 How it reaches inside DeepSpeed's step: ``train_step`` hands :meth:`SkipStep.before_update` the
-step's loss (averaged over ranks) and, at ZeRO stage 0, the gradient norm it measured; DeepSpeed
-then calls the optimizer's ``step``, :class:`SkipStepAdamW`, which asks :meth:`SkipStep.should_skip`.
-At ZeRO 1/2 (and under DeepSpeed's bf16/fp16 optimizers) the gradient norm is the one DeepSpeed's
-optimizer has just computed for this step (its ``_global_grad_norm``, set before it calls the torch
-optimizer, once per parameter group at ZeRO 1/2: the decision is taken at the first call). The
+step's loss (averaged over ranks) and the gradient norm where it measured one itself (fp32 at ZeRO
+stage 0 without clipping, :func:`polypythia.train.lighten.records_grad_norm`); DeepSpeed then calls the
+optimizer's ``step``, :class:`SkipStepAdamW`, which asks :meth:`SkipStep.should_skip`. Otherwise the
+gradient norm is the one computed for this step just before the torch optimizer runs: by DeepSpeed's
+ZeRO 1/2 or bf16/fp16 optimizer (its ``_global_grad_norm``, once per parameter group at ZeRO 1/2: the
+decision is taken at the first call), or by the engine's fp32 clipping (``lighten._clip_fp32``). The
 learning-rate schedule goes on counting a skipped step, as in OLMo-core (its scheduler follows the
 trainer's step). The windows are in every checkpoint's trainer state, so a resumed run skips exactly
 as one that never stopped.
