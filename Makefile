@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-slow test-fast mlflow-ui stop-mlflow analysis clean
+.PHONY: setup demo test test-slow test-fast lint format mlflow-ui stop-mlflow analysis clean
 
 setup: $(VENV)/.installed
 
@@ -39,13 +39,22 @@ test-fast: setup
 	$(PY) -m pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 mlflow-ui: setup
-	$(PY) -m polypythia.tracking start
+	$(PY) -m polypythia.tracking.client start
 
 stop-mlflow: setup
-	$(PY) -m polypythia.tracking stop
+	$(PY) -m polypythia.tracking.client stop
 
 analysis: setup
 	$(PY) -m analysis polypythia --out analysis-out
 
 clean:
 	rm -rf $(VENV) .polypythia
+
+# ruff's format and lint, as .ci/run checks them (settings in pyproject.toml)
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .

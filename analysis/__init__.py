@@ -11,21 +11,57 @@ or from the shell: ``python -m analysis <source> --out DIR`` (see ``--help``).
 """
 
 from analysis.errors import AnalysisError
-from analysis.load import (Study, load_lm_eval_folder, load_mlflow, load_study, load_tidy_file, sort_models,
-                           tidy)
-from analysis.outliers import (OutlierRule, decision_threshold, find_outliers, flag_mad_outliers,
-                               flag_trajectory_outliers, pooled_deviation, standardised_accuracy)
+from analysis.load import Study, load_lm_eval_folder, load_mlflow, load_study, load_tidy_file, sort_models, tidy
+from analysis.outliers import (
+    OutlierRule,
+    decision_threshold,
+    find_outliers,
+    flag_mad_outliers,
+    flag_trajectory_outliers,
+    pooled_deviation,
+    standardised_accuracy,
+)
 from analysis.report import AnalysisOptions, AnalysisResult, run_analysis
 from analysis.spikes import find_spikes
-from analysis.stats import (BootstrapComparison, checkpoint_steps, compare_models, cross_seed_stats, multi_bootstrap,
-                            spread_test)
+from analysis.stats import (
+    BootstrapComparison,
+    checkpoint_steps,
+    compare_models,
+    cross_seed_stats,
+    multi_bootstrap,
+    spread_test,
+)
 from analysis.summary import final_loss_summary, print_summary
 from analysis.training_maps import TrainingMaps, fit_training_maps
 
 __all__ = [
-    "AnalysisError", "AnalysisOptions", "OutlierRule", "AnalysisResult", "BootstrapComparison", "Study", "TrainingMaps",
-    "checkpoint_steps", "compare_models", "cross_seed_stats", "final_loss_summary", "find_outliers", "find_spikes",
-    "decision_threshold", "fit_training_maps", "flag_mad_outliers", "flag_trajectory_outliers", "load_lm_eval_folder", "load_mlflow",
-    "load_study", "load_tidy_file", "multi_bootstrap", "pooled_deviation", "print_summary", "run_analysis", "sort_models",
-    "spread_test", "standardised_accuracy", "tidy",
+    "AnalysisError",
+    "AnalysisOptions",
+    "OutlierRule",
+    "AnalysisResult",
+    "BootstrapComparison",
+    "Study",
+    "TrainingMaps",
+    "checkpoint_steps",
+    "compare_models",
+    "cross_seed_stats",
+    "final_loss_summary",
+    "find_outliers",
+    "find_spikes",
+    "decision_threshold",
+    "fit_training_maps",
+    "flag_mad_outliers",
+    "flag_trajectory_outliers",
+    "load_lm_eval_folder",
+    "load_mlflow",
+    "load_study",
+    "load_tidy_file",
+    "multi_bootstrap",
+    "pooled_deviation",
+    "print_summary",
+    "run_analysis",
+    "sort_models",
+    "spread_test",
+    "standardised_accuracy",
+    "tidy",
 ]

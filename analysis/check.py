@@ -43,7 +43,8 @@ def foreign_files(root: str | Path, steps=None) -> dict[tuple[str, str], list[tu
         problem = FOREIGN_FILE if kind == "model" else CONFIG_PATH_DISAGREE
         fate = "it was read as its config says" if read else "it was left out"
         found.setdefault((file.model, run_label(file.seed, file.seed)), []).append(
-            (file.step, str(file.path.relative_to(root)), problem, f"{said}; {fate}"))
+            (file.step, str(file.path.relative_to(root)), problem, f"{said}; {fate}")
+        )
     return found
 
 
@@ -51,7 +52,7 @@ def mlflow_schedules(study) -> dict[tuple[str, str], list[int]]:
     """(model, run label) -> checkpoint schedule from each MLflow run's ``budget.*`` params, where readable."""
     if study.kind != "mlflow" or "run_id" not in study.runs:
         return {}
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     schedules = {}
     try:
@@ -61,7 +62,8 @@ def mlflow_schedules(study) -> dict[tuple[str, str], list[int]]:
             if "budget.steps" in params and "budget.checkpoint_every_steps" in params:
                 log_spaced = str(params.get("budget.log_spaced_checkpoints", "True")).lower() not in ("false", "0")
                 schedules[(str(row.model), str(row.seed))] = checkpoint_steps(
-                    int(params["budget.steps"]), int(params["budget.checkpoint_every_steps"]), log_spaced)
+                    int(params["budget.steps"]), int(params["budget.checkpoint_every_steps"]), log_spaced
+                )
     except Exception:  # no schedule: the Pythia one is used
         return schedules
     return schedules
@@ -77,8 +79,9 @@ def checkpoint_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return kept if not kept.empty else rows
 
 
-def check_study(study, steps: list[int] | None = None, schedules: dict | None = None,
-                foreign: dict | None = None) -> list[Problem]:
+def check_study(
+    study, steps: list[int] | None = None, schedules: dict | None = None, foreign: dict | None = None
+) -> list[Problem]:
     """The problems of a loaded study, run by run (see the module docstring)."""
     schedules, foreign = schedules or {}, foreign or {}
     metrics = study.metrics.astype({"model": str, "seed": str, "metric": str})
@@ -100,12 +103,19 @@ def check_study(study, steps: list[int] | None = None, schedules: dict | None = 
                 expected, where = integrity.expected_steps(present), "the Pythia schedule in the run's step range"
             found = integrity.missing_problem(*ident, present, expected, where)
             problems += [found] if found else []
-            vectors = [(int(step), tuple(sorted(zip(g["metric"], g["value"]))))
-                       for step, g in rows.groupby("step", sort=True)]
+            vectors = [
+                (int(step), tuple(sorted(zip(g["metric"], g["value"])))) for step, g in rows.groupby("step", sort=True)
+            ]
             for group in integrity.identical_runs(vectors):
-                problems.append(Problem(*ident, IDENTICAL_HINT, integrity.step_list(group),
-                                        f"all {len(vectors[0][1])} checkpoint metrics are equal at these steps; "
-                                        "the checkpoints may be the same"))
+                problems.append(
+                    Problem(
+                        *ident,
+                        IDENTICAL_HINT,
+                        integrity.step_list(group),
+                        f"all {len(vectors[0][1])} checkpoint metrics are equal at these steps; "
+                        "the checkpoints may be the same",
+                    )
+                )
         problems += foreign_problems(ident, foreign.get(key, []))
     listed = set(zip(runs["model"], runs["seed"]))
     for (model, seed), files in foreign.items():  # runs of which every file was left out
@@ -115,8 +125,7 @@ def check_study(study, steps: list[int] | None = None, schedules: dict | None = 
 
 
 def foreign_problems(ident: tuple, files: list[tuple[int, str, str, str]]) -> list[Problem]:
-    return [Problem(*ident, problem, str(step), f"{path} is for {said}")
-            for step, path, problem, said in files]
+    return [Problem(*ident, problem, str(step), f"{path} is for {said}") for step, path, problem, said in files]
 
 
 def checkpoint_folder(source: str) -> bool:
@@ -137,13 +146,22 @@ def check(args) -> int:
     steps = None if args.steps is None else parse_steps(args.steps)
     foreign = foreign_files(args.source, steps) if choose_source(args.source).kind == "lm-eval" else {}
     try:
-        study = load_study(args.source, tracking_uri=args.tracking_uri, parent_run_id=args.parent_run,
-                           metrics=args.metrics, steps=steps, model=args.model)
+        study = load_study(
+            args.source,
+            tracking_uri=args.tracking_uri,
+            parent_run_id=args.parent_run,
+            metrics=args.metrics,
+            steps=steps,
+            model=args.model,
+        )
     except AnalysisError:
         if not foreign:
             raise
-        problems = [p for (model, seed), files in foreign.items()  # every file was left out: list them
-                    for p in foreign_problems((model, seed, *parse_run_label(seed)), files)]
+        problems = [
+            p
+            for (model, seed), files in foreign.items()  # every file was left out: list them
+            for p in foreign_problems((model, seed, *parse_run_label(seed)), files)
+        ]
         return integrity.report(problems, f"Integrity of {args.source}", out)
     problems = check_study(study, steps, mlflow_schedules(study), foreign)
     return integrity.report(problems, f"Integrity of {args.source}", out)

@@ -60,6 +60,8 @@ def check_one_training_config(runs: list, table) -> None:
         if keys:
             shown = "; ".join(describe(k, v) for k, v in list(keys.items())[:SHOWN_KEYS])
             more = f"; and {len(keys) - SHOWN_KEYS} more key(s)" if len(keys) > SHOWN_KEYS else ""
-            raise AnalysisError(f"The runs of model {model} were trained with different configs ({shown}{more}), so "
-                                "their spread is not a seed spread; analyse one sweep with --parent-run, or launch "
-                                "each config into its own study.")
+            raise AnalysisError(
+                f"The runs of model {model} were trained with different configs ({shown}{more}), so "
+                "their spread is not a seed spread; analyse one sweep with --parent-run, or launch "
+                "each config into its own study."
+            )

@@ -65,7 +65,7 @@ class Padded:
         n_seq = max(len(x) for x in lengths)
         self.lengths = np.zeros((len(lengths), n_seq), dtype="int64")  # (G, S)
         for g, x in enumerate(lengths):
-            self.lengths[g, :len(x)] = x
+            self.lengths[g, : len(x)] = x
         starts = np.cumsum(self.lengths, axis=1) - self.lengths
         t = np.arange(int(self.lengths.max()))[:, None, None]
         self.valid = t < self.lengths[None]  # (T, G, S)
@@ -109,7 +109,7 @@ class Rows:
 
     def __init__(self, X: np.ndarray):
         self.X = X
-        self.squares = X ** 2
+        self.squares = X**2
         self.both = np.hstack([self.squares, X])
 
 
@@ -122,9 +122,9 @@ def log_density_diag(X: np.ndarray, means: np.ndarray, covars: np.ndarray, rows:
     n_features = means.shape[1]
     covars = np.maximum(covars, np.finfo(float).tiny)
     precision = 1.0 / covars
-    both = rows.both if rows is not None else np.hstack([X ** 2, X])
+    both = rows.both if rows is not None else np.hstack([X**2, X])
     quadratic = both @ np.vstack([precision.T, (-2.0 * means * precision).T])
-    constant = n_features * np.log(2 * np.pi) + np.log(covars).sum(axis=1) + (means ** 2 * precision).sum(axis=1)
+    constant = n_features * np.log(2 * np.pi) + np.log(covars).sum(axis=1) + (means**2 * precision).sum(axis=1)
     with np.errstate(over="ignore"):
         return -0.5 * (constant[None, :] + quadratic)
 
@@ -155,8 +155,9 @@ def forward(startprob: np.ndarray, transmat: np.ndarray, log_frameprob: np.ndarr
     return alpha, scale, frameprob, log_prob
 
 
-def estep(models: list, Xs: list[np.ndarray], lengths: list, rows: list[Rows] | None = None,
-          padded: Padded | None = None) -> list[tuple[dict, float]]:
+def estep(
+    models: list, Xs: list[np.ndarray], lengths: list, rows: list[Rows] | None = None, padded: Padded | None = None
+) -> list[tuple[dict, float]]:
     """hmmlearn's E-step (sufficient statistics and summed log-likelihood) of several models with the
     same number of states, each on its own sequences, in one batched pass; a model with a frame that
     has zero probability under every reachable state gets hmmlearn's own log-space E-step. ``rows``
@@ -164,8 +165,9 @@ def estep(models: list, Xs: list[np.ndarray], lengths: list, rows: list[Rows] | 
     one E-step to the next."""
     rows = rows if rows is not None else [Rows(X) for X in Xs]
     padded = padded if padded is not None else Padded(lengths)
-    log_frameprob = padded.spread([log_density_diag(X, h.means_, h._covars_, r)
-                                   for h, X, r in zip(models, Xs, rows)], 0.0)
+    log_frameprob = padded.spread(
+        [log_density_diag(X, h.means_, h._covars_, r) for h, X, r in zip(models, Xs, rows)], 0.0
+    )
     startprob = np.stack([h.startprob_ for h in models])
     transmat = np.stack([h.transmat_ for h in models])
     alpha, scale, frameprob, log_prob = forward(startprob, transmat, log_frameprob, padded)
@@ -268,8 +270,13 @@ def fit_together(models: list[BatchedGaussianHMM], Xs: list[np.ndarray], lengths
     while active:
         if padded is None or padded[0] != active:
             padded = (active, Padded([lengths[g] for g in active]))
-        results = estep([models[g] for g in active], [Xs[g] for g in active], [lengths[g] for g in active],
-                        [rows[g] for g in active], padded[1])
+        results = estep(
+            [models[g] for g in active],
+            [Xs[g] for g in active],
+            [lengths[g] for g in active],
+            [rows[g] for g in active],
+            padded[1],
+        )
         still = []
         for g, (stats, logprob) in zip(active, results):
             h = models[g]

@@ -117,21 +117,25 @@ def read_lm_eval_file(path: Path) -> dict:
     try:
         data = json.loads(path.read_bytes())
     except OSError as error:
-        raise AnalysisError(f"The result file {path} could not be read ({error.strerror or error}); "
-                            "check its permissions, or remove it.") from None
+        raise AnalysisError(
+            f"The result file {path} could not be read ({error.strerror or error}); "
+            "check its permissions, or remove it."
+        ) from None
     except UnicodeDecodeError:
-        raise AnalysisError(f"The result file {path} is not JSON text (it holds binary data); "
-                            "remove or repair it.") from None
+        raise AnalysisError(
+            f"The result file {path} is not JSON text (it holds binary data); remove or repair it."
+        ) from None
     except json.JSONDecodeError as error:
-        raise AnalysisError(f"The result file {path} is not valid JSON ({error.msg} at line {error.lineno}); "
-                            "remove or repair it.") from None
+        raise AnalysisError(
+            f"The result file {path} is not valid JSON ({error.msg} at line {error.lineno}); remove or repair it."
+        ) from None
     if not isinstance(data, dict):
         kind = {list: "a list", str: "a string", type(None): "null"}.get(type(data), "a number")
-        raise AnalysisError(f"The result file {path} holds {kind}, not an lm-eval result object; "
-                            "remove or repair it.")
+        raise AnalysisError(f"The result file {path} holds {kind}, not an lm-eval result object; remove or repair it.")
     if not isinstance(data.get("results"), dict):
-        raise AnalysisError(f"The result file {path} has no 'results' object, so it is not an lm-eval result "
-                            "file; remove or repair it.")
+        raise AnalysisError(
+            f"The result file {path} has no 'results' object, so it is not an lm-eval result file; remove or repair it."
+        )
     return data
 
 
@@ -179,9 +183,12 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
     if not at_steps:
         present = sorted({f.step for f in files})
         shown = ", ".join(str(s) for s in present[:10]) + (", ..." if len(present) > 10 else "")
-        raise AnalysisError(f"The folder {root} holds no metric values matching --steps (its lm-eval results are "
-                            f"at steps {shown}); choose other steps." if files else f"The folder {root} holds no "
-                            f"lm-eval result files laid out as {LM_EVAL_LAYOUTS}; check the path.")
+        raise AnalysisError(
+            f"The folder {root} holds no metric values matching --steps (its lm-eval results are "
+            f"at steps {shown}); choose other steps."
+            if files
+            else f"The folder {root} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}; check the path."
+        )
     rows, foreign, placed = [], [], []
     read = [f for f in at_steps if not f.aside]
     for file in read:
@@ -196,8 +203,10 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
             model, seed, step = identity
             if wanted is not None and step not in wanted:
                 continue
-        rows.extend((model, seed, step, name, value, file.stamp, str(file.path), bool(found))
-                    for name, value in lm_eval_metrics(data["results"], task_shots(data)))
+        rows.extend(
+            (model, seed, step, name, value, file.stamp, str(file.path), bool(found))
+            for name, value in lm_eval_metrics(data["results"], task_shots(data))
+        )
     laid_out = {f.path for f in files}
     unread = [path for path in sorted(root.rglob("*.json")) if path not in laid_out]
     notes = left_out_notes(root, len(read), foreign, [f for f in at_steps if f.aside], unread, placed)
@@ -205,9 +214,11 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
         log.warning(note)
     if not rows:
         example = foreign[0][0] if foreign else at_steps[0].path.parent
-        raise AnalysisError(f"No lm-eval result file under {root} could be read: each names a model that is no Pythia "
-                            f"model, or lies aside (e.g. {example}); check that the folders hold the right models' "
-                            "results, or point the source at the folder to read.")
+        raise AnalysisError(
+            f"No lm-eval result file under {root} could be read: each names a model that is no Pythia "
+            f"model, or lies aside (e.g. {example}); check that the folders hold the right models' "
+            "results, or point the source at the folder to read."
+        )
     frame = without_shadowed(pd.DataFrame(rows, columns=[*TIDY_COLUMNS, "stamp", "file", "placed"]))
     check_undated(frame)
     # Timestamps are ISO-like ("2024-06-01T12-30-00.123456"), so string order is time order.
@@ -216,32 +227,46 @@ def lm_eval_rows(root: str | os.PathLike, steps: Iterable[int] | None = None) ->
     return frame[TIDY_COLUMNS], notes
 
 
-def left_out_notes(root: Path, n_read: int, foreign: list[tuple[Path, str]], aside: list[ResultFile],
-                   unread: list[Path], placed: list[tuple[Path, str]] = ()) -> list[str]:
+def left_out_notes(
+    root: Path,
+    n_read: int,
+    foreign: list[tuple[Path, str]],
+    aside: list[ResultFile],
+    unread: list[Path],
+    placed: list[tuple[Path, str]] = (),
+) -> list[str]:
     """A note counting the files read as their config says rather than as their path does, one counting the
     files whose config names no Pythia model, one counting the files set aside and one counting the
     ``.json`` files in neither layout (the Pythia repository's ``evals/pythia-v0/``, whose
     "pythia-1.4b-deduped" is another model than today's, and its OPT and BLOOM baselines)."""
     notes = []
     if unread:
-        notes.append(f"{len(unread)} .json files below {root} are in neither lm-eval layout and were not read "
-                     f"(e.g. {unread[0].relative_to(root)}).")
+        notes.append(
+            f"{len(unread)} .json files below {root} are in neither lm-eval layout and were not read "
+            f"(e.g. {unread[0].relative_to(root)})."
+        )
     if placed:
         example, name = placed[0]
-        notes.append(f"{len(placed)} of {n_read} lm-eval result files name another model, step or number of shots in "
-                     f"their config than their path and were read as their config says, where no file filed under "
-                     f"that identity gives the same value (e.g. {example.relative_to(root)} is for {name}); --check "
-                     "lists them.")
+        notes.append(
+            f"{len(placed)} of {n_read} lm-eval result files name another model, step or number of shots in "
+            f"their config than their path and were read as their config says, where no file filed under "
+            f"that identity gives the same value (e.g. {example.relative_to(root)} is for {name}); --check "
+            "lists them."
+        )
     if foreign:
         example, name = foreign[0]
-        notes.append(f"{len(foreign)} of {n_read} lm-eval result files were left out because their config names no "
-                     f"Pythia model, or models that contradict each other (e.g. {example.relative_to(root)} is for "
-                     f"{name}).")
+        notes.append(
+            f"{len(foreign)} of {n_read} lm-eval result files were left out because their config names no "
+            f"Pythia model, or models that contradict each other (e.g. {example.relative_to(root)} is for "
+            f"{name})."
+        )
     if aside:
         folders = ", ".join(sorted({f.path.parent.name + "/" for f in aside}))
-        notes.append(f"{len(aside)} lm-eval result files in setting folders other than zero-shot/ or five-shot/ were "
-                     f"not read ({folders} e.g. {aside[0].path.relative_to(root)}); point the source at such a "
-                     "folder to read it alone.")
+        notes.append(
+            f"{len(aside)} lm-eval result files in setting folders other than zero-shot/ or five-shot/ were "
+            f"not read ({folders} e.g. {aside[0].path.relative_to(root)}); point the source at such a "
+            "folder to read it alone."
+        )
     return notes
 
 
@@ -275,13 +300,16 @@ def check_undated(frame: pd.DataFrame) -> None:
     first = clash[(clash[keys] == clash[keys].iloc[0]).all(axis=1)].drop_duplicates("value").head(2)
     (a, b), (x, y) = first["file"].tolist(), first["value"].tolist()
     row = first.iloc[0]
-    raise AnalysisError(f"The files {a} and {b} give different values of {row.metric} for model {row.model} seed "
-                        f"{row.seed} step {row.step} ({x:g} and {y:g}), and lm-eval 0.3 files carry no timestamp to "
-                        "choose the newer; remove one, or point the source at a folder that holds only one.")
+    raise AnalysisError(
+        f"The files {a} and {b} give different values of {row.metric} for model {row.model} seed "
+        f"{row.seed} step {row.step} ({x:g} and {y:g}), and lm-eval 0.3 files carry no timestamp to "
+        "choose the newer; remove one, or point the source at a folder that holds only one."
+    )
 
 
-def disagreeing_files(root: str | os.PathLike,
-                      steps: Iterable[int] | None = None) -> list[tuple[ResultFile, str, str, bool]]:
+def disagreeing_files(
+    root: str | os.PathLike, steps: Iterable[int] | None = None
+) -> list[tuple[ResultFile, str, str, bool]]:
     """``(file, "model" | "step" | "shots", what it says it is, read)`` for each result file below ``root`` (at
     ``steps``) whose config contradicts its path; ``read``: :func:`lm_eval_rows` read it as its config says
     (False: its config names no Pythia model, and it was left out)."""

@@ -30,8 +30,10 @@ _SUITE_MODEL_DIR = re.compile(r"^pythia-(?P<size>\d+(?:\.\d+)?[mb](?:-.+?)?)(?:-
 _SUITE_FILE = re.compile(r"^.+_step(?P<step>\d+)\.json$")
 _SHOT_DIR = re.compile(r"^(?:(?P<k>\d+)|(?P<word>zero|one|five))-shot$", re.IGNORECASE)
 _SHOT_WORDS = {"zero": 0, "one": 1, "five": 5}
-LM_EVAL_LAYOUTS = ("pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json (lm-eval 0.4) or "
-                   "pythia-<size>[-deduped]/zero-shot/<name>_step<S>.json (lm-eval 0.3)")
+LM_EVAL_LAYOUTS = (
+    "pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json (lm-eval 0.4) or "
+    "pythia-<size>[-deduped]/zero-shot/<name>_step<S>.json (lm-eval 0.3)"
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,15 @@ def suite_layout(path: Path, root: Path) -> ResultFile | None:
         shot = _SHOT_DIR.match(setting or "")
         shots = None if shot is None else int(shot["k"]) if shot["k"] else _SHOT_WORDS[shot["word"].lower()]
         chosen = Path(os.path.abspath(path.parent)) == Path(os.path.abspath(root))  # the source is that folder
-        return ResultFile(path, model_match["size"], int(model_match["seed"] or 0), int(file_match["step"]),
-                          shots=shots, suite=True, aside=setting is not None and shot is None and not chosen)
+        return ResultFile(
+            path,
+            model_match["size"],
+            int(model_match["seed"] or 0),
+            int(file_match["step"]),
+            shots=shots,
+            suite=True,
+            aside=setting is not None and shot is None and not chosen,
+        )
     return None
 
 
@@ -110,8 +119,13 @@ def lm_eval_layout(path: Path, root: Path) -> tuple[str, int, int, str, tuple[st
         step_match = _LM_EVAL_STEP_DIR.match(parts[index + 1])
         if model_match and step_match:
             seed = int(model_match.group("seed") or 0)
-            return (model_match.group("size"), seed, int(step_match.group("step")), file_match.group("stamp"),
-                    parts[index + 2:])
+            return (
+                model_match.group("size"),
+                seed,
+                int(step_match.group("step")),
+                file_match.group("stamp"),
+                parts[index + 2 :],
+            )
     return None
 
 

@@ -36,8 +36,16 @@ from analysis.errors import AnalysisError
 from analysis.lmeval import lm_eval_rows
 from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
 from analysis.values import set_aside as set_impossible_aside
-from polypythia.study import (TIDY_COLUMNS, label_order, label_replicate, parse_run_label, replicate_from_tags,
-                              run_label, search_job_runs, seeds_from_tags)
+from polypythia.study import (
+    TIDY_COLUMNS,
+    label_order,
+    label_replicate,
+    parse_run_label,
+    replicate_from_tags,
+    run_label,
+    search_job_runs,
+    seeds_from_tags,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +55,7 @@ RUN_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "run_id", "status", 
 # The 27 checkpoints the PolyPythias analyses use (van der Wal et al., "PolyPythias", ICLR 2025,
 # arXiv 2503.09543; EleutherAI/pythia branch polypythias, polypythias/data/training_maps.tsv):
 # step 0, the log-spaced steps 1, 2, 4, ..., 512, then 1000, 3000 and every 10,000 from 13,000 to 143,000.
-POLYPYTHIAS_EVAL_STEPS: tuple[int, ...] = (0, *(2 ** i for i in range(10)), 1000, 3000,
-                                            *range(13000, 143001, 10000))
+POLYPYTHIAS_EVAL_STEPS: tuple[int, ...] = (0, *(2**i for i in range(10)), 1000, 3000, *range(13000, 143001, 10000))
 STEP_PRESETS = {"polypythias": POLYPYTHIAS_EVAL_STEPS}
 
 # Tables: pandas names an unnamed header cell (a written index) "Unnamed: 0".
@@ -86,6 +93,7 @@ class Study:
 
 def sort_models(models) -> list[str]:
     """Order size names like "14m", "160m", "1.4b" by parameter count; unknown names last, by name."""
+
     def size_in_params(name: str) -> float:
         match = re.match(r"^(\d+(?:\.\d+)?)([mkb])", str(name).lower())
         if not match:
@@ -132,8 +140,10 @@ def run_label_column(column: pd.Series) -> pd.Series:
         label = str(int(number)) if pd.notna(number) and float(number).is_integer() else str(category).strip()
         seeds = parse_run_label(label)
         if seeds is None:
-            raise AnalysisError(f"The seed column holds {category!r}, which is neither a seed number nor a run "
-                                "label like w1-d2; give whole seed numbers.")
+            raise AnalysisError(
+                f"The seed column holds {category!r}, which is neither a seed number nor a run "
+                "label like w1-d2; give whole seed numbers."
+            )
         labels.append(run_label(*seeds, label_replicate(label)))  # one label per run: w3-d3 is run 3
     column = column.cat.rename_categories(range(len(labels))).astype("int64").map(dict(enumerate(labels)))
     order = sorted(set(labels), key=label_order)
@@ -194,10 +204,15 @@ def non_finite_endings(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, 
     values = pd.to_numeric(losses["value"], errors="coerce").astype("float64").to_numpy()
     if np.isfinite(values).all():
         return {}
-    losses = pd.DataFrame({"model": losses["model"].astype(str).to_numpy(),
-                           "seed": run_label_column(losses["seed"]).astype(str).to_numpy(),
-                           "metric": losses["metric"].astype(str).to_numpy(),
-                           "step": pd.to_numeric(losses["step"], errors="coerce").to_numpy(), "value": values})
+    losses = pd.DataFrame(
+        {
+            "model": losses["model"].astype(str).to_numpy(),
+            "seed": run_label_column(losses["seed"]).astype(str).to_numpy(),
+            "metric": losses["metric"].astype(str).to_numpy(),
+            "step": pd.to_numeric(losses["step"], errors="coerce").to_numpy(),
+            "value": values,
+        }
+    )
     losses = losses[losses["step"].notna()]
     last = losses.sort_values("step", kind="stable").groupby(["model", "seed", "metric"], sort=False).tail(1)
     ended = last[~np.isfinite(last["value"].to_numpy())]
@@ -206,8 +221,11 @@ def non_finite_endings(frame: pd.DataFrame) -> dict[tuple[str, str], tuple[str, 
 
 def diverged_notes(diverged: dict[tuple[str, str], tuple[str, int]]) -> list[str]:
     """One note per run that ended in a non-finite loss."""
-    return [f"Model {model} run {seed} ends with a non-finite {metric} at step {step}; it is marked diverged "
-            "(its earlier, finite values are kept)." for (model, seed), (metric, step) in sorted(diverged.items())]
+    return [
+        f"Model {model} run {seed} ends with a non-finite {metric} at step {step}; it is marked diverged "
+        "(its earlier, finite values are kept)."
+        for (model, seed), (metric, step) in sorted(diverged.items())
+    ]
 
 
 def run_pairs(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -217,11 +235,16 @@ def run_pairs(metrics: pd.DataFrame) -> pd.DataFrame:
     model, seed = metrics["model"], metrics["seed"]
     if isinstance(model.dtype, pd.CategoricalDtype) and isinstance(seed.dtype, pd.CategoricalDtype) and len(metrics):
         codes = model.cat.codes.to_numpy().astype("int64") * (len(seed.cat.categories) + 1) + seed.cat.codes.to_numpy()
-        if (model.cat.codes.to_numpy() >= 0).all() and (seed.cat.codes.to_numpy() >= 0).all() \
-                and (codes[1:] >= codes[:-1]).all():
+        if (
+            (model.cat.codes.to_numpy() >= 0).all()
+            and (seed.cat.codes.to_numpy() >= 0).all()
+            and (codes[1:] >= codes[:-1]).all()
+        ):
             starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1]
-            return pd.DataFrame({"model": [str(m) for m in model.iloc[starts]],
-                                 "seed": [str(s) for s in seed.iloc[starts]]}, index=starts)
+            return pd.DataFrame(
+                {"model": [str(m) for m in model.iloc[starts]], "seed": [str(s) for s in seed.iloc[starts]]},
+                index=starts,
+            )
     return metrics[["model", "seed"]].drop_duplicates().astype({"model": str, "seed": str})
 
 
@@ -237,8 +260,14 @@ def runs_from_metrics(metrics: pd.DataFrame, diverged: Iterable[tuple[str, str]]
         pairs = pd.concat([pairs, pd.DataFrame(extra, columns=["model", "seed"])], ignore_index=True)
     seeds = [parse_run_label(label) for label in pairs["seed"]]
     flags = [(m, s) in diverged for m, s in zip(pairs["model"], pairs["seed"])]
-    runs = pairs.assign(run_id=None, status="FINISHED", diverged=flags, weight_seed=[w for w, _ in seeds],
-                        data_seed=[d for _, d in seeds], budget=None)
+    runs = pairs.assign(
+        run_id=None,
+        status="FINISHED",
+        diverged=flags,
+        weight_seed=[w for w, _ in seeds],
+        data_seed=[d for _, d in seeds],
+        budget=None,
+    )
     return runs[RUN_COLUMNS].reset_index(drop=True)
 
 
@@ -265,8 +294,10 @@ def choose_source(source: str | os.PathLike) -> SourceChoice:
         if has_lm_eval_results(path):
             return SourceChoice("lm-eval", str(source))
         name = Path(os.path.abspath(path)).name
-        note = (f"The folder {source} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, so it is read "
-                f"as the MLflow experiment name {name!r}.")
+        note = (
+            f"The folder {source} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, so it is read "
+            f"as the MLflow experiment name {name!r}."
+        )
         return SourceChoice("mlflow", name, folder=str(source), note=note)
     if path.suffix.lower() in (".csv", ".tsv", ".txt") or path.is_file():
         return SourceChoice("table", str(source))
@@ -283,13 +314,20 @@ def read_as_experiment(choice: SourceChoice):
             raise
         text = str(error)
         text = text[0].lower() + text[1:] if text[:2].istitle() else text
-        raise AnalysisError(f"The folder {choice.folder} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, "
-                            f"so it was read as the MLflow experiment name {choice.name!r}, and {text}") from None
+        raise AnalysisError(
+            f"The folder {choice.folder} holds no lm-eval result files laid out as {LM_EVAL_LAYOUTS}, "
+            f"so it was read as the MLflow experiment name {choice.name!r}, and {text}"
+        ) from None
 
 
-def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
-               parent_run_id: str | None = None, metrics: list[str] | None = None,
-               steps: Iterable[int] | str | None = None, model: str | None = None) -> Study:
+def load_study(
+    source: str | os.PathLike,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    metrics: list[str] | None = None,
+    steps: Iterable[int] | str | None = None,
+    model: str | None = None,
+) -> Study:
     """Load a study from an MLflow experiment name, a folder of lm-eval results or a CSV/TSV file.
 
     ``metrics`` optionally restricts which metric keys are read (MLflow) or kept (files);
@@ -306,8 +344,9 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
         study = load_tidy_file(choice.name, model=model)
     else:
         with read_as_experiment(choice):
-            study = load_mlflow(choice.name, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
-                                metric_keys=metrics)
+            study = load_mlflow(
+                choice.name, tracking_uri=tracking_uri, parent_run_id=parent_run_id, metric_keys=metrics
+            )
         if choice.note:
             log.warning(choice.note)
             study.notes.insert(0, choice.note)
@@ -321,10 +360,13 @@ def load_study(source: str | os.PathLike, tracking_uri: str | None = None,
 
         set_study_replicates_aside(study)
     if study.metrics.empty:
-        matching = " and ".join(what for what, given in (("--metrics", metrics), ("--steps", wanted_steps))
-                                if given is not None)
-        raise AnalysisError(f"The source {source} holds no metric values{' matching ' + matching if matching else ''}; "
-                            "check the path or experiment name.")
+        matching = " and ".join(
+            what for what, given in (("--metrics", metrics), ("--steps", wanted_steps)) if given is not None
+        )
+        raise AnalysisError(
+            f"The source {source} holds no metric values{' matching ' + matching if matching else ''}; "
+            "check the path or experiment name."
+        )
     return study
 
 
@@ -339,8 +381,10 @@ def parse_steps(text) -> list[int]:
     parts = [part.strip() for part in cleaned.split(",")]
     if not cleaned or not all(re.fullmatch(r"\d+", part) for part in parts):
         presets = ", ".join(repr(name) for name in STEP_PRESETS)
-        raise AnalysisError(f"The steps {text!r} are neither a comma-separated list of whole step numbers "
-                            f"(such as 0,1,2,512) nor a preset ({presets}); give one of those.")
+        raise AnalysisError(
+            f"The steps {text!r} are neither a comma-separated list of whole step numbers "
+            f"(such as 0,1,2,512) nor a preset ({presets}); give one of those."
+        )
     return sorted({int(part) for part in parts})
 
 
@@ -395,12 +439,14 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
     notes: list[str] = []
     frame = frame.drop(columns=[c for c in frame.columns if _UNNAMED_COLUMN.match(str(c).strip().lower())])
     known = set(TIDY_COLUMNS) | set(_ID_COLUMNS)
-    frame.columns = [str(c).strip().lower() if str(c).strip().lower() in known else str(c).strip()
-                     for c in frame.columns]
+    frame.columns = [
+        str(c).strip().lower() if str(c).strip().lower() in known else str(c).strip() for c in frame.columns
+    ]
     if frame.columns.duplicated().any():
         repeated = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
-        raise AnalysisError(f"The table {path} has the column(s) {', '.join(repeated)} more than once; "
-                            "give each column once.")
+        raise AnalysisError(
+            f"The table {path} has the column(s) {', '.join(repeated)} more than once; give each column once."
+        )
     if "seed" in frame.columns:
         frame["seed"] = checked_seeds(frame["seed"], path)
     if "step" in frame.columns:
@@ -408,8 +454,10 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
     if not {"metric", "value"} <= set(frame.columns) and {"seed", "step"} <= set(frame.columns):
         frame, skipped = wide_to_tidy(frame, path)
         if skipped:
-            notes.append(f"The table {path.name} has non-numeric column(s) {', '.join(skipped)}, "
-                         "which were left out of the metrics.")
+            notes.append(
+                f"The table {path.name} has non-numeric column(s) {', '.join(skipped)}, "
+                "which were left out of the metrics."
+            )
     if "model" not in frame.columns:
         name, note = table_model(path, model)
         frame["model"] = name
@@ -423,8 +471,9 @@ def load_tidy_file(path: str | os.PathLike, model: str | None = None) -> Study:
     notes += diverged_notes(diverged)
     for note in notes:
         log.warning(note)
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(path), kind="table",
-                 notes=notes)
+    return Study(
+        metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(path), kind="table", notes=notes
+    )
 
 
 def read_table(path: Path) -> pd.DataFrame:
@@ -432,22 +481,27 @@ def read_table(path: Path) -> pd.DataFrame:
     with open(path, "rb") as handle:
         head = handle.read(65536)
     if b"\x00" in head:
-        raise AnalysisError(f"The file {path} holds binary data, not a CSV or TSV table; give a text table "
-                            f"with the columns {', '.join(TIDY_COLUMNS)} (or seed, step and one column per metric).")
+        raise AnalysisError(
+            f"The file {path} holds binary data, not a CSV or TSV table; give a text table "
+            f"with the columns {', '.join(TIDY_COLUMNS)} (or seed, step and one column per metric)."
+        )
     first_line = head.split(b"\n", 1)[0]
     tab = path.suffix.lower() == ".tsv" or (b"\t" in first_line and b"," not in first_line)
     kind = "TSV" if tab else "CSV"
     try:
         return pd.read_csv(path, sep="\t" if tab else ",")
     except pd.errors.EmptyDataError:
-        raise AnalysisError(f"The file {path} is empty; give a table with the columns "
-                            f"{', '.join(TIDY_COLUMNS)}.") from None
+        raise AnalysisError(
+            f"The file {path} is empty; give a table with the columns {', '.join(TIDY_COLUMNS)}."
+        ) from None
     except UnicodeDecodeError:
         raise AnalysisError(f"The file {path} is not UTF-8 text; give a {kind} table saved as UTF-8.") from None
     except pd.errors.ParserError as error:
         reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-        raise AnalysisError(f"The file {path} is not a well-formed {kind} table ({reason}); "
-                            "repair it so that every row has as many fields as the header.") from None
+        raise AnalysisError(
+            f"The file {path} is not a well-formed {kind} table ({reason}); "
+            "repair it so that every row has as many fields as the header."
+        ) from None
 
 
 def first_bad(column: pd.Series, good: np.ndarray) -> str:
@@ -466,8 +520,10 @@ def checked_seeds(column: pd.Series, path: Path) -> pd.Series:
     labels = (~whole) & text.str.fullmatch(_RUN_LABEL.pattern).fillna(False).to_numpy(dtype=bool)
     good = whole | labels
     if not good.all():
-        raise AnalysisError(f"The column seed of {path} holds {first_bad(column, good)}, which is not a seed "
-                            "number; give whole-number seeds (0, 1, 2, ...).")
+        raise AnalysisError(
+            f"The column seed of {path} holds {first_bad(column, good)}, which is not a seed "
+            "number; give whole-number seeds (0, 1, 2, ...)."
+        )
     if not labels.any():
         return pd.Series(numbers.astype("int64"), index=column.index)
     as_text = [t if label else str(int(n)) for t, n, label in zip(text, numbers, labels)]
@@ -479,8 +535,10 @@ def checked_steps(column: pd.Series, path: Path) -> pd.Series:
     numbers = pd.to_numeric(column, errors="coerce").astype("float64").to_numpy()
     good = np.isfinite(numbers) & (numbers >= 0) & (np.round(numbers) == numbers)
     if not good.all():
-        raise AnalysisError(f"The column step of {path} holds {first_bad(column, good)}, which is not a "
-                            "training step; give whole-number steps (0, 1, 1000, ...).")
+        raise AnalysisError(
+            f"The column step of {path} holds {first_bad(column, good)}, which is not a "
+            "training step; give whole-number steps (0, 1, 1000, ...)."
+        )
     return pd.Series(numbers.astype("int64"), index=column.index)
 
 
@@ -490,9 +548,11 @@ def wide_to_tidy(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, list[st
     numeric = [c for c in others if pd.api.types.is_numeric_dtype(frame[c])]
     skipped = [str(c) for c in others if c not in numeric]
     if not numeric:
-        raise AnalysisError(f"The table {path} has seed and step columns but no metric/value columns and no "
-                            "numeric metric column; give a tidy table (model, seed, step, metric, value) or "
-                            "one numeric column per metric.")
+        raise AnalysisError(
+            f"The table {path} has seed and step columns but no metric/value columns and no "
+            "numeric metric column; give a tidy table (model, seed, step, metric, value) or "
+            "one numeric column per metric."
+        )
     ids = [c for c in ("model", "seed", "step") if c in frame.columns]
     values = frame[ids].copy()
     for name in numeric:
@@ -507,10 +567,13 @@ def table_model(path: Path, model: str | None) -> tuple[str, str]:
         return str(model), f"The table {path.name} has no model column; its rows are model {model} (as given)."
     found = _SIZE_IN_NAME.search(path.stem.lower())
     if found:
-        return found.group(1), (f"The table {path.name} has no model column; its rows are model "
-                                f"{found.group(1)}, read from the file name.")
-    return "unknown", (f"The table {path.name} has no model column and its name gives no model size; its rows "
-                       "are model 'unknown' (pass model=..., or add a model column).")
+        return found.group(1), (
+            f"The table {path.name} has no model column; its rows are model {found.group(1)}, read from the file name."
+        )
+    return "unknown", (
+        f"The table {path.name} has no model column and its name gives no model size; its rows "
+        "are model 'unknown' (pass model=..., or add a model column)."
+    )
 
 
 def drop_repeated_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, str | None]:
@@ -521,13 +584,16 @@ def drop_repeated_rows(frame: pd.DataFrame, path: Path) -> tuple[pd.DataFrame, s
     if not repeated.any():
         return frame, None
     values = pd.to_numeric(keyed.loc[repeated, "value"], errors="coerce")
-    differing = int((values.groupby([keyed.loc[repeated, k] for k in keys], sort=False)
-                     .nunique(dropna=False) > 1).sum())
+    differing = int(
+        (values.groupby([keyed.loc[repeated, k] for k in keys], sort=False).nunique(dropna=False) > 1).sum()
+    )
     kept = frame[~keyed.duplicated(keys, keep="last").to_numpy()]
     if not differing:
         return kept, None
-    return kept, (f"The table {path.name} repeats {differing} (model, seed, step, metric) row(s) with "
-                  "different values; the last row of each was kept.")
+    return kept, (
+        f"The table {path.name} repeats {differing} (model, seed, step, metric) row(s) with "
+        "different values; the last row of each was kept."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -544,8 +610,9 @@ def load_lm_eval_folder(root: str | os.PathLike, steps: Iterable[int] | None = N
     for note in set_aside:
         log.warning(note)
     notes += set_aside + diverged_notes(diverged)
-    return Study(metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(root), kind="lm-eval",
-                 notes=notes)
+    return Study(
+        metrics=metrics, runs=runs_from_metrics(metrics, diverged), source=str(root), kind="lm-eval", notes=notes
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,15 +623,19 @@ def mlflow_client(tracking_uri: str | None):
     """An MlflowClient for ``tracking_uri`` (or env MLFLOW_TRACKING_URI); error if neither is set."""
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not uri:
-        raise AnalysisError("No MLflow tracking URI is set; pass --tracking-uri or set MLFLOW_TRACKING_URI "
-                            "(or give a folder or .csv/.tsv file as the source).")
-    from polypythia import tracking
-    from polypythia.preflight import is_file_store
+        raise AnalysisError(
+            "No MLflow tracking URI is set; pass --tracking-uri or set MLFLOW_TRACKING_URI "
+            "(or give a folder or .csv/.tsv file as the source)."
+        )
+    from polypythia.config.preflight import is_file_store
+    from polypythia.tracking import client as tracking
 
     if is_file_store(uri):  # MLflow 3 refuses file stores with a traceback-length message; polypythia never writes one
-        raise AnalysisError(f"The tracking URI {uri} is an MLflow file store, which polypythia never writes and MLflow "
-                            "no longer reads by default; give the study's server (http://host:port, as printed by "
-                            "python -m polypythia.tracking status) or its database (sqlite:///.../mlflow.db).")
+        raise AnalysisError(
+            f"The tracking URI {uri} is an MLflow file store, which polypythia never writes and MLflow "
+            "no longer reads by default; give the study's server (http://host:port, as printed by "
+            "python -m polypythia.tracking.client status) or its database (sqlite:///.../mlflow.db)."
+        )
     try:
         tracking.require_reachable(uri, "start it or fix --tracking-uri / MLFLOW_TRACKING_URI")
     except tracking.TrackingError as error:
@@ -577,12 +648,16 @@ def find_experiment(client, name: str):
     try:
         experiment = client.get_experiment_by_name(name)
     except Exception as error:  # connection refused, bad URI, ...
-        raise AnalysisError(f"The MLflow tracking server could not be reached ({type(error).__name__}); "
-                            "check --tracking-uri and that the server is running.") from None
+        raise AnalysisError(
+            f"The MLflow tracking server could not be reached ({type(error).__name__}); "
+            "check --tracking-uri and that the server is running."
+        ) from None
     if experiment is None:
         no_path = "" if Path(name).exists() else " and no file or folder has that name"
-        raise AnalysisError(f"No MLflow experiment is called {name!r}{no_path}; "
-                            "check the experiment name, the tracking URI or the path.")
+        raise AnalysisError(
+            f"No MLflow experiment is called {name!r}{no_path}; "
+            "check the experiment name, the tracking URI or the path."
+        )
     return experiment
 
 
@@ -595,10 +670,15 @@ def run_record(run) -> dict | None:
     weight_seed, data_seed = seeds_from_tags(tags)
     diverged = str(tags.get("diverged", "false")).lower() not in ("false", "0", "", "no")
     return {
-        "model": tags["model"], "seed": run_label(weight_seed, data_seed, replicate_from_tags(tags)),
+        "model": tags["model"],
+        "seed": run_label(weight_seed, data_seed, replicate_from_tags(tags)),
         "weight_seed": weight_seed,
-        "data_seed": data_seed, "run_id": run.info.run_id, "status": run.info.status, "diverged": diverged,
-        "budget": tags.get("budget"), "start_time": run.info.start_time or 0,
+        "data_seed": data_seed,
+        "run_id": run.info.run_id,
+        "status": run.info.status,
+        "diverged": diverged,
+        "budget": tags.get("budget"),
+        "start_time": run.info.start_time or 0,
     }
 
 
@@ -610,8 +690,14 @@ def runs_table(runs: list) -> pd.DataFrame:
     table = pd.DataFrame(records).sort_values("start_time")
     duplicated = table.duplicated(["model", "seed"], keep="last")
     for _, row in table[duplicated].iterrows():
-        log.warning("MLflow run %s repeats model %s run %s (weight seed %s, data seed %s); the later one is used.",
-                    row.run_id, row.model, row.seed, row.weight_seed, row.data_seed)
+        log.warning(
+            "MLflow run %s repeats model %s run %s (weight seed %s, data seed %s); the later one is used.",
+            row.run_id,
+            row.model,
+            row.seed,
+            row.weight_seed,
+            row.data_seed,
+        )
     return table[~duplicated][RUN_COLUMNS].reset_index(drop=True)
 
 
@@ -633,15 +719,20 @@ def run_metrics(client, run, keys: list[str] | None, workers: int = 8) -> pd.Dat
         names = [n for n, keep in zip(names, select_metrics(pd.Series(names, dtype=str), keys)) if keep]
     with ThreadPoolExecutor(max_workers=workers) as pool:
         histories = list(pool.map(lambda key: metric_history(client, run.info.run_id, key), names))
-    frames = [pd.DataFrame({"step": h[:, 0], "metric": name, "value": h[:, 1]})
-              for name, h in zip(names, histories) if len(h)]
+    frames = [
+        pd.DataFrame({"step": h[:, 0], "metric": name, "value": h[:, 1]}) for name, h in zip(names, histories) if len(h)
+    ]
     if not frames:
         return pd.DataFrame(columns=["step", "metric", "value"])
     return pd.concat(frames, ignore_index=True)
 
 
-def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id: str | None = None,
-                metric_keys: list[str] | None = None) -> Study:
+def load_mlflow(
+    experiment: str,
+    tracking_uri: str | None = None,
+    parent_run_id: str | None = None,
+    metric_keys: list[str] | None = None,
+) -> Study:
     """Read all job runs of an MLflow experiment (optionally one sweep's children) into a Study."""
     client, uri = mlflow_client(tracking_uri)
     found = find_experiment(client, experiment)
@@ -649,8 +740,9 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     table = runs_table(runs)
     if table.empty:
         where = f"under parent run {parent_run_id}" if parent_run_id else f"in experiment {experiment!r}"
-        raise AnalysisError(f"No runs tagged polypythia.kind=job were found {where}; check the experiment "
-                            "name and --parent-run.")
+        raise AnalysisError(
+            f"No runs tagged polypythia.kind=job were found {where}; check the experiment name and --parent-run."
+        )
     check_one_training_config(runs, table)  # seeds of one model differ in their seeds alone (analysis.configs)
     by_id = {run.info.run_id: run for run in runs}
     frames = []
@@ -664,6 +756,13 @@ def load_mlflow(experiment: str, tracking_uri: str | None = None, parent_run_id:
     if diverged:
         ended = [(m, s) in diverged for m, s in zip(table["model"].astype(str), table["seed"].astype(str))]
         table["diverged"] = table["diverged"].astype(bool) | np.asarray(ended, dtype=bool)
-    return Study(metrics=metrics, runs=table, source=experiment, kind="mlflow", tracking_uri=uri,
-                 experiment_id=found.experiment_id, parent_run_id=parent_run_id,
-                 notes=set_aside + diverged_notes(diverged))
+    return Study(
+        metrics=metrics,
+        runs=table,
+        source=experiment,
+        kind="mlflow",
+        tracking_uri=uri,
+        experiment_id=found.experiment_id,
+        parent_run_id=parent_run_id,
+        notes=set_aside + diverged_notes(diverged),
+    )

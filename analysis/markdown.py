@@ -50,14 +50,22 @@ def runs_section(study, runs: pd.DataFrame) -> list[str]:
     """Runs per model, which seed the study varied, and the runs that did not finish cleanly."""
     rows = []
     for model, group in by_model_order(runs).groupby("model", sort=False):
-        rows.append({"model": model, "runs": len(group), "seeds": ", ".join(sorted(map(str, group["seed"]), key=label_order)),
-                     "varied": seed_design(group["weight_seed"], group["data_seed"])})
+        rows.append(
+            {
+                "model": model,
+                "runs": len(group),
+                "seeds": ", ".join(sorted(map(str, group["seed"]), key=label_order)),
+                "varied": seed_design(group["weight_seed"], group["data_seed"]),
+            }
+        )
     counts = pd.DataFrame(rows, columns=["model", "runs", "seeds", "varied"])
     bad = runs[runs["diverged"].astype(bool) | (runs["status"].astype(str) != "FINISHED")]
     lines = ["## Runs\n", f"Source: `{study.source}` ({study.kind}).\n", markdown_table(counts)]
     if not bad.empty:
-        lines += ["Runs tagged diverged or not FINISHED (still analysed):\n",
-                  markdown_table(bad[["model", "seed", "run_id", "status", "diverged"]])]
+        lines += [
+            "Runs tagged diverged or not FINISHED (still analysed):\n",
+            markdown_table(bad[["model", "seed", "run_id", "status", "diverged"]]),
+        ]
     return lines
 
 
@@ -69,22 +77,28 @@ def maps_section(maps) -> list[str]:
     if maps.criterion == "fixed":
         choice = "The number of states was fixed (`--states`)"
     else:
-        choice = (f"The number of states is the one with {how[maps.criterion]} on the held-out rows "
-                  f"(`--map-criterion {maps.criterion}`)")
+        choice = (
+            f"The number of states is the one with {how[maps.criterion]} on the held-out rows "
+            f"(`--map-criterion {maps.criterion}`)"
+        )
     per_model = "; ".join(f"{row.model}: {row.n_states} states" for row in chosen.itertuples())
     settings = maps.settings
     tried = settings.get("states") or f"1..{settings.get('max_states')}"
     restarts = len(settings.get("restarts", []))
     best = maps.best_per_n()[["model", "n_states", "heldout_log_likelihood", "bic", "aic", "converged", "chosen"]]
-    lines = ["## Training maps\n",
-             f"Gaussian HMM (diagonal covariance) on {len(maps.features)} features, fitted as the PolyPythias release "
-             f"does: {settings.get('heldout_fraction', 0.2):g} of the checkpoint rows held out (split seed "
-             f"{settings.get('split_seed', 2546)}), each seed z-scored within each split, {tried} states with "
-             f"{restarts} restarts each, the restart with the best held-out "
-             f"log-likelihood kept per number of states. {choice}: {per_model}. States are numbered by when in "
-             "training they are visited. Every restart: `training_map_selection.csv`; paths: `training_maps.csv`.\n",
-             "Kept restart per number of states (held-out rows):\n", markdown_table(best),
-             "Seeds whose order of states departs from the majority path:\n", markdown_table(maps.departures)]
+    lines = [
+        "## Training maps\n",
+        f"Gaussian HMM (diagonal covariance) on {len(maps.features)} features, fitted as the PolyPythias release "
+        f"does: {settings.get('heldout_fraction', 0.2):g} of the checkpoint rows held out (split seed "
+        f"{settings.get('split_seed', 2546)}), each seed z-scored within each split, {tried} states with "
+        f"{restarts} restarts each, the restart with the best held-out "
+        f"log-likelihood kept per number of states. {choice}: {per_model}. States are numbered by when in "
+        "training they are visited. Every restart: `training_map_selection.csv`; paths: `training_maps.csv`.\n",
+        "Kept restart per number of states (held-out rows):\n",
+        markdown_table(best),
+        "Seeds whose order of states departs from the majority path:\n",
+        markdown_table(maps.departures),
+    ]
     for model in chosen["model"]:
         lines.append(f"![training map {model}](analysis_training_map_{model}.png)\n")
         lines.append(f"![training map model selection {model}](analysis_map_selection_{model}.png)\n")
@@ -96,37 +110,47 @@ def write_report(study, tables: dict, result, options, path: Path) -> Path:
     names = tables["names"]
     lines = ["# Cross-seed analysis\n"]
     lines += runs_section(study, study.runs)
-    lines += ["## Cross-seed statistics at the last step\n",
-              "Spread across seeds (std with ddof=1; ci = 95% percentile bootstrap interval of the mean over seeds). "
-              f"Every checkpoint step: `stats.csv`. `{STANDARDISED_METRIC}`: each task's accuracy z-scored over all "
-              f"(seed, step) rows of a size, averaged over {', '.join(options.tasks)} (those present).\n",
-              markdown_table(final_step_stats(tables["stats"], names))]
+    lines += [
+        "## Cross-seed statistics at the last step\n",
+        "Spread across seeds (std with ddof=1; ci = 95% percentile bootstrap interval of the mean over seeds). "
+        f"Every checkpoint step: `stats.csv`. `{STANDARDISED_METRIC}`: each task's accuracy z-scored over all "
+        f"(seed, step) rows of a size, averaged over {', '.join(options.tasks)} (those present).\n",
+        markdown_table(final_step_stats(tables["stats"], names)),
+    ]
     if (Path(path).parent / "analysis_metrics.png").exists():
         lines.append("![metrics over steps](analysis_metrics.png)\n")
-    lines += ["## Size comparisons (Multi-Bootstrap over seeds) and spread tests\n",
-              "Difference = model_b - model_a of each run's final value; p_value is one-sided for model_b > model_a.\n",
-              markdown_table(tables["comparisons"]),
-              "Brown-Forsythe test (Levene, median-centred) of whether the cross-seed spread differs between sizes:\n",
-              markdown_table(tables["spread"])]
+    lines += [
+        "## Size comparisons (Multi-Bootstrap over seeds) and spread tests\n",
+        "Difference = model_b - model_a of each run's final value; p_value is one-sided for model_b > model_a.\n",
+        markdown_table(tables["comparisons"]),
+        "Brown-Forsythe test (Levene, median-centred) of whether the cross-seed spread differs between sizes:\n",
+        markdown_table(tables["spread"]),
+    ]
     spikes = tables["spike_scores"]
-    lines += ["## Loss spikes\n",
-              f"A spike value lies at least {options.spike_threshold_sd:g} rolling SDs from the mean of the previous "
-              f"{options.spike_window_values} values (OLMo 2). Runs with spikes:\n",
-              markdown_table(spikes[spikes["n_spikes"] > 0]), "Spikes:\n", markdown_table(tables["spikes"])]
+    lines += [
+        "## Loss spikes\n",
+        f"A spike value lies at least {options.spike_threshold_sd:g} rolling SDs from the mean of the previous "
+        f"{options.spike_window_values} values (OLMo 2). Runs with spikes:\n",
+        markdown_table(spikes[spikes["n_spikes"] > 0]),
+        "Spikes:\n",
+        markdown_table(tables["spikes"]),
+    ]
     if (Path(path).parent / "analysis_loss_curves.png").exists():
         lines.append("![loss curves](analysis_loss_curves.png)\n")
     rule = options.outlier_rule
     judged = ", ".join(f"`{m}`" for m in sorted(set(tables["outliers"]["metric"]))) or "none flagged"
-    lines += ["## Outlier runs\n",
-              f"`calibrated`: a run starts an episode where its distance from the other runs (leave-one-out mean, "
-              f"their SD pooled over up to {rule.scale_window} past checkpoints) exceeds `threshold_sd`, the level a "
-              f"healthy study of the same shape exceeds anywhere with probability {rule.false_alarm_rate:g} "
-              f"(correlated-noise null models, see docs/analysis.md); the episode lasts while the run stays beyond "
-              f"the study's +/-{rule.band_sd:g} SD band and has recovered when it is back inside. "
-              f"`band_deviation_sd` is the study's plain leave-one-out deviation at the onset. "
-              f"`mad_{options.mad_threshold:g}`: a final value with |x - median| / (1.4826 MAD) > "
-              f"{options.mad_threshold:g} and 1% from the median. Metrics with outliers: {judged}.\n",
-              markdown_table(tables["outliers"])]
+    lines += [
+        "## Outlier runs\n",
+        f"`calibrated`: a run starts an episode where its distance from the other runs (leave-one-out mean, "
+        f"their SD pooled over up to {rule.scale_window} past checkpoints) exceeds `threshold_sd`, the level a "
+        f"healthy study of the same shape exceeds anywhere with probability {rule.false_alarm_rate:g} "
+        f"(correlated-noise null models, see docs/analysis.md); the episode lasts while the run stays beyond "
+        f"the study's +/-{rule.band_sd:g} SD band and has recovered when it is back inside. "
+        f"`band_deviation_sd` is the study's plain leave-one-out deviation at the onset. "
+        f"`mad_{options.mad_threshold:g}`: a final value with |x - median| / (1.4826 MAD) > "
+        f"{options.mad_threshold:g} and 1% from the median. Metrics with outliers: {judged}.\n",
+        markdown_table(tables["outliers"]),
+    ]
     lines += maps_section(tables["maps"])
     if study.notes:
         lines += ["## Notes\n", *[f"- {note}" for note in study.notes], ""]

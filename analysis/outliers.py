@@ -45,16 +45,52 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from polypythia import stability
-from polypythia.stability import (CALIBRATION_STUDIES, MAD_TO_SD, NULL_MODELS, _deviation_array,  # noqa: F401
-                                  _others, _window_mean, decision_threshold, for_study_length,
-                                  largest_null_deviations, null_studies, pooled_deviation)
+from polypythia.stability import (  # re-exported: the calibration lives with the live monitor's rule
+    CALIBRATION_STUDIES as CALIBRATION_STUDIES,
+)
+from polypythia.stability import (
+    MAD_TO_SD,
+    _others,
+    decision_threshold,
+    for_study_length,
+    pooled_deviation,
+)
+from polypythia.stability import (
+    NULL_MODELS as NULL_MODELS,
+)
+from polypythia.stability import (
+    _deviation_array as _deviation_array,
+)
+from polypythia.stability import (
+    _window_mean as _window_mean,
+)
+from polypythia.stability import (
+    largest_null_deviations as largest_null_deviations,
+)
+from polypythia.stability import (
+    null_studies as null_studies,
+)
 from polypythia.study import PER_STEP_FAMILIES, label_order, parse_run_label
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 STANDARDISED_METRIC = "standardised_accuracy"
-OUTLIER_COLUMNS = ["model", "seed", "weight_seed", "data_seed", "metric", "rule", "onset_step", "end_step",
-                   "n_checkpoints_out", "onset_deviation_sd", "max_deviation_sd", "band_deviation_sd",
-                   "threshold_sd", "recovered", "recovery_step"]
+OUTLIER_COLUMNS = [
+    "model",
+    "seed",
+    "weight_seed",
+    "data_seed",
+    "metric",
+    "rule",
+    "onset_step",
+    "end_step",
+    "n_checkpoints_out",
+    "onset_deviation_sd",
+    "max_deviation_sd",
+    "band_deviation_sd",
+    "threshold_sd",
+    "recovered",
+    "recovery_step",
+]
 # Metric families that are not trajectories to judge runs by: the per-step families (spikes.py and
 # the replay's smoothed loss look at training curves) and the weight statistics (training maps).
 NOT_OUTLIER_TARGETS = (*PER_STEP_FAMILIES, "weights/")
@@ -90,8 +126,10 @@ def standardised_accuracy(metrics: pd.DataFrame, tasks=DEFAULT_TASKS) -> pd.Data
     names = {accuracy_metric(t, present): t for t in tasks}
     names.pop(None, None)
     if not names:
-        raise AnalysisError(f"None of the tasks {', '.join(tasks)} has an accuracy metric in the study; "
-                            "name tasks it holds with --tasks, or judge another metric with --outlier-metric.")
+        raise AnalysisError(
+            f"None of the tasks {', '.join(tasks)} has an accuracy metric in the study; "
+            "name tasks it holds with --tasks, or judge another metric with --outlier-metric."
+        )
     rows = metrics[metrics["metric"].isin(list(names))].copy()
     rows["metric"] = rows["metric"].astype(str)
     grouped = rows.groupby(["model", "metric"], observed=True)["value"]
@@ -141,8 +179,14 @@ def robust_deviation(table: pd.DataFrame) -> pd.DataFrame:
 # Episodes
 
 
-def episodes(steps: np.ndarray, deviation: np.ndarray, threshold: float, band_sd: float,
-             min_checkpoints: int = 1, band: np.ndarray | None = None) -> list[dict]:
+def episodes(
+    steps: np.ndarray,
+    deviation: np.ndarray,
+    threshold: float,
+    band_sd: float,
+    min_checkpoints: int = 1,
+    band: np.ndarray | None = None,
+) -> list[dict]:
     """Stretches that start where |deviation| > threshold and last while the run stays beyond
     ``band_sd`` on the same side and more than ``band_sd`` away from its own level before the onset
     (the median of its last three deviations: a healthy run may sit persistently off-centre);
@@ -156,19 +200,26 @@ def episodes(steps: np.ndarray, deviation: np.ndarray, threshold: float, band_sd
             start += 1
             continue
         side = np.sign(deviation[start])
-        level = float(np.median(deviation[max(0, start - 3):start])) if start else 0.0
+        level = float(np.median(deviation[max(0, start - 3) : start])) if start else 0.0
         stop = start + 1
         while stop < len(steps) and side * deviation[stop] > band_sd and side * (deviation[stop] - level) > band_sd:
             stop += 1
         stretch = deviation[start:stop]
         if np.sum(np.abs(stretch) > threshold) >= min_checkpoints:
             recovered = stop < len(steps)
-            found.append({
-                "onset_step": int(steps[start]), "end_step": int(steps[stop - 1]), "n_checkpoints_out": int(stop - start),
-                "onset_deviation_sd": float(stretch[0]), "max_deviation_sd": float(stretch[np.argmax(np.abs(stretch))]),
-                "band_deviation_sd": float(band[start]), "threshold_sd": float(threshold),
-                "recovered": bool(recovered), "recovery_step": int(steps[stop]) if recovered else None,
-            })
+            found.append(
+                {
+                    "onset_step": int(steps[start]),
+                    "end_step": int(steps[stop - 1]),
+                    "n_checkpoints_out": int(stop - start),
+                    "onset_deviation_sd": float(stretch[0]),
+                    "max_deviation_sd": float(stretch[np.argmax(np.abs(stretch))]),
+                    "band_deviation_sd": float(band[start]),
+                    "threshold_sd": float(threshold),
+                    "recovered": bool(recovered),
+                    "recovery_step": int(steps[stop]) if recovered else None,
+                }
+            )
         start = stop
     return found
 
@@ -194,8 +245,9 @@ def flag_trajectory_outliers(metrics: pd.DataFrame, metric: str, rule: OutlierRu
         deviation, band = pooled_deviation(table, rule), band_deviation(table)
         steps = table.index.to_numpy()
         for seed in table.columns:
-            for episode in episodes(steps, deviation[seed].to_numpy(), threshold, rule.band_sd,
-                                    rule.min_checkpoints, band[seed].to_numpy()):
+            for episode in episodes(
+                steps, deviation[seed].to_numpy(), threshold, rule.band_sd, rule.min_checkpoints, band[seed].to_numpy()
+            ):
                 rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": "calibrated", **episode})
     return outlier_frame(rows)
 
@@ -216,8 +268,9 @@ def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame
     return pd.DataFrame([finals], index=[table.index[-1]])
 
 
-def finals_from_blocks(metrics: pd.DataFrame, metric: str, final_fraction: float,
-                       blocks: pd.DataFrame) -> dict[str, pd.DataFrame] | None:
+def finals_from_blocks(
+    metrics: pd.DataFrame, metric: str, final_fraction: float, blocks: pd.DataFrame
+) -> dict[str, pd.DataFrame] | None:
     """:func:`final_rows` from run slices (None when a run of ``metric`` has a non-finite value)."""
     steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
     out: dict[str, pd.DataFrame] = {}
@@ -225,7 +278,7 @@ def finals_from_blocks(metrics: pd.DataFrame, metric: str, final_fraction: float
     for model, group in runs.groupby("model", sort=False):
         finals, last_step = {}, None
         for run in sorted(group.itertuples(), key=lambda run: label_order(str(run.seed))):
-            run_steps, run_values = steps[run.start:run.stop], values[run.start:run.stop]
+            run_steps, run_values = steps[run.start : run.stop], values[run.start : run.stop]
             if not np.isfinite(run_values).all():
                 return None
             first_kept = run_steps[-1] - final_fraction * (run_steps[-1] - run_steps[0])
@@ -235,8 +288,9 @@ def finals_from_blocks(metrics: pd.DataFrame, metric: str, final_fraction: float
     return out
 
 
-def final_rows(metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01,
-               blocks: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+def final_rows(
+    metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01, blocks: pd.DataFrame | None = None
+) -> dict[str, pd.DataFrame]:
     """Per model, :func:`final_row` of its (step x run) table of ``metric`` (:func:`wide_by_seed`).
 
     The same numbers without building that table when, as :func:`analysis.load.tidy` leaves them, each
@@ -258,8 +312,9 @@ def final_rows(metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01,
         seeds = np.asarray([str(labels[code]) for code in codes[starts]], dtype=object)
         within = np.ones(len(steps), dtype=bool)
         within[starts] = False
-        contiguous = (len(set(seeds)) == len(starts) and (np.diff(steps)[within[1:]] > 0).all()
-                      and np.isfinite(values).all())
+        contiguous = (
+            len(set(seeds)) == len(starts) and (np.diff(steps)[within[1:]] > 0).all() and np.isfinite(values).all()
+        )
         if not contiguous:
             out[str(model)] = final_row(wide_by_seed(group, metric)[str(model)], final_fraction)
             continue
@@ -289,8 +344,13 @@ def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float
     return sorted((str(seed) for seed in values.index[flagged]), key=label_order)
 
 
-def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5,
-                      min_relative_deviation: float = 0.01, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+def flag_mad_outliers(
+    metrics: pd.DataFrame,
+    metric: str,
+    threshold: float = 3.5,
+    min_relative_deviation: float = 0.01,
+    blocks: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """Outlier rows of :func:`mad_flags` on each run's final value (:func:`final_row`) of ``metric``."""
     rows = []
     for model, final in final_rows(metrics, metric, blocks=blocks).items():
@@ -298,10 +358,23 @@ def flag_mad_outliers(metrics: pd.DataFrame, metric: str, threshold: float = 3.5
         deviation = robust_deviation(final).iloc[0]
         for seed in mad_flags(values, threshold, min_relative_deviation):
             dev = float(deviation[seed])
-            rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": f"mad_{threshold:g}",
-                         "onset_step": int(final.index[0]), "end_step": int(final.index[0]), "n_checkpoints_out": 1,
-                         "onset_deviation_sd": dev, "max_deviation_sd": dev, "band_deviation_sd": np.nan,
-                         "threshold_sd": threshold, "recovered": False, "recovery_step": None})
+            rows.append(
+                {
+                    "model": model,
+                    "seed": str(seed),
+                    "metric": metric,
+                    "rule": f"mad_{threshold:g}",
+                    "onset_step": int(final.index[0]),
+                    "end_step": int(final.index[0]),
+                    "n_checkpoints_out": 1,
+                    "onset_deviation_sd": dev,
+                    "max_deviation_sd": dev,
+                    "band_deviation_sd": np.nan,
+                    "threshold_sd": threshold,
+                    "recovered": False,
+                    "recovery_step": None,
+                }
+            )
     return outlier_frame(rows)
 
 
@@ -324,10 +397,17 @@ def default_outlier_metrics(metrics: pd.DataFrame, has_score: bool) -> list[str]
     return chosen
 
 
-def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: list[str] | None = None,
-                  rule: OutlierRule = OutlierRule(), mad_threshold: float = 3.5,
-                  final_metrics=("train/loss", "valid/loss"), final_min_relative_deviation: float = 0.01,
-                  score: pd.DataFrame | None = None, blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+def find_outliers(
+    metrics: pd.DataFrame,
+    tasks=DEFAULT_TASKS,
+    outlier_metrics: list[str] | None = None,
+    rule: OutlierRule = OutlierRule(),
+    mad_threshold: float = 3.5,
+    final_metrics=("train/loss", "valid/loss"),
+    final_min_relative_deviation: float = 0.01,
+    score: pd.DataFrame | None = None,
+    blocks: pd.DataFrame | None = None,
+) -> pd.DataFrame:
     """All outlier rows of a study: the calibrated trajectory rule on ``outlier_metrics`` (default:
     :func:`default_outlier_metrics`) and the MAD rule on the final value of ``final_metrics``.
     ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it;
@@ -341,12 +421,16 @@ def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: l
     for metric in outlier_metrics:
         if metric == STANDARDISED_METRIC:
             if score is None:
-                raise AnalysisError("The standardised accuracy needs task accuracies, and the study has none of "
-                                    f"{', '.join(tasks)}; name its tasks with --tasks or pick another --outlier-metric.")
+                raise AnalysisError(
+                    "The standardised accuracy needs task accuracies, and the study has none of "
+                    f"{', '.join(tasks)}; name its tasks with --tasks or pick another --outlier-metric."
+                )
             frames.append(flag_trajectory_outliers(score, metric, rule))
         elif metric not in present:
-            raise AnalysisError(f"The study has no metric {metric!r} to judge outliers on; pick one of "
-                                f"{', '.join(sorted(present)[:12])}{' ...' if len(present) > 12 else ''}.")
+            raise AnalysisError(
+                f"The study has no metric {metric!r} to judge outliers on; pick one of "
+                f"{', '.join(sorted(present)[:12])}{' ...' if len(present) > 12 else ''}."
+            )
         else:
             frames.append(flag_trajectory_outliers(metrics, metric, rule))
     for metric in final_metrics:
@@ -357,5 +441,9 @@ def find_outliers(metrics: pd.DataFrame, tasks=DEFAULT_TASKS, outlier_metrics: l
         return outlier_frame([])
     table = pd.concat(frames, ignore_index=True)
     order = table["seed"].map(label_order)
-    return (table.assign(_order=order).sort_values(["model", "_order", "metric", "rule", "onset_step"], kind="stable")
-            .drop(columns="_order").reset_index(drop=True))
+    return (
+        table.assign(_order=order)
+        .sort_values(["model", "_order", "metric", "rule", "onset_step"], kind="stable")
+        .drop(columns="_order")
+        .reset_index(drop=True)
+    )

@@ -30,18 +30,22 @@ def thin_steps(steps: np.ndarray, max_points: int = MAX_POINTS_PER_CURVE) -> np.
     return np.unique(np.r_[steps[0], steps[np.clip(np.searchsorted(steps, targets), 0, len(steps) - 1)]])
 
 
-def seed_curves(metrics: pd.DataFrame, model: str, metric: str, smooth_values: int = 1,
-                blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+def seed_curves(
+    metrics: pd.DataFrame, model: str, metric: str, smooth_values: int = 1, blocks: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """(step x seed) values of one metric for one model, optionally a centred rolling mean, thinned.
     ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, to take the runs as array slices."""
     table = None
     if blocks is not None:
         runs = blocks[(blocks["model"] == model) & (blocks["metric"] == metric)]
         steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
-        first = steps[runs["start"].iloc[0]:runs["stop"].iloc[0]] if len(runs) else None
+        first = steps[runs["start"].iloc[0] : runs["stop"].iloc[0]] if len(runs) else None
         if len(runs) and all(np.array_equal(steps[a:b], first) for a, b in zip(runs["start"], runs["stop"])):
-            table = pd.DataFrame(np.column_stack([values[a:b] for a, b in zip(runs["start"], runs["stop"])]),
-                                 index=pd.Index(first, name="step"), columns=pd.Index(list(runs["seed"]), name="seed"))
+            table = pd.DataFrame(
+                np.column_stack([values[a:b] for a, b in zip(runs["start"], runs["stop"])]),
+                index=pd.Index(first, name="step"),
+                columns=pd.Index(list(runs["seed"]), name="seed"),
+            )
     if table is None:  # runs with different steps: align them
         rows = metrics[(metrics["model"] == model) & (metrics["metric"] == metric)]
         table = rows.pivot_table(index="step", columns="seed", values="value", aggfunc="last", observed=True)
@@ -50,8 +54,7 @@ def seed_curves(metrics: pd.DataFrame, model: str, metric: str, smooth_values: i
     return table.loc[thin_steps(table.index.to_numpy())]
 
 
-def has_rows(metrics: pd.DataFrame, metric: str, model: str | None = None,
-             blocks: pd.DataFrame | None = None) -> bool:
+def has_rows(metrics: pd.DataFrame, metric: str, model: str | None = None, blocks: pd.DataFrame | None = None) -> bool:
     """Whether ``metrics`` holds ``metric`` (for ``model``)."""
     if blocks is not None:
         rows = blocks["metric"] == metric
@@ -74,8 +77,13 @@ def step_axis(ax) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], path: Path,
-                     metric: str = "train/loss", blocks: pd.DataFrame | None = None) -> Path | None:
+def plot_loss_curves(
+    metrics: pd.DataFrame,
+    outlier_seeds: dict[str, set[int]],
+    path: Path,
+    metric: str = "train/loss",
+    blocks: pd.DataFrame | None = None,
+) -> Path | None:
     """One panel per size: median/IQR of ``metric`` across seeds, outlier seeds drawn on top.
     ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
     models = [m for m in sort_models(metrics["model"].unique()) if has_rows(metrics, metric, m, blocks)]
@@ -84,7 +92,7 @@ def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], 
     columns = min(3, len(models))
     rows = int(np.ceil(len(models) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.8 * rows), squeeze=False, sharey=True)
-    for ax in list(axes.flat)[len(models):]:
+    for ax in list(axes.flat)[len(models) :]:
         ax.set_visible(False)
     for ax, model in zip(axes.flat, models):
         table = seed_curves(metrics, model, metric, smooth_values=20, blocks=blocks)
@@ -101,8 +109,9 @@ def plot_loss_curves(metrics: pd.DataFrame, outlier_seeds: dict[str, set[int]], 
     return save(fig, path)
 
 
-def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path,
-                 blocks: pd.DataFrame | None = None) -> Path | None:
+def plot_metrics(
+    metrics: pd.DataFrame, names: list[str], path: Path, blocks: pd.DataFrame | None = None
+) -> Path | None:
     """One panel per metric: median/IQR band across seeds for each size, log-x over steps.
     ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
     names = [n for n in names if has_rows(metrics, n, blocks=blocks)]
@@ -122,7 +131,7 @@ def plot_metrics(metrics: pd.DataFrame, names: list[str], path: Path,
         ax.set_ylabel(name)
         step_axis(ax)
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.set_visible(False)
     return save(fig, path)
 
@@ -149,8 +158,10 @@ def training_map_figure(score: pd.DataFrame, paths: pd.DataFrame, model: str, ou
         return None
     outliers = {str(s) for s in outlier_seeds}
     flagged = merged["seed"].isin(outliers)
-    groups = [("stable seeds" if flagged.any() else "all seeds", merged[~flagged]),
-              ("outlier / departing seeds", merged[flagged])]
+    groups = [
+        ("stable seeds" if flagged.any() else "all seeds", merged[~flagged]),
+        ("outlier / departing seeds", merged[flagged]),
+    ]
     groups = [(title, rows) for title, rows in groups if not rows.empty]
     fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups) + 0.5, 4), sharey=True, squeeze=False)
     for ax, (title, rows) in zip(axes[0], groups):
@@ -158,10 +169,17 @@ def training_map_figure(score: pd.DataFrame, paths: pd.DataFrame, model: str, ou
         for seed, run in rows.groupby("seed", sort=False):
             ax.plot(run["step"], run["value"], color="0.6" if labelled else "0.8", linewidth=0.8, zorder=1)
             if labelled:
-                ax.annotate(f"seed {seed}", (run["step"].iloc[-1], run["value"].iloc[-1]), fontsize=7,
-                            xytext=(3, 0), textcoords="offset points", va="center")
-        ax.scatter(rows["step"], rows["value"], c=[state_color(s) for s in rows["state"]], s=14, zorder=2,
-                   edgecolors="none")
+                ax.annotate(
+                    f"seed {seed}",
+                    (run["step"].iloc[-1], run["value"].iloc[-1]),
+                    fontsize=7,
+                    xytext=(3, 0),
+                    textcoords="offset points",
+                    va="center",
+                )
+        ax.scatter(
+            rows["step"], rows["value"], c=[state_color(s) for s in rows["state"]], s=14, zorder=2, edgecolors="none"
+        )
         seeds = sorted(rows["seed"].unique(), key=label_order)
         ax.set_title(f"{model}, {title}: {', '.join(seeds)}", fontsize=10)
         step_axis(ax)
@@ -173,8 +191,9 @@ def training_map_figure(score: pd.DataFrame, paths: pd.DataFrame, model: str, ou
     return fig
 
 
-def plot_training_map(score: pd.DataFrame, paths: pd.DataFrame, model: str, outlier_seeds: set, path: Path,
-                      score_name: str) -> Path | None:
+def plot_training_map(
+    score: pd.DataFrame, paths: pd.DataFrame, model: str, outlier_seeds: set, path: Path, score_name: str
+) -> Path | None:
     """Write :func:`training_map_figure` to ``path`` (None when there is nothing to draw)."""
     fig = training_map_figure(score, paths, model, outlier_seeds, score_name)
     return None if fig is None else save(fig, path)
@@ -190,14 +209,23 @@ def map_selection_figure(selection: pd.DataFrame, model: str):
     best = rows[rows["best_of_n"]].sort_values("n_states")
     chosen = rows[rows["chosen"]]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, columns, label in ((left, (("bic", "BIC", "tab:blue"), ("aic", "AIC", "tab:orange")),
-                                "criterion on held-out rows (lower is better)"),
-                               (right, (("heldout_log_likelihood", "held-out log-likelihood", "tab:green"),),
-                                "held-out log-likelihood (higher is better)")):
+    for ax, columns, label in (
+        (
+            left,
+            (("bic", "BIC", "tab:blue"), ("aic", "AIC", "tab:orange")),
+            "criterion on held-out rows (lower is better)",
+        ),
+        (
+            right,
+            (("heldout_log_likelihood", "held-out log-likelihood", "tab:green"),),
+            "held-out log-likelihood (higher is better)",
+        ),
+    ):
         for column, name, color in columns:
             ax.scatter(rows["n_states"], rows[column], color=color, alpha=0.35, s=12, edgecolors="none")
-            ax.plot(best["n_states"], best[column], color=color, marker="o", markersize=4,
-                    label=f"{name} (best restart)")
+            ax.plot(
+                best["n_states"], best[column], color=color, marker="o", markersize=4, label=f"{name} (best restart)"
+            )
         ax.set_xlabel("number of HMM states")
         ax.set_ylabel(label)
         ax.set_xticks(sorted(rows["n_states"].unique()))
@@ -208,8 +236,11 @@ def map_selection_figure(selection: pd.DataFrame, model: str):
         for ax in (left, right):
             ax.axvline(n, color="0.4", linestyle=":", linewidth=1)
         how = "fixed" if criterion == "fixed" else f"by {'held-out LL' if criterion == 'll' else criterion.upper()}"
-        fig.suptitle(f"{model}: HMM model selection, {n} states chosen ({how}); "
-                     f"{int(rows['n_heldout_rows'].iloc[0])} held-out checkpoint rows", fontsize=10)
+        fig.suptitle(
+            f"{model}: HMM model selection, {n} states chosen ({how}); "
+            f"{int(rows['n_heldout_rows'].iloc[0])} held-out checkpoint rows",
+            fontsize=10,
+        )
     fig.tight_layout()
     return fig
 

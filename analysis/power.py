@@ -47,20 +47,22 @@ class Design:
 
     def describe(self) -> str:
         test = "paired t-test on the per-seed differences" if self.paired else "two-sample t-test"
-        return (f"{test}, {'one' if self.one_sided else 'two'}-sided, alpha {self.alpha:g}, "
-                f"power {self.power:g}")
+        return f"{test}, {'one' if self.one_sided else 'two'}-sided, alpha {self.alpha:g}, power {self.power:g}"
 
 
 def check_design(design: Design) -> None:
     """One-sentence errors for a design that has no answer."""
     if not (math.isfinite(design.effect_sd) and design.effect_sd > 0):
-        raise AnalysisError(f"The effect must be a positive number of seed SDs (Cohen's d), not {design.effect_sd:g}; "
-                            "give the size of the difference to detect, e.g. --effect 1.")
+        raise AnalysisError(
+            f"The effect must be a positive number of seed SDs (Cohen's d), not {design.effect_sd:g}; "
+            "give the size of the difference to detect, e.g. --effect 1."
+        )
     if not 0 < design.alpha < 1:
         raise AnalysisError(f"--alpha must lie between 0 and 1 (the usual level: 0.05), not {design.alpha:g}.")
     if not design.alpha < design.power < 1:
-        raise AnalysisError(f"--power must lie between --alpha ({design.alpha:g}) and 1 (the usual target: 0.8), "
-                            f"not {design.power:g}.")
+        raise AnalysisError(
+            f"--power must lie between --alpha ({design.alpha:g}) and 1 (the usual target: 0.8), not {design.power:g}."
+        )
 
 
 def power_at(n, design: Design):
@@ -83,8 +85,10 @@ def seeds_per_arm(design: Design) -> int:
     while power_at(high, design) < design.power:
         low, high = high, high * 2
         if high > MAX_SEEDS:
-            raise AnalysisError(f"An effect of {design.effect_sd:g} seed SDs needs more than {MAX_SEEDS:,} seeds per "
-                                "arm; plan for a larger effect.")
+            raise AnalysisError(
+                f"An effect of {design.effect_sd:g} seed SDs needs more than {MAX_SEEDS:,} seeds per "
+                "arm; plan for a larger effect."
+            )
     while high - low > 1:  # the power rises with n
         middle = (low + high) // 2
         low, high = (middle, high) if power_at(middle, design) < design.power else (low, middle)
@@ -95,17 +99,23 @@ def simulated_power(n: int, design: Design, studies: int = 10_000, seed: int = 0
     """The power with ``n`` seeds per arm found by simulating ``studies`` studies of normal seed values
     (``scipy.stats.power`` with ``scipy.stats.ttest_ind`` or, paired, ``ttest_1samp`` on the differences)."""
     if not hasattr(stats, "power"):  # pyproject admits scipy 1.11, which predates it
-        raise AnalysisError(f"This scipy ({__import__('scipy').__version__}) has no scipy.stats.power to simulate "
-                            "the test with; upgrade scipy, or pass --simulations 0.")
+        raise AnalysisError(
+            f"This scipy ({__import__('scipy').__version__}) has no scipy.stats.power to simulate "
+            "the test with; upgrade scipy, or pass --simulations 0."
+        )
     rng = np.random.default_rng(seed)
     alternative = "greater" if design.one_sided else "two-sided"
     if design.paired:
+
         def test(differences, axis):
             return stats.ttest_1samp(differences, 0.0, axis=axis, alternative=alternative).pvalue
+
         rvs, sizes = (lambda size: rng.normal(design.effect_sd, 1.0, size),), (n,)
     else:
+
         def test(control, treated, axis):
             return stats.ttest_ind(treated, control, axis=axis, alternative=alternative).pvalue
+
         rvs = (lambda size: rng.normal(0.0, 1.0, size), lambda size: rng.normal(design.effect_sd, 1.0, size))
         sizes = (n, n)
     return float(stats.power(test, rvs, sizes, significance=design.alpha, n_resamples=studies).power)
@@ -129,8 +139,15 @@ def power_table(design: Design, level: float = 0.95, seeds=CURVE_SEEDS) -> pd.Da
     """Per number of seeds: the power, the SD interval and the outlier distance."""
     seeds = np.asarray(list(seeds))
     low, high = sd_interval(seeds, level)
-    return pd.DataFrame({"seeds": seeds, "power": power_at(seeds, design), "sd_low": low, "sd_high": high,
-                         "outlier_sd": outlier_distance_sd(seeds, level)})
+    return pd.DataFrame(
+        {
+            "seeds": seeds,
+            "power": power_at(seeds, design),
+            "sd_low": low,
+            "sd_high": high,
+            "outlier_sd": outlier_distance_sd(seeds, level),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,8 +182,10 @@ def seed_spread(study, metric: str, model: str | None = None, step: int | None =
     metrics = study.metrics
     rows = metrics[metrics["metric"].astype(str) == metric]
     if rows.empty:
-        raise AnalysisError(f"The source {study.source} has no metric {metric!r}{similar(metric, metrics)}; "
-                            "give one of its metrics with --metric.")
+        raise AnalysisError(
+            f"The source {study.source} has no metric {metric!r}{similar(metric, metrics)}; "
+            "give one of its metrics with --metric."
+        )
     models = list(pd.unique(rows["model"].astype(str)))
     if model is None and len(models) > 1:
         raise AnalysisError(f"The source holds {metric} for the models {', '.join(models)}; choose one with --model.")
@@ -177,17 +196,27 @@ def seed_spread(study, metric: str, model: str | None = None, step: int | None =
     step = int(rows["step"].max()) if step is None else int(step)
     at = rows[rows["step"] == step]
     if at.empty:
-        raise AnalysisError(f"Model {model} has no {metric} at step {step}; its steps run from {rows['step'].min()} to "
-                            f"{rows['step'].max()}: choose one of them with --step.")
+        raise AnalysisError(
+            f"Model {model} has no {metric} at step {step}; its steps run from {rows['step'].min()} to "
+            f"{rows['step'].max()}: choose one of them with --step."
+        )
     values = at.set_index(at["seed"].astype(str))["value"]
     values = values.iloc[sorted(range(len(values)), key=lambda i: label_order(values.index[i]))]
     if len(values) < 2:
-        raise AnalysisError(f"Model {model} has {metric} at step {step} for only {len(values)} seed; the seed SD needs "
-                            "at least 2 seeds: give a study with more seeds, or another --step.")
+        raise AnalysisError(
+            f"Model {model} has {metric} at step {step} for only {len(values)} seed; the seed SD needs "
+            "at least 2 seeds: give a study with more seeds, or another --step."
+        )
     every = sorted(set(rows["seed"].astype(str)), key=label_order)
     seeds = [parse_run_label(label) or (0, 0) for label in values.index]
-    return SeedSpread(model, metric, step, values, tuple(s for s in every if s not in values.index),
-                      seed_design([w for w, _ in seeds], [d for _, d in seeds]))
+    return SeedSpread(
+        model,
+        metric,
+        step,
+        values,
+        tuple(s for s in every if s not in values.index),
+        seed_design([w for w, _ in seeds], [d for _, d in seeds]),
+    )
 
 
 def similar(metric: str, metrics: pd.DataFrame) -> str:

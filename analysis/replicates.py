@@ -19,8 +19,17 @@ import pandas as pd
 from analysis.values import final_per_run
 from polypythia.study import label_replicate, seed_label
 
-FLOOR_COLUMNS = ["model", "metric", "seeds_replicated", "replicate_runs", "replicate_sd", "replicate_max_diff",
-                 "seed_runs", "seed_sd", "curves_identical"]
+FLOOR_COLUMNS = [
+    "model",
+    "metric",
+    "seeds_replicated",
+    "replicate_runs",
+    "replicate_sd",
+    "replicate_max_diff",
+    "seed_runs",
+    "seed_sd",
+    "curves_identical",
+]
 
 
 def _run_keys(metrics: pd.DataFrame) -> pd.DataFrame:
@@ -69,7 +78,9 @@ def _curves_identical(rows: pd.DataFrame, runs: pd.DataFrame) -> bool:
     return True
 
 
-def floor_row(model: str, metric: str, seeds: pd.DataFrame, replicates: pd.DataFrame, curves: bool = True) -> dict | None:
+def floor_row(
+    model: str, metric: str, seeds: pd.DataFrame, replicates: pd.DataFrame, curves: bool = True
+) -> dict | None:
     """The nondeterminism floor of one model: replicate spread (pooled within-seed SD, largest
     difference between replicates of one seed) beside the seed spread (SD of the seed runs' finals)."""
     both = pd.concat([seeds, replicates], ignore_index=True)
@@ -82,21 +93,30 @@ def floor_row(model: str, metric: str, seeds: pd.DataFrame, replicates: pd.DataF
         return None
     within = np.sqrt(np.mean([g.var(ddof=1) for g in groups]))
     seed_finals = _finals(seeds)
-    return {"model": model, "metric": metric, "seeds_replicated": len(groups),
-            "replicate_runs": int(sum(len(g) for g in groups)), "replicate_sd": float(within),
-            "replicate_max_diff": float(max(g.max() - g.min() for g in groups)), "seed_runs": len(seed_finals),
-            "seed_sd": float(seed_finals.std(ddof=1)) if len(seed_finals) > 1 else np.nan,
-            "curves_identical": _curves_identical(both, runs) if curves else None}
+    return {
+        "model": model,
+        "metric": metric,
+        "seeds_replicated": len(groups),
+        "replicate_runs": int(sum(len(g) for g in groups)),
+        "replicate_sd": float(within),
+        "replicate_max_diff": float(max(g.max() - g.min() for g in groups)),
+        "seed_runs": len(seed_finals),
+        "seed_sd": float(seed_finals.std(ddof=1)) if len(seed_finals) > 1 else np.nan,
+        "curves_identical": _curves_identical(both, runs) if curves else None,
+    }
 
 
-def floor_table(seeds: pd.DataFrame, replicates: pd.DataFrame, metric: str = "train/loss",
-                curves: bool = True) -> pd.DataFrame:
+def floor_table(
+    seeds: pd.DataFrame, replicates: pd.DataFrame, metric: str = "train/loss", curves: bool = True
+) -> pd.DataFrame:
     """Per model with replicates: the nondeterminism floor of ``metric`` next to its seed spread
     (``curves``: the tables hold whole curves, so whether they are identical is said too)."""
     rows = []
     for model in sorted(set(replicates["model"].astype(str))):
-        pick = [frame[(frame["model"].astype(str) == model) & (frame["metric"].astype(str) == metric)]
-                for frame in (seeds, replicates)]
+        pick = [
+            frame[(frame["model"].astype(str) == model) & (frame["metric"].astype(str) == metric)]
+            for frame in (seeds, replicates)
+        ]
         row = floor_row(model, metric, *pick, curves=curves) if len(pick[1]) else None
         if row is not None:
             rows.append(row)
@@ -108,14 +128,23 @@ def floor_lines(table: pd.DataFrame) -> list[str]:
     lines = []
     for row in table.itertuples():
         same = "; every replicate's curve is identical to its seed run's" if row.curves_identical is True else ""
-        seed = (f"seed spread (SD over {row.seed_runs} seeds) {row.seed_sd:.4g}" if np.isfinite(row.seed_sd)
-                else "no seed spread (one seed)")
-        verdict = ("" if not np.isfinite(row.seed_sd) else
-                   "; seed variance exceeds it" if row.seed_sd > row.replicate_sd else
-                   "; the seeds differ no more than replicates do")
-        lines.append(f"Nondeterminism floor of {row.model} {row.metric}: replicate SD {row.replicate_sd:.4g} (largest "
-                     f"difference {row.replicate_max_diff:.4g}, {row.replicate_runs} runs of {row.seeds_replicated} "
-                     f"seed(s){same}) vs {seed}{verdict}; replicates are left out of the seed statistics.")
+        seed = (
+            f"seed spread (SD over {row.seed_runs} seeds) {row.seed_sd:.4g}"
+            if np.isfinite(row.seed_sd)
+            else "no seed spread (one seed)"
+        )
+        verdict = (
+            ""
+            if not np.isfinite(row.seed_sd)
+            else "; seed variance exceeds it"
+            if row.seed_sd > row.replicate_sd
+            else "; the seeds differ no more than replicates do"
+        )
+        lines.append(
+            f"Nondeterminism floor of {row.model} {row.metric}: replicate SD {row.replicate_sd:.4g} (largest "
+            f"difference {row.replicate_max_diff:.4g}, {row.replicate_runs} runs of {row.seeds_replicated} "
+            f"seed(s){same}) vs {seed}{verdict}; replicates are left out of the seed statistics."
+        )
     return lines
 
 
@@ -128,9 +157,11 @@ def set_study_replicates_aside(study) -> None:
     study.runs = without_runs_of(study.runs, study.replicates)
     apart = study.replicates[["model", "seed"]].astype(str).drop_duplicates()
     study.floor = floor_table(study.metrics, study.replicates)
-    lines = floor_lines(study.floor) or [f"{len(apart)} replicate run(s) (the same seeds trained again) are left out "
-                                         "of the seed statistics; they hold no train/loss to measure the "
-                                         "nondeterminism floor with."]
+    lines = floor_lines(study.floor) or [
+        f"{len(apart)} replicate run(s) (the same seeds trained again) are left out "
+        "of the seed statistics; they hold no train/loss to measure the "
+        "nondeterminism floor with."
+    ]
     study.notes.extend(lines)
 
 

@@ -21,11 +21,16 @@ from pathlib import Path
 
 import pandas as pd
 
-
 from analysis.errors import AnalysisError
 from analysis.load import Study, run_blocks, sort_models
-from analysis.outliers import (DEFAULT_TASKS, STANDARDISED_METRIC, OutlierRule, accuracy_metric, find_outliers,
-                               standardised_accuracy)
+from analysis.outliers import (
+    DEFAULT_TASKS,
+    STANDARDISED_METRIC,
+    OutlierRule,
+    accuracy_metric,
+    find_outliers,
+    standardised_accuracy,
+)
 from analysis.spikes import find_spikes
 from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, final_values, spread_test
 from analysis.training_maps import TrainingMaps, start_training_maps
@@ -103,8 +108,9 @@ def key_metrics(metrics: pd.DataFrame, tasks) -> list[str]:
     return [n for n in names if n in present]
 
 
-def size_comparisons(metrics: pd.DataFrame, names: list[str], options: AnalysisOptions,
-                     finals: dict[str, pd.DataFrame] | None = None) -> pd.DataFrame:
+def size_comparisons(
+    metrics: pd.DataFrame, names: list[str], options: AnalysisOptions, finals: dict[str, pd.DataFrame] | None = None
+) -> pd.DataFrame:
     """Multi-Bootstrap (seeds resampled) of each key metric's final value between neighbouring sizes.
     ``finals``: each metric's :func:`final_values`, when the caller already has them."""
     models, rows = sort_models(metrics["model"].unique()), []
@@ -113,8 +119,15 @@ def size_comparisons(metrics: pd.DataFrame, names: list[str], options: AnalysisO
         values = finals.get(name)
         for model_a, model_b in zip(models, models[1:]):
             try:
-                result = compare_models(metrics, name, model_a, model_b, n_resamples=options.n_resamples,
-                                        random_state=options.random_state, values=values)
+                result = compare_models(
+                    metrics,
+                    name,
+                    model_a,
+                    model_b,
+                    n_resamples=options.n_resamples,
+                    random_state=options.random_state,
+                    values=values,
+                )
             except AnalysisError:
                 continue
             rows.append({"metric": name, "model_a": model_a, "model_b": model_b, **result.as_dict()})
@@ -124,6 +137,7 @@ def size_comparisons(metrics: pd.DataFrame, names: list[str], options: AnalysisO
 def timed(seconds: dict, stage: str, cpu_seconds: dict | None = None):
     """Context manager that adds the wall time of a block to ``seconds[stage]`` (and this process's CPU
     time to ``cpu_seconds[stage]``)."""
+
     class Timer:
         def __enter__(self):
             self.start, self.cpu = time.perf_counter(), time.process_time()
@@ -136,8 +150,9 @@ def timed(seconds: dict, stage: str, cpu_seconds: dict | None = None):
     return Timer()
 
 
-def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None,
-            while_maps_fit=None) -> dict:
+def compute(
+    study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None, while_maps_fit=None
+) -> dict:
     """All tables of the analysis (no files written).
 
     The training maps' HMM fits start first and run in worker processes (for a large study, see
@@ -151,29 +166,55 @@ def compute(study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: 
     maps_started, maps_cpu = time.perf_counter(), time.process_time()
     maps_job, maps_error = None, None
     try:
-        maps_job = start_training_maps(metrics, options.map_features, options.max_states, options.n_restarts,
-                                       states=options.map_states, criterion=options.map_criterion,
-                                       heldout_fraction=options.map_heldout_fraction,
-                                       split_seed=options.map_split_seed, steps=options.map_steps,
-                                       n_jobs=options.map_jobs)
+        maps_job = start_training_maps(
+            metrics,
+            options.map_features,
+            options.max_states,
+            options.n_restarts,
+            states=options.map_states,
+            criterion=options.map_criterion,
+            heldout_fraction=options.map_heldout_fraction,
+            split_seed=options.map_split_seed,
+            steps=options.map_steps,
+            n_jobs=options.map_jobs,
+        )
     except AnalysisError as error:
         maps_error = error
     maps_cpu = time.process_time() - maps_cpu
     with timed(seconds, "stats", cpu_seconds):
         blocks = run_blocks(metrics)  # each run's rows as slices (None unless laid out as tidy() leaves them)
-        stats = cross_seed_stats(metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples,
-                                 random_state=options.random_state)
+        stats = cross_seed_stats(
+            metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples, random_state=options.random_state
+        )
         finals = {name: final_values(metrics, name, blocks=blocks) for name in names}  # once per metric
         comparisons = size_comparisons(metrics, names, options, finals)
         spread = pd.DataFrame([spread_test(metrics, n, values=finals[n]) for n in names])
     with timed(seconds, "spikes", cpu_seconds):
-        spike_scores, spikes = find_spikes(metrics, window_values=options.spike_window_values,
-                                           threshold_sd=options.spike_threshold_sd, blocks=blocks)
+        spike_scores, spikes = find_spikes(
+            metrics, window_values=options.spike_window_values, threshold_sd=options.spike_threshold_sd, blocks=blocks
+        )
     with timed(seconds, "outliers", cpu_seconds):
-        outliers = find_outliers(study.metrics, options.tasks, options.outlier_metrics, options.outlier_rule,
-                                 options.mad_threshold, score=score, blocks=blocks)  # study.metrics: a prefix
-    tables = {"metrics": metrics, "names": names, "stats": stats, "comparisons": comparisons, "spread": spread,
-              "spike_scores": spike_scores, "spikes": spikes, "outliers": outliers, "maps": None, "blocks": blocks}
+        outliers = find_outliers(
+            study.metrics,
+            options.tasks,
+            options.outlier_metrics,
+            options.outlier_rule,
+            options.mad_threshold,
+            score=score,
+            blocks=blocks,
+        )  # study.metrics: a prefix
+    tables = {
+        "metrics": metrics,
+        "names": names,
+        "stats": stats,
+        "comparisons": comparisons,
+        "spread": spread,
+        "spike_scores": spike_scores,
+        "spikes": spikes,
+        "outliers": outliers,
+        "maps": None,
+        "blocks": blocks,
+    }
     if while_maps_fit is not None:
         while_maps_fit(tables)
     maps, waited_cpu = None, time.process_time()
@@ -210,9 +251,12 @@ def curve_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]
 
     metrics, flagged = tables["metrics"], outlier_seeds(tables["outliers"], runs)
     blocks = tables.get("blocks")  # each run's rows as slices, when the table is laid out for it
-    figures = [plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
-               plots.plot_metrics(metrics, [n for n in tables["names"] if n != "train/loss"],
-                                  out_dir / "analysis_metrics.png", blocks=blocks)]
+    figures = [
+        plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
+        plots.plot_metrics(
+            metrics, [n for n in tables["names"] if n != "train/loss"], out_dir / "analysis_metrics.png", blocks=blocks
+        ),
+    ]
     return [f for f in figures if f is not None]
 
 
@@ -224,14 +268,25 @@ def map_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
     maps = tables["maps"]
     if maps is not None:
         names = set(map(str, metrics["metric"].unique()))
-        score_name = next((n for n in (STANDARDISED_METRIC, "valid/loss", "train/loss") if n in names), maps.features[0])
+        score_name = next(
+            (n for n in (STANDARDISED_METRIC, "valid/loss", "train/loss") if n in names), maps.features[0]
+        )
         score = metrics[metrics["metric"] == score_name]
         for model in sort_models(maps.paths["model"].unique()):
             departing = set(maps.departures.loc[maps.departures["model"] == model, "seed"])
-            figures.append(plots.plot_training_map(score, maps.paths, model, flagged.get(model, set()) | departing,
-                                                   out_dir / f"analysis_training_map_{model}.png", score_name))
-            figures.append(plots.plot_map_selection(maps.selection, model,
-                                                    out_dir / f"analysis_map_selection_{model}.png"))
+            figures.append(
+                plots.plot_training_map(
+                    score,
+                    maps.paths,
+                    model,
+                    flagged.get(model, set()) | departing,
+                    out_dir / f"analysis_training_map_{model}.png",
+                    score_name,
+                )
+            )
+            figures.append(
+                plots.plot_map_selection(maps.selection, model, out_dir / f"analysis_map_selection_{model}.png")
+            )
     return [f for f in figures if f is not None]
 
 
@@ -252,8 +307,9 @@ def write_tables(tables: dict, runs: pd.DataFrame, out_dir: Path) -> None:
         maps.selection.to_csv(out_dir / "training_map_selection.csv", index=False)
 
 
-def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | None = None,
-                 log_to_mlflow: bool = True) -> AnalysisResult:
+def run_analysis(
+    study: Study, out_dir: str | Path, options: AnalysisOptions | None = None, log_to_mlflow: bool = True
+) -> AnalysisResult:
     """Analyse a study into ``out_dir`` (created); when it came from MLflow, also log the folder as artifacts."""
     from analysis.markdown import write_report
 
@@ -275,8 +331,19 @@ def run_analysis(study: Study, out_dir: str | Path, options: AnalysisOptions | N
     if options.make_plots:
         with timed(seconds, "plots", cpu_seconds):
             figures.extend(map_figures(tables, study.runs, out_dir))
-    result = AnalysisResult(out_dir, tables["stats"], tables["spike_scores"], tables["spikes"], tables["outliers"],
-                            tables["maps"], tables["comparisons"], tables["spread"], figures, seconds, cpu_seconds)
+    result = AnalysisResult(
+        out_dir,
+        tables["stats"],
+        tables["spike_scores"],
+        tables["spikes"],
+        tables["outliers"],
+        tables["maps"],
+        tables["comparisons"],
+        tables["spread"],
+        figures,
+        seconds,
+        cpu_seconds,
+    )
     write_report(study, tables, result, options, out_dir / "report.md")
     if log_to_mlflow and study.kind == "mlflow":
         with timed(seconds, "mlflow_artifacts"):

@@ -15,8 +15,17 @@ import pandas as pd
 
 SPIKE_METRICS = ("train/loss", "train/grad_norm")
 SCORE_COLUMNS = ["model", "seed", "metric", "n_values", "n_spike_values", "spike_score", "n_spikes"]
-SPIKE_COLUMNS = ["model", "seed", "metric", "step", "value", "height_sd", "recovered", "recovery_step",
-                 "steps_to_recover"]
+SPIKE_COLUMNS = [
+    "model",
+    "seed",
+    "metric",
+    "step",
+    "value",
+    "height_sd",
+    "recovered",
+    "recovery_step",
+    "steps_to_recover",
+]
 
 
 def rolling_band(values: np.ndarray, window_values: int) -> tuple[np.ndarray, np.ndarray]:
@@ -34,8 +43,9 @@ def spike_deviation(values: np.ndarray, window_values: int) -> tuple[np.ndarray,
     return deviation_sd, mean, sd
 
 
-def spikes_of_series(steps: np.ndarray, values: np.ndarray, window_values: int,
-                     threshold_sd: float) -> tuple[dict, list[dict]]:
+def spikes_of_series(
+    steps: np.ndarray, values: np.ndarray, window_values: int, threshold_sd: float
+) -> tuple[dict, list[dict]]:
     """Spike score and spike list of one metric series of one run (steps ascending)."""
     deviation_sd, mean, sd = spike_deviation(values, window_values)
     has_window = ~np.isnan(deviation_sd)
@@ -45,22 +55,29 @@ def spikes_of_series(steps: np.ndarray, values: np.ndarray, window_values: int,
     for onset in onsets:  # a loop over spikes (few), never over points
         if onset <= covered_until:
             continue
-        later = values[onset + 1:]
+        later = values[onset + 1 :]
         inside = np.abs(later - mean[onset]) < threshold_sd * sd[onset]
         back = onset + 1 + int(np.argmax(inside)) if inside.any() else None
         end = back if back is not None else len(values)
         extreme = onset + int(np.argmax(np.abs(values[onset:end] - mean[onset])))
-        spikes.append({
-            "step": int(steps[onset]), "value": float(values[onset]),
-            "height_sd": float((values[extreme] - mean[onset]) / sd[onset]) if sd[onset] > 0 else float("inf"),
-            "recovered": back is not None,
-            "recovery_step": int(steps[back]) if back is not None else None,
-            "steps_to_recover": int(steps[back] - steps[onset]) if back is not None else None,
-        })
+        spikes.append(
+            {
+                "step": int(steps[onset]),
+                "value": float(values[onset]),
+                "height_sd": float((values[extreme] - mean[onset]) / sd[onset]) if sd[onset] > 0 else float("inf"),
+                "recovered": back is not None,
+                "recovery_step": int(steps[back]) if back is not None else None,
+                "steps_to_recover": int(steps[back] - steps[onset]) if back is not None else None,
+            }
+        )
         covered_until = end - 1
     n_values = int(has_window.sum())
-    score = {"n_values": n_values, "n_spike_values": int(is_spike.sum()),
-             "spike_score": float(is_spike.sum() / n_values) if n_values else float("nan"), "n_spikes": len(spikes)}
+    score = {
+        "n_values": n_values,
+        "n_spike_values": int(is_spike.sum()),
+        "spike_score": float(is_spike.sum() / n_values) if n_values else float("nan"),
+        "n_spikes": len(spikes),
+    }
     return score, spikes
 
 
@@ -74,7 +91,11 @@ def runs_of(metrics: pd.DataFrame, names, blocks: pd.DataFrame | None = None):
     if blocks is not None:
         steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
         for block in blocks.itertuples():
-            yield (block.model, block.seed, block.metric), steps[block.start:block.stop], values[block.start:block.stop]
+            yield (
+                (block.model, block.seed, block.metric),
+                steps[block.start : block.stop],
+                values[block.start : block.stop],
+            )
         return
     wanted = metrics[metrics["metric"].isin(list(names))]
     for key, run in wanted.groupby(["model", "seed", "metric"], observed=True, sort=True):
@@ -82,8 +103,13 @@ def runs_of(metrics: pd.DataFrame, names, blocks: pd.DataFrame | None = None):
         yield key, run["step"].to_numpy(), run["value"].to_numpy(dtype="float64")
 
 
-def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_values: int = 1000,
-                threshold_sd: float = 7.0, blocks: pd.DataFrame | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+def find_spikes(
+    metrics: pd.DataFrame,
+    spike_metrics=SPIKE_METRICS,
+    window_values: int = 1000,
+    threshold_sd: float = 7.0,
+    blocks: pd.DataFrame | None = None,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Spike scores (one row per run and metric) and the spike list (one row per spike).
 
     ``window_values`` counts logged values, not steps (a run that logs every 10 steps looks back
@@ -95,5 +121,7 @@ def find_spikes(metrics: pd.DataFrame, spike_metrics=SPIKE_METRICS, window_value
         key = {"model": str(model), "seed": str(seed), "metric": str(metric)}
         scores.append({**key, **score})
         spikes.extend({**key, **spike} for spike in found)
-    return (pd.DataFrame(scores, columns=SCORE_COLUMNS),
-            pd.DataFrame(spikes, columns=SPIKE_COLUMNS).astype({"recovery_step": "Int64", "steps_to_recover": "Int64"}))
+    return (
+        pd.DataFrame(scores, columns=SCORE_COLUMNS),
+        pd.DataFrame(spikes, columns=SPIKE_COLUMNS).astype({"recovery_step": "Int64", "steps_to_recover": "Int64"}),
+    )

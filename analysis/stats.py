@@ -16,8 +16,21 @@ from scipy import stats as scipy_stats
 from analysis.errors import AnalysisError
 from polypythia.study import PER_STEP_FAMILIES
 
-STATS_COLUMNS = ["model", "step", "metric", "n", "mean", "std", "cv", "median", "iqr", "min", "max",
-                 "ci_low", "ci_high"]
+STATS_COLUMNS = [
+    "model",
+    "step",
+    "metric",
+    "n",
+    "mean",
+    "std",
+    "cv",
+    "median",
+    "iqr",
+    "min",
+    "max",
+    "ci_low",
+    "ci_high",
+]
 
 
 def checkpoint_steps(metrics: pd.DataFrame, max_dense_steps: int = 200) -> np.ndarray:
@@ -42,12 +55,14 @@ def checkpoint_steps(metrics: pd.DataFrame, max_dense_steps: int = 200) -> np.nd
 
 def by_seed_matrix(metrics: pd.DataFrame) -> pd.DataFrame:
     """Wide table: index (model, step, metric), one column per seed."""
-    return metrics.pivot_table(index=["model", "step", "metric"], columns="seed", values="value",
-                               aggfunc="last", observed=True)
+    return metrics.pivot_table(
+        index=["model", "step", "metric"], columns="seed", values="value", aggfunc="last", observed=True
+    )
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_resamples: int, confidence: float,
-                      random_state: int, groups_per_batch: int = 2000) -> np.ndarray:
+def bootstrap_mean_ci(
+    values: np.ndarray, n_resamples: int, confidence: float, random_state: int, groups_per_batch: int = 2000
+) -> np.ndarray:
     """Percentile bootstrap interval of the mean for each row of a (groups, seeds) matrix without NaN.
 
     The interval ``scipy.stats.bootstrap((row,), np.mean, n_resamples=n_resamples, method="percentile",
@@ -68,14 +83,15 @@ def bootstrap_mean_ci(values: np.ndarray, n_resamples: int, confidence: float,
     tail = (1 - confidence) / 2
     levels = np.array([tail, 1 - tail])
     for start in range(0, len(values), groups_per_batch):
-        chunk = values[start:start + groups_per_batch]
+        chunk = values[start : start + groups_per_batch]
         means = (chunk @ counts.T) / n  # (groups, resamples)
-        out[start:start + groups_per_batch] = scipy_stats.quantile(means, levels, axis=-1)
+        out[start : start + groups_per_batch] = scipy_stats.quantile(means, levels, axis=-1)
     return out
 
 
-def cross_seed_stats(metrics: pd.DataFrame, steps=None, n_resamples: int = 2000, confidence: float = 0.95,
-                     random_state: int = 0) -> pd.DataFrame:
+def cross_seed_stats(
+    metrics: pd.DataFrame, steps=None, n_resamples: int = 2000, confidence: float = 0.95, random_state: int = 0
+) -> pd.DataFrame:
     """Spread across seeds for every (model, step, metric).
 
     Columns: n, mean, std (ddof=1), cv (std / |mean|), median, iqr (75th - 25th percentile),
@@ -96,11 +112,19 @@ def cross_seed_stats(metrics: pd.DataFrame, steps=None, n_resamples: int = 2000,
             mean = np.nanmean(matrix, axis=1)
             std = np.nanstd(matrix, axis=1, ddof=1)
             q25, median, q75 = np.nanpercentile(matrix, [25, 50, 75], axis=1)
-            table = pd.DataFrame({
-                "n": n, "mean": mean, "std": np.where(n > 1, std, np.nan),
-                "cv": np.where(n > 1, std / np.abs(mean), np.nan), "median": median, "iqr": q75 - q25,
-                "min": np.nanmin(matrix, axis=1), "max": np.nanmax(matrix, axis=1),
-            }, index=wide.index)
+            table = pd.DataFrame(
+                {
+                    "n": n,
+                    "mean": mean,
+                    "std": np.where(n > 1, std, np.nan),
+                    "cv": np.where(n > 1, std / np.abs(mean), np.nan),
+                    "median": median,
+                    "iqr": q75 - q25,
+                    "min": np.nanmin(matrix, axis=1),
+                    "max": np.nanmax(matrix, axis=1),
+                },
+                index=wide.index,
+            )
     ci = np.full((len(matrix), 2), np.nan)
     for count in np.unique(n):
         rows = np.flatnonzero(n == count)
@@ -144,8 +168,10 @@ def as_seed_item_matrix(scores) -> np.ndarray:
     if matrix.ndim == 1:
         matrix = matrix[:, None]
     if matrix.ndim != 2 or matrix.shape[0] < 1 or np.isnan(matrix).any():
-        raise AnalysisError("Multi-Bootstrap scores must be a (seeds,) or (seeds, items) array without NaN; "
-                            "drop missing seeds or items first.")
+        raise AnalysisError(
+            "Multi-Bootstrap scores must be a (seeds,) or (seeds, items) array without NaN; "
+            "drop missing seeds or items first."
+        )
     return matrix
 
 
@@ -159,8 +185,14 @@ def resampled_means(matrix: np.ndarray, item_weights: np.ndarray | None, seed_dr
     return per_seed.T[draws, seed_draws].mean(axis=1)
 
 
-def multi_bootstrap(scores_a, scores_b, n_resamples: int = 2000, confidence: float = 0.95,
-                    paired_seeds: bool = False, random_state: int = 0) -> BootstrapComparison:
+def multi_bootstrap(
+    scores_a,
+    scores_b,
+    n_resamples: int = 2000,
+    confidence: float = 0.95,
+    paired_seeds: bool = False,
+    random_state: int = 0,
+) -> BootstrapComparison:
     """Compare two arms (two sizes or two configurations) with the Multi-Bootstrap.
 
     Each arm is a (seeds, items) matrix of per-example scores, or a (seeds,) vector of per-seed
@@ -171,8 +203,10 @@ def multi_bootstrap(scores_a, scores_b, n_resamples: int = 2000, confidence: flo
     """
     a, b = as_seed_item_matrix(scores_a), as_seed_item_matrix(scores_b)
     if a.shape[1] != b.shape[1]:
-        raise AnalysisError(f"The two arms score different numbers of items ({a.shape[1]} and {b.shape[1]}); "
-                            "give per-item scores on the same examples, in the same order.")
+        raise AnalysisError(
+            f"The two arms score different numbers of items ({a.shape[1]} and {b.shape[1]}); "
+            "give per-item scores on the same examples, in the same order."
+        )
     if paired_seeds and a.shape[0] != b.shape[0]:
         raise AnalysisError("paired_seeds needs the same seeds in both arms; drop unmatched seeds or unpair them.")
     rng = np.random.default_rng(random_state)
@@ -181,15 +215,27 @@ def multi_bootstrap(scores_a, scores_b, n_resamples: int = 2000, confidence: flo
     if n_items:
         item_draws = rng.integers(0, n_items, size=(n_resamples, n_items))
         flat = (item_draws + np.arange(n_resamples)[:, None] * n_items).ravel()
-        item_weights = np.bincount(flat, minlength=n_resamples * n_items).reshape(n_resamples, n_items).astype("float64")
+        item_weights = (
+            np.bincount(flat, minlength=n_resamples * n_items).reshape(n_resamples, n_items).astype("float64")
+        )
     seeds_a = rng.integers(0, a.shape[0], size=(n_resamples, a.shape[0]))
     seeds_b = seeds_a if paired_seeds else rng.integers(0, b.shape[0], size=(n_resamples, b.shape[0]))
     differences = resampled_means(b, item_weights, seeds_b) - resampled_means(a, item_weights, seeds_a)
     tail = (1 - confidence) / 2
     low, high = np.quantile(differences, [tail, 1 - tail])
     mean_a, mean_b = float(a.mean()), float(b.mean())
-    return BootstrapComparison(mean_a, mean_b, mean_b - mean_a, float(low), float(high),
-                               float(np.mean(differences <= 0)), a.shape[0], b.shape[0], n_items, n_resamples)
+    return BootstrapComparison(
+        mean_a,
+        mean_b,
+        mean_b - mean_a,
+        float(low),
+        float(high),
+        float(np.mean(differences <= 0)),
+        a.shape[0],
+        b.shape[0],
+        n_items,
+        n_resamples,
+    )
 
 
 def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
@@ -197,6 +243,7 @@ def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
     runs in (model, seed) order: the categories' order (sizes by parameter count, run labels 0, 1, ...,
     10) or, for plain columns, sorted. One pass over the rows when, as :func:`analysis.load.tidy` leaves
     them, each run's rows are contiguous with rising steps; otherwise a stable sort."""
+
     def codes(column: pd.Series) -> np.ndarray:
         if isinstance(column.dtype, pd.CategoricalDtype):
             return column.cat.codes.to_numpy().astype("int64")
@@ -218,8 +265,9 @@ def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
     return order[ends]
 
 
-def final_values(metrics: pd.DataFrame, metric: str, step: int | None = None,
-                 blocks: pd.DataFrame | None = None) -> pd.DataFrame:
+def final_values(
+    metrics: pd.DataFrame, metric: str, step: int | None = None, blocks: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """One value per (model, seed) of ``metric``: at ``step``, or at each run's last logged step (runs in
     model and run-label order, see :func:`last_row_per_run`). ``blocks``: :func:`analysis.load.run_blocks`
     of ``metrics``, to read each run's last row directly."""
@@ -238,22 +286,32 @@ def final_values(metrics: pd.DataFrame, metric: str, step: int | None = None,
     return rows[["model", "seed", "step", "value"]].astype({"model": str}).reset_index(drop=True)
 
 
-def compare_models(metrics: pd.DataFrame, metric: str, model_a: str, model_b: str, step: int | None = None,
-                   n_resamples: int = 2000, random_state: int = 0,
-                   values: pd.DataFrame | None = None) -> BootstrapComparison:
+def compare_models(
+    metrics: pd.DataFrame,
+    metric: str,
+    model_a: str,
+    model_b: str,
+    step: int | None = None,
+    n_resamples: int = 2000,
+    random_state: int = 0,
+    values: pd.DataFrame | None = None,
+) -> BootstrapComparison:
     """Multi-Bootstrap over seeds of ``metric`` (at ``step`` or each run's final step): ``model_b`` vs ``model_a``.
     ``values``: :func:`final_values` of ``metrics``, when the caller already has them."""
     values = final_values(metrics, metric, step) if values is None else values
     arm_a = values.loc[values["model"] == str(model_a), "value"].to_numpy()
     arm_b = values.loc[values["model"] == str(model_b), "value"].to_numpy()
     if len(arm_a) == 0 or len(arm_b) == 0:
-        raise AnalysisError(f"Model {model_a if len(arm_a) == 0 else model_b!r} has no {metric!r} values; "
-                            "pick models present in the study.")
+        raise AnalysisError(
+            f"Model {model_a if len(arm_a) == 0 else model_b!r} has no {metric!r} values; "
+            "pick models present in the study."
+        )
     return multi_bootstrap(arm_a, arm_b, n_resamples=n_resamples, random_state=random_state)
 
 
-def spread_test(metrics: pd.DataFrame, metric: str, step: int | None = None, models=None,
-                values: pd.DataFrame | None = None) -> dict:
+def spread_test(
+    metrics: pd.DataFrame, metric: str, step: int | None = None, models=None, values: pd.DataFrame | None = None
+) -> dict:
     """Brown-Forsythe test (Levene, centred on the median) of whether the cross-seed spread differs by size.
 
     Uses each run's value at ``step`` (default: each run's last step). Returns statistic, p_value
@@ -265,8 +323,14 @@ def spread_test(metrics: pd.DataFrame, metric: str, step: int | None = None, mod
     if models is not None:
         groups = {m: groups[m] for m in map(str, models) if m in groups}
     groups = {m: v for m, v in groups.items() if len(v) >= 2}
-    result = {"metric": metric, "step": step, "models": ",".join(groups), "n_seeds": ",".join(str(len(v)) for v in groups.values()),
-              "statistic": np.nan, "p_value": np.nan}
+    result = {
+        "metric": metric,
+        "step": step,
+        "models": ",".join(groups),
+        "n_seeds": ",".join(str(len(v)) for v in groups.values()),
+        "statistic": np.nan,
+        "p_value": np.nan,
+    }
     if len(groups) >= 2:
         test = scipy_stats.levene(*groups.values(), center="median")
         result.update(statistic=float(test.statistic), p_value=float(test.pvalue))

@@ -15,12 +15,27 @@ import pandas as pd
 
 from analysis.load import tidy
 
-
 TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 # The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there).
-WEIGHT_FEATURES = tuple(f"weights/{name}" for name in (
-    "l1", "l2", "trace", "spectral", "code_sparsity", "computational_sparsity", "sv_mean",
-    "sv_var", "w_mean", "w_median", "w_var", "b_mean", "b_median", "b_var"))
+WEIGHT_FEATURES = tuple(
+    f"weights/{name}"
+    for name in (
+        "l1",
+        "l2",
+        "trace",
+        "spectral",
+        "code_sparsity",
+        "computational_sparsity",
+        "sv_mean",
+        "sv_var",
+        "w_mean",
+        "w_median",
+        "w_var",
+        "b_mean",
+        "b_median",
+        "b_var",
+    )
+)
 
 
 def pythia_checkpoint_steps(final_step: int = 143_000) -> np.ndarray:
@@ -65,8 +80,15 @@ class StudySpec:
     random_state: int = 0
 
 
-def write_loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, size_index: int, steps: np.ndarray,
-                      out: dict[str, np.ndarray], noise: np.ndarray) -> None:
+def write_loss_curves(
+    spec: StudySpec,
+    rng: np.random.Generator,
+    model: str,
+    size_index: int,
+    steps: np.ndarray,
+    out: dict[str, np.ndarray],
+    noise: np.ndarray,
+) -> None:
     """Dense train/loss and train/grad_norm curves of every seed of one size, spikes injected, written
     into ``out[name]`` (seeds x steps views); each seed's loss noise, then its grad-norm noise, drawn
     in seed order into ``noise`` (a (seeds, 2, steps) buffer reused across sizes)."""
@@ -83,7 +105,7 @@ def write_loss_curves(spec: StudySpec, rng: np.random.Generator, model: str, siz
             decay = np.exp(-np.arange(spike.length_steps) / max(spike.length_steps / 3, 1))
             end = min(at + spike.length_steps, len(steps))
             loss[spike.seed, at:end] += spike.height_sd * noise_sd * decay[: end - at]
-            grad_norm[spike.seed, max(at - 1, 0):end] += 5.0
+            grad_norm[spike.seed, max(at - 1, 0) : end] += 5.0
 
 
 def phase(steps: np.ndarray) -> np.ndarray:
@@ -91,8 +113,9 @@ def phase(steps: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.array([64, 3000, 40000]), steps, side="right")
 
 
-def checkpoint_values(spec: StudySpec, rng: np.random.Generator, model: str, steps: np.ndarray,
-                      phase_means: np.ndarray) -> dict[str, np.ndarray]:
+def checkpoint_values(
+    spec: StudySpec, rng: np.random.Generator, model: str, steps: np.ndarray, phase_means: np.ndarray
+) -> dict[str, np.ndarray]:
     """Weight features, validation loss and task accuracies, (seeds x checkpoints) each, of every seed of
     one size (per seed: its 14 features, validation loss, then each task's accuracy noise, in seed order)."""
     progress = 1 / (1 + np.exp(-(np.log1p(steps) - 7.5)))  # 0 at init, ~1 at the end
@@ -109,14 +132,14 @@ def checkpoint_values(spec: StudySpec, rng: np.random.Generator, model: str, ste
             if c.recovery_step is None:
                 drop[steps >= c.onset_step] = np.linspace(c.drop_sd, c.drop_sd / 2, int((steps >= c.onset_step).sum()))
         draws = noise[seed]
-        features = phase_means[phases] + 0.3 * draws[:n_steps * n_features].reshape(n_steps, n_features)
+        features = phase_means[phases] + 0.3 * draws[: n_steps * n_features].reshape(n_steps, n_features)
         rows = {name: features[:, i] for i, name in enumerate(WEIGHT_FEATURES)}
         at = n_steps * n_features
-        rows["valid/loss"] = 2.6 + 8.0 * (steps + 10.0) ** -0.3 + 0.01 * draws[at:at + n_steps]
+        rows["valid/loss"] = 2.6 + 8.0 * (steps + 10.0) ** -0.3 + 0.01 * draws[at : at + n_steps]
         for task_index, task in enumerate(TASKS):
             at += n_steps
             chance = 0.25 + 0.1 * task_index
-            accuracy = chance + 0.3 * progress + spec.seed_sd * draws[at:at + n_steps]
+            accuracy = chance + 0.3 * progress + spec.seed_sd * draws[at : at + n_steps]
             rows[f"eval/{task}/acc"] = accuracy - drop * spec.seed_sd
         for name, values in rows.items():
             out.setdefault(name, np.empty((spec.n_seeds, n_steps)))[seed] = values
@@ -127,9 +150,8 @@ def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> p
     """A tidy table (model, seed, step, metric, value) following ``spec``, built column by column in the
     order :func:`analysis.load.tidy` gives (model, seed, metric, step), with categorical model, seed and
     metric columns (a 500-run study with dense curves is 143 million rows, about 2.5 GB)."""
-    from polypythia.study import label_order
-
     from analysis.load import sort_models
+    from polypythia.study import label_order
 
     spec = spec or StudySpec()
     rng = np.random.default_rng(spec.random_state)
@@ -147,25 +169,36 @@ def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> p
     value = np.empty((len(models), spec.n_seeds, run_rows))  # one block per run, metrics in name order
     for model in spec.models:  # checkpoint values first, then dense curves: the draws in the study's order
         for name, values in per_model[model].items():
-            value[models.index(model), :, offsets[name]:offsets[name] + values.shape[1]] = values
+            value[models.index(model), :, offsets[name] : offsets[name] + values.shape[1]] = values
     noise = np.empty((spec.n_seeds, 2, len(dense_steps))) if dense_loss else None
     for size_index, model in enumerate(spec.models):
         if dense_loss:
-            views = {name: value[models.index(model), :, offsets[name]:offsets[name] + len(dense_steps)]
-                     for name in dense}
+            views = {
+                name: value[models.index(model), :, offsets[name] : offsets[name] + len(dense_steps)] for name in dense
+            }
             write_loss_curves(spec, rng, model, size_index, dense_steps, views, noise)
     run_steps = np.concatenate([steps_of[name] for name in metrics])
     run_metrics = np.repeat(np.arange(len(metrics), dtype="int8"), [len(steps_of[name]) for name in metrics])
     labels = sorted((str(s) for s in range(spec.n_seeds)), key=label_order)
     seed_dtype = "int8" if spec.n_seeds < 128 else "int16"
-    return pd.DataFrame({
-        "model": pd.Categorical.from_codes(np.repeat(np.arange(len(models), dtype="int8"), spec.n_seeds * run_rows),
-                                           categories=models, validate=False),
-        "seed": pd.Categorical.from_codes(np.tile(np.repeat(np.arange(spec.n_seeds, dtype=seed_dtype), run_rows),
-                                                  len(models)), categories=labels, validate=False),
-        "step": np.tile(run_steps, n_runs),
-        "metric": pd.Categorical.from_codes(np.tile(run_metrics, n_runs), categories=metrics, validate=False),
-        "value": value.reshape(-1)}, copy=False)
+    return pd.DataFrame(
+        {
+            "model": pd.Categorical.from_codes(
+                np.repeat(np.arange(len(models), dtype="int8"), spec.n_seeds * run_rows),
+                categories=models,
+                validate=False,
+            ),
+            "seed": pd.Categorical.from_codes(
+                np.tile(np.repeat(np.arange(spec.n_seeds, dtype=seed_dtype), run_rows), len(models)),
+                categories=labels,
+                validate=False,
+            ),
+            "step": np.tile(run_steps, n_runs),
+            "metric": pd.Categorical.from_codes(np.tile(run_metrics, n_runs), categories=metrics, validate=False),
+            "value": value.reshape(-1),
+        },
+        copy=False,
+    )
 
 
 @dataclass
@@ -179,9 +212,17 @@ class Dip:
     recovery_step: int | None = None
 
 
-def correlated_study(n_seeds: int = 10, steps=None, correlation: float = 0.8, offset_share: float = 0.4,
-                     spread: float = 0.04, dips: tuple[Dip, ...] = (), model: str = "410m", metric: str = "score",
-                     random_state: int = 0) -> pd.DataFrame:
+def correlated_study(
+    n_seeds: int = 10,
+    steps=None,
+    correlation: float = 0.8,
+    offset_share: float = 0.4,
+    spread: float = 0.04,
+    dips: tuple[Dip, ...] = (),
+    model: str = "410m",
+    metric: str = "score",
+    random_state: int = 0,
+) -> pd.DataFrame:
     """A one-metric study shaped like the PolyPythias training-map score: a sigmoid in log-step from
     about -1.1 to 1.05 on the study's 27 evaluation checkpoints, each run off the median by a constant
     offset (``offset_share`` of the variance) plus AR(1) noise correlated ``correlation`` between
@@ -198,5 +239,14 @@ def correlated_study(n_seeds: int = 10, steps=None, correlation: float = 0.8, of
         down = (steps >= dip.onset_step) & ((steps < dip.recovery_step) if dip.recovery_step else True)
         values[down, dip.seed] -= dip.depth_sd * spread
     seeds, step_grid = np.meshgrid(np.arange(n_seeds), steps)
-    return tidy(pd.DataFrame({"model": model, "seed": seeds.ravel(), "step": step_grid.ravel(), "metric": metric,
-                              "value": values.ravel()}))
+    return tidy(
+        pd.DataFrame(
+            {
+                "model": model,
+                "seed": seeds.ravel(),
+                "step": step_grid.ravel(),
+                "metric": metric,
+                "value": values.ravel(),
+            }
+        )
+    )

@@ -63,13 +63,45 @@ WORKER_IDLE_S = 10  # idle worker processes exit after this many seconds
 TIE_RTOL = 1e-9  # held-out log-likelihoods this close are the same optimum (see better())
 
 PATH_COLUMNS = ["model", "seed", "step", "state"]
-DEPARTURE_COLUMNS = ["model", "seed", "departure_step", "fell_back", "fall_back_step", "skipped_states",
-                     "revisited_states", "extra_states", "path"]
-SELECTION_COLUMNS = ["model", "n_states", "restart", "heldout_log_likelihood", "bic", "aic", "converged",
-                     "iterations", "n_train_rows", "n_heldout_rows", "best_of_n", "chosen", "criterion"]
+DEPARTURE_COLUMNS = [
+    "model",
+    "seed",
+    "departure_step",
+    "fell_back",
+    "fall_back_step",
+    "skipped_states",
+    "revisited_states",
+    "extra_states",
+    "path",
+]
+SELECTION_COLUMNS = [
+    "model",
+    "n_states",
+    "restart",
+    "heldout_log_likelihood",
+    "bic",
+    "aic",
+    "converged",
+    "iterations",
+    "n_train_rows",
+    "n_heldout_rows",
+    "best_of_n",
+    "chosen",
+    "criterion",
+]
 
-__all__ = ["CRITERIA", "POLYPYTHIAS_EVAL_STEPS", "POLYPYTHIAS_RESTART_SEEDS", "POLYPYTHIAS_SPLIT_SEED",
-           "TrainingMaps", "feature_matrix", "fit_training_maps", "restart_seeds", "split_rows", "start_training_maps"]
+__all__ = [
+    "CRITERIA",
+    "POLYPYTHIAS_EVAL_STEPS",
+    "POLYPYTHIAS_RESTART_SEEDS",
+    "POLYPYTHIAS_SPLIT_SEED",
+    "TrainingMaps",
+    "feature_matrix",
+    "fit_training_maps",
+    "restart_seeds",
+    "split_rows",
+    "start_training_maps",
+]
 
 
 @dataclass
@@ -100,8 +132,10 @@ def restart_seeds(restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS) -> 
     if isinstance(restarts, (int, np.integer)):
         count = int(restarts)
         if count < 1:
-            raise AnalysisError(f"The number of HMM restarts must be at least 1, not {count}; give 1 to 5 "
-                                "(the study's random states) or more.")
+            raise AnalysisError(
+                f"The number of HMM restarts must be at least 1, not {count}; give 1 to 5 "
+                "(the study's random states) or more."
+            )
         extra = tuple(10000 + i for i in range(max(count - len(POLYPYTHIAS_RESTART_SEEDS), 0)))
         return (POLYPYTHIAS_RESTART_SEEDS + extra)[:count]
     seeds = tuple(int(s) for s in restarts)
@@ -113,8 +147,9 @@ def restart_seeds(restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS) -> 
 def wide_features(metrics: pd.DataFrame, features: list[str]) -> pd.DataFrame:
     """Rows (seed, step) in (seed, step) order, one column per feature; checkpoints missing one are dropped."""
     rows = metrics[metrics["metric"].isin(features)]
-    wide = rows.pivot_table(index=["seed", "step"], columns="metric", values="value", aggfunc="last",
-                            observed=True).dropna()
+    wide = rows.pivot_table(
+        index=["seed", "step"], columns="metric", values="value", aggfunc="last", observed=True
+    ).dropna()
     wide.columns = wide.columns.astype(str)
     return sort_rows(wide[[f for f in features if f in wide.columns]])
 
@@ -147,8 +182,9 @@ def feature_matrix(metrics: pd.DataFrame, features: list[str], standardise: str 
     return zscore(wide_features(metrics, features), standardise)
 
 
-def split_rows(n_rows: int, heldout_fraction: float = HELDOUT_FRACTION,
-               split_seed: int = POLYPYTHIAS_SPLIT_SEED) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(
+    n_rows: int, heldout_fraction: float = HELDOUT_FRACTION, split_seed: int = POLYPYTHIAS_SPLIT_SEED
+) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the training and held-out rows, as ``train_test_split(rows, test_size=heldout_fraction,
     random_state=split_seed)`` splits ``n_rows`` rows."""
     from sklearn.model_selection import train_test_split
@@ -156,8 +192,10 @@ def split_rows(n_rows: int, heldout_fraction: float = HELDOUT_FRACTION,
     try:
         train, heldout = train_test_split(np.arange(n_rows), test_size=heldout_fraction, random_state=split_seed)
     except ValueError as error:
-        raise AnalysisError(f"Cannot hold out {heldout_fraction:g} of {n_rows} checkpoint rows ({error}); give "
-                            "more checkpoints or another --map-heldout-fraction.") from None
+        raise AnalysisError(
+            f"Cannot hold out {heldout_fraction:g} of {n_rows} checkpoint rows ({error}); give "
+            "more checkpoints or another --map-heldout-fraction."
+        ) from None
     return np.sort(train), np.sort(heldout)
 
 
@@ -178,14 +216,16 @@ class Split:
         return cls(frame.to_numpy(dtype="float64"), lengths, frame.index)
 
 
-def fit_one(train: Split, heldout: Split, n_states: int, seed: int, n_iter: int,
-            tol: float) -> tuple[dict, object] | None:
+def fit_one(
+    train: Split, heldout: Split, n_states: int, seed: int, n_iter: int, tol: float
+) -> tuple[dict, object] | None:
     """One restart: fit on ``train``, score on ``heldout``; None when the fit or the scoring fails."""
     return fit_states([(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, [seed], n_iter, tol)[0][0]
 
 
-def fit_states(data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: int,
-               tol: float) -> list[list[tuple[dict, object] | None]]:
+def fit_states(
+    data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: int, tol: float
+) -> list[list[tuple[dict, object] | None]]:
     """Every restart of one number of states, for each size's ``(X, lengths, X_heldout, lengths_heldout)``:
     per size, per restart seed, ``(row, hmm)`` or None when the fit or the scoring fails (skipped, as
     the released code skips a restart whose scoring raises ``ValueError``).
@@ -203,10 +243,17 @@ def fit_states(data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: i
     from analysis.hmm_batch import BatchedGaussianHMM, fit_together
 
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
-    jobs = [(X, lengths, X_heldout, lengths_heldout, seed) for X, lengths, X_heldout, lengths_heldout in data
-            for seed in seeds]
-    models = [BatchedGaussianHMM(n_components=n_states, covariance_type="diag", n_iter=n_iter, tol=tol,
-                                 random_state=check_random_state(seed)) for *_, seed in jobs]
+    jobs = [
+        (X, lengths, X_heldout, lengths_heldout, seed)
+        for X, lengths, X_heldout, lengths_heldout in data
+        for seed in seeds
+    ]
+    models = [
+        BatchedGaussianHMM(
+            n_components=n_states, covariance_type="diag", n_iter=n_iter, tol=tol, random_state=check_random_state(seed)
+        )
+        for *_, seed in jobs
+    ]
     results = []
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")
@@ -221,11 +268,19 @@ def fit_states(data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: i
                 log.debug("HMM with %d states, restart %d skipped: %s", n_states, seed, failure)
                 results.append(None)
                 continue
-            row = {"n_states": n_states, "restart": seed, "heldout_log_likelihood": score, "bic": bic, "aic": aic,
-                   "converged": bool(hmm.monitor_.converged), "iterations": int(hmm.monitor_.iter),
-                   "n_train_rows": len(X), "n_heldout_rows": len(X_heldout)}
+            row = {
+                "n_states": n_states,
+                "restart": seed,
+                "heldout_log_likelihood": score,
+                "bic": bic,
+                "aic": aic,
+                "converged": bool(hmm.monitor_.converged),
+                "iterations": int(hmm.monitor_.iter),
+                "n_train_rows": len(X),
+                "n_heldout_rows": len(X_heldout),
+            }
             results.append((row, hmm))
-    return [results[i:i + len(seeds)] for i in range(0, len(results), len(seeds))]
+    return [results[i : i + len(seeds)] for i in range(0, len(results), len(seeds))]
 
 
 def better(score: float, best: float) -> bool:
@@ -236,8 +291,16 @@ def better(score: float, best: float) -> bool:
     return score > best + TIE_RTOL * abs(best)
 
 
-def select_model(train: Split, heldout: Split, candidates: list[int], seeds: Sequence[int], n_iter: int, tol: float,
-                 criterion: str, fitted: dict[int, list] | None = None) -> tuple[list[dict], object, int]:
+def select_model(
+    train: Split,
+    heldout: Split,
+    candidates: list[int],
+    seeds: Sequence[int],
+    n_iter: int,
+    tol: float,
+    criterion: str,
+    fitted: dict[int, list] | None = None,
+) -> tuple[list[dict], object, int]:
     """Every restart's row, and the kept model of the chosen number of states (and that number).
     ``fitted``: the restarts of each number of states already fitted (:func:`fit_states`, in
     ``seeds`` order); otherwise they are fitted here."""
@@ -245,15 +308,20 @@ def select_model(train: Split, heldout: Split, candidates: list[int], seeds: Seq
     for n_states in candidates:
         if n_states > len(train.X):
             continue
-        results = fitted[n_states] if fitted is not None else fit_states(
-            [(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, seeds, n_iter, tol)[0]
+        results = (
+            fitted[n_states]
+            if fitted is not None
+            else fit_states([(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, seeds, n_iter, tol)[0]
+        )
         for result in results:
             if result is None:
                 continue
             row, hmm = result
             rows.append(row)
             score = row["heldout_log_likelihood"]
-            if np.isfinite(score) and (n_states not in kept or better(score, kept[n_states][0]["heldout_log_likelihood"])):
+            if np.isfinite(score) and (
+                n_states not in kept or better(score, kept[n_states][0]["heldout_log_likelihood"])
+            ):
                 kept[n_states] = (row, hmm)
     if not kept:
         return rows, None, 0
@@ -289,13 +357,18 @@ def departure(model: str, seed, path: np.ndarray, steps: np.ndarray, majority: l
     own_states, majority_states = [s for s, _ in own], [s for s, _ in majority]
     if own_states == majority_states:
         return None
-    first = next((i for i, (a, b) in enumerate(zip(own_states, majority_states)) if a != b),
-                 min(len(own_states), len(majority_states)))
+    first = next(
+        (i for i, (a, b) in enumerate(zip(own_states, majority_states)) if a != b),
+        min(len(own_states), len(majority_states)),
+    )
     departure_step = own[first][1] if first < len(own) else int(steps[-1])
     fall_backs = [step for (previous, _), (state, step) in zip(own, own[1:]) if state < previous]
     counts = pd.Series(own_states).value_counts()
     return {
-        "model": model, "seed": seed, "departure_step": int(departure_step), "fell_back": bool(fall_backs),
+        "model": model,
+        "seed": seed,
+        "departure_step": int(departure_step),
+        "fell_back": bool(fall_backs),
         "fall_back_step": fall_backs[0] if fall_backs else None,
         "skipped_states": " ".join(str(s) for s in sorted(set(majority_states) - set(own_states))),
         "revisited_states": " ".join(str(s) for s in sorted(counts[counts > 1].index)),
@@ -332,8 +405,10 @@ def usable_rows(model: str, wide: pd.DataFrame, notes: list[str]) -> pd.DataFram
     counts = pd.Series(wide.index.get_level_values("seed")).value_counts()
     short = sorted(map(str, counts[counts < MIN_CHECKPOINTS].index))
     if short:
-        notes.append(f"Training map of {model}: seed(s) {', '.join(short)} left out (fewer than "
-                     f"{MIN_CHECKPOINTS} checkpoints with every map feature).")
+        notes.append(
+            f"Training map of {model}: seed(s) {', '.join(short)} left out (fewer than "
+            f"{MIN_CHECKPOINTS} checkpoints with every map feature)."
+        )
     return wide[~wide.index.get_level_values("seed").isin(counts[counts < MIN_CHECKPOINTS].index)]
 
 
@@ -353,24 +428,33 @@ def prepare_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: 
     decoded = wide if settings.steps is None else wide[steps.isin(settings.steps)]
     decoded = usable_rows(model, decoded, notes)
     if decoded.empty:
-        raise AnalysisError(f"no seed of {model} has {MIN_CHECKPOINTS} checkpoints with every map feature"
-                            + ("" if settings.steps is None else " at the decoded steps"))
+        raise AnalysisError(
+            f"no seed of {model} has {MIN_CHECKPOINTS} checkpoints with every map feature"
+            + ("" if settings.steps is None else " at the decoded steps")
+        )
     fitted = usable_rows(model, wide, []) if settings.fit_all_steps else decoded
     train_at, heldout_at = split_rows(len(fitted), settings.heldout_fraction, settings.split_seed)
-    return ModelData(model, decoded, Split.of(fitted.iloc[train_at], settings.standardise),
-                     Split.of(fitted.iloc[heldout_at], settings.standardise))
+    return ModelData(
+        model,
+        decoded,
+        Split.of(fitted.iloc[train_at], settings.standardise),
+        Split.of(fitted.iloc[heldout_at], settings.standardise),
+    )
 
 
 def finish_model(data: ModelData, settings: MapSettings, fitted: dict[int, list] | None = None):
     """Model selection over the fitted restarts, then paths, majority path, departures and selection rows
     of one size (AnalysisError when no model could be fitted)."""
     model, train, heldout = data.model, data.train, data.heldout
-    rows, hmm, n_chosen = select_model(train, heldout, settings.candidates, settings.seeds, settings.n_iter,
-                                       settings.tol, settings.criterion, fitted)
+    rows, hmm, n_chosen = select_model(
+        train, heldout, settings.candidates, settings.seeds, settings.n_iter, settings.tol, settings.criterion, fitted
+    )
     if hmm is None:
         tried = ", ".join(map(str, settings.candidates))
-        raise AnalysisError(f"no hidden Markov model with {tried} state(s) could be fitted on the {len(train.X)} "
-                            f"training rows of {model} and scored on its {len(heldout.X)} held-out rows")
+        raise AnalysisError(
+            f"no hidden Markov model with {tried} state(s) could be fitted on the {len(train.X)} "
+            f"training rows of {model} and scored on its {len(heldout.X)} held-out rows"
+        )
     every = Split.of(data.decoded, settings.standardise)
     seeds = every.index.get_level_values("seed").to_numpy()
     step_values = every.index.get_level_values("step").to_numpy()
@@ -378,8 +462,11 @@ def finish_model(data: ModelData, settings: MapSettings, fitted: dict[int, list]
     paths = pd.DataFrame({"model": model, "seed": seeds, "step": step_values, "state": states})
     majority = majority_path(paths)
     majority_runs = collapse(majority["state"].to_numpy(), majority["step"].to_numpy())
-    departures = [d for seed, run in paths.groupby("seed", sort=False)
-                  if (d := departure(model, seed, run["state"].to_numpy(), run["step"].to_numpy(), majority_runs))]
+    departures = [
+        d
+        for seed, run in paths.groupby("seed", sort=False)
+        if (d := departure(model, seed, run["state"].to_numpy(), run["step"].to_numpy(), majority_runs))
+    ]
     criterion = settings.criterion
     selection = [{"model": model, "best_of_n": False, "chosen": False, **row, "criterion": criterion} for row in rows]
     log.info("Training map of %s: %d states (%s)", model, n_chosen, criterion)
@@ -411,11 +498,15 @@ def available_cores() -> int:
 def check_states_possible(prepared: list[ModelData], states: int | None) -> None:
     """A fixed number of states more than a size's training rows can be given no HMM: an error, not an
     empty map (the chosen number of states is only ever among those that fit)."""
-    short = [(data.model, len(data.train.X)) for data in prepared if states is not None and int(states) > len(data.train.X)]
+    short = [
+        (data.model, len(data.train.X)) for data in prepared if states is not None and int(states) > len(data.train.X)
+    ]
     if short:
         model, rows = min(short, key=lambda item: item[1])
-        raise AnalysisError(f"--states {states} is more than the {rows} checkpoint rows the training map of {model} "
-                            f"is fitted on; give at most {rows} (or leave --states out to choose the number).")
+        raise AnalysisError(
+            f"--states {states} is more than the {rows} checkpoint rows the training map of {model} "
+            f"is fitted on; give at most {rows} (or leave --states out to choose the number)."
+        )
 
 
 def fit_all(prepared: list[ModelData], settings: MapSettings, n_jobs: int | None):
@@ -464,8 +555,15 @@ def fit_all(prepared: list[ModelData], settings: MapSettings, n_jobs: int | None
 class MapsJob:
     """Training maps being fitted (:func:`start_training_maps`); :meth:`result` waits for them."""
 
-    def __init__(self, prepared: list[ModelData], settings: MapSettings, wait_for_fits, features: list[str],
-                 notes_by_model: dict[str, list[str]], parameters: dict):
+    def __init__(
+        self,
+        prepared: list[ModelData],
+        settings: MapSettings,
+        wait_for_fits,
+        features: list[str],
+        notes_by_model: dict[str, list[str]],
+        parameters: dict,
+    ):
         self.prepared, self.settings, self.wait_for_fits = prepared, settings, wait_for_fits
         self.features, self.notes_by_model, self.parameters = features, notes_by_model, parameters
 
@@ -485,26 +583,46 @@ class MapsJob:
                 paths.append(p), majorities.append(m), departures.extend(d), selection.extend(s)
         notes = [note for model_notes in self.notes_by_model.values() for note in model_notes]
         if not paths:
-            raise AnalysisError("No model could be mapped (" + " ".join(notes) + "); give more checkpoints "
-                                "or other --map-features.")
+            raise AnalysisError(
+                "No model could be mapped (" + " ".join(notes) + "); give more checkpoints or other --map-features."
+            )
         return TrainingMaps(
             paths=pd.concat(paths, ignore_index=True)[PATH_COLUMNS],
             majority=pd.concat(majorities, ignore_index=True)[["model", "step", "state"]],
             departures=pd.DataFrame(departures, columns=DEPARTURE_COLUMNS).astype({"fall_back_step": "Int64"}),
-            selection=pd.DataFrame(selection, columns=SELECTION_COLUMNS), features=self.features,
+            selection=pd.DataFrame(selection, columns=SELECTION_COLUMNS),
+            features=self.features,
             criterion=settings.criterion,
-            settings={"heldout_fraction": settings.heldout_fraction, "split_seed": settings.split_seed,
-                      "restarts": list(settings.seeds), "n_iter": settings.n_iter, "tol": settings.tol,
-                      "steps": settings.steps, **self.parameters},
-            notes=notes)
+            settings={
+                "heldout_fraction": settings.heldout_fraction,
+                "split_seed": settings.split_seed,
+                "restarts": list(settings.seeds),
+                "n_iter": settings.n_iter,
+                "tol": settings.tol,
+                "steps": settings.steps,
+                **self.parameters,
+            },
+            notes=notes,
+        )
 
 
-def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, max_states: int = 8,
-                      restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS, *, states: int | None = None,
-                      criterion: str = "bic", heldout_fraction: float = HELDOUT_FRACTION,
-                      split_seed: int = POLYPYTHIAS_SPLIT_SEED, n_iter: int = N_ITER, tol: float = TOL,
-                      steps: Iterable[int] | str | None = None, fit_all_steps: bool = False,
-                      standardise: str = "run", n_jobs: int | None = None) -> TrainingMaps:
+def fit_training_maps(
+    metrics: pd.DataFrame,
+    features: list[str] | None = None,
+    max_states: int = 8,
+    restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS,
+    *,
+    states: int | None = None,
+    criterion: str = "bic",
+    heldout_fraction: float = HELDOUT_FRACTION,
+    split_seed: int = POLYPYTHIAS_SPLIT_SEED,
+    n_iter: int = N_ITER,
+    tol: float = TOL,
+    steps: Iterable[int] | str | None = None,
+    fit_all_steps: bool = False,
+    standardise: str = "run",
+    n_jobs: int | None = None,
+) -> TrainingMaps:
     """Fit one HMM per size as the PolyPythias release does, choose its number of states, decode every seed.
 
     ``features``: metric names (default: every ``weights/*`` metric). ``max_states``: try 1..max_states
@@ -523,18 +641,41 @@ def fit_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, 
     A size that cannot be mapped (too few checkpoints, no model fits) is left out with a note in
     ``TrainingMaps.notes``; an AnalysisError when no size can be mapped.
     """
-    return start_training_maps(metrics, features, max_states, restarts, states=states, criterion=criterion,
-                               heldout_fraction=heldout_fraction, split_seed=split_seed, n_iter=n_iter, tol=tol,
-                               steps=steps, fit_all_steps=fit_all_steps, standardise=standardise,
-                               n_jobs=n_jobs).result()
+    return start_training_maps(
+        metrics,
+        features,
+        max_states,
+        restarts,
+        states=states,
+        criterion=criterion,
+        heldout_fraction=heldout_fraction,
+        split_seed=split_seed,
+        n_iter=n_iter,
+        tol=tol,
+        steps=steps,
+        fit_all_steps=fit_all_steps,
+        standardise=standardise,
+        n_jobs=n_jobs,
+    ).result()
 
 
-def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None, max_states: int = 8,
-                        restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS, *, states: int | None = None,
-                        criterion: str = "bic", heldout_fraction: float = HELDOUT_FRACTION,
-                        split_seed: int = POLYPYTHIAS_SPLIT_SEED, n_iter: int = N_ITER, tol: float = TOL,
-                        steps: Iterable[int] | str | None = None, fit_all_steps: bool = False,
-                        standardise: str = "run", n_jobs: int | None = None) -> MapsJob:
+def start_training_maps(
+    metrics: pd.DataFrame,
+    features: list[str] | None = None,
+    max_states: int = 8,
+    restarts: int | Iterable[int] = POLYPYTHIAS_RESTART_SEEDS,
+    *,
+    states: int | None = None,
+    criterion: str = "bic",
+    heldout_fraction: float = HELDOUT_FRACTION,
+    split_seed: int = POLYPYTHIAS_SPLIT_SEED,
+    n_iter: int = N_ITER,
+    tol: float = TOL,
+    steps: Iterable[int] | str | None = None,
+    fit_all_steps: bool = False,
+    standardise: str = "run",
+    n_jobs: int | None = None,
+) -> MapsJob:
     """:func:`fit_training_maps` with the fits left running in worker processes (when it uses them):
     the caller can do other work and then call ``.result()``. Argument errors raise here."""
     if standardise not in ("run", "model"):
@@ -542,8 +683,10 @@ def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None
     if criterion not in CRITERIA:
         raise AnalysisError(f"The map criterion must be one of {', '.join(CRITERIA)}, not {criterion!r}.")
     if not 0 < heldout_fraction < 1:
-        raise AnalysisError(f"The held-out fraction must lie between 0 and 1, not {heldout_fraction:g}; the study "
-                            "holds out 0.2 of the checkpoint rows.")
+        raise AnalysisError(
+            f"The held-out fraction must lie between 0 and 1, not {heldout_fraction:g}; the study "
+            "holds out 0.2 of the checkpoint rows."
+        )
     if states is not None and int(states) < 1:
         raise AnalysisError(f"The number of HMM states must be at least 1, not {states}.")
     if states is None and max_states < 1:
@@ -554,13 +697,23 @@ def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None
     features = features or [n for n in names if n.startswith("weights/")]
     features = [f for f in features if f in names]
     if not features:
-        raise AnalysisError("The study has no features for training maps (no weights/* metrics); "
-                            "name metrics to use with --map-features.")
+        raise AnalysisError(
+            "The study has no features for training maps (no weights/* metrics); "
+            "name metrics to use with --map-features."
+        )
     wanted = None if steps is None else parse_steps(steps)
-    settings = MapSettings(candidates=[int(states)] if states is not None else list(range(1, max_states + 1)),
-                           seeds=restart_seeds(restarts), criterion="fixed" if states is not None else criterion,
-                           heldout_fraction=float(heldout_fraction), split_seed=int(split_seed), n_iter=int(n_iter),
-                           tol=float(tol), steps=wanted, fit_all_steps=fit_all_steps, standardise=standardise)
+    settings = MapSettings(
+        candidates=[int(states)] if states is not None else list(range(1, max_states + 1)),
+        seeds=restart_seeds(restarts),
+        criterion="fixed" if states is not None else criterion,
+        heldout_fraction=float(heldout_fraction),
+        split_seed=int(split_seed),
+        n_iter=int(n_iter),
+        tol=float(tol),
+        steps=wanted,
+        fit_all_steps=fit_all_steps,
+        standardise=standardise,
+    )
     notes_by_model: dict[str, list[str]] = {}
     logging.getLogger("hmmlearn").setLevel(logging.ERROR)
     import hmmlearn.hmm  # noqa: F401  (loads scikit-learn's OpenMP runtime so that the limit below applies)
@@ -582,6 +735,11 @@ def start_training_maps(metrics: pd.DataFrame, features: list[str] | None = None
                 notes.append(f"Training map of {model} skipped: {error}.")
         check_states_possible(prepared, states)
         wait_for_fits = fit_all(prepared, settings, n_jobs)
-    return MapsJob(prepared, settings, wait_for_fits, features, notes_by_model,
-                   {"fit_all_steps": fit_all_steps, "standardise": standardise, "states": states,
-                    "max_states": max_states})
+    return MapsJob(
+        prepared,
+        settings,
+        wait_for_fits,
+        features,
+        notes_by_model,
+        {"fit_all_steps": fit_all_steps, "standardise": standardise, "states": states, "max_states": max_states},
+    )

@@ -44,9 +44,11 @@ def set_aside(frame: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
     bad = ~finite | outside
     counts = pd.Series(np.asarray(categories, dtype=object)[codes[bad]]).value_counts()
     named = ", ".join(f"{name} ({n})" for name, n in counts.head(5).items()) + (", ..." if len(counts) > 5 else "")
-    note = (f"Set aside {int(bad.sum())} value(s) that cannot be measurements ({int((~finite).sum())} NaN or "
-            f"infinite, {int(outside.sum())} outside their metric's range such as an accuracy outside [0, 1]) of "
-            f"{named}; they enter no statistic.")
+    note = (
+        f"Set aside {int(bad.sum())} value(s) that cannot be measurements ({int((~finite).sum())} NaN or "
+        f"infinite, {int(outside.sum())} outside their metric's range such as an accuracy outside [0, 1]) of "
+        f"{named}; they enter no statistic."
+    )
     return frame[~bad], note
 
 

@@ -30,8 +30,12 @@ SIZES = ("14m", "31m", "70m", "160m", "410m")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=50,
-                        help="runs in all, a multiple of 5 (5 sizes x runs/5 seeds; default 50, the study's)")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=50,
+        help="runs in all, a multiple of 5 (5 sizes x runs/5 seeds; default 50, the study's)",
+    )
     parser.add_argument("--out", type=Path, help="output folder (default: a temporary one)")
     parser.add_argument("--final-step", type=int, default=143_000)
     parser.add_argument("--maps-restarts", type=int, default=5, help="HMM restarts per number of states (study: 5)")
@@ -41,35 +45,46 @@ def main() -> None:
     if args.runs < len(SIZES) or args.runs % len(SIZES):
         parser.error(f"--runs must be a multiple of {len(SIZES)} (one seed count for each of {', '.join(SIZES)})")
     wall = time.perf_counter()
-    spec = StudySpec(models=SIZES, n_seeds=args.runs // len(SIZES), final_step=args.final_step,
-                     collapses=[Collapse("410m", 3, 100_000, 120_000), Collapse("410m", 7, 110_000, None)],
-                     spikes=[Spike("70m", 2, 50_000), Spike("70m", 2, 90_000, height_sd=15)])
+    spec = StudySpec(
+        models=SIZES,
+        n_seeds=args.runs // len(SIZES),
+        final_step=args.final_step,
+        collapses=[Collapse("410m", 3, 100_000, 120_000), Collapse("410m", 7, 110_000, None)],
+        spikes=[Spike("70m", 2, 50_000), Spike("70m", 2, 90_000, height_sd=15)],
+    )
     start = time.perf_counter()
     metrics = synthetic_study(spec)
     study = Study(metrics=metrics, runs=runs_from_metrics(metrics), source="synthetic", kind="table")
     generate_s = time.perf_counter() - start
-    print(f"study: {len(metrics):,} rows, {metrics['metric'].nunique()} metrics, {len(study.runs)} runs "
-          f"(generated in {generate_s:.1f} s)", flush=True)
+    print(
+        f"study: {len(metrics):,} rows, {metrics['metric'].nunique()} metrics, {len(study.runs)} runs "
+        f"(generated in {generate_s:.1f} s)",
+        flush=True,
+    )
     out = args.out or Path(tempfile.mkdtemp(prefix="bench_analysis_"))
-    options = AnalysisOptions(n_restarts=args.maps_restarts, max_states=args.maps_max_states,
-                              make_plots=not args.no_plots)
+    options = AnalysisOptions(
+        n_restarts=args.maps_restarts, max_states=args.maps_max_states, make_plots=not args.no_plots
+    )
     start = time.perf_counter()
     result = run_analysis(study, out, options)
     total_s = time.perf_counter() - start
     cpu = result.cpu_seconds_by_stage
     print(f"{'stage':>16}  {'wall':>7}  {'CPU here':>8}")
     for stage, seconds in result.seconds_by_stage.items():
-        note = {"training_maps": "  (from the start of the analysis: overlaps the stages above)",
-                "plots": "  (loss curves and metrics drawn while the HMM fits run, then the maps)"}.get(stage, "")
+        note = {
+            "training_maps": "  (from the start of the analysis: overlaps the stages above)",
+            "plots": "  (loss curves and metrics drawn while the HMM fits run, then the maps)",
+        }.get(stage, "")
         print(f"{stage:>16}: {seconds:6.1f} s  {cpu.get(stage, 0.0):6.1f} s{note}")
     print(f"{'total':>16}: {total_s:6.1f} s  (analysis; tables, plots and report in {out})")
     print(f"{'with generation':>16}: {time.perf_counter() - wall:6.1f} s")
     print(f"CPU: this process {time.process_time():.1f} s, HMM worker processes {worker_cpu_seconds():.1f} s")
-    print(f"found: {len(result.spikes)} spikes, {len(result.outliers)} outlier episodes, "
-          f"{len(result.maps.departures) if result.maps else 0} seeds departing from their training map; "
-          f"states chosen: {chosen_states(result)}")
-    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}; "
-          f"{os.cpu_count()} cores")
+    print(
+        f"found: {len(result.spikes)} spikes, {len(result.outliers)} outlier episodes, "
+        f"{len(result.maps.departures) if result.maps else 0} seeds departing from their training map; "
+        f"states chosen: {chosen_states(result)}"
+    )
+    print(f"load average (1, 5, 15 min): {' '.join(f'{x:.1f}' for x in os.getloadavg())}; {os.cpu_count()} cores")
 
 
 def worker_cpu_seconds() -> float:

@@ -42,10 +42,16 @@ def measure(name: str, dtype_name: str, compile_model: bool, args) -> dict:
     from polypythia.model import build_model
 
     shape = model_shape(name)
-    model = build_model(shape["num_layers"], shape["hidden_size"], shape["num_heads"], PYTHIA_VOCAB, 1,
-                        attn_implementation="sdpa").cuda().train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=shape["lr"], betas=(0.9, 0.95), eps=1e-8,
-                                  weight_decay=0.1, fused=True)
+    model = (
+        build_model(
+            shape["num_layers"], shape["hidden_size"], shape["num_heads"], PYTHIA_VOCAB, 1, attn_implementation="sdpa"
+        )
+        .cuda()
+        .train()
+    )
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=shape["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused=True
+    )
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=dtype_name == "fp16")
     forward = torch.compile(model) if compile_model else model
@@ -69,9 +75,12 @@ def measure(name: str, dtype_name: str, compile_model: bool, args) -> dict:
             times.append(time.perf_counter() - started)
     step_s = median(times)
     flops = step_flops(model, shape["num_layers"], shape["hidden_size"], args.seq_length, tokens)
-    result = {"tokens_per_s": tokens / step_s, "step_ms": step_s * 1000,
-              "mfu": flops / step_s / (args.peak_tflops * 1e12),
-              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {
+        "tokens_per_s": tokens / step_s,
+        "step_ms": step_s * 1000,
+        "mfu": flops / step_s / (args.peak_tflops * 1e12),
+        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
     del model, optimizer
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -80,7 +89,7 @@ def measure(name: str, dtype_name: str, compile_model: bool, args) -> dict:
 
 def measure_job(name: str, dtype_name: str, args, home) -> dict:
     """The same shape trained by polypythia's loop: tokens/s and train/mfu, medians after --warmup."""
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
     from polypythia.train.callbacks import Callback
     from polypythia.train.loop import train
 
@@ -91,21 +100,34 @@ def measure_job(name: str, dtype_name: str, args, home) -> dict:
         def on_step_end(self, step, metrics):
             self.mfu.append(metrics.get("train/mfu", float("nan")))
 
-    raw = job_dict(home, name, args.warmup + args.steps, threads=None, checkpoints=False, study=f"gpu-{name}-{dtype_name}",
-                   seq_length=args.seq_length, global_batch_size=args.micro_batch, micro_batch_size=args.micro_batch)
+    raw = job_dict(
+        home,
+        name,
+        args.warmup + args.steps,
+        threads=None,
+        checkpoints=False,
+        study=f"gpu-{name}-{dtype_name}",
+        seq_length=args.seq_length,
+        global_batch_size=args.micro_batch,
+        micro_batch_size=args.micro_batch,
+    )
     raw["model"]["vocab_size"] = PYTHIA_VOCAB
     raw["train"].update(precision=dtype_name, peak_tflops=args.peak_tflops)
     raw["launcher"]["num_gpus_per_job"] = 1
     timer, mfu = StepTimer(), KeepMfu()
     train(job_config(raw), [timer, mfu])
-    step_s = median(timer.step_seconds()[args.warmup:])
-    return {"tokens_per_s": args.micro_batch * args.seq_length / step_s, "step_ms": step_s * 1000,
-            "mfu": median(mfu.mfu[args.warmup:])}
+    step_s = median(timer.step_seconds()[args.warmup :])
+    return {
+        "tokens_per_s": args.micro_batch * args.seq_length / step_s,
+        "step_ms": step_s * 1000,
+        "mfu": median(mfu.mfu[args.warmup :]),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--models", default="70m,160m")
     parser.add_argument("--seq-length", type=int, default=2048)
     parser.add_argument("--micro-batch", type=int, default=8)
@@ -113,7 +135,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--job", action="store_true", help="also train each shape through polypythia's DeepSpeed loop")
-    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (default: H100 SXM, 989)")
+    parser.add_argument(
+        "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (default: H100 SXM, 989)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -122,24 +146,31 @@ def main() -> None:
         print("skipped: no GPU")
         return
     print(machine_description())
-    print(f"seq_length {args.seq_length}, micro batch {args.micro_batch}, {args.steps} steps after {args.warmup}, "
-          f"peak {args.peak_tflops:g} TFLOP/s")
+    print(
+        f"seq_length {args.seq_length}, micro batch {args.micro_batch}, {args.steps} steps after {args.warmup}, "
+        f"peak {args.peak_tflops:g} TFLOP/s"
+    )
     with bench_home("polypythia-gpu-") as home:
         for name in args.models.split(","):
             for dtype_name in ("bf16", "fp16"):
                 plain = None
-                for compile_model in ((False, True) if args.compile else (False,)):
+                for compile_model in (False, True) if args.compile else (False,):
                     r = measure(name, dtype_name, compile_model, args)
                     plain = plain or r
                     label = f"{name} {dtype_name} sdpa fused-AdamW{' compile' if compile_model else ''}"
-                    print(f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
-                          f"MFU {r['mfu'] * 100:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB", flush=True)
+                    print(
+                        f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
+                        f"MFU {r['mfu'] * 100:5.1f}%  peak mem {r['peak_mem_gib']:.1f} GiB",
+                        flush=True,
+                    )
                 if args.job:
                     r = measure_job(name, dtype_name, args, home)
                     label = f"{name} {dtype_name} polypythia loop (DeepSpeed)"
-                    print(f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
-                          f"train/mfu {r['mfu'] * 100:5.1f}%  loop/plain {r['tokens_per_s'] / plain['tokens_per_s']:.3f}",
-                          flush=True)
+                    print(
+                        f"  {label:<40} {r['tokens_per_s']:10,.0f} tok/s  {r['step_ms']:7.1f} ms/step  "
+                        f"train/mfu {r['mfu'] * 100:5.1f}%  loop/plain {r['tokens_per_s'] / plain['tokens_per_s']:.3f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":

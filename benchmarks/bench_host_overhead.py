@@ -33,9 +33,8 @@ import argparse
 import collections
 import time
 
-from common import bench_home, job_dict, machine_description, median, model_shape
-
 import torch
+from common import bench_home, job_dict, machine_description, median, model_shape
 from torch.utils._python_dispatch import TorchDispatchMode
 
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,8 +60,13 @@ class Plain:
 
         self.model = build_training_model(cfg, vocab).train()
         t = cfg.train
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=cfg.model.lr,
-                                           betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, fused=True)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, t.weight_decay),
+            lr=cfg.model.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            eps=t.adam_eps,
+            fused=True,
+        )
         self.dtype = AUTOCAST[precision]
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, enabled=precision == "fp16")
         self.clip = t.gradient_clipping
@@ -96,8 +100,19 @@ class Ours:
         if probed:
             self.monitor = StabilityMonitor.from_config(cfg)
             self.monitor.every_steps = 1
-            self.monitor.on_train_start(TrainStart(0, 1, 0, vocab, self.engine.zero_optimization_stage(),
-                                                   sum(p.numel() for p in model.parameters()), (), None, self.engine))
+            self.monitor.on_train_start(
+                TrainStart(
+                    0,
+                    1,
+                    0,
+                    vocab,
+                    self.engine.zero_optimization_stage(),
+                    sum(p.numel() for p in model.parameters()),
+                    (),
+                    None,
+                    self.engine,
+                )
+            )
         self.done = 0
 
     def step(self, rows) -> tuple[float, float]:
@@ -123,10 +138,18 @@ def allow_fp16_on_cpu() -> None:
 
 
 def job_cfg(home, name: str, precision: str, args):
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
 
-    raw = job_dict(home, name, 10, threads=args.threads, checkpoints=False, seq_length=args.seq_length,
-                   global_batch_size=1, micro_batch_size=1)
+    raw = job_dict(
+        home,
+        name,
+        10,
+        threads=args.threads,
+        checkpoints=False,
+        seq_length=args.seq_length,
+        global_batch_size=1,
+        micro_batch_size=1,
+    )
     if args.hidden:
         raw["model"]["hidden_size"] = args.hidden
     raw["model"]["vocab_size"] = args.vocab
@@ -147,8 +170,11 @@ def measure(home, name: str, precision: str, args) -> dict:
     import numpy as np
 
     cfg = job_cfg(home, name, precision, args)
-    variants = {"plain": Plain(cfg, args.vocab, precision), "ours": Ours(cfg, args.vocab, False),
-                "ours+probe": Ours(cfg, args.vocab, True)}
+    variants = {
+        "plain": Plain(cfg, args.vocab, precision),
+        "ours": Ours(cfg, args.vocab, False),
+        "ours+probe": Ours(cfg, args.vocab, True),
+    }
     rng = np.random.default_rng(0)
     rows = rng.integers(0, args.vocab, (1, args.seq_length + 1), dtype=np.int64)
     for variant in variants.values():
@@ -184,11 +210,14 @@ def report(name: str, precision: str, result: dict, top: int) -> list[tuple[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--models", default="70m,160m")
     parser.add_argument("--precisions", default="fp32,bf16,fp16")
-    parser.add_argument("--hidden", type=int, default=96, help="width (0: the shape's own); 96 divides by 8 and 12 heads")
+    parser.add_argument(
+        "--hidden", type=int, default=96, help="width (0: the shape's own); 96 divides by 8 and 12 heads"
+    )
     parser.add_argument("--vocab", type=int, default=8192, help="at least the embedded tokenizer's 8,192")
     parser.add_argument("--seq-length", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
@@ -205,8 +234,10 @@ def main() -> None:
     if "fp16" in args.precisions:
         allow_fp16_on_cpu()
     print(machine_description())
-    print(f"hidden {args.hidden or 'as the shape'}, vocab {args.vocab}, seq {args.seq_length}, micro-batch 1, "
-          f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps after {args.warmup}")
+    print(
+        f"hidden {args.hidden or 'as the shape'}, vocab {args.vocab}, seq {args.seq_length}, micro-batch 1, "
+        f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps after {args.warmup}"
+    )
     found = []
     with bench_home("polypythia-host-") as home:
         for name in args.models.split(","):
@@ -215,8 +246,10 @@ def main() -> None:
                 found += report(name, precision, measure(home, name, precision, args), args.top)
     off = [row for row in found if row[0].endswith("ours")]
     probed = [row for row in found if row[0].endswith("probe")]
-    print(f"worst probed: ops ratio {max(r[1] for r in probed):.2f} ({max(probed, key=lambda r: r[1])[0]}), "
-          f"host time ratio {min(r[2] for r in probed):.2f} ({min(probed, key=lambda r: r[2])[0]})")
+    print(
+        f"worst probed: ops ratio {max(r[1] for r in probed):.2f} ({max(probed, key=lambda r: r[1])[0]}), "
+        f"host time ratio {min(r[2] for r in probed):.2f} ({min(probed, key=lambda r: r[2])[0]})"
+    )
     worst_ops, worst_time = max(off, key=lambda r: r[1]), min(off, key=lambda r: r[2])
     print(f"ops/step ratio: {worst_ops[1]:.2f}  ({worst_ops[0]}, monitor off)")
     print(f"host time ratio: {worst_time[2]:.2f}  ({worst_time[0]}, monitor off)")

@@ -53,8 +53,19 @@ from pathlib import Path
 
 from common import REPO, child_env, load_average, machine_description
 
-UNSTABLE_COLUMNS = ["cell", "variant", "lr", "seed", "status", "unstable", "reasons", "final_train_loss",
-                    "train_loss_max", "attn_logit_max", "grad_norm_max"]
+UNSTABLE_COLUMNS = [
+    "cell",
+    "variant",
+    "lr",
+    "seed",
+    "status",
+    "unstable",
+    "reasons",
+    "final_train_loss",
+    "train_loss_max",
+    "attn_logit_max",
+    "grad_norm_max",
+]
 SEARCH_METRICS = ["train/loss", "train/grad_norm", "valid/loss", "monitor/attn_logit_max"]
 DONE_STATUSES = ("FINISHED", "FAILED")
 
@@ -106,9 +117,11 @@ def unstable_runs(study, spike_window: int = 128, spike_sd: float = 6.0) -> dict
             reasons[str(run.seed)].append("diverged" if run.diverged else f"status {run.status}")
     for row in find_outliers(study.metrics).itertuples():  # the defaults of python -m analysis
         reasons.setdefault(str(row.seed), []).append(
-            f"outlier {row.metric} {row.rule} at {row.onset_step} ({row.onset_deviation_sd:+.1f} SD)")
-    _, spikes = find_spikes(study.metrics, spike_metrics=("train/loss",), window_values=spike_window,
-                            threshold_sd=spike_sd)
+            f"outlier {row.metric} {row.rule} at {row.onset_step} ({row.onset_deviation_sd:+.1f} SD)"
+        )
+    _, spikes = find_spikes(
+        study.metrics, spike_metrics=("train/loss",), window_values=spike_window, threshold_sd=spike_sd
+    )
     for row in spikes[spikes["height_sd"] > 0].itertuples():
         reasons.setdefault(str(row.seed), []).append(f"loss spike at {row.step} ({row.height_sd:+.1f} SD)")
     return reasons
@@ -132,10 +145,22 @@ def run_rows(cell: Cell, study, spike_window: int, spike_sd: float) -> list[dict
     final, peak = per_seed("train/loss", "final"), per_seed("train/loss", "max")
     attn, grad = per_seed("monitor/attn_logit_max", "max"), per_seed("train/grad_norm", "max")
     status = {str(r.seed): r.status for r in study.runs.itertuples()}
-    return [{"cell": cell.study, "variant": cell.variant, "lr": cell.lr, "seed": seed, "status": status.get(seed, "?"),
-             "unstable": bool(why), "reasons": "; ".join(why), "final_train_loss": final.get(seed, float("nan")),
-             "train_loss_max": peak.get(seed, float("nan")), "attn_logit_max": attn.get(seed, float("nan")), "grad_norm_max": grad.get(seed, float("nan"))}
-            for seed, why in sorted(reasons.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)]
+    return [
+        {
+            "cell": cell.study,
+            "variant": cell.variant,
+            "lr": cell.lr,
+            "seed": seed,
+            "status": status.get(seed, "?"),
+            "unstable": bool(why),
+            "reasons": "; ".join(why),
+            "final_train_loss": final.get(seed, float("nan")),
+            "train_loss_max": peak.get(seed, float("nan")),
+            "attn_logit_max": attn.get(seed, float("nan")),
+            "grad_norm_max": grad.get(seed, float("nan")),
+        }
+        for seed, why in sorted(reasons.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,11 +187,25 @@ def done_seeds(uri: str | None, study: str) -> set[int]:
 def launch_cell(home: Path, cell: Cell, seeds: list[int], args: argparse.Namespace) -> float:
     """Train ``seeds`` of ``cell`` with one ``launch.py -m`` sweep; returns its wall seconds."""
     cpus = max(math.floor(args.cpus / len(seeds) * 1e4) / 1e4, 0.01)  # Ray schedules in steps of 0.0001
-    cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, seeds)),
-           f"model={args.model}", f"budget={args.budget}", f"model.lr={cell.lr:g}", f"study={cell.study}",
-           f"data.vocab_size={args.vocab}", f"train.loss_ceiling={math.log(args.vocab):.2f}", "train.loss_ceiling_steps=50",
-           f"launcher.num_cpus_per_job={cpus:g}", "train.threads=1", "launcher.progress=false",
-           "tracking.system_metrics=false", *args.override, *cell.overrides]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "-m",
+        "seed=" + ",".join(map(str, seeds)),
+        f"model={args.model}",
+        f"budget={args.budget}",
+        f"model.lr={cell.lr:g}",
+        f"study={cell.study}",
+        f"data.vocab_size={args.vocab}",
+        f"train.loss_ceiling={math.log(args.vocab):.2f}",
+        "train.loss_ceiling_steps=50",
+        f"launcher.num_cpus_per_job={cpus:g}",
+        "train.threads=1",
+        "launcher.progress=false",
+        "tracking.system_metrics=false",
+        *args.override,
+        *cell.overrides,
+    ]
     env = child_env(home)
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # the home's own server, a local Ray runtime
         env.pop(key, None)
@@ -182,7 +221,7 @@ def launch_cell(home: Path, cell: Cell, seeds: list[int], args: argparse.Namespa
 
 def tracking_uri(home: Path, start: bool) -> str | None:
     """The home's MLflow server (started when ``start`` and not running)."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     uri = tracking.running_server(home / "mlflow")
     if uri is None and start:
@@ -225,20 +264,28 @@ def cell_summary(rows: list[dict]) -> dict:
         values = finite(rows, key)
         return statistics.median(values) if values else float("nan")
 
-    return {"n": len(rows), "unstable": sum(str(r["unstable"]) == "True" for r in rows),
-            "final": median("final_train_loss"), "peak": median("train_loss_max"),
-            "attn": max(finite(rows, "attn_logit_max"), default=float("nan"))}
+    return {
+        "n": len(rows),
+        "unstable": sum(str(r["unstable"]) == "True" for r in rows),
+        "final": median("final_train_loss"),
+        "peak": median("train_loss_max"),
+        "attn": max(finite(rows, "attn_logit_max"), default=float("nan")),
+    }
 
 
 def print_table(rows: list[dict]) -> None:
     """One line per cell of ``rows`` (every cell in the home's CSV, in the order they were searched)."""
-    print(f"\n  {'variant':<28} {'lr':>7}  {'unstable':>9}  {'final train/loss':>16}  {'peak train/loss':>15}  "
-          f"{'max attn logit':>14}")
+    print(
+        f"\n  {'variant':<28} {'lr':>7}  {'unstable':>9}  {'final train/loss':>16}  {'peak train/loss':>15}  "
+        f"{'max attn logit':>14}"
+    )
     for study in dict.fromkeys(r["cell"] for r in rows):
         mine = [r for r in rows if r["cell"] == study]
         s = cell_summary(mine)
-        print(f"  {mine[0]['variant']:<28} {float(mine[0]['lr']):>7g}  {s['unstable']:>4}/{s['n']:<4}  "
-              f"{s['final']:>16.3f}  {s['peak']:>15.2f}  {s['attn']:>14.3g}")
+        print(
+            f"  {mine[0]['variant']:<28} {float(mine[0]['lr']):>7g}  {s['unstable']:>4}/{s['n']:<4}  "
+            f"{s['final']:>16.3f}  {s['peak']:>15.2f}  {s['attn']:>14.3g}"
+        )
     print("  (final and peak train/loss: medians over the cell's seeds; max attn logit: the largest of any seed)")
 
 
@@ -250,21 +297,42 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--home", required=True, help="folder for every cell's runs and MLflow (kept: resumable)")
     parser.add_argument("--lrs", default="0.01,0.1,1", help="comma-separated peak learning rates (default 0.01,0.1,1)")
-    parser.add_argument("--seeds", default="1-4", help="seeds per cell, e.g. 1-4 or 1,2,5 (default 1-4: the outlier rule's least)")
-    parser.add_argument("--variant", action="append", default=[], metavar="'NAME: KEY=VALUE ...'",
-                        help="a named set of Hydra overrides; repeatable (default: one variant 'base' with none)")
+    parser.add_argument(
+        "--seeds", default="1-4", help="seeds per cell, e.g. 1-4 or 1,2,5 (default 1-4: the outlier rule's least)"
+    )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="'NAME: KEY=VALUE ...'",
+        help="a named set of Hydra overrides; repeatable (default: one variant 'base' with none)",
+    )
     parser.add_argument("--model", default="14m-hot", help="conf/model (default 14m-hot)")
     parser.add_argument("--budget", default="laptop", help="conf/budget (default laptop)")
-    parser.add_argument("--vocab", type=int, default=2048,
-                        help="data.vocab_size of the embedded tokenizer (default 2048, as experiment=laptop)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra Hydra override for every cell (repeatable)")
-    parser.add_argument("--cpus", type=float, default=2.0,
-                        help="Ray CPUs shared by a cell's seeds (default 2: all seeds of a cell at once, 1 thread each)")
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        default=2048,
+        help="data.vocab_size of the embedded tokenizer (default 2048, as experiment=laptop)",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override for every cell (repeatable)",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=float,
+        default=2.0,
+        help="Ray CPUs shared by a cell's seeds (default 2: all seeds of a cell at once, 1 thread each)",
+    )
     parser.add_argument("--spike-window", type=int, default=128, help="loss-spike window in values (default 128)")
     parser.add_argument("--spike-sd", type=float, default=6.0, help="loss-spike threshold in SDs (default 6)")
     parser.add_argument("--cell-timeout", type=int, default=3600, help="seconds one cell's sweep may take")
@@ -281,8 +349,10 @@ def main() -> None:
     home.mkdir(parents=True, exist_ok=True)
     cells = [Cell(lr, name, overrides) for name, overrides in variants for lr in lrs]
     print(machine_description())
-    print(f"lr search: {args.model}, budget={args.budget}, seeds {args.seeds}, {len(cells)} cells; home {home}",
-          flush=True)
+    print(
+        f"lr search: {args.model}, budget={args.budget}, seeds {args.seeds}, {len(cells)} cells; home {home}",
+        flush=True,
+    )
     lock = open(home / "bench.lock", "w")
     try:  # one search per home: a second one would relaunch the first one's running seeds and stop its server
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -297,7 +367,7 @@ def main() -> None:
             rows += search_cell(home, cell, args)
             write_csv(csv_path, rows)
     finally:
-        from polypythia import tracking
+        from polypythia.tracking import client as tracking
 
         tracking.stop_server(home / "mlflow")
     print_table(rows)

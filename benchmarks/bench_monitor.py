@@ -119,25 +119,53 @@ def plan_studies(args: argparse.Namespace) -> list[StudyPlan]:
 
     def seeds_of(k: int) -> tuple[list[int], list[int]]:
         seeds = list(range(args.seed_offset + k * per + 1, args.seed_offset + (k + 1) * per + 1))
-        return seeds, seeds[args.healthy:]
+        return seeds, seeds[args.healthy :]
 
     at = args.inject_at
     for factor in args.strengths:
         seeds, faulty = seeds_of(len(plans))
-        plans.append(StudyPlan(f"lr-x{factor:g}", f"lr x{factor:g} from step {at}", seeds, faulty, at, [
-            f"train.fault.lr_boost_at_step={at}", f"train.fault.lr_boost={factor:g}",
-            f"train.fault.lr_boost_seeds=[{','.join(map(str, faulty))}]"]))
+        plans.append(
+            StudyPlan(
+                f"lr-x{factor:g}",
+                f"lr x{factor:g} from step {at}",
+                seeds,
+                faulty,
+                at,
+                [
+                    f"train.fault.lr_boost_at_step={at}",
+                    f"train.fault.lr_boost={factor:g}",
+                    f"train.fault.lr_boost_seeds=[{','.join(map(str, faulty))}]",
+                ],
+            )
+        )
     if args.repeat_steps:
         seeds, faulty = seeds_of(len(plans))
-        plans.append(StudyPlan(f"repeat-{args.repeat_steps}", f"{args.repeat_steps} repeated-token batches from step {at}",
-                               seeds, faulty, at, [
-                                   f"train.fault.repeat_batch_at_step={at}",
-                                   f"train.fault.repeat_batch_steps={args.repeat_steps}",
-                                   f"train.fault.repeat_batch_seeds=[{','.join(map(str, faulty))}]"]))
+        plans.append(
+            StudyPlan(
+                f"repeat-{args.repeat_steps}",
+                f"{args.repeat_steps} repeated-token batches from step {at}",
+                seeds,
+                faulty,
+                at,
+                [
+                    f"train.fault.repeat_batch_at_step={at}",
+                    f"train.fault.repeat_batch_steps={args.repeat_steps}",
+                    f"train.fault.repeat_batch_seeds=[{','.join(map(str, faulty))}]",
+                ],
+            )
+        )
     if args.natural_lr:
         seeds, _ = seeds_of(len(plans))
-        plans.append(StudyPlan(f"natural-noclip-lr{args.natural_lr:g}", "", seeds, [], None, [
-            "train.gradient_clipping=0", f"model.lr={args.natural_lr:g}"]))
+        plans.append(
+            StudyPlan(
+                f"natural-noclip-lr{args.natural_lr:g}",
+                "",
+                seeds,
+                [],
+                None,
+                ["train.gradient_clipping=0", f"model.lr={args.natural_lr:g}"],
+            )
+        )
     return plans
 
 
@@ -145,11 +173,22 @@ def launch_study(home: Path, plan: StudyPlan, args: argparse.Namespace) -> tuple
     """One ``launch.py -m`` sweep of ``plan`` writing under ``home``; returns its wall seconds and, per
     seed, how many siblings its first alert was decided against (from the driver's alert line). A
     sweep that exits non-zero (e.g. a run that diverged) is reported and still analysed."""
-    cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, plan.seeds)),
-           f"model={args.model}", "budget=smoke", f"budget.steps={args.sweep_steps}",
-           f"budget.checkpoint_every_steps={args.checkpoint_every}", f"launcher.num_cpus_per_job={args.cpus_per_job:g}",
-           "launcher.progress=false", "tracking.system_metrics=false", f"study={plan.name}",
-           *plan.overrides, *args.override]
+    cmd = [
+        sys.executable,
+        str(REPO / "launch.py"),
+        "-m",
+        "seed=" + ",".join(map(str, plan.seeds)),
+        f"model={args.model}",
+        "budget=smoke",
+        f"budget.steps={args.sweep_steps}",
+        f"budget.checkpoint_every_steps={args.checkpoint_every}",
+        f"launcher.num_cpus_per_job={args.cpus_per_job:g}",
+        "launcher.progress=false",
+        "tracking.system_metrics=false",
+        f"study={plan.name}",
+        *plan.overrides,
+        *args.override,
+    ]
     env = child_env(home)
     for key in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS"):  # the bench home's own server, a local Ray runtime
         env.pop(key, None)
@@ -161,9 +200,12 @@ def launch_study(home: Path, plan: StudyPlan, args: argparse.Namespace) -> tuple
         lines = (proc.stdout + proc.stderr).splitlines()
         outcome = lines.index("Sweep outcome:") if "Sweep outcome:" in lines else None
         if outcome is not None:  # the runs that did not finish, as the launcher summed them up
-            lines = [line for line in lines[outcome + 1:] if line.startswith("  ") and ": finished" not in line]
-        print(f"  note: the sweep of {plan.name} exited with {proc.returncode}; "
-              + ("its unfinished runs:" if outcome is not None else "its last output:"), flush=True)
+            lines = [line for line in lines[outcome + 1 :] if line.startswith("  ") and ": finished" not in line]
+        print(
+            f"  note: the sweep of {plan.name} exited with {proc.returncode}; "
+            + ("its unfinished runs:" if outcome is not None else "its last output:"),
+            flush=True,
+        )
         for line in lines[-12:]:
             print("    " + line.strip()[:200], flush=True)
     siblings = {}
@@ -172,7 +214,7 @@ def launch_study(home: Path, plan: StudyPlan, args: argparse.Namespace) -> tuple
     return wall_s, siblings
 
 
-# The driver's log line of an alert (polypythia/crossseed.py, MonitorLog.watch).
+# The driver's log line of an alert (polypythia/driver/seedband.py, MonitorLog.watch).
 ALERT_LINE = re.compile(r"Cross-seed alert: \S*-seed(\d+) at step (\d+): .*? from its (\d+) siblings'")
 ALERT_TAG = re.compile(r"step=(\d+) signal=(\S+) deviation=([-+0-9.eEinfa]+)")
 
@@ -220,7 +262,7 @@ def collect(uri: str, plan: StudyPlan) -> tuple[list[dict], list[str]]:
     from analysis.outliers import DEFAULT_TASKS, find_outliers
     from analysis.replay import SMOOTHED_LOSS, replay
     from analysis.report import standardised_score
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     study = load_study(plan.name, tracking_uri=uri)
     score = standardised_score(study.metrics, DEFAULT_TASKS)  # None: our runs have no task accuracies
@@ -231,8 +273,12 @@ def collect(uri: str, plan: StudyPlan) -> tuple[list[dict], list[str]]:
     calibrated = outliers[outliers["rule"] == "calibrated"]
     mad = outliers[outliers["rule"] != "calibrated"]
     if not mad.empty:
-        notes.append("final-value rule (" + ", ".join(sorted(set(mad["rule"]))) + ") flags: " + ", ".join(
-            f"seed {r.seed} on {r.metric} ({r.onset_deviation_sd:+.1f})" for r in mad.itertuples()))
+        notes.append(
+            "final-value rule ("
+            + ", ".join(sorted(set(mad["rule"])))
+            + ") flags: "
+            + ", ".join(f"seed {r.seed} on {r.metric} ({r.onset_deviation_sd:+.1f})" for r in mad.itertuples())
+        )
     for run in study.runs.itertuples():
         seed = int(run.weight_seed)
         tag = client.get_run(run.run_id).data.tags.get("stability.alert")
@@ -252,59 +298,101 @@ def collect(uri: str, plan: StudyPlan) -> tuple[list[dict], list[str]]:
             verdict = f"{alerted}, {'shown' if onset_step is not None else 'not shown'}"
         if run.status != "FINISHED" or run.diverged:
             notes.append(f"seed {seed}: MLflow status {run.status}{', diverged' if run.diverged else ''}")
-        rows.append({
-            "study": plan.name, "seed": seed, "kind": "injected" if seed in plan.faulty else
-            ("healthy" if plan.fault else "natural"), "injected_at": injected_at,
-            "alert_step": alert_step, "alert_dev": alert_dev, "onset_step": onset_step,
-            "onset_metric": None if onset is None else str(onset["metric"]),
-            "onset_dev": None if onset is None else float(onset["onset_deviation_sd"]),
-            "replay_step": int(again.iloc[0]["alert_step"]) if len(again) else None,
-            "lead": lead, "verdict": verdict})
+        rows.append(
+            {
+                "study": plan.name,
+                "seed": seed,
+                "kind": "injected" if seed in plan.faulty else ("healthy" if plan.fault else "natural"),
+                "injected_at": injected_at,
+                "alert_step": alert_step,
+                "alert_dev": alert_dev,
+                "onset_step": onset_step,
+                "onset_metric": None if onset is None else str(onset["metric"]),
+                "onset_dev": None if onset is None else float(onset["onset_deviation_sd"]),
+                "replay_step": int(again.iloc[0]["alert_step"]) if len(again) else None,
+                "lead": lead,
+                "verdict": verdict,
+            }
+        )
     rows.sort(key=lambda r: r["seed"])
     return rows, notes
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ["study", "seed", "injected at", "first alert (SD, siblings)", "loss shows (SD, metric)", "lead", "replay",
-              "verdict"]
+    header = [
+        "study",
+        "seed",
+        "injected at",
+        "first alert (SD, siblings)",
+        "loss shows (SD, metric)",
+        "lead",
+        "replay",
+        "verdict",
+    ]
 
     def cell(step, dev, siblings=None, none="none"):
         if step is None:
             return none
-        return f"{step} ({dev:+.1f}{'' if siblings is None else f', {siblings} sib.'})" if dev is not None else str(step)
+        return (
+            f"{step} ({dev:+.1f}{'' if siblings is None else f', {siblings} sib.'})" if dev is not None else str(step)
+        )
 
-    table = [[r["study"], str(r["seed"]), "-" if r["injected_at"] is None else str(r["injected_at"]),
-              cell(r["alert_step"], r["alert_dev"], r.get("alert_siblings")),
-              "not shown" if r["onset_step"] is None else f"{r['onset_step']} ({r['onset_dev']:+.1f}, {r['onset_metric']})",
-              "-" if r["lead"] is None else f"{r['lead']:+d}", cell(r["replay_step"], None), r["verdict"]]
-             for r in rows]
+    table = [
+        [
+            r["study"],
+            str(r["seed"]),
+            "-" if r["injected_at"] is None else str(r["injected_at"]),
+            cell(r["alert_step"], r["alert_dev"], r.get("alert_siblings")),
+            "not shown"
+            if r["onset_step"] is None
+            else f"{r['onset_step']} ({r['onset_dev']:+.1f}, {r['onset_metric']})",
+            "-" if r["lead"] is None else f"{r['lead']:+d}",
+            cell(r["replay_step"], None),
+            r["verdict"],
+        ]
+        for r in rows
+    ]
     widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
     for number, row in enumerate([header, *table]):
-        print("  " + "  ".join(text.ljust(width) if i in (0, 7) else text.rjust(width)
-                               for i, (text, width) in enumerate(zip(row, widths))).rstrip())
+        print(
+            "  "
+            + "  ".join(
+                text.ljust(width) if i in (0, 7) else text.rjust(width)
+                for i, (text, width) in enumerate(zip(row, widths))
+            ).rstrip()
+        )
         if number == 0:
             print("  " + "  ".join("-" * width for width in widths))
 
 
 def detector(args: argparse.Namespace, home: Path) -> None:
     """Sweeps with injected instabilities; per run the live alert against the offline onset."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
     from polypythia.train.schedule import checkpoint_steps
 
     plans = plan_studies(args)
     grid = [s for s in checkpoint_steps(args.sweep_steps, args.checkpoint_every) if s > 0]
-    print(f"detector: {len(plans)} studies of {args.healthy} healthy + {args.faulty} faulty {args.model} seeds"
-          + (f" (natural study: {args.healthy + args.faulty} seeds, nothing injected)" if args.natural_lr else "")
-          + f", budget=smoke with "
-          f"{args.sweep_steps} steps, checkpoints and the monitor's decision steps at {','.join(map(str, grid))}"
-          + (f"; extra overrides: {' '.join(args.override)}" if args.override else ""), flush=True)
+    print(
+        f"detector: {len(plans)} studies of {args.healthy} healthy + {args.faulty} faulty {args.model} seeds"
+        + (f" (natural study: {args.healthy + args.faulty} seeds, nothing injected)" if args.natural_lr else "")
+        + f", budget=smoke with "
+        f"{args.sweep_steps} steps, checkpoints and the monitor's decision steps at {','.join(map(str, grid))}"
+        + (f"; extra overrides: {' '.join(args.override)}" if args.override else ""),
+        flush=True,
+    )
     rows, notes = [], []
     for plan in plans:
         wall_s, siblings = launch_study(home, plan, args)
-        print(f"  study {plan.name}: seeds {plan.seeds[0]}-{plan.seeds[-1]}"
-              + (f", {plan.fault} in seed(s) {','.join(map(str, plan.faulty))}" if plan.fault else
-                 f", {' '.join(plan.overrides)} for every seed")
-              + f"; sweep wall {wall_s:.0f} s ({load_average()})", flush=True)
+        print(
+            f"  study {plan.name}: seeds {plan.seeds[0]}-{plan.seeds[-1]}"
+            + (
+                f", {plan.fault} in seed(s) {','.join(map(str, plan.faulty))}"
+                if plan.fault
+                else f", {' '.join(plan.overrides)} for every seed"
+            )
+            + f"; sweep wall {wall_s:.0f} s ({load_average()})",
+            flush=True,
+        )
         uri = tracking.running_server(home / "mlflow")
         if uri is None:
             uri = tracking.start_server(home / "mlflow", port=0)
@@ -318,15 +406,21 @@ def detector(args: argparse.Namespace, home: Path) -> None:
     for note in notes:
         print(f"  note: {note}")
     counts = summary_counts(rows)
-    print(f"\nalerts at or before the loss shows the instability: {counts['in_time']} of {counts['shown']}"
-          f" (injected runs whose loss the offline analysis shows leaving the band)")
-    print(f"injected runs the offline analysis does not show: {counts['not_shown']}"
-          f" (alerted anyway: {counts['not_shown_alerted']})")
+    print(
+        f"\nalerts at or before the loss shows the instability: {counts['in_time']} of {counts['shown']}"
+        f" (injected runs whose loss the offline analysis shows leaving the band)"
+    )
+    print(
+        f"injected runs the offline analysis does not show: {counts['not_shown']}"
+        f" (alerted anyway: {counts['not_shown_alerted']})"
+    )
     print(f"false alarms on healthy runs: {counts['false_alarms']} of {counts['healthy']}")
     natural = [r for r in rows if r["kind"] == "natural"]
     if natural:
-        print(f"natural study: {sum(r['onset_step'] is not None for r in natural)} of {len(natural)} runs shown by the "
-              f"offline analysis, {sum(r['alert_step'] is not None for r in natural)} alerted live")
+        print(
+            f"natural study: {sum(r['onset_step'] is not None for r in natural)} of {len(natural)} runs shown by the "
+            f"offline analysis, {sum(r['alert_step'] is not None for r in natural)} alerted live"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +428,7 @@ def detector(args: argparse.Namespace, home: Path) -> None:
 
 
 def monitored_job(home: Path, model: str, steps: int, threads: int, every: int, tag: str) -> dict:
-    """A job config dict for :func:`polypythia.config.job_config`: checkpoints at 0 and the end only,
+    """A job config dict for :func:`polypythia.config.jobconfig.job_config`: checkpoints at 0 and the end only,
     the monitor on every ``every`` steps (0: monitor and spike detection off)."""
     raw = job_dict(home, model, steps, threads, cache_dir=home / "cache", checkpoints=False, study=f"bench-{tag}")
     raw["runs_dir"] = str(home / f"runs-{tag}")  # a fresh run folder: a job never resumes another's checkpoints
@@ -344,8 +438,8 @@ def monitored_job(home: Path, model: str, steps: int, threads: int, every: int, 
 
 def timed_run(home: Path, model: str, steps: int, threads: int, every: int, tag: str) -> list[float]:
     """Train once in this process; returns the step seconds."""
-    from polypythia import job
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
+    from polypythia.job import run as job
     from polypythia.train import loop
 
     raw = monitored_job(home, model, steps, threads, every, tag)
@@ -368,25 +462,33 @@ def cost(args: argparse.Namespace, home: Path) -> None:
             for variant in order:
                 every = args.every if variant == "on" else 0
                 seconds = timed_run(home, model, args.steps, args.threads, every, f"{model}-{variant}-{round_}")
-                runs[variant].append(seconds[args.warmup:])
+                runs[variant].append(seconds[args.warmup :])
             ratios.append(mean(runs["on"][-1]) / mean(runs["off"][-1]))
-            print(f"  {model} round {round_ + 1}: mean step on {mean(runs['on'][-1]):.4f} s, off "
-                  f"{mean(runs['off'][-1]):.4f} s, on/off {ratios[-1]:.4f} ({load_average()})", flush=True)
+            print(
+                f"  {model} round {round_ + 1}: mean step on {mean(runs['on'][-1]):.4f} s, off "
+                f"{mean(runs['off'][-1]):.4f} s, on/off {ratios[-1]:.4f} ({load_average()})",
+                flush=True,
+            )
         off = [s for run in runs["off"] for s in run]
         sampled, other = [], []
         for run in runs["on"]:
             for i, s in enumerate(run, start=args.warmup + 1):  # i: the step's number, from 1
                 (other if i % args.every else sampled).append(s)
         per_step = (median(sampled) - median(other)) / args.every
-        print(f"{model}: on/off {median(ratios):.4f} (median of {args.repeats} rounds; all steps pooled: "
-              f"{mean([s for run in runs['on'] for s in run]) / mean(off):.4f})")
-        print(f"{model}: per step {per_step * 1000:.2f} ms = {per_step / median(off):.2%} of a step without the monitor "
-              f"(sampled steps {median(sampled):.4f} s, others {median(other):.4f} s, every {args.every} steps)")
+        print(
+            f"{model}: on/off {median(ratios):.4f} (median of {args.repeats} rounds; all steps pooled: "
+            f"{mean([s for run in runs['on'] for s in run]) / mean(off):.4f})"
+        )
+        print(
+            f"{model}: per step {per_step * 1000:.2f} ms = {per_step / median(off):.2%} of a step without the monitor "
+            f"(sampled steps {median(sampled):.4f} s, others {median(other):.4f} s, every {args.every} steps)"
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--detector", action="store_true", help="sweeps with injected instabilities: alerts vs onsets")
     parser.add_argument("--cost", action="store_true", help="time steps with the monitor on vs off")
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
@@ -394,23 +496,52 @@ def main() -> None:
     group.add_argument("--model", default="tiny", help="conf/model of the sweeps (default tiny)")
     group.add_argument("--healthy", type=int, default=8, help="healthy seeds per study (default 8)")
     group.add_argument("--faulty", type=int, default=1, help="seeds with the fault per study (default 1)")
-    group.add_argument("--strengths", default="10,100,1000",
-                       help="learning-rate factors, one study each (default 10,100,1000; '' for none)")
-    group.add_argument("--repeat-steps", type=int, default=10,
-                       help="steps of repeated-token batches in the repeat study (default 10; 0: no such study)")
-    group.add_argument("--natural-lr", type=float, help="add a study without clipping at this peak lr, nothing injected")
-    group.add_argument("--seed-offset", type=int, default=0,
-                       help="seeds start after this (default 0: study k has seeds k*(healthy+faulty)+1 ...)")
-    group.add_argument("--inject-at", type=int, default=45,
-                       help="step the faults start at (default 45, between two decision steps)")
-    group.add_argument("--sweep-steps", type=int, default=100, help="steps per run (default 100; budget=smoke otherwise)")
-    group.add_argument("--checkpoint-every", type=int, default=10,
-                       help="budget.checkpoint_every_steps, besides the log-spaced ones (default 10)")
-    group.add_argument("--cpus-per-job", type=float, default=0.2,
-                       help="launcher.num_cpus_per_job (default 0.2: every seed of a study trains at once on 2 cores)")
+    group.add_argument(
+        "--strengths",
+        default="10,100,1000",
+        help="learning-rate factors, one study each (default 10,100,1000; '' for none)",
+    )
+    group.add_argument(
+        "--repeat-steps",
+        type=int,
+        default=10,
+        help="steps of repeated-token batches in the repeat study (default 10; 0: no such study)",
+    )
+    group.add_argument(
+        "--natural-lr", type=float, help="add a study without clipping at this peak lr, nothing injected"
+    )
+    group.add_argument(
+        "--seed-offset",
+        type=int,
+        default=0,
+        help="seeds start after this (default 0: study k has seeds k*(healthy+faulty)+1 ...)",
+    )
+    group.add_argument(
+        "--inject-at", type=int, default=45, help="step the faults start at (default 45, between two decision steps)"
+    )
+    group.add_argument(
+        "--sweep-steps", type=int, default=100, help="steps per run (default 100; budget=smoke otherwise)"
+    )
+    group.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="budget.checkpoint_every_steps, besides the log-spaced ones (default 10)",
+    )
+    group.add_argument(
+        "--cpus-per-job",
+        type=float,
+        default=0.2,
+        help="launcher.num_cpus_per_job (default 0.2: every seed of a study trains at once on 2 cores)",
+    )
     group.add_argument("--sweep-timeout", type=int, default=1800, help="seconds one sweep may take (default 1800)")
-    group.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                       help="an extra Hydra override for every sweep (repeatable; default none)")
+    group.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override for every sweep (repeatable; default none)",
+    )
     group = parser.add_argument_group("--cost")
     group.add_argument("--models", default="tiny,14m", help="comma-separated conf/model names (default tiny,14m)")
     group.add_argument("--steps", type=int, default=60, help="optimizer steps per run (default 60)")

@@ -48,9 +48,17 @@ def null_rates(draws: int) -> pd.DataFrame:
             band = literal_band_rule(study)
             ours, literal = ours + bool(flagged), literal + bool(band)
             ours_runs, literal_runs = ours_runs + len(flagged), literal_runs + len(band)
-        rows.append({"correlation": correlation, "offset_share": share, "studies": draws,
-                     "studies_with_false_alarm": ours / draws, "healthy_runs_flagged": ours_runs / (10 * draws),
-                     "literal_band_studies": literal / draws, "literal_band_runs": literal_runs / (10 * draws)})
+        rows.append(
+            {
+                "correlation": correlation,
+                "offset_share": share,
+                "studies": draws,
+                "studies_with_false_alarm": ours / draws,
+                "healthy_runs_flagged": ours_runs / (10 * draws),
+                "literal_band_studies": literal / draws,
+                "literal_band_runs": literal_runs / (10 * draws),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -58,9 +66,11 @@ def detection_rates(draws: int) -> pd.DataFrame:
     """Share of planted excursions found at their onset checkpoint, by depth (in seed-spread SDs)."""
     rows = []
     for depth in (8.0, 10.0, 12.0, 15.0):
-        for kind, dips in (("collapse at 83,000", (Dip(3, 83_000, depth),)),
-                           ("dip 23,000-63,000", (Dip(6, 23_000, depth, 63_000),)),
-                           ("two collapses at 93,000", (Dip(2, 93_000, depth), Dip(7, 93_000, depth)))):
+        for kind, dips in (
+            ("collapse at 83,000", (Dip(3, 83_000, depth),)),
+            ("dip 23,000-63,000", (Dip(6, 23_000, depth, 63_000),)),
+            ("two collapses at 93,000", (Dip(2, 93_000, depth), Dip(7, 93_000, depth))),
+        ):
             at_onset = recovered_right = other_runs = 0
             for draw in range(draws):
                 study = correlated_study(dips=dips, random_state=20_000 + draw)
@@ -72,9 +82,15 @@ def detection_rates(draws: int) -> pd.DataFrame:
                 if dips[0].recovery_step:
                     recovered_right += bool(len(hits)) and bool(hits["recovered"].iloc[0])
                 other_runs += int((~found["seed"].isin(planted)).sum())
-            rows.append({"depth_sd": depth, "planted": kind, "found_at_onset": at_onset / draws,
-                         "marked_recovered": recovered_right / draws if dips[0].recovery_step else np.nan,
-                         "healthy_runs_flagged": other_runs / (draws * (10 - len(dips)))})
+            rows.append(
+                {
+                    "depth_sd": depth,
+                    "planted": kind,
+                    "found_at_onset": at_onset / draws,
+                    "marked_recovered": recovered_right / draws if dips[0].recovery_step else np.nan,
+                    "healthy_runs_flagged": other_runs / (draws * (10 - len(dips))),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -83,8 +99,10 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=400, help="studies per setting (default 400)")
     args = parser.parse_args()
     start = time.perf_counter()
-    print(f"threshold for 10 runs x 27 checkpoints: {decision_threshold(10, 27):.2f} SD "
-          f"(20 runs: {decision_threshold(20, 27):.2f}; 5 runs: {decision_threshold(5, 27):.2f})")
+    print(
+        f"threshold for 10 runs x 27 checkpoints: {decision_threshold(10, 27):.2f} SD "
+        f"(20 runs: {decision_threshold(20, 27):.2f}; 5 runs: {decision_threshold(5, 27):.2f})"
+    )
     pd.set_option("display.width", 200)
     print("\nHealthy studies (10 runs x 27 checkpoints): share of studies with any outlier, and of runs flagged")
     print(null_rates(args.draws).to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -38,10 +38,22 @@ from common import REPO, bench_home, child_env, job_dict, load_average, machine_
 def launch(home: Path, seeds: list[int], model: str, steps: int | None, study: str, overrides: list[str] = ()) -> dict:
     """One `launch.py -m` sweep; wall time and seconds from start to each run's first logged step.
     ``overrides``: more Hydra overrides, after the shape's own."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
-    cmd = [sys.executable, str(REPO / "launch.py"), "-m", "seed=" + ",".join(map(str, seeds)), f"model={model}",
-           "budget=demo", "launcher.progress=false", f"study={study}"] + ([f"budget.steps={steps}"] if steps else []) + list(overrides)
+    cmd = (
+        [
+            sys.executable,
+            str(REPO / "launch.py"),
+            "-m",
+            "seed=" + ",".join(map(str, seeds)),
+            f"model={model}",
+            "budget=demo",
+            "launcher.progress=false",
+            f"study={study}",
+        ]
+        + ([f"budget.steps={steps}"] if steps else [])
+        + list(overrides)
+    )
     env = child_env(home)
     started = time.time()
     proc = subprocess.run(cmd, cwd=home, env=env, capture_output=True, text=True)
@@ -55,8 +67,13 @@ def launch(home: Path, seeds: list[int], model: str, steps: int | None, study: s
     for run in client.search_runs([exp.experiment_id], "tags.`polypythia.kind` = 'job'"):
         history = client.get_metric_history(run.info.run_id, "train/loss")
         firsts.append(min(m.timestamp for m in history) / 1000 - started)
-    return {"wall_s": wall_s, "first_step_s": sorted(firsts), "started": started, "client": client,
-            "experiment_id": exp.experiment_id}
+    return {
+        "wall_s": wall_s,
+        "first_step_s": sorted(firsts),
+        "started": started,
+        "client": client,
+        "experiment_id": exp.experiment_id,
+    }
 
 
 def fresh_python(code: str) -> float:
@@ -68,8 +85,8 @@ def fresh_python(code: str) -> float:
 def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
     import ray
 
-    from polypythia import tracking
     from polypythia.data.embedded import ensure_embedded_dataset
+    from polypythia.tracking import client as tracking
 
     pieces: dict[str, float] = {}
     with timed("MLflow server start (fresh SQLite db)", pieces):
@@ -84,6 +101,7 @@ def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
     with timed("ray.init (local)", pieces):
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
+
         @ray.remote(max_calls=1, num_cpus=1)
         def noop() -> int:
             return os.getpid()
@@ -94,14 +112,16 @@ def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
         ray.shutdown()
     code = (
         "import time, torch; t = time.perf_counter();"
-        "from polypythia.config import job_config; from polypythia.train import distributed, engine;"
+        "from polypythia.config.jobconfig import job_config; from polypythia.train import distributed, engine;"
         "from polypythia.train.data import load_training_data; from polypythia.model import build_model, padded_vocab_size;"
         f"cfg = job_config({job_dict(home, model, 10, threads)!r}); engine.set_threads(cfg);"
         "distributed.init_distributed(); d = load_training_data(cfg); m = cfg.model;"
         "model = build_model(m.num_layers, m.hidden_size, m.num_heads, padded_vocab_size(d.tokenizer_vocab_size), 1);"
         "engine.build_engine(cfg, model, 1); print(time.perf_counter() - t)"
     )
-    pieces["polypythia + deepspeed imports, process group, data, model, DeepSpeed engine (after import torch)"] = fresh_python(code)
+    pieces["polypythia + deepspeed imports, process group, data, model, DeepSpeed engine (after import torch)"] = (
+        fresh_python(code)
+    )
     return pieces
 
 
@@ -110,8 +130,10 @@ def job_breakdown(client, run, home: Path, study: str) -> dict[str, float]:
     import json
 
     run_id = run.info.run_id
-    history = {key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
-               for key in ("train/loss", "train/tokens_per_s", "train/threads", "train/checkpoint_seconds")}
+    history = {
+        key: sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
+        for key in ("train/loss", "train/tokens_per_s", "train/threads", "train/checkpoint_seconds")
+    }
     tokens = int(run.data.params["budget.global_batch_size"]) * int(run.data.params["budget.seq_length"])
     threads = {m.step: m.value for m in history["train/threads"]}
     step_s = {m.step: tokens / m.value for m in history["train/tokens_per_s"] if m.value > 0}
@@ -130,7 +152,9 @@ def job_breakdown(client, run, home: Path, study: str) -> dict[str, float]:
     }
     passes = home / "runs" / study / run.info.run_name / "evaluation_passes.jsonl"
     if passes.exists():
-        out["checkpoint evaluation"] = sum(json.loads(line)["seconds"] for line in passes.read_text().splitlines() if line)
+        out["checkpoint evaluation"] = sum(
+            json.loads(line)["seconds"] for line in passes.read_text().splitlines() if line
+        )
     return out
 
 
@@ -140,7 +164,7 @@ def bare_tokens_per_s(home: Path, model: str, threads: int, steps: int = 12, war
 
     from bench_train_throughput import bare_loop
 
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
 
     cfg = job_config(job_dict(home, model, steps, threads, checkpoints=False))  # the demo budget's shapes
     seconds = bare_loop(cfg, steps)[warmup:]
@@ -159,13 +183,19 @@ def efficiency(args) -> None:
         client = sweep["client"]
         runs = [r for r in client.search_runs([sweep["experiment_id"]], "tags.`polypythia.kind` = 'job'")]
         parts = {r.info.run_name: job_breakdown(client, r, home, "efficiency") for r in runs}
-        tokens = sum(int(r.data.params["budget.steps"]) * int(r.data.params["budget.global_batch_size"])
-                     * int(r.data.params["budget.seq_length"]) for r in runs)
+        tokens = sum(
+            int(r.data.params["budget.steps"])
+            * int(r.data.params["budget.global_batch_size"])
+            * int(r.data.params["budget.seq_length"])
+            for r in runs
+        )
         print(f"sweep: {len(runs)} x {args.model}, wall {sweep['wall_s']:.1f} s ({load_average()})", flush=True)
         bare = bare_tokens_per_s(home, args.model, cores)
         ideal = tokens / bare
-        print(f"bare PyTorch loop, {cores} threads: {bare:,.0f} tokens/s; ideal = {tokens:,} tokens / that = {ideal:.1f} s "
-              f"({load_average()})")
+        print(
+            f"bare PyTorch loop, {cores} threads: {bare:,.0f} tokens/s; ideal = {tokens:,} tokens / that = {ideal:.1f} s "
+            f"({load_average()})"
+        )
         total = cores * sweep["wall_s"]
         first_run = min(p["started"] for p in parts.values()) - sweep["started"]
         rows = {"launch before the first job (Hydra, Ray, MLflow server, data cache; all cores)": cores * first_run}
@@ -175,9 +205,14 @@ def efficiency(args) -> None:
         print(f"\nwhere the {total:.0f} core-seconds ({cores} cores x {sweep['wall_s']:.1f} s) went:")
         for label, value in rows.items():
             print(f"  {value:8.1f}  {100 * value / total:5.1f}%  {label}")
-        print("\nper job (seconds): " + "; ".join(
-            f"{name}: start-up {p['start-up']:.1f}, training {p['wall_training_s']:.1f} wall, checkpoints "
-            f"{p['checkpoint writing']:.1f}, evaluation {p['checkpoint evaluation']:.1f}" for name, p in sorted(parts.items())))
+        print(
+            "\nper job (seconds): "
+            + "; ".join(
+                f"{name}: start-up {p['start-up']:.1f}, training {p['wall_training_s']:.1f} wall, checkpoints "
+                f"{p['checkpoint writing']:.1f}, evaluation {p['checkpoint evaluation']:.1f}"
+                for name, p in sorted(parts.items())
+            )
+        )
         print(machine_description())
         print(f"sweep_wall/ideal: {sweep['wall_s'] / ideal:.2f}")
 
@@ -188,11 +223,17 @@ def startup(args) -> None:
         seeds = list(range(1, args.seeds + 1))
         steps = args.steps or 10
         cold = launch(home, seeds, args.model, steps, "cold")
-        print(f"cold sweep ({args.seeds} x {args.model}, {steps} steps): wall {cold['wall_s']:.1f} s, first training "
-              f"step after {', '.join(f'{s:.1f}' for s in cold['first_step_s'])} s ({load_average()})", flush=True)
+        print(
+            f"cold sweep ({args.seeds} x {args.model}, {steps} steps): wall {cold['wall_s']:.1f} s, first training "
+            f"step after {', '.join(f'{s:.1f}' for s in cold['first_step_s'])} s ({load_average()})",
+            flush=True,
+        )
         warm = launch(home, [s + 100 for s in seeds], args.model, steps, "warm")
-        print(f"warm sweep (server and data cache reused): wall {warm['wall_s']:.1f} s, first training step after "
-              f"{', '.join(f'{s:.1f}' for s in warm['first_step_s'])} s ({load_average()})", flush=True)
+        print(
+            f"warm sweep (server and data cache reused): wall {warm['wall_s']:.1f} s, first training step after "
+            f"{', '.join(f'{s:.1f}' for s in warm['first_step_s'])} s ({load_average()})",
+            flush=True,
+        )
         one = launch(home, [200], args.model, steps, "warm-one")
         print(f"warm, one job: first training step after {one['first_step_s'][0]:.1f} s ({load_average()})", flush=True)
         print("\ncold start-up pieces, timed separately:")
@@ -202,17 +243,24 @@ def startup(args) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--demo", action="store_true", help="the README demo's shape: seed=1,2,3 model=70m budget=demo")
-    parser.add_argument("--startup", action="store_true", help="start-up to the first step, cold and warm, and its pieces")
+    parser.add_argument(
+        "--startup", action="store_true", help="start-up to the first step, cold and warm, and its pieces"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="seeds in the sweep (default 3)")
     parser.add_argument("--model", default="14m", help="conf/model name (default 14m)")
     parser.add_argument("--steps", type=int, help="steps per run (default: the demo budget's)")
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
-    parser.add_argument("overrides", nargs="*", help="more overrides for the sweep (efficiency only), e.g. "
-                        "budget.log_spaced_checkpoints=false; the ideal stays the runs' training tokens at the bare loop's speed, "
-                        "and the bare loop keeps the demo budget's batch shape")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="more overrides for the sweep (efficiency only), e.g. "
+        "budget.log_spaced_checkpoints=false; the ideal stays the runs' training tokens at the bare loop's speed, "
+        "and the bare loop keeps the demo budget's batch shape",
+    )
     args = parser.parse_args()
     if args.demo:
         args.seeds, args.model, args.steps = 3, "70m", None

@@ -1,7 +1,7 @@
 """How much a local MLflow server takes in, whether it keeps every point, and what logging costs a step;
 on SQLite, or on PostgreSQL (a lab's shared server), or both side by side (--backend).
 
-1. Ten writer processes, each a polypythia.tracking.MetricsLogger on its own run, log K steps x 4
+1. Ten writer processes, each a polypythia.tracking.client.MetricsLogger on its own run, log K steps x 4
    metrics as fast as they can into one server: points/s ingested, then every point read back
    (points sent vs stored, exact duplicates, missing (key, step) pairs).
 2. The logging overhead: a bare tiny-model training loop with and without a MetricsLogger logging
@@ -31,7 +31,7 @@ KEYS = ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"]
 
 def writer(uri: str, run_id: str, steps: int, barrier) -> tuple[int, float, float]:
     """One process: log steps x 4 metrics through a MetricsLogger; (points, seconds in log(), seconds to close)."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     logger = tracking.MetricsLogger(uri, run_id, flush_interval_s=2.0)
     barrier.wait()
@@ -46,7 +46,7 @@ def writer(uri: str, run_id: str, steps: int, barrier) -> tuple[int, float, floa
 
 
 def concurrent_writers(uri: str, n_writers: int, steps: int, label: str = "") -> float:
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     client = tracking.client(uri)
     exp = tracking.experiment_id(client, "bench-writers")
@@ -60,10 +60,14 @@ def concurrent_writers(uri: str, n_writers: int, steps: int, label: str = "") ->
         outs = [r.get() for r in results]
         elapsed = time.perf_counter() - started
     sent = sum(o[0] for o in outs)
-    print(f"\n1. {label}{n_writers} concurrent writers x {steps} steps x {len(KEYS)} metrics = {sent:,} points: "
-          f"{elapsed:.1f} s from first log() to last close(), {sent / elapsed:,.0f} points/s ingested ({load_average()})")
-    print(f"   time inside log(): {median([o[1] / steps * 1e6 for o in outs]):.1f} us per step of 4 metrics (median writer); "
-          f"close() waited {median([o[2] for o in outs]):.1f} s (median)")
+    print(
+        f"\n1. {label}{n_writers} concurrent writers x {steps} steps x {len(KEYS)} metrics = {sent:,} points: "
+        f"{elapsed:.1f} s from first log() to last close(), {sent / elapsed:,.0f} points/s ingested ({load_average()})"
+    )
+    print(
+        f"   time inside log(): {median([o[1] / steps * 1e6 for o in outs]):.1f} us per step of 4 metrics (median writer); "
+        f"close() waited {median([o[2] for o in outs]):.1f} s (median)"
+    )
     stored = duplicates = missing = 0
     for run_id in run_ids:
         for key in KEYS:
@@ -78,7 +82,7 @@ def concurrent_writers(uri: str, n_writers: int, steps: int, label: str = "") ->
 
 def start_backend(home: Path, backend: str, postgres_uri: str | None, stack) -> str:
     """An MLflow server (SQLite, or PostgreSQL: ``postgres_uri`` or a throwaway server) under ``home``."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     started = time.perf_counter()
     if backend == "sqlite":
@@ -89,8 +93,9 @@ def start_backend(home: Path, backend: str, postgres_uri: str | None, stack) -> 
             from pg_throwaway import throwaway_postgres
 
             postgres_uri = stack.enter_context(throwaway_postgres())
-        uri = tracking.start_server(home / "mlflow-pg", port=0, backend_store_uri=postgres_uri,
-                                    artifacts_destination=str(home / "artifacts-pg"))
+        uri = tracking.start_server(
+            home / "mlflow-pg", port=0, backend_store_uri=postgres_uri, artifacts_destination=str(home / "artifacts-pg")
+        )
     print(f"MLflow server ({backend}, 2 workers) up in {time.perf_counter() - started:.1f} s at {uri}")
     return uri
 
@@ -99,9 +104,9 @@ def logging_overhead(home: Path, uri: str, steps: int, rounds: int, threads: int
     """Bare tiny-model loop with and without per-step logging, interleaved."""
     from bench_train_throughput import bare_loop
 
-    from polypythia import tracking
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
     from polypythia.data.embedded import ensure_embedded_dataset
+    from polypythia.tracking import client as tracking
 
     ensure_embedded_dataset(home / "cache", 8192)
     cfg = job_config(job_dict(home, "tiny", steps, threads, checkpoints=False))
@@ -109,7 +114,7 @@ def logging_overhead(home: Path, uri: str, steps: int, rounds: int, threads: int
     exp = tracking.experiment_id(client, "bench-overhead")
     plain, logged, in_log = [], [], []
     for rnd in range(rounds):
-        for variant in (("plain", "logged") if rnd % 2 == 0 else ("logged", "plain")):
+        for variant in ("plain", "logged") if rnd % 2 == 0 else ("logged", "plain"):
             if variant == "plain":
                 plain += bare_loop(cfg, steps)[3:]
                 continue
@@ -123,15 +128,19 @@ def logging_overhead(home: Path, uri: str, steps: int, rounds: int, threads: int
             logged += bare_loop(cfg, steps, after_step=log)[3:]
             logger.close()
     p, l_ = median(plain), median(logged)
-    print(f"\n2. tiny model (2 layers x 64, 8 x 128 tokens/step, {threads} threads), {rounds} interleaved rounds of {steps} steps:")
-    print(f"   median step {p * 1000:.1f} ms without logging, {l_ * 1000:.1f} ms with a MetricsLogger "
-          f"(ratio {l_ / p:.3f}); inside log(): {median(in_log) * 1e6:.1f} us/step = {median(in_log) / p * 100:.3f}% of a step")
+    print(
+        f"\n2. tiny model (2 layers x 64, 8 x 128 tokens/step, {threads} threads), {rounds} interleaved rounds of {steps} steps:"
+    )
+    print(
+        f"   median step {p * 1000:.1f} ms without logging, {l_ * 1000:.1f} ms with a MetricsLogger "
+        f"(ratio {l_ / p:.3f}); inside log(): {median(in_log) * 1e6:.1f} us/step = {median(in_log) / p * 100:.3f}% of a step"
+    )
 
 
 def read_back(uri: str, n_runs: int, steps: int) -> None:
     from mlflow.entities import Metric
 
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     client = tracking.client(uri)
     exp = tracking.experiment_id(client, "bench-read")
@@ -151,14 +160,17 @@ def read_back(uri: str, n_runs: int, steps: int) -> None:
     with ThreadPoolExecutor(8) as pool:
         total_par = sum(pool.map(lambda r: len(client.get_metric_history(r, "train/loss")), run_ids))
     parallel_s = time.perf_counter() - started
-    print(f"\n3. {n_runs} runs x {steps:,} steps of train/loss = {total:,} points (written in {write_s:.1f} s): "
-          f"read back in {serial_s:.2f} s one run after another, {parallel_s:.2f} s with 8 threads "
-          f"({total_par:,} points); {total / serial_s:,.0f} points/s serial")
+    print(
+        f"\n3. {n_runs} runs x {steps:,} steps of train/loss = {total:,} points (written in {write_s:.1f} s): "
+        f"read back in {serial_s:.2f} s one run after another, {parallel_s:.2f} s with 8 threads "
+        f"({total_par:,} points); {total / serial_s:,.0f} points/s serial"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--writers", type=int, default=10)
     parser.add_argument("--steps", type=int, default=2000, help="steps per writer (4 metrics each; default 2000)")
     parser.add_argument("--read-runs", type=int, default=50)
@@ -167,10 +179,16 @@ def main() -> None:
     parser.add_argument("--overhead-rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--home", help="folder to write into (default: a fresh temporary one, removed at the end)")
-    parser.add_argument("--backend", choices=["sqlite", "postgresql", "both"], default="sqlite",
-                        help="the server's database: SQLite in its folder, PostgreSQL (--postgres-uri, else a throwaway "
-                             "server from scripts/pg_throwaway.py), or both side by side (default: sqlite)")
-    parser.add_argument("--postgres-uri", help="postgresql://user:password@host:port/database to use (its runs stay there)")
+    parser.add_argument(
+        "--backend",
+        choices=["sqlite", "postgresql", "both"],
+        default="sqlite",
+        help="the server's database: SQLite in its folder, PostgreSQL (--postgres-uri, else a throwaway "
+        "server from scripts/pg_throwaway.py), or both side by side (default: sqlite)",
+    )
+    parser.add_argument(
+        "--postgres-uri", help="postgresql://user:password@host:port/database to use (its runs stay there)"
+    )
     parser.add_argument("--writers-only", action="store_true", help="only the concurrent writers (section 1)")
     args = parser.parse_args()
 
@@ -188,7 +206,7 @@ def main() -> None:
             logging_overhead(home, uri, args.overhead_steps, args.overhead_rounds, args.threads)
             read_back(uri, args.read_runs, args.read_steps)
         for server_dir in home.glob("mlflow*"):  # before the PostgreSQL server they may be using stops
-            from polypythia import tracking
+            from polypythia.tracking import client as tracking
 
             tracking.stop_server(server_dir)
     print(machine_description())

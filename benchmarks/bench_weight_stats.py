@@ -25,9 +25,9 @@ import time
 
 import numpy as np
 import torch
+from common import cpu_model
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from common import cpu_model
 from polypythia.evaluate.weight_stats import DEFINITIONS, FEATURE_NAMES, weight_stats
 
 LAYERS_410M = 24
@@ -36,8 +36,14 @@ HEADS_410M = 16
 
 def build_410m_state_dict() -> dict[str, torch.Tensor]:
     config = GPTNeoXConfig(
-        vocab_size=50304, hidden_size=1024, num_hidden_layers=LAYERS_410M, num_attention_heads=HEADS_410M,
-        intermediate_size=4096, rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+        vocab_size=50304,
+        hidden_size=1024,
+        num_hidden_layers=LAYERS_410M,
+        num_attention_heads=HEADS_410M,
+        intermediate_size=4096,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
     )
     model = GPTNeoXForCausalLM(config)
     # Biases are zero at HF init; give them spread so the bias features are not trivially zero.
@@ -70,12 +76,28 @@ def released_polypythias_features(state_dict: dict[str, torch.Tensor]) -> dict[s
         trace, spectral = torch.trace(X).item(), torch.linalg.matrix_norm(X, ord=2).item()
         singular = torch.svd(X, compute_uv=False).S
         singular[singular < 1e-5] = 0.0
-        rows.append([l1, l2, trace, spectral, l1 / l2, trace / spectral, torch.mean(singular).item(), torch.var(singular).item()])
+        rows.append(
+            [
+                l1,
+                l2,
+                trace,
+                spectral,
+                l1 / l2,
+                trace / spectral,
+                torch.mean(singular).item(),
+                torch.var(singular).item(),
+            ]
+        )
     features = dict(zip(FEATURE_NAMES[:8], np.mean(rows, axis=0)))
     for prefix, parts in (("w", weights), ("b", biases)):
         flat = torch.cat([p.flatten() for p in parts])
-        features.update({f"{prefix}_mean": torch.mean(flat).item(), f"{prefix}_median": torch.median(flat).item(),
-                         f"{prefix}_var": torch.var(flat).item()})
+        features.update(
+            {
+                f"{prefix}_mean": torch.mean(flat).item(),
+                f"{prefix}_median": torch.median(flat).item(),
+                f"{prefix}_var": torch.var(flat).item(),
+            }
+        )
     return {k: float(v) for k, v in features.items()}
 
 
@@ -99,12 +121,18 @@ def naive_numpy_features(state_dict: dict[str, torch.Tensor], heads: int) -> dic
     rows = []
     for m in matrices:
         s = np.linalg.svd(m, full_matrices=True, compute_uv=True)[1].astype(np.float64)
-        l1, l2, tr = np.abs(m).sum(dtype=np.float64), np.linalg.norm(m.astype(np.float64)), np.trace(m, dtype=np.float64)
+        l1, l2, tr = (
+            np.abs(m).sum(dtype=np.float64),
+            np.linalg.norm(m.astype(np.float64)),
+            np.trace(m, dtype=np.float64),
+        )
         rows.append([l1, l2, tr, s.max(), l1 / l2, tr / s.max(), s.mean(), s.var()])
     features = dict(zip(FEATURE_NAMES[:8], np.mean(rows, axis=0)))
     for prefix, parts in (("w", weights), ("b", biases)):
         flat = np.concatenate(parts).astype(np.float64)
-        features.update({f"{prefix}_mean": flat.mean(), f"{prefix}_median": np.median(flat), f"{prefix}_var": flat.var()})
+        features.update(
+            {f"{prefix}_mean": flat.mean(), f"{prefix}_median": np.median(flat), f"{prefix}_var": flat.var()}
+        )
     return {k: float(v) for k, v in features.items()}
 
 
@@ -117,8 +145,13 @@ def timed(function, *args, **kwargs):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline-layers", type=int, default=2, help="layers the side-by-side comparison uses")
-    parser.add_argument("--definitions", nargs="+", default=list(DEFINITIONS), choices=DEFINITIONS,
-                        help="weight-statistics definitions to time (default: both)")
+    parser.add_argument(
+        "--definitions",
+        nargs="+",
+        default=list(DEFINITIONS),
+        choices=DEFINITIONS,
+        help="weight-statistics definitions to time (default: both)",
+    )
     args = parser.parse_args()
 
     print(f"machine: nproc={len(os.sched_getaffinity(0))} torch_threads={torch.get_num_threads()} cpu={cpu_model()!r}")
@@ -130,8 +163,10 @@ def main() -> None:
         matrices = 6 * LAYERS_410M if definition == "hu" else 4 * LAYERS_410M + 1  # + 1: the input embedding
         for attempt in ("first call", "second call"):  # the first pays LAPACK's one-time start-up
             _, full_seconds = timed(weight_stats, state_dict, num_attention_heads=HEADS_410M, definition=definition)
-            print(f"[{definition}] weight_stats, full 410m ({LAYERS_410M} layers, {matrices} matrices), {attempt}: "
-                  f"{full_seconds:.1f} s")
+            print(
+                f"[{definition}] weight_stats, full 410m ({LAYERS_410M} layers, {matrices} matrices), {attempt}: "
+                f"{full_seconds:.1f} s"
+            )
 
         embedding = definition == "polypythias"
         subset = first_layers(state_dict, args.baseline_layers, embedding)
@@ -143,8 +178,10 @@ def main() -> None:
             naive, naive_seconds = timed(released_polypythias_features, subset)
             baseline = "released code"
         what = f"first {args.baseline_layers} layers" + (" + input embedding" if embedding else "")
-        print(f"[{definition}] {what}: weight_stats {ours_seconds:.1f} s, {baseline} {naive_seconds:.1f} s, "
-              f"ratio {baseline}/ours = {naive_seconds / ours_seconds:.1f}x")
+        print(
+            f"[{definition}] {what}: weight_stats {ours_seconds:.1f} s, {baseline} {naive_seconds:.1f} s, "
+            f"ratio {baseline}/ours = {naive_seconds / ours_seconds:.1f}x"
+        )
         if not embedding:
             estimate = naive_seconds * LAYERS_410M / args.baseline_layers
             print(f"[{definition}] {baseline} on the full model, extrapolated by layer count: ~{estimate:.0f} s")
@@ -152,11 +189,15 @@ def main() -> None:
         scale = {k: abs(naive[k]) for k in FEATURE_NAMES}
         scale.update({f"{p}_{s}": naive[f"{p}_var"] ** 0.5 for p in "wb" for s in ("mean", "median")})
         worst = max(FEATURE_NAMES, key=lambda k: abs(ours[k] - naive[k]) / scale[k])
-        print(f"[{definition}] largest difference between the two: {worst}, "
-              f"{abs(ours[worst] - naive[worst]) / scale[worst]:.1e} (relative)")
+        print(
+            f"[{definition}] largest difference between the two: {worst}, "
+            f"{abs(ours[worst] - naive[worst]) / scale[worst]:.1e} (relative)"
+        )
         if embedding:
-            print(f"[{definition}] (the released code sums in float32: torch's float32 vector norms of the 51M-entry "
-                  "embedding are a few percent off on CPU, so l1/l2 may differ by that; ours accumulate in float64)")
+            print(
+                f"[{definition}] (the released code sums in float32: torch's float32 vector norms of the 51M-entry "
+                "embedding are a few percent off on CPU, so l1/l2 may differ by that; ours accumulate in float64)"
+            )
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def bench_home(prefix: str, keep: str | None = None) -> Iterator[Path]:
     try:
         yield path
     finally:
-        from polypythia import tracking
+        from polypythia.tracking import client as tracking
 
         for server_dir in path.glob("mlflow*"):
             tracking.stop_server(server_dir)
@@ -97,7 +97,16 @@ def bench_home(prefix: str, keep: str | None = None) -> Iterator[Path]:
 
 # What an in-process training run leaves in this process's environment (polypythia's rendezvous,
 # and DeepSpeed's): a child inheriting MASTER_PORT would try to bind this process's port.
-DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE", "CROSS_RANK", "CROSS_SIZE")
+DIST_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "LOCAL_WORLD_SIZE",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+)
 
 
 def child_env(home: Path) -> dict:
@@ -113,15 +122,29 @@ def model_shape(name: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "model" / f"{name}.yaml"), resolve=True)
 
 
-def job_dict(home: Path, model: str, steps: int, threads: int | None, cache_dir: Path | None = None,
-             checkpoints: bool = True, seed: int = 1, study: str = "bench", **budget) -> dict:
-    """A job config (as a plain dict for :func:`polypythia.config.job_config`) writing under ``home``.
+def job_dict(
+    home: Path,
+    model: str,
+    steps: int,
+    threads: int | None,
+    cache_dir: Path | None = None,
+    checkpoints: bool = True,
+    seed: int = 1,
+    study: str = "bench",
+    **budget,
+) -> dict:
+    """A job config (as a plain dict for :func:`polypythia.config.jobconfig.job_config`) writing under ``home``.
 
     ``checkpoints=False`` keeps only the checkpoints every run writes (step 0 and the last step).
     """
-    budget_cfg = {"name": "bench", "steps": steps, **DEFAULT_BUDGET, **budget,
-                  "checkpoint_every_steps": 50 if checkpoints else steps + 1,
-                  "log_spaced_checkpoints": checkpoints}
+    budget_cfg = {
+        "name": "bench",
+        "steps": steps,
+        **DEFAULT_BUDGET,
+        **budget,
+        "checkpoint_every_steps": 50 if checkpoints else steps + 1,
+        "log_spaced_checkpoints": checkpoints,
+    }
     return {
         "model": model_shape(model),
         "budget": budget_cfg,

@@ -40,7 +40,9 @@ def read_json(path: str | Path, error: Callable[[str], Exception], what: str, fi
     try:
         return json.loads(Path(path).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
-        reason = "it is empty" if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip() else str(exc).split("\n")[0]
+        reason = (
+            "it is empty" if isinstance(exc, json.JSONDecodeError) and not exc.doc.strip() else str(exc).split("\n")[0]
+        )
         raise error(f"{path} should hold {what} but cannot be read ({reason}); {fix}.") from None
 
 

@@ -3,15 +3,15 @@
 Three frozen dataclasses, in the order a job meets them:
 
 - :class:`JobRequest`: what the launcher asks for, one per job: the composed config and how it was
-  asked for (made by the Hydra launcher, read by :class:`polypythia.sweep.Sweep`);
+  asked for (made by the Hydra launcher, read by :class:`polypythia.driver.sweep.Sweep`);
 - :class:`JobSpec`: everything the worker process needs to run that job (made by the sweep once the
-  tracking server and the parent runs exist, read by :func:`polypythia.worker.run_job`);
+  tracking server and the parent runs exist, read by :func:`polypythia.job.worker.run_job`);
 - :class:`JobOutcome`: how the job ended (made by the worker, or by the sweep when the worker's
   process died too often or the cross-seed monitor stopped it; read by the sweep's report and by
   the launcher).
 
 A :class:`RewindRequest` rides in a :class:`JobSpec` when the sweep's cross-seed monitor rolls a
-run back (``monitor.action=rewind``, see :mod:`polypythia.actions`).
+run back (``monitor.action=rewind``, see :mod:`polypythia.driver.actions`).
 
 Nothing here holds a live object (no Ray handle, no Hydra config), so each pickles to any process.
 """
@@ -53,7 +53,7 @@ class JobSpec:
     """Everything the worker that runs job ``index`` of a sweep needs, and nothing else."""
 
     index: int  # the job's position in the sweep (its row in the progress table)
-    config: dict[str, Any]  # the validated config (polypythia.config.to_dict), paths absolute
+    config: dict[str, Any]  # the validated config (polypythia.config.jobconfig.to_dict), paths absolute
     tracking_uri: str  # the MLflow server every job of the sweep logs to
     parent_run_id: str  # the sweep's MLflow run of this job's study
     overrides: tuple[str, ...] = ()
@@ -70,7 +70,7 @@ class JobOutcome:
     """How one job ended."""
 
     state: str  # "finished", "failed", "diverged" or "stopped" (by the cross-seed monitor, monitor.action=stop)
-    summary: Optional[dict[str, Any]] = None  # polypythia.job.run's summary when finished: run_id, final_loss, ...
+    summary: Optional[dict[str, Any]] = None  # polypythia.job.run.run's summary when finished: run_id, final_loss, ...
     error: Optional[BaseException] = None  # what ended it otherwise
     reason: str = ""  # that error in one line, for the sweep's report
     attempts: int = 1  # worker processes it took (more than one when Ray retried a dead one)
@@ -84,4 +84,3 @@ class JobOutcome:
         """Whether the job ended as the sweep asked: trained to its end, or stopped by the cross-seed
         monitor (``monitor.action=stop`` did what it was told: not a failure of the sweep)."""
         return self.state in ("finished", STOPPED)
-

@@ -5,8 +5,8 @@ The architecture is transformers' ``GPTNeoXForCausalLM`` configured exactly as t
 transformers initialises every matrix as N(0, 0.02); Pythia (GPT-NeoX ``init_method: small_init``,
 ``output_layer_init_method: wang_init``) does not, so :func:`init_pythia_weights` re-initialises.
 
-The sizes (14m ... 410m) are the files in ``conf/model/`` (:func:`polypythia.config.model_preset`);
-:meth:`polypythia.config.ModelConfig.build` builds one. Sources: EleutherAI/pythia
+The sizes (14m ... 410m) are the files in ``conf/model/`` (:func:`polypythia.config.jobconfig.model_preset`);
+:meth:`polypythia.config.jobconfig.ModelConfig.build` builds one. Sources: EleutherAI/pythia
 ``models/*/pythia-*.yml`` (GPT-NeoX configs) and the Pythia paper (Biderman et al. 2023,
 arXiv:2304.01373); GPT-NeoX ``megatron/model/init_functions.py`` for ``small_init`` and ``wang_init``.
 """

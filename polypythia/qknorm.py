@@ -76,8 +76,9 @@ class QKNormGPTNeoXForCausalLM(GPTNeoXForCausalLM):
         super().__init__(config)
         for layer in self.gpt_neox.layers:
             old = layer.attention.query_key_value
-            new = QKNormLinear(config.hidden_size, config.num_attention_heads, old.bias is not None,
-                               config.layer_norm_eps)
+            new = QKNormLinear(
+                config.hidden_size, config.num_attention_heads, old.bias is not None, config.layer_norm_eps
+            )
             new.to(device=old.weight.device, dtype=old.weight.dtype)
             with torch.no_grad():  # keep whatever transformers initialised it with
                 new.weight.copy_(old.weight)

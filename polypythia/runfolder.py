@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from polypythia.config import JobConfig, to_dict
+from polypythia.config.jobconfig import JobConfig, to_dict
 from polypythia.errors import ConfigError
 from polypythia.files import FileLock, describe_owner, is_locked, read_json, write_json_atomic
 
@@ -40,12 +40,34 @@ MLFLOW_RECORD = "mlflow_run.json"
 # besides training, and how its steps are computed (the same sums, in other pieces or kernels).
 # A key is exempt if it equals one of these or lies under one ending in ".".
 FREE_KEYS = (
-    "tracking.", "launcher.", "home", "runs_dir", "data.cache_dir", "seed", "weight_seed", "data_seed", "replicate",
-    "budget.name", "budget.micro_batch_size", "budget.checkpoint_every_steps", "budget.log_spaced_checkpoints",
-    "train.threads", "train.peak_tflops", "train.compile", "train.activation_checkpointing",
-    "train.attn_implementation", "train.loss_ceiling", "train.loss_ceiling_steps", "train.eval_every_checkpoint",
-    "train.evaluate_after_training", "train.eval_limit_items", "train.keep_resume_states", "train.fault.",
-    "monitor.action", "monitor.skip_batches", "monitor.max_rewinds",  # what the driver does; rewinds.json keeps what it did
+    "tracking.",
+    "launcher.",
+    "home",
+    "runs_dir",
+    "data.cache_dir",
+    "seed",
+    "weight_seed",
+    "data_seed",
+    "replicate",
+    "budget.name",
+    "budget.micro_batch_size",
+    "budget.checkpoint_every_steps",
+    "budget.log_spaced_checkpoints",
+    "train.threads",
+    "train.peak_tflops",
+    "train.compile",
+    "train.activation_checkpointing",
+    "train.attn_implementation",
+    "train.loss_ceiling",
+    "train.loss_ceiling_steps",
+    "train.eval_every_checkpoint",
+    "train.evaluate_after_training",
+    "train.eval_limit_items",
+    "train.keep_resume_states",
+    "train.fault.",
+    "monitor.action",
+    "monitor.skip_batches",
+    "monitor.max_rewinds",  # what the driver does; rewinds.json keeps what it did
 )
 BY_FILE_NAME = ("data.path", "data.tokenizer")  # the same dataset may move: compared by file name only
 SHOWN_DIFFERENCES = 4
@@ -137,7 +159,7 @@ def _is_free(key: str) -> bool:
 
 
 def training_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The keys of a resolved config (:func:`polypythia.config.to_dict`) that decide what a run
+    """The keys of a resolved config (:func:`polypythia.config.jobconfig.to_dict`) that decide what a run
     trains, flat (``section.key``); dataset paths by file name only."""
     flat = {k: v for k, v in _flat(config).items() if not _is_free(k)}
     for key in BY_FILE_NAME:
@@ -163,17 +185,23 @@ def saved_config(run_dir: str | Path) -> dict[str, Any] | None:
     path = Path(run_dir) / CONFIG_RECORD
     if not path.is_file():
         return None
-    saved = read_json(path, RunFolderError, "the config the run was started with",
-                      f"delete it if you are sure this launch's config matches the run's (or delete {run_dir} "
-                      "to start the run afresh)")
+    saved = read_json(
+        path,
+        RunFolderError,
+        "the config the run was started with",
+        f"delete it if you are sure this launch's config matches the run's (or delete {run_dir} "
+        "to start the run afresh)",
+    )
     if not isinstance(saved, dict):
         raise RunFolderError(f"{path} should hold the config the run was started with; delete it (or {run_dir}).")
     return saved
 
 
 def _way_forward(run_dir: str | Path) -> str:
-    return (f"launch it with the values it was started with, give this configuration another study=, or delete "
-            f"{run_dir} to start the run afresh")
+    return (
+        f"launch it with the values it was started with, give this configuration another study=, or delete "
+        f"{run_dir} to start the run afresh"
+    )
 
 
 def check_config(cfg: JobConfig) -> None:
@@ -186,14 +214,19 @@ def check_config(cfg: JobConfig) -> None:
     if diffs:
         shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
         more = f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else ""
-        raise RunFolderError(f"Run {cfg.run_dir} was started with another training configuration ({shown}{more}); "
-                             f"{_way_forward(cfg.run_dir)}.")
+        raise RunFolderError(
+            f"Run {cfg.run_dir} was started with another training configuration ({shown}{more}); "
+            f"{_way_forward(cfg.run_dir)}."
+        )
 
 
 def _trainer_states(run_dir: str | Path) -> list[tuple[int, Path]]:
     """(step, trainer_state.json) of the run's sealed checkpoints, newest first."""
-    found = [(int(m.group(1)), p / "trainer_state.json") for p in (Path(run_dir) / "checkpoints").glob("step*")
-             if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    found = [
+        (int(m.group(1)), p / "trainer_state.json")
+        for p in (Path(run_dir) / "checkpoints").glob("step*")
+        if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
+    ]
     return sorted(found, reverse=True)
 
 
@@ -213,8 +246,10 @@ def checkpoint_config(run_dir: str | Path) -> tuple[Path, dict[str, Any] | None]
 def _refuse(cfg: JobConfig, diffs: list[tuple[str, Any, Any]], source: str) -> None:
     shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
     more = f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else ""
-    raise RunFolderError(f"Run {cfg.run_dir} has no {CONFIG_RECORD}, and {source} was trained with another "
-                         f"training configuration ({shown}{more}); {_way_forward(cfg.run_dir)}.")
+    raise RunFolderError(
+        f"Run {cfg.run_dir} has no {CONFIG_RECORD}, and {source} was trained with another "
+        f"training configuration ({shown}{more}); {_way_forward(cfg.run_dir)}."
+    )
 
 
 def check_trainer_state(cfg: JobConfig) -> bool:
@@ -235,7 +270,7 @@ def check_trainer_state(cfg: JobConfig) -> bool:
 def check_mlflow_params(cfg: JobConfig, params: dict[str, str], run_id: str) -> None:
     """:class:`RunFolderError` if the MLflow run ``run_id`` that this run continues was started with
     another training config than ``cfg`` (its ``params``: the config it was made with, as strings)."""
-    from polypythia.config import flat_params
+    from polypythia.config.jobconfig import flat_params
 
     diffs = training_differences(params, flat_params(cfg))
     if diffs:
@@ -251,8 +286,11 @@ def config_known(cfg: JobConfig) -> bool:
 def check_checkpoint(cfg: JobConfig) -> None:
     """:class:`RunFolderError` if the newest checkpoint in ``cfg.run_dir`` holds another network
     than ``cfg.model`` (for runs older than ``run_config.json``, and as a second line of defence)."""
-    steps = sorted((int(m.group(1)), p) for p in (Path(cfg.run_dir) / "checkpoints").glob("step*")
-                   if (m := _STEP_DIR.match(p.name)) and (p / "config.json").is_file())
+    steps = sorted(
+        (int(m.group(1)), p)
+        for p in (Path(cfg.run_dir) / "checkpoints").glob("step*")
+        if (m := _STEP_DIR.match(p.name)) and (p / "config.json").is_file()
+    )
     if not steps:
         return
     path = steps[-1][1] / "config.json"
@@ -261,17 +299,24 @@ def check_checkpoint(cfg: JobConfig) -> None:
     except (OSError, ValueError):
         return  # a corrupt checkpoint is reported, and skipped, when the job resumes
     model = cfg.model
-    expected = {"num_hidden_layers": ("model.num_layers", model.num_layers),
-                "hidden_size": ("model.hidden_size", model.hidden_size),
-                "num_attention_heads": ("model.num_heads", model.num_heads),
-                "max_position_embeddings": ("model.max_positions", model.max_positions)}
+    expected = {
+        "num_hidden_layers": ("model.num_layers", model.num_layers),
+        "hidden_size": ("model.hidden_size", model.hidden_size),
+        "num_attention_heads": ("model.num_heads", model.num_heads),
+        "max_position_embeddings": ("model.max_positions", model.max_positions),
+    }
     if model.vocab_size:
         expected["vocab_size"] = ("model.vocab_size", model.vocab_size)
-    diffs = [f"{key}={value} (the checkpoint has {saved[name]})" for name, (key, value) in expected.items()
-             if name in saved and saved[name] != value]
+    diffs = [
+        f"{key}={value} (the checkpoint has {saved[name]})"
+        for name, (key, value) in expected.items()
+        if name in saved and saved[name] != value
+    ]
     if diffs:
-        raise RunFolderError(f"Checkpoint {path.parent} holds another network than this launch asks for "
-                             f"({', '.join(diffs)}); {_way_forward(cfg.run_dir)}.")
+        raise RunFolderError(
+            f"Checkpoint {path.parent} holds another network than this launch asks for "
+            f"({', '.join(diffs)}); {_way_forward(cfg.run_dir)}."
+        )
 
 
 # ----------------------------------------------------------------------------- the MLflow run
@@ -282,8 +327,10 @@ def read_mlflow_record(run_dir: str | Path) -> dict[str, str] | None:
     path = Path(run_dir) / MLFLOW_RECORD
     if not path.is_file():
         return None
-    fix = ("delete it to log the run into a new MLflow run, or write the run's id into it as "
-           '{"run_id": "<id from the MLflow UI>"}')
+    fix = (
+        "delete it to log the run into a new MLflow run, or write the run's id into it as "
+        '{"run_id": "<id from the MLflow UI>"}'
+    )
     record = read_json(path, RunFolderError, "the id of the run's MLflow run", fix)
     if not isinstance(record, dict) or not isinstance(record.get("run_id"), str) or not record["run_id"]:
         raise RunFolderError(f"{path} should hold the id of the run's MLflow run but has no run_id; {fix}.")

@@ -3,13 +3,13 @@ threshold a healthy study of the same shape exceeds with a chosen probability.
 
 ``analysis/outliers.py`` documents the rule and re-exports everything here; it lives in
 ``polypythia`` so that one implementation decides offline, in the causal replay of a finished study
-(``analysis/replay.py``) and live while a sweep trains (:mod:`polypythia.crossseed`). A row's
+(``analysis/replay.py``) and live while a sweep trains (:mod:`polypythia.driver.seedband`). A row's
 deviation uses that step and earlier rows only, so a live decision is the one the replay makes.
 Numpy and pandas only.
 
 The arithmetic is arranged for speed (calibrating one threshold judges 24,000 simulated studies):
 sorts instead of ``np.median``'s partition, sums in place, windows from row-by-row cumulative sums.
-It gives the numbers of the rule written out plainly bit for bit; ``tests/test_stability_speed.py``
+It gives the numbers of the rule written out plainly bit for bit; ``tests/driver/test_stability_speed.py``
 holds that plain version and compares the two.
 """
 
@@ -41,11 +41,14 @@ class OutlierRule:
 
     def __post_init__(self):
         if not 0 < self.false_alarm_rate < 0.5:
-            raise self.error(f"The false-alarm rate must lie between 0 and 0.5, not {self.false_alarm_rate}; "
-                             "give e.g. 0.01.")
+            raise self.error(
+                f"The false-alarm rate must lie between 0 and 0.5, not {self.false_alarm_rate}; give e.g. 0.01."
+            )
         if self.band_sd <= 0 or self.scale_window < 1 or self.min_runs < 3 or self.min_checkpoints < 1:
-            raise self.error("The outlier rule needs band_sd > 0, scale_window >= 1, min_runs >= 3 and "
-                             "min_checkpoints >= 1; check the --band-sd / --min-checkpoints options.")
+            raise self.error(
+                "The outlier rule needs band_sd > 0, scale_window >= 1, min_runs >= 3 and "
+                "min_checkpoints >= 1; check the --band-sd / --min-checkpoints options."
+            )
 
 
 def for_study_length(rule: OutlierRule, n_steps: int) -> OutlierRule:
@@ -65,8 +68,9 @@ def _others(values: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray | float, n
     every = bool(keep.all())
     kept = values if every else np.where(keep, values, 0.0)
     squares = kept * kept
-    count = float(values.shape[-1] - 1) if every else np.subtract(keep.sum(axis=-1, keepdims=True), keep,
-                                                                  dtype="float64")
+    count = (
+        float(values.shape[-1] - 1) if every else np.subtract(keep.sum(axis=-1, keepdims=True), keep, dtype="float64")
+    )
     mean = np.subtract(kept.sum(axis=-1, keepdims=True), kept)
     variance = np.subtract(squares.sum(axis=-1, keepdims=True), squares, out=squares)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -87,7 +91,7 @@ def _median(values: np.ndarray, complete: bool) -> np.ndarray:
     if not complete or size == 0:
         return (np.median if complete else np.nanmedian)(values, axis=-1, keepdims=True)
     ordered = np.sort(values, axis=-1)
-    median = np.mean(ordered[..., (size - 1) // 2:size // 2 + 1], axis=-1, keepdims=True)
+    median = np.mean(ordered[..., (size - 1) // 2 : size // 2 + 1], axis=-1, keepdims=True)
     np.copyto(median, ordered[..., -1:], where=np.isnan(ordered[..., -1:]))
     return median
 
@@ -111,7 +115,7 @@ def _cumulative(values: np.ndarray) -> np.ndarray:
 def _rows(values: np.ndarray, index: np.ndarray) -> np.ndarray:
     """``np.take(values, index, axis=-2)``, a view when ``index`` is a run of consecutive rows."""
     if len(index) and (np.diff(index) == 1).all():
-        return values[..., index[0]:index[-1] + 1, :]
+        return values[..., index[0] : index[-1] + 1, :]
     return np.take(values, index, axis=-2)
 
 
@@ -155,7 +159,7 @@ def _deviation_array(values: np.ndarray, rule: OutlierRule) -> np.ndarray:
         centred = values - median  # centring first keeps the variance sums exact for large values
         distance = np.abs(centred)
         mad = _median(distance, complete) * MAD_TO_SD
-    robust_scale = np.sqrt(_window_mean(mad ** 2, rule.scale_window, rule.causal))
+    robust_scale = np.sqrt(_window_mean(mad**2, rule.scale_window, rule.causal))
     if not (complete and np.isfinite(distance).all()):
         centred_values = np.nan_to_num(centred)
         distance = np.abs(centred_values)
@@ -183,7 +187,6 @@ def pooled_deviation(table: pd.DataFrame, rule: OutlierRule = OutlierRule()) -> 
     return pd.DataFrame(deviation, index=table.index, columns=table.columns)
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The calibrated threshold
 
@@ -195,14 +198,15 @@ _CALIBRATION_CHUNK_VALUES = 2_000_000  # values simulated at once: bounds the me
 _CALIBRATION_BLOCK_VALUES = 250_000  # values judged at once (2 MB an array)
 
 
-def null_studies(n_studies: int, n_steps: int, n_runs: int, correlation: float, rng: np.random.Generator,
-                 offset_share: float = 0.0) -> np.ndarray:
+def null_studies(
+    n_studies: int, n_steps: int, n_runs: int, correlation: float, rng: np.random.Generator, offset_share: float = 0.0
+) -> np.ndarray:
     """(studies, steps, runs) of unit-variance Gaussian noise: a constant per-run offset carrying
     ``offset_share`` of the variance plus AR(1) noise with the given step-to-step correlation.
     Computed in place (correlation * previous + innovation * current, as written out)."""
     noise = rng.standard_normal((n_studies, n_steps, n_runs))
     if correlation != 0.0:  # else each step is its own draw (the recursion: x 1.0, + 0.0 x the previous step)
-        innovation = np.sqrt(1.0 - correlation ** 2)
+        innovation = np.sqrt(1.0 - correlation**2)
         carried = np.empty((n_studies, n_runs))
         for step in range(1, n_steps):
             noise[:, step] *= innovation
@@ -213,8 +217,15 @@ def null_studies(n_studies: int, n_steps: int, n_runs: int, correlation: float, 
     return noise
 
 
-def largest_null_deviations(n_runs: int, n_steps: int, rule: OutlierRule, correlation: float, offset_share: float,
-                            n_studies: int, rng: np.random.Generator) -> np.ndarray:
+def largest_null_deviations(
+    n_runs: int,
+    n_steps: int,
+    rule: OutlierRule,
+    correlation: float,
+    offset_share: float,
+    n_studies: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """The largest |deviation| of each of ``n_studies`` simulated healthy studies (0 where none is defined).
     The studies are drawn in chunks of :data:`_CALIBRATION_CHUNK_VALUES` (the random stream) and judged
     in blocks of about :data:`_CALIBRATION_BLOCK_VALUES` (independent studies; the block's arrays stay
@@ -225,10 +236,10 @@ def largest_null_deviations(n_runs: int, n_steps: int, rule: OutlierRule, correl
     for start in range(0, n_studies, chunk):
         studies = null_studies(min(chunk, n_studies - start), n_steps, n_runs, correlation, rng, offset_share)
         for first in range(0, len(studies), block):
-            deviation = _deviation_array(studies[first:first + block], rule)
+            deviation = _deviation_array(studies[first : first + block], rule)
             deviation = np.fmax(np.abs(deviation, out=deviation), 0.0, out=deviation)  # NaN: none (0)
             deviation = deviation.reshape(len(deviation), -1)
-            largest[start + first:start + first + len(deviation)] = np.nan_to_num(deviation.max(axis=1))
+            largest[start + first : start + first + len(deviation)] = np.nan_to_num(deviation.max(axis=1))
     return largest
 
 
@@ -239,7 +250,11 @@ def decision_threshold(n_runs: int, n_steps: int, rule: OutlierRule = OutlierRul
     if n_runs < rule.min_runs or n_steps < 1:
         return float("inf")
     rng = np.random.default_rng(20250309)  # fixed: the same study always gets the same threshold
-    quantiles = [np.quantile(largest_null_deviations(n_runs, n_steps, rule, correlation, share,
-                                                     CALIBRATION_STUDIES, rng), 1.0 - rule.false_alarm_rate)
-                 for correlation, share in NULL_MODELS]
+    quantiles = [
+        np.quantile(
+            largest_null_deviations(n_runs, n_steps, rule, correlation, share, CALIBRATION_STUDIES, rng),
+            1.0 - rule.false_alarm_rate,
+        )
+        for correlation, share in NULL_MODELS
+    ]
     return float(max(max(quantiles), rule.band_sd))

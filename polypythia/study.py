@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 
-# MLflow tags of a study's runs (polypythia.mlflowrun writes them; evaluation and analysis read them).
+# MLflow tags of a study's runs (polypythia.job.mlflowrun writes them; evaluation and analysis read them).
 KIND_TAG = "polypythia.kind"  # "sweep" (a parent run), "job" (one training run), "analysis"
 SWEEP_KIND, JOB_KIND, ANALYSIS_KIND = "sweep", "job", "analysis"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own nesting tag

@@ -44,9 +44,11 @@ def _free_port() -> int:
 
 def _as_owner(uid: int, gid: int):
     """preexec_fn that drops root to ``uid``/``gid`` (initdb and postgres refuse to run as root)."""
+
     def drop() -> None:
         os.setgid(gid)
         os.setuid(uid)
+
     return drop if os.geteuid() == 0 else None
 
 
@@ -66,11 +68,44 @@ def throwaway_postgres(timeout_s: float = 60.0) -> Iterator[str]:
     os.chown(pwfile, uid, gid)
     run = dict(preexec_fn=_as_owner(uid, gid), capture_output=True, text=True, timeout=timeout_s, cwd=folder)
     try:
-        _check(subprocess.run([str(initdb), "-D", str(data), "-U", USER, "--auth=scram-sha-256",
-                               f"--pwfile={pwfile}", "--encoding=UTF8", "--no-sync"], **run), "initdb")
+        _check(
+            subprocess.run(
+                [
+                    str(initdb),
+                    "-D",
+                    str(data),
+                    "-U",
+                    USER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "--encoding=UTF8",
+                    "--no-sync",
+                ],
+                **run,
+            ),
+            "initdb",
+        )
         options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-        _check(subprocess.run([str(bindir / "pg_ctl"), "-D", str(data), "-o", options, "-l", str(folder / "log"),
-                               "-w", "-t", str(int(timeout_s)), "start"], **run), "pg_ctl start", folder / "log")
+        _check(
+            subprocess.run(
+                [
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(data),
+                    "-o",
+                    options,
+                    "-l",
+                    str(folder / "log"),
+                    "-w",
+                    "-t",
+                    str(int(timeout_s)),
+                    "start",
+                ],
+                **run,
+            ),
+            "pg_ctl start",
+            folder / "log",
+        )
         try:
             _create_database(port)
             yield f"postgresql://{USER}:{PASSWORD}@127.0.0.1:{port}/{DATABASE}"
@@ -92,7 +127,9 @@ def _create_database(port: int) -> None:
     deadline = time.monotonic() + 30
     while True:
         try:
-            conn = psycopg.connect(host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres", autocommit=True)
+            conn = psycopg.connect(
+                host="127.0.0.1", port=port, user=USER, password=PASSWORD, dbname="postgres", autocommit=True
+            )
             break
         except psycopg.OperationalError:
             if time.monotonic() > deadline:

@@ -5,7 +5,7 @@
 Starts a real ``mlflow server`` on loopback in a temporary folder, logs a study into it the way a
 sweep does (a parent run tagged ``polypythia.kind=sweep`` carrying the ``seeds/*`` band, child runs
 tagged ``polypythia.kind=job``, ``model`` and ``seed`` with a ``train/loss`` curve), marks it with
-:mod:`polypythia.mlflow_ui`, opens :func:`~polypythia.mlflow_ui.study_url` in headless Chromium
+:mod:`polypythia.tracking.ui`, opens :func:`~polypythia.tracking.ui.study_url` in headless Chromium
 (Debian: ``apt-get install chromium``), waits until the loss chart is drawn and saves a screenshot;
 then stops the browser and the server.
 
@@ -38,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from polypythia import mlflow_ui, tracking  # noqa: E402
+from polypythia.tracking import client as tracking
+from polypythia.tracking import ui as mlflow_ui  # noqa: E402
 
 # A fresh browser profile opens MLflow's assistant panel once; a returning one has these set.
 ASSISTANT_CLOSED = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.assistant.panelOpen_v1": "false"}
@@ -61,17 +62,32 @@ class Chromium:
             os.dup2(b, 4)
 
         self.proc = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--remote-debugging-pipe",
-             f"--user-data-dir={self.profile}", f"--window-size={width},{height}", "about:blank"],
-            preexec_fn=onto_3_and_4, pass_fds=(3, 4, to_child_r, from_child_w),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+                "--remote-debugging-pipe",
+                f"--user-data-dir={self.profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            preexec_fn=onto_3_and_4,
+            pass_fds=(3, 4, to_child_r, from_child_w),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         os.close(to_child_r)
         os.close(from_child_w)
         self._buffer, self._id = b"", 0
         target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
         self.session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}, page=True)
+        self.call(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+            page=True,
+        )
 
     def call(self, method: str, params: dict | None = None, page: bool = False) -> dict:
         self._id += 1
@@ -93,7 +109,9 @@ class Chromium:
                 return reply.get("result", {})
 
     def evaluate(self, expression: str):
-        return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, page=True)["result"].get("value")
+        return self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, page=True)[
+            "result"
+        ].get("value")
 
     def goto(self, url: str) -> None:
         self.call("Page.navigate", {"url": url}, page=True)
@@ -140,13 +158,21 @@ def log_fake_study(uri: str, study: str, models: list[str], seeds: int, steps: i
     curves: dict[str, list[float]] = {}
     for m, model in enumerate(models):
         for seed in range(1, seeds + 1):
-            run = client.create_run(experiment_id, run_name=f"{model}-seed{seed}", tags={
-                "polypythia.kind": "job", "model": model, "seed": str(seed), "mlflow.parentRunId": parent})
+            run = client.create_run(
+                experiment_id,
+                run_name=f"{model}-seed{seed}",
+                tags={"polypythia.kind": "job", "model": model, "seed": str(seed), "mlflow.parentRunId": parent},
+            )
             curve = curves[run.info.run_id] = loss_curve(m, seed, steps)
-            client.log_batch(run.info.run_id, metrics=[Metric("train/loss", v, start + 1000 * s, s) for s, v in enumerate(curve)])
+            client.log_batch(
+                run.info.run_id, metrics=[Metric("train/loss", v, start + 1000 * s, s) for s, v in enumerate(curve)]
+            )
             client.set_terminated(run.info.run_id)
-    band = [Metric(key, value, start + 1000 * s, s) for s in range(steps)
-            for key, value in mlflow_ui.seeds_band_metrics({r: c[s] for r, c in curves.items()}).items()]
+    band = [
+        Metric(key, value, start + 1000 * s, s)
+        for s in range(steps)
+        for key, value in mlflow_ui.seeds_band_metrics({r: c[s] for r, c in curves.items()}).items()
+    ]
     for i in range(0, len(band), 1000):
         client.log_batch(parent, metrics=band[i : i + 1000])
     client.set_terminated(parent)
@@ -159,12 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=["70m"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--view", action="store_true", help="open a saved view (save_study_view) instead of a filtered link")
+    parser.add_argument(
+        "--view", action="store_true", help="open a saved view (save_study_view) instead of a filtered link"
+    )
     parser.add_argument("--group-by", default=None, help="with --view: group the runs by this tag (e.g. model)")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
     parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the chart")
-    parser.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
+    parser.add_argument(
+        "--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
+    )
     args = parser.parse_args(argv)
 
     folder = Path(tempfile.mkdtemp(prefix="polypythia-ui-"))
@@ -172,14 +202,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         uri = tracking.start_server(folder / "mlflow", port=0)
         experiment_id, parent = log_fake_study(uri, "demo-study", args.models, args.seeds, args.steps)
-        view_id = mlflow_ui.save_study_view(tracking.client(uri), experiment_id, parent, group_by_tag=args.group_by) if args.view else None
+        view_id = (
+            mlflow_ui.save_study_view(tracking.client(uri), experiment_id, parent, group_by_tag=args.group_by)
+            if args.view
+            else None
+        )
         url = mlflow_ui.study_url(uri, experiment_id, parent, view_id=view_id)
         print(url)
 
         browser = Chromium(args.chromium, args.width, args.height)
         browser.goto(uri + "/health")  # the UI's origin, to set its localStorage before it loads
         time.sleep(1.0)
-        browser.evaluate("".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in ASSISTANT_CLOSED.items()))
+        browser.evaluate(
+            "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in ASSISTANT_CLOSED.items())
+        )
         browser.goto(url)
         deadline, drawn, steady = time.monotonic() + args.timeout, 0, 0
         while time.monotonic() < deadline and steady < 3:  # until the charts stop changing for 3 s
@@ -191,8 +227,10 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(2.0)  # let the last frames paint
         args.out.parent.mkdir(parents=True, exist_ok=True)
         browser.screenshot(args.out)
-        print(f"{args.out}: {drawn} chart trace(s) drawn for {len(args.models) * args.seeds} run(s); "
-              f"page {browser.evaluate('location.href')}")
+        print(
+            f"{args.out}: {drawn} chart trace(s) drawn for {len(args.models) * args.seeds} run(s); "
+            f"page {browser.evaluate('location.href')}"
+        )
         return 0 if drawn else 1
     finally:
         if browser is not None:

@@ -53,7 +53,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory):
     """A real ``mlflow server`` (SQLite backend) on 127.0.0.1, stopped at the end of the session."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     server_dir = tmp_path_factory.mktemp("mlflow")
     uri = tracking.start_server(server_dir, port=0)
@@ -64,7 +64,7 @@ def mlflow_uri(tmp_path_factory):
 @pytest.fixture
 def mlflow_server(tmp_path: Path):
     """A fresh ``mlflow server`` for one test (SQLite backend in tmp_path, a free loopback port); stopped afterwards."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     server_dir = tmp_path / "mlflow"
     uri = tracking.start_server(server_dir, port=0)

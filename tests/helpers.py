@@ -9,12 +9,18 @@ REPO = Path(__file__).resolve().parent.parent
 
 def tiny_job(tmp_path: Path, cache_dir: Path, **overrides):
     """A validated tiny/smoke JobConfig writing under ``tmp_path``."""
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
 
     raw = {
         "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
-        "budget": {"name": "smoke", "steps": 6, "global_batch_size": 4, "micro_batch_size": 2,
-                   "seq_length": 32, "checkpoint_every_steps": 3},
+        "budget": {
+            "name": "smoke",
+            "steps": 6,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "seq_length": 32,
+            "checkpoint_every_steps": 3,
+        },
         "data": {"cache_dir": str(cache_dir)},
         "home": str(tmp_path),
         "runs_dir": str(tmp_path / "runs"),
@@ -37,8 +43,10 @@ def write_small_pair(folder: Path, repeats: int, copies: int):
     from polypythia.data.embedded import EOD_TOKEN, train_tokenizer
     from polypythia.data.indexed import write_indexed_dataset
 
-    texts = ["the quick brown fox jumps over the lazy dog " * repeats,
-             "pack my box with five dozen liquor jugs " * repeats] * copies
+    texts = [
+        "the quick brown fox jumps over the lazy dog " * repeats,
+        "pack my box with five dozen liquor jugs " * repeats,
+    ] * copies
     tokenizer = train_tokenizer(texts, 300)
     tokenizer.save(str(folder / "tokenizer.json"))
     eod = tokenizer.token_to_id(EOD_TOKEN)
@@ -87,7 +95,7 @@ def on_two_ranks(target, *args, timeout_s: float = 300) -> list:
 
 def train_here(cfg, callbacks=()):
     """Train ``cfg`` in this process, then leave its process group, so the next test can start one."""
-    from polypythia.job import teardown
+    from polypythia.job.run import teardown
     from polypythia.train.loop import train
 
     try:

@@ -34,7 +34,9 @@ def imported_modules(path: Path, modules: dict[str, Path]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             names = [base] + [f"{base}.{alias.name}" for alias in node.names]
         else:
             continue
@@ -63,7 +65,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
         stack.append(node)
         for dep in sorted(graph.get(node, ())):
             if state.get(dep) == 1:
-                return stack[stack.index(dep):] + [dep]
+                return stack[stack.index(dep) :] + [dep]
             if dep not in state and (cycle := visit(dep)):
                 return cycle
         stack.pop()
@@ -82,8 +84,11 @@ def test_no_import_cycle():
 
 
 def test_polypythia_never_imports_analysis():
-    offenders = {name: sorted(d for d in deps if d.split(".")[0] == "analysis")
-                 for name, deps in import_graph().items() if name.split(".")[0] == "polypythia"}
+    offenders = {
+        name: sorted(d for d in deps if d.split(".")[0] == "analysis")
+        for name, deps in import_graph().items()
+        if name.split(".")[0] == "polypythia"
+    }
     assert not {k: v for k, v in offenders.items() if v}
 
 
@@ -93,8 +98,11 @@ def test_the_cycle_finder_finds_cycles():
 
 
 def test_no_module_of_polypythia_over_350_lines():
-    long = {str(p.relative_to(REPO)): n for p in (REPO / "polypythia").rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(REPO)): n
+        for p in (REPO / "polypythia").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     assert not long
 
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from polypythia.config import model_preset
+from polypythia.config.jobconfig import model_preset
 from polypythia.model import build_model, count_parameters, gpt_neox_config, init_stds, padded_vocab_size
 
 # The published figures, written here independently of conf/model/*.yaml (the only size table the
@@ -35,8 +35,13 @@ def test_parameter_counts_match_published(name):
 
 
 def test_published_init_stds():
-    expected = {"14m": (0.0559, 0.0295), "31m": (0.0395, 0.0208), "70m": (0.0280, 0.0147),
-                "160m": (0.0228, 0.0060), "410m": (0.0198, 0.0026)}
+    expected = {
+        "14m": (0.0559, 0.0295),
+        "31m": (0.0395, 0.0208),
+        "70m": (0.0280, 0.0147),
+        "160m": (0.0228, 0.0060),
+        "410m": (0.0198, 0.0026),
+    }
     for name, (small, wang) in expected.items():
         s = model_preset(name)
         got = init_stds(s.num_layers, s.hidden_size)
@@ -93,4 +98,3 @@ def test_model_config_builds_the_same_network():
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(pa, pb), n
     assert tiny.padded_vocab_size(8000) == 8064 and model_preset("70m").padded_vocab_size(50277) == 50304
-

@@ -21,7 +21,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from helpers import REPO
 
 pytestmark = pytest.mark.integration
@@ -60,8 +59,16 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def copy_of_repository(dest: Path) -> Path:
     """The files git tracks (and the untracked ones it does not ignore), copied to ``dest``."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = REPO / name
         if source.is_file():
@@ -85,14 +92,26 @@ def planted(tmp_path):
     requests = tmp_path / "requests.log"
     requests.touch()
     sentinel = subprocess.Popen(
-        [sys.executable, "-c", SENTINEL, str(requests), "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{server_dir.resolve() / 'mlflow.db'}"],
-        stdout=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            "-c",
+            SENTINEL,
+            str(requests),
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{server_dir.resolve() / 'mlflow.db'}",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         port = int(sentinel.stdout.readline())
         uri = f"http://127.0.0.1:{port}"
-        (server_dir / "server.json").write_text(json.dumps({"pid": sentinel.pid, "uri": uri, "host": "127.0.0.1",
-                                                            "port": port}))
+        (server_dir / "server.json").write_text(
+            json.dumps({"pid": sentinel.pid, "uri": uri, "host": "127.0.0.1", "port": port})
+        )
         yield user, home, uri, requests
     finally:
         sentinel.kill()
@@ -102,7 +121,7 @@ def planted(tmp_path):
 def test_the_planted_server_looks_live_to_polypythia(planted):
     """The premise: without the suite's isolation, polypythia would take the planted server as the
     user's running one."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     user, home, uri, requests = planted
     assert tracking.running_server(home / "mlflow") == uri
@@ -114,12 +133,22 @@ def test_a_slice_of_the_suite_neither_reads_nor_writes_the_users_state(planted, 
     user, home, uri, requests = planted
     requests.write_text("")
     before = snapshot(home)
-    env = {**os.environ, PLANTED_ENV: "1", "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": uri.removeprefix("http://"),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        PLANTED_ENV: "1",
+        "MLFLOW_TRACKING_URI": uri,
+        "RAY_ADDRESS": uri.removeprefix("http://"),
+        "PYTHONUNBUFFERED": "1",
+    }
     env.pop("POLYPYTHIA_HOME", None)  # as in the user's shell: the default home, .polypythia/ in the folder
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'child'}", *SLICE],
-        cwd=user, env=env, capture_output=True, text=True, timeout=600)
+        cwd=user,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert f"{len(SLICE)} passed" in out.stdout, out.stdout[-2000:]
     assert requests.read_text() == "", "a test talked to the user's MLflow server"
@@ -129,15 +158,29 @@ def test_a_slice_of_the_suite_neither_reads_nor_writes_the_users_state(planted, 
 @pytest.mark.skipif(not os.environ.get(PLANTED_ENV), reason="runs in the child pytest of the test above")
 def test_a_tiny_sweep_uses_the_home_the_suite_gives_it(tmp_path, cache_dir):
     """A sweep with no tracking URI starts its local server in ``$POLYPYTHIA_HOME``, the test's own."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     home = Path(os.environ["POLYPYTHIA_HOME"])
     assert not os.environ.get("MLFLOW_TRACKING_URI") and not os.environ.get("RAY_ADDRESS")
     assert Path.cwd() == REPO  # the copy of the repository, where its default home is planted
     try:
-        out = subprocess.run([sys.executable, "launch.py", "-m", "seed=1", "model=tiny", "budget=smoke",
-                              f"data.cache_dir={cache_dir}", "launcher.progress=false"],
-                             cwd=REPO, env=os.environ.copy(), capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "launch.py",
+                "-m",
+                "seed=1",
+                "model=tiny",
+                "budget=smoke",
+                f"data.cache_dir={cache_dir}",
+                "launcher.progress=false",
+            ],
+            cwd=REPO,
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
         assert "tiny-seed1: finished" in out.stdout
         assert tracking.running_server(home / "mlflow") is not None

@@ -1,4 +1,4 @@
-"""A Hydra launcher that hands every job of a sweep to :class:`polypythia.sweep.Sweep`, which runs
+"""A Hydra launcher that hands every job of a sweep to :class:`polypythia.driver.sweep.Sweep`, which runs
 each as a Ray task in a fresh worker process.
 
 Why our own and not hydra-ray-launcher: that plugin pins cloudpickle<3 (which conflicts with
@@ -14,7 +14,7 @@ Hydra folder (``.hydra/`` with the composed config and overrides; the job's log 
 too), runs the sweep, and turns the jobs' outcomes into Hydra's ``JobReturn`` values.
 
 Hydra's task function (``launch.py``) is not called in a sweep: each job's worker runs
-:func:`polypythia.worker.run_job`, which calls :func:`polypythia.job.run` as the task function does
+:func:`polypythia.job.worker.run_job`, which calls :func:`polypythia.job.run.run` as the task function does
 for a job launched without ``-m``.
 """
 
@@ -39,7 +39,9 @@ class PolypythiaRayLauncherConf:
     _target_: str = "hydra_plugins.polypythia_launcher.launcher.PolypythiaRayLauncher"
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="polypythia_ray", node=PolypythiaRayLauncherConf, provider="polypythia")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="polypythia_ray", node=PolypythiaRayLauncherConf, provider="polypythia"
+)
 
 
 class PolypythiaRayLauncher(Launcher):
@@ -54,29 +56,39 @@ class PolypythiaRayLauncher(Launcher):
         self.task_function = task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        from polypythia.driver.sweep import Sweep
         from polypythia.errors import PolypythiaError, exit_with
-        from polypythia.sweep import Sweep
 
         setup_globals()
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        job_configs = [self._job_config(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)]
+        job_configs = [
+            self._job_config(list(overrides), initial_job_idx + i) for i, overrides in enumerate(job_overrides)
+        ]
         previous = signal.getsignal(signal.SIGTERM)
         try:
             try:
-                sweep = Sweep([_job_request(c) for c in job_configs], launch_dir=os.getcwd(),  # validates every job
-                              on_finished=print_cross_seed_summary)
+                sweep = Sweep(
+                    [_job_request(c) for c in job_configs],
+                    launch_dir=os.getcwd(),  # validates every job
+                    on_finished=print_cross_seed_summary,
+                )
                 for job_cfg in job_configs:
                     _save_hydra_folder(job_cfg)
                 sweep.prepare()
             except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
                 exit_with(exc)
             signal.signal(signal.SIGINT, _raise_interrupt)
-            signal.signal(signal.SIGTERM, _raise_interrupt)  # stops the sweep as Ctrl-C does (after ray.init's own handler)
+            signal.signal(
+                signal.SIGTERM, _raise_interrupt
+            )  # stops the sweep as Ctrl-C does (after ray.init's own handler)
             outcomes = sweep.run()
         except KeyboardInterrupt:  # the sweep stopped its jobs and marked their MLflow runs KILLED
-            print("\npolypythia: interrupted; the jobs were stopped and their MLflow runs marked KILLED "
-                  "(failure_reason=interrupted).", flush=True)
+            print(
+                "\npolypythia: interrupted; the jobs were stopped and their MLflow runs marked KILLED "
+                "(failure_reason=interrupted).",
+                flush=True,
+            )
             raise SystemExit(130) from None
         finally:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -85,7 +97,9 @@ class PolypythiaRayLauncher(Launcher):
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         failed = sum(r.status == JobStatus.FAILED for r in returns)
         if failed:  # already reported per job above; Hydra would add a traceback of the first only
-            print(f"polypythia: {failed} of {len(returns)} jobs did not finish (see the sweep outcome above).", flush=True)
+            print(
+                f"polypythia: {failed} of {len(returns)} jobs did not finish (see the sweep outcome above).", flush=True
+            )
             raise SystemExit(1)
         return returns
 
@@ -106,7 +120,7 @@ class PolypythiaRayLauncher(Launcher):
 def _raise_interrupt(signum: int, frame: Any) -> None:
     """Ctrl-C and SIGTERM during a sweep: KeyboardInterrupt, and the sweep's STOP flag, which its loop
     also checks (a KeyboardInterrupt raised inside a library call, Ray's or MLflow's, may be lost)."""
-    from polypythia.sweep import STOP
+    from polypythia.driver.sweep import STOP
 
     STOP.set()
     raise KeyboardInterrupt
@@ -149,8 +163,11 @@ def _save_hydra_folder(job_cfg: DictConfig) -> None:
         return
     hydra_output = output_dir / str(job_cfg.hydra.output_subdir)
     hydra_output.mkdir(parents=True, exist_ok=True)
-    for name, node in (("config.yaml", _job_body(job_cfg)), ("hydra.yaml", OmegaConf.masked_copy(job_cfg, "hydra")),
-                       ("overrides.yaml", job_cfg.hydra.overrides.task)):
+    for name, node in (
+        ("config.yaml", _job_body(job_cfg)),
+        ("hydra.yaml", OmegaConf.masked_copy(job_cfg, "hydra")),
+        ("overrides.yaml", job_cfg.hydra.overrides.task),
+    ):
         (hydra_output / name).write_text(OmegaConf.to_yaml(node), encoding="utf-8")
 
 

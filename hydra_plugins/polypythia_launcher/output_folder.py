@@ -51,7 +51,7 @@ def create_folder_problem(folder: str) -> str | None:
     """Why ``folder`` cannot be created or written, or None once it exists. It is created here, as
     Hydra would create it next (``${now:...}`` is cached, so Hydra's folder is this one): a mode bit
     check alone misses a read-only file system or a pseudo file system such as ``/sys`` for root."""
-    from polypythia.preflight import writable_folder_problem
+    from polypythia.config.preflight import writable_folder_problem
 
     problem = writable_folder_problem(folder)
     if problem is not None:
@@ -66,7 +66,7 @@ def create_folder_problem(folder: str) -> str | None:
 def output_folder_problem(home: str, key: str, folder: str) -> str | None:
     """The one-line error for an output ``folder`` (the value of ``key``) that cannot be created or
     written, or None. A folder under ``home`` names the home and ``POLYPYTHIA_HOME`` as the fix."""
-    from polypythia.runtime_env import HOME_ENV
+    from polypythia.runtime.env import HOME_ENV
 
     problem = create_folder_problem(folder)
     if problem is None:
@@ -75,5 +75,7 @@ def output_folder_problem(home: str, key: str, folder: str) -> str | None:
     if os.path.commonpath([os.path.abspath(folder), home_path]) != home_path:
         return f"{key}={folder} cannot be written ({problem}); set {key} to a folder you can write to."
     named = f"{HOME_ENV}={home}" if os.environ.get(HOME_ENV) == home else f"home={home} ({HOME_ENV})"
-    return (f"{named} cannot be written ({problem}), so Hydra cannot create {folder}; set {HOME_ENV} "
-            "(or home=...) to a folder you can write to.")
+    return (
+        f"{named} cannot be written ({problem}), so Hydra cannot create {folder}; set {HOME_ENV} "
+        "(or home=...) to a folder you can write to."
+    )

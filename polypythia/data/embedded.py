@@ -77,9 +77,7 @@ def ensure_embedded_dataset(cache_dir: str | Path, vocab_size: int) -> Path:
         eod = tokenizer.token_to_id(EOD_TOKEN)
         encodings = tokenizer.encode_batch(documents)
         dtype = token_dtype(tokenizer.get_vocab_size())
-        write_indexed_dataset(
-            work / "corpus", (np.asarray(e.ids + [eod], dtype=dtype) for e in encodings), dtype
-        )
+        write_indexed_dataset(work / "corpus", (np.asarray(e.ids + [eod], dtype=dtype) for e in encodings), dtype)
         (work / "COMPLETE").write_text("ok\n")
         try:
             os.rename(work, target)

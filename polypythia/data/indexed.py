@@ -96,7 +96,9 @@ def read_header(idx_path: Path) -> tuple[np.dtype, int, int]:
     with open(idx_path, "rb") as f:
         header = f.read(HEADER_BYTES)
     if header[:9] != MAGIC[: min(9, len(header))]:
-        raise DataError(f"{idx_path} is not a GPT-NeoX/Megatron index file (bad magic bytes); rebuild the pair with polypythia-prepare.")
+        raise DataError(
+            f"{idx_path} is not a GPT-NeoX/Megatron index file (bad magic bytes); rebuild the pair with polypythia-prepare."
+        )
     if len(header) < HEADER_BYTES:
         raise DataError(
             f"The index file {idx_path} is truncated ({len(header)} bytes, shorter than its {HEADER_BYTES}-byte header); "
@@ -176,9 +178,7 @@ class IndexedDataset:
         if problem:
             raise problem
         self.tokens = (
-            np.memmap(bin_path, mode="r", dtype=self.dtype)
-            if expected_bytes
-            else np.zeros(0, dtype=self.dtype)
+            np.memmap(bin_path, mode="r", dtype=self.dtype) if expected_bytes else np.zeros(0, dtype=self.dtype)
         )
 
     def __len__(self) -> int:
@@ -197,8 +197,9 @@ SAMPLE_CHUNKS = 16
 SAMPLE_CHUNK_BYTES = 1 << 20
 
 
-def sample_token_range(prefix: str | Path, chunks: int = SAMPLE_CHUNKS,
-                       chunk_bytes: int = SAMPLE_CHUNK_BYTES) -> tuple[int, int, int]:
+def sample_token_range(
+    prefix: str | Path, chunks: int = SAMPLE_CHUNKS, chunk_bytes: int = SAMPLE_CHUNK_BYTES
+) -> tuple[int, int, int]:
     """(smallest id, largest id, tokens read) of ``chunks`` evenly spaced slices of ``chunk_bytes``
     of the ``.bin`` file (all of it when it is smaller): 16 MiB by default, tens of milliseconds
     from a page cache, however large the dataset. A check before any job starts, not a proof: every

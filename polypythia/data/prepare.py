@@ -53,8 +53,9 @@ def input_files(paths: Iterable[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw).expanduser()
         if path.is_dir():
-            found.update(p.resolve() for p in path.rglob("*")
-                         if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES)
+            found.update(
+                p.resolve() for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES + JSONL_SUFFIXES
+            )
         elif path.is_file():
             found.add(path.resolve())
         else:
@@ -154,8 +155,15 @@ def _chunks(documents: Iterator[tuple[str | None, int]]) -> Iterator[tuple[list[
 def _progress_bar(total_bytes: int, quiet: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="tokenising",
-                disable=quiet or not sys.stderr.isatty(), file=sys.stderr)
+    return tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="tokenising",
+        disable=quiet or not sys.stderr.isatty(),
+        file=sys.stderr,
+    )
 
 
 def _output_prefix(out: str | Path) -> Path:
@@ -212,8 +220,10 @@ def _check_output_folder(out: str | Path, prefix: Path) -> None:
     if not existing.is_dir():
         raise DataError(f"--out {out} cannot be written: {existing} is a file, not a folder; choose another --out.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise DataError(f"--out {out} cannot be written: the folder {existing} is not writable; "
-                        "choose a --out in a folder you can write to.")
+        raise DataError(
+            f"--out {out} cannot be written: the folder {existing} is not writable; "
+            "choose a --out in a folder you can write to."
+        )
 
 
 def _write_tokens(prefix: Path, files: list[Path], tokenizer, eod: int, text_key: str, quiet: bool):
@@ -266,8 +276,7 @@ def summary(result: PrepareResult) -> str:
     ]
     if result.num_empty_skipped:
         lines.append(f"Skipped {result.num_empty_skipped:,} empty document(s).")
-    lines += [f"Tokenizer: {result.tokenizer_file}", "Train on it with these overrides:",
-              f"  {result.overrides()}"]
+    lines += [f"Tokenizer: {result.tokenizer_file}", "Train on it with these overrides:", f"  {result.overrides()}"]
     return "\n".join(lines)
 
 
@@ -280,10 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, metavar="PREFIX", help="writes PREFIX.bin and PREFIX.idx")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--tokenizer", metavar="PATH", help="a Hugging Face tokenizer.json")
-    source.add_argument("--train-tokenizer", type=int, metavar="VOCAB",
-                        help="train a byte-level BPE of VOCAB tokens on the inputs; saved as PREFIX.tokenizer.json")
+    source.add_argument(
+        "--train-tokenizer",
+        type=int,
+        metavar="VOCAB",
+        help="train a byte-level BPE of VOCAB tokens on the inputs; saved as PREFIX.tokenizer.json",
+    )
     parser.add_argument("--text-key", default="text", help="key of the text in each .jsonl object (default: text)")
-    parser.add_argument("--eod-token", default=EOD_TOKEN, help=f"token appended to every document (default: {EOD_TOKEN})")
+    parser.add_argument(
+        "--eod-token", default=EOD_TOKEN, help=f"token appended to every document (default: {EOD_TOKEN})"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing PREFIX.bin/.idx")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
@@ -292,9 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = prepare(args.inputs, args.out, tokenizer_file=args.tokenizer,
-                         train_vocab_size=args.train_tokenizer, text_key=args.text_key,
-                         eod_token=args.eod_token, overwrite=args.overwrite, quiet=args.quiet)
+        result = prepare(
+            args.inputs,
+            args.out,
+            tokenizer_file=args.tokenizer,
+            train_vocab_size=args.train_tokenizer,
+            text_key=args.text_key,
+            eod_token=args.eod_token,
+            overwrite=args.overwrite,
+            quiet=args.quiet,
+        )
     except PolypythiaError as exc:
         print(f"polypythia-prepare: error: {exc}", file=sys.stderr)
         return 2

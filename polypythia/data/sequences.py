@@ -31,8 +31,10 @@ def out_of_vocabulary(rows: np.ndarray, vocab_size: int) -> tuple[int, int] | No
 
 
 def vocabulary_fix(vocab_size: int) -> str:
-    return (f"the model's vocabulary of {vocab_size:,} rows (model.vocab_size); check that data.tokenizer is the "
-            "tokenizer the data was prepared with (re-run polypythia-prepare with it), or raise model.vocab_size")
+    return (
+        f"the model's vocabulary of {vocab_size:,} rows (model.vocab_size); check that data.tokenizer is the "
+        "tokenizer the data was prepared with (re-run polypythia-prepare with it), or raise model.vocab_size"
+    )
 
 
 class TokenSequences:
@@ -40,8 +42,9 @@ class TokenSequences:
     validation rows are checked against the model's vocabulary (training batches are checked by
     :meth:`polypythia.train.data.TrainingData.batch`, which knows their step)."""
 
-    def __init__(self, dataset: IndexedDataset, seq_length: int, valid_fraction: float = 0.0,
-                 vocab_size: int | None = None):
+    def __init__(
+        self, dataset: IndexedDataset, seq_length: int, valid_fraction: float = 0.0, vocab_size: int | None = None
+    ):
         self.tokens = dataset.tokens
         self.prefix = dataset.prefix
         self.seq_length = seq_length
@@ -73,8 +76,10 @@ class TokenSequences:
         rows = self.rows(indices)
         found = None if self.vocab_size is None else out_of_vocabulary(rows, self.vocab_size)
         if found:
-            raise DataError(f"Validation row {indices[found[0]]} of {self.prefix}.bin holds token id {found[1]}, "
-                            f"beyond {vocabulary_fix(self.vocab_size)}.")
+            raise DataError(
+                f"Validation row {indices[found[0]]} of {self.prefix}.bin holds token id {found[1]}, "
+                f"beyond {vocabulary_fix(self.vocab_size)}."
+            )
         return rows
 
 
@@ -102,9 +107,7 @@ class SeededOrder:
             out[j] = self._epoch_permutation(epoch)[within]
         return out
 
-    def batch_indices(
-        self, step: int, global_batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> np.ndarray:
+    def batch_indices(self, step: int, global_batch_size: int, rank: int = 0, world_size: int = 1) -> np.ndarray:
         """Row indices of ``rank``'s share of the global batch of ``step``."""
         per_rank = global_batch_size // world_size
         return self.positions(step * global_batch_size + rank * per_rank, per_rank)

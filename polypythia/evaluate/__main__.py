@@ -15,8 +15,8 @@ from pathlib import Path
 
 from polypythia.errors import PolypythiaError, exit_with
 from polypythia.evaluate.downstream import TASK_NAMES
-from polypythia.runtime_env import home as polypythia_home
-from polypythia.tracking import default_tracking_uri
+from polypythia.runtime.env import home as polypythia_home
+from polypythia.tracking.client import default_tracking_uri
 
 # weight_stats.DEFINITIONS, spelled out so that --help does not import torch (a test keeps them equal)
 WEIGHT_STATS_DEFINITIONS = ("polypythias", "hu")
@@ -45,34 +45,61 @@ code stays the evaluation's.
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m polypythia.evaluate",
-                                description="Evaluate every checkpoint of a study once: weight statistics, validation "
-                                "loss and offline downstream tasks, logged to MLflow and written as tables.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m polypythia.evaluate",
+        description="Evaluate every checkpoint of a study once: weight statistics, validation "
+        "loss and offline downstream tasks, logged to MLflow and written as tables.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("source", help="MLflow experiment name, or a folder of <name>/step<S>/ checkpoints")
-    p.add_argument("--tracking-uri", default=default_tracking_uri(),
-                   help="MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else the local server "
-                        "that sweeps started under $POLYPYTHIA_HOME, i.e. .polypythia/mlflow)")
+    p.add_argument(
+        "--tracking-uri",
+        default=default_tracking_uri(),
+        help="MLflow tracking URI (default: env MLFLOW_TRACKING_URI, else the local server "
+        "that sweeps started under $POLYPYTHIA_HOME, i.e. .polypythia/mlflow)",
+    )
     p.add_argument("--parent-run", help="only the child runs of this sweep's parent run id")
-    p.add_argument("--experiment", help="folder source: log into runs named after each folder in this MLflow experiment")
-    p.add_argument("--out", type=Path, help="folder for the tables (and a folder source's result files) "
-                   "(default: $POLYPYTHIA_HOME/eval/<source name>)")
-    p.add_argument("--tasks", nargs="+", default=list(TASK_NAMES), choices=TASK_NAMES, metavar="TASK",
-                   help=f"downstream tasks (default: all of {' '.join(TASK_NAMES)})")
+    p.add_argument(
+        "--experiment", help="folder source: log into runs named after each folder in this MLflow experiment"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for the tables (and a folder source's result files) "
+        "(default: $POLYPYTHIA_HOME/eval/<source name>)",
+    )
+    p.add_argument(
+        "--tasks",
+        nargs="+",
+        default=list(TASK_NAMES),
+        choices=TASK_NAMES,
+        metavar="TASK",
+        help=f"downstream tasks (default: all of {' '.join(TASK_NAMES)})",
+    )
     p.add_argument("--limit-items", type=int, help="evaluate only each task's first N items (quick checks)")
     p.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--valid-data", help="folder source: prefix of a .bin/.idx pair to compute the validation loss on")
-    p.add_argument("--valid-seq-length", type=int, default=2048, help="tokens per validation row (default 2048, Pythia's)")
+    p.add_argument(
+        "--valid-seq-length", type=int, default=2048, help="tokens per validation row (default 2048, Pythia's)"
+    )
     p.add_argument("--valid-rows", type=int, default=64, help="validation rows (default 64)")
-    p.add_argument("--reference-seed", metavar="SEED",
-                   help="inter-seed agreement reference: a seed (3) or a run label w<weight seed>-d<data seed> "
-                        "(w1-d2) (default: each model's run with the smallest weight seed, then data seed)")
-    p.add_argument("--weight-stats", choices=WEIGHT_STATS_DEFINITIONS, default=WEIGHT_STATS_DEFINITIONS[0],
-                   help="definition of the 14 weight statistics: polypythias (default) computes what the released "
-                        "PolyPythias code does (fused QKV as one matrix, input embedding kept, unbiased variances, "
-                        "lower median); hu follows the prose of Hu et al. 2023 (Q/K/V split, embeddings left out, "
-                        "population variances). Stored results of the other definition are recomputed")
+    p.add_argument(
+        "--reference-seed",
+        metavar="SEED",
+        help="inter-seed agreement reference: a seed (3) or a run label w<weight seed>-d<data seed> "
+        "(w1-d2) (default: each model's run with the smallest weight seed, then data seed)",
+    )
+    p.add_argument(
+        "--weight-stats",
+        choices=WEIGHT_STATS_DEFINITIONS,
+        default=WEIGHT_STATS_DEFINITIONS[0],
+        help="definition of the 14 weight statistics: polypythias (default) computes what the released "
+        "PolyPythias code does (fused QKV as one matrix, input embedding kept, unbiased variances, "
+        "lower median); hu follows the prose of Hu et al. 2023 (Q/K/V split, embeddings left out, "
+        "population variances). Stored results of the other definition are recomputed",
+    )
     p.add_argument("--no-ray", action="store_true", help="compute in this process instead of one Ray task per run")
     p.add_argument("--ray-address", help="Ray cluster to use (default: a local Ray runtime)")
     p.add_argument("--num-gpus-per-run", type=float, default=0.0, help="GPUs per Ray task (default 0)")
@@ -96,8 +123,14 @@ def choose_source(source: str) -> tuple[bool, str, str | None]:
     if any(step_folders(child) for child in path.iterdir() if child.is_dir()):
         return True, source, None
     name = Path(os.path.abspath(path)).name
-    return False, name, (f"The folder {source} holds no <name>/step<S>/ checkpoint folders with a config.json, "
-                         f"so it is read as the MLflow experiment name '{name}'.")
+    return (
+        False,
+        name,
+        (
+            f"The folder {source} holds no <name>/step<S>/ checkpoint folders with a config.json, "
+            f"so it is read as the MLflow experiment name '{name}'."
+        ),
+    )
 
 
 def build_targets(args, mlflow_client):
@@ -106,15 +139,21 @@ def build_targets(args, mlflow_client):
     if args.folder_source:
         valid = None
         if args.valid_data:
-            valid = {"kind": "indexed", "prefix": args.valid_data, "seq_length": args.valid_seq_length,
-                     "max_rows": args.valid_rows}
+            valid = {
+                "kind": "indexed",
+                "prefix": args.valid_data,
+                "seq_length": args.valid_seq_length,
+                "max_rows": args.valid_rows,
+            }
         found = targets.targets_from_folder(args.source, args.out, valid)
         if mlflow_client is not None:
             targets.attach_folder_runs(mlflow_client, args.experiment, found)
         return found
     if mlflow_client is None:
-        raise targets.EvaluationError(f"'{args.source}' is not a folder, so it names an MLflow experiment; "
-                                      "give --tracking-uri (or set MLFLOW_TRACKING_URI).")
+        raise targets.EvaluationError(
+            f"'{args.source}' is not a folder, so it names an MLflow experiment; "
+            "give --tracking-uri (or set MLFLOW_TRACKING_URI)."
+        )
     return targets.targets_from_mlflow(mlflow_client, args.source, args.parent_run)
 
 
@@ -132,7 +171,7 @@ def read_as_experiment(error: PolypythiaError, note: str | None) -> PolypythiaEr
 
 def tracking_client(args):
     """The MLflow client to log to, or None (a folder source logs only with --experiment)."""
-    from polypythia import tracking
+    from polypythia.tracking import client as tracking
 
     folder = args.folder_source
     if not args.tracking_uri or (folder and not args.experiment):
@@ -150,11 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out or default_out(args.source)
     try:
         if args.valid_data and not os.path.isfile(args.valid_data + ".idx"):
-            raise runner.EvaluationError(f"--valid-data {args.valid_data} has no .idx file; give the prefix of a .bin/.idx pair.")
+            raise runner.EvaluationError(
+                f"--valid-data {args.valid_data} has no .idx file; give the prefix of a .bin/.idx pair."
+            )
         if args.experiment and not args.tracking_uri:
             raise runner.EvaluationError("--experiment needs --tracking-uri (or MLFLOW_TRACKING_URI) to log to.")
-        options = runner.EvalOptions(tasks=tuple(args.tasks), limit_items=args.limit_items, batch_size=args.batch_size,
-                                     device=args.device or _default_device(), weight_stats=args.weight_stats)
+        options = runner.EvalOptions(
+            tasks=tuple(args.tasks),
+            limit_items=args.limit_items,
+            batch_size=args.batch_size,
+            device=args.device or _default_device(),
+            weight_stats=args.weight_stats,
+        )
         options.check()
         if args.reference_seed is not None:
             tables.reference_run(args.reference_seed)
@@ -165,9 +211,16 @@ def main(argv: list[str] | None = None) -> int:
             raise read_as_experiment(exc, note) from None
         if note:
             print(f"polypythia: {note}", file=sys.stderr, flush=True)
-        summary = runner.evaluate_targets(targets, options, mlflow_client, use_ray=not args.no_ray,
-                                          ray_address=args.ray_address, num_gpus_per_run=args.num_gpus_per_run,
-                                          out_dir=args.out, reference_seed=args.reference_seed)
+        summary = runner.evaluate_targets(
+            targets,
+            options,
+            mlflow_client,
+            use_ray=not args.no_ray,
+            ray_address=args.ray_address,
+            num_gpus_per_run=args.num_gpus_per_run,
+            out_dir=args.out,
+            reference_seed=args.reference_seed,
+        )
     except PolypythiaError as exc:
         exit_with(exc)
     check_integrity(targets, args.out)

@@ -31,7 +31,9 @@ class AgreementError(PolypythiaError, ValueError):
 def _as_labels(predictions, name: str) -> np.ndarray:
     labels = np.asarray(predictions)
     if labels.ndim != 1 or labels.size == 0:
-        raise AgreementError(f"{name} must be a non-empty 1-D sequence of per-item predictions, got shape {labels.shape}.")
+        raise AgreementError(
+            f"{name} must be a non-empty 1-D sequence of per-item predictions, got shape {labels.shape}."
+        )
     return labels
 
 
@@ -42,22 +44,33 @@ def cohen_kappa(a, b, *, constant_kappa: float = 1.0) -> float:
     """
     a, b = _as_labels(a, "a"), _as_labels(b, "b")
     if a.shape != b.shape:
-        raise AgreementError(f"Predictions cover different numbers of items ({a.size} vs {b.size}); compare the same items.")
+        raise AgreementError(
+            f"Predictions cover different numbers of items ({a.size} vs {b.size}); compare the same items."
+        )
     if np.unique(np.concatenate([a, b])).size == 1:
         return float(constant_kappa)
     return float(cohen_kappa_score(a, b))
 
 
-def self_consistency(preds_by_step: Mapping[int, object], final_step: int, *, constant_kappa: float = 1.0) -> dict[int, float]:
+def self_consistency(
+    preds_by_step: Mapping[int, object], final_step: int, *, constant_kappa: float = 1.0
+) -> dict[int, float]:
     """Step -> kappa of that checkpoint's predictions against the ``final_step`` checkpoint's."""
     if final_step not in preds_by_step:
-        raise AgreementError(f"final_step {final_step} has no predictions; the steps given are {sorted(preds_by_step)}.")
+        raise AgreementError(
+            f"final_step {final_step} has no predictions; the steps given are {sorted(preds_by_step)}."
+        )
     final = preds_by_step[final_step]
-    return {step: cohen_kappa(preds, final, constant_kappa=constant_kappa) for step, preds in sorted(preds_by_step.items())}
+    return {
+        step: cohen_kappa(preds, final, constant_kappa=constant_kappa) for step, preds in sorted(preds_by_step.items())
+    }
 
 
 def inter_seed_agreement(
-    preds_by_seed_step: Mapping[Hashable, Mapping[int, object]], reference_seed: Hashable = 0, *, constant_kappa: float = 1.0
+    preds_by_seed_step: Mapping[Hashable, Mapping[int, object]],
+    reference_seed: Hashable = 0,
+    *,
+    constant_kappa: float = 1.0,
 ) -> dict[tuple[Hashable, int], float]:
     """(seed, step) -> kappa of that seed's predictions against ``reference_seed`` at the same step.
 

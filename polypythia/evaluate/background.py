@@ -49,15 +49,21 @@ LOCK_FILE = "eval.lock"
 PASSES_FILE = "evaluation_passes.jsonl"  # one line per pass: when, how long, what it computed
 
 
-def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[str], job_pid: Optional[int] = None,
-                    device: str = "cpu", heartbeat: Optional[Callable[[], None]] = None) -> list[str]:
+def evaluation_pass(
+    config: dict,
+    tracking_uri: Optional[str],
+    run_id: Optional[str],
+    job_pid: Optional[int] = None,
+    device: str = "cpu",
+    heartbeat: Optional[Callable[[], None]] = None,
+) -> list[str]:
     """Evaluate (weights, validation loss) every checkpoint of the run that lacks a result, and log
     what its MLflow run lacks; returns the failures, one line each. Runs in a Ray task or in-process;
     ``job_pid`` is the training job's process (``train.fault.kill_in_evaluation`` kills it);
     ``device`` is where the validation loss is computed; ``heartbeat`` is called after each checkpoint."""
-    from polypythia.config import job_config
+    from polypythia.config.jobconfig import job_config
     from polypythia.evaluate.runner import EvalOptions, evaluate_run
-    from polypythia.runtime_env import quiet_libraries
+    from polypythia.runtime.env import quiet_libraries
 
     quiet_libraries()
     cfg = job_config(config)
@@ -66,9 +72,15 @@ def evaluation_pass(config: dict, tracking_uri: Optional[str], run_id: Optional[
         fcntl.flock(lock, fcntl.LOCK_EX)  # another pass of this run first (one a killed job left behind)
         started = time.time()
         try:
-            summary = evaluate_run(cfg.run_dir, cfg=cfg, tracking_uri=tracking_uri, run_id=run_id,
-                                   options=EvalOptions(tasks=(), device=device), use_ray=False,
-                                   heartbeat=_both(_kill_fault(cfg, job_pid), heartbeat))
+            summary = evaluate_run(
+                cfg.run_dir,
+                cfg=cfg,
+                tracking_uri=tracking_uri,
+                run_id=run_id,
+                options=EvalOptions(tasks=(), device=device),
+                use_ray=False,
+                heartbeat=_both(_kill_fault(cfg, job_pid), heartbeat),
+            )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     record = {"started": started, "seconds": time.time() - started, "computed": summary.computed, "pid": os.getpid()}
@@ -139,9 +151,15 @@ class CheckpointEvaluation(Callback):
     (default: this process's GPU, if it has one; None: nowhere, wait).
     """
 
-    def __init__(self, config: dict, tracking_uri: Optional[str], run_id: Optional[str],
-                 heartbeat: Optional[Callable[[], None]] = None, use_ray: Optional[bool] = None,
-                 finish_device: Optional[str] = "auto"):
+    def __init__(
+        self,
+        config: dict,
+        tracking_uri: Optional[str],
+        run_id: Optional[str],
+        heartbeat: Optional[Callable[[], None]] = None,
+        use_ray: Optional[bool] = None,
+        finish_device: Optional[str] = "auto",
+    ):
         self.args = (config, tracking_uri, run_id, os.getpid())
         self.heartbeat = heartbeat
         self.use_ray = _ray_available() if use_ray is None else use_ray

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from polypythia.errors import PolypythiaError
-from polypythia.runtime_env import apply as apply_runtime_env
+from polypythia.runtime.env import apply as apply_runtime_env
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 TASK_NAMES = ("polypythia_stdlib_next_line", "polypythia_stdlib_cloze")

@@ -56,7 +56,9 @@ class EvalOptions:
 
     def check(self) -> None:
         if self.weight_stats not in DEFINITIONS:
-            raise EvaluationError(f"Unknown weight-statistics definition '{self.weight_stats}'; choose one of {', '.join(DEFINITIONS)}.")
+            raise EvaluationError(
+                f"Unknown weight-statistics definition '{self.weight_stats}'; choose one of {', '.join(DEFINITIONS)}."
+            )
         unknown = sorted(set(self.tasks) - set(TASK_NAMES))
         if unknown:
             raise EvaluationError(f"Unknown task(s) {unknown}; choose from {list(TASK_NAMES)}.")
@@ -97,8 +99,14 @@ class Evaluator:
         raise NotImplementedError
 
     @classmethod
-    def compute_all(cls, evaluators: list[Evaluator], checkpoint: CheckpointTarget, run: RunTarget,
-                    options: EvalOptions, cache: dict) -> dict[str, dict]:
+    def compute_all(
+        cls,
+        evaluators: list[Evaluator],
+        checkpoint: CheckpointTarget,
+        run: RunTarget,
+        options: EvalOptions,
+        cache: dict,
+    ) -> dict[str, dict]:
         """Results of several evaluators of this class for one checkpoint (by default one at a time)."""
         return {e.name: e.compute(checkpoint, run, options, cache) for e in evaluators}
 
@@ -156,16 +164,21 @@ class WeightsEvaluator(Evaluator):
         definition = self.logged_definition(run, logged)
         if definition in (None, options.weight_stats):
             return None
-        return (f"has weights/* metrics of the '{definition}' definition in MLflow; its '{options.weight_stats}' "
-                "weight statistics are in the result files and tables only")
+        return (
+            f"has weights/* metrics of the '{definition}' definition in MLflow; its '{options.weight_stats}' "
+            "weight statistics are in the result files and tables only"
+        )
 
     def tags_when_logged(self, options):
         return {study.WEIGHT_STATS_TAG: options.weight_stats}
 
     def compute(self, checkpoint, run, options, cache):
         features = weight_stats_module.weight_stats_from_checkpoint(checkpoint.path, definition=options.weight_stats)
-        return {"metrics": {f"weights/{k}": v for k, v in features.items()}, "source": "computed",
-                "weight_stats": options.weight_stats}
+        return {
+            "metrics": {f"weights/{k}": v for k, v in features.items()},
+            "source": "computed",
+            "weight_stats": options.weight_stats,
+        }
 
 
 def result_weight_stats(result: dict) -> str:
@@ -205,7 +218,7 @@ def validation_rows(valid: dict):
     import numpy as np
 
     if valid["kind"] == "config":
-        from polypythia.config import job_config
+        from polypythia.config.jobconfig import job_config
         from polypythia.train.data import load_training_data
 
         cfg = job_config(valid["config"])
@@ -250,10 +263,17 @@ class TaskEvaluator(Evaluator):
     @classmethod
     def compute_all(cls, evaluators, checkpoint, run, options, cache):
         tasks = tuple(e.name for e in evaluators)  # one lm-eval run for all of them
-        results = downstream.evaluate_checkpoint(checkpoint.path, tasks, options.batch_size, options.device,
-                                                 options.limit_items)
-        return {task: {"metrics": {f"eval/{task}/acc": result.accuracy}, "predictions": result.predictions.tolist(),
-                       "limit_items": options.limit_items} for task, result in results.items()}
+        results = downstream.evaluate_checkpoint(
+            checkpoint.path, tasks, options.batch_size, options.device, options.limit_items
+        )
+        return {
+            task: {
+                "metrics": {f"eval/{task}/acc": result.accuracy},
+                "predictions": result.predictions.tolist(),
+                "limit_items": options.limit_items,
+            }
+            for task, result in results.items()
+        }
 
     def compute(self, checkpoint, run, options, cache):
         return self.compute_all([self], checkpoint, run, options, cache)[self.name]

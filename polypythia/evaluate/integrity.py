@@ -82,8 +82,15 @@ def missing_problem(model, seed, weight_seed, data_seed, present, expected, wher
     missing = sorted(set(expected) - set(present))
     if not missing:
         return None
-    return Problem(model, seed, weight_seed, data_seed, MISSING, step_list(missing),
-                   f"{len(missing)} of the {len(expected)} steps of {where} are missing")
+    return Problem(
+        model,
+        seed,
+        weight_seed,
+        data_seed,
+        MISSING,
+        step_list(missing),
+        f"{len(missing)} of the {len(expected)} steps of {where} are missing",
+    )
 
 
 def identical_runs(pairs: list[tuple[int, object]]) -> list[list[int]]:
@@ -163,8 +170,10 @@ def checkpoint_problem(folder: str | Path, verify_manifest: bool = False) -> str
 
 def corrupt_message(folder: str | Path, problem: str) -> str:
     """The one line for a checkpoint that cannot be evaluated: which, why, and the fix."""
-    return (f"Checkpoint {folder} is corrupt or incomplete ({problem}), so it was skipped; restore it from a copy or "
-            "download it again (or delete the folder), then run the command again to evaluate it.")
+    return (
+        f"Checkpoint {folder} is corrupt or incomplete ({problem}), so it was skipped; restore it from a copy or "
+        "download it again (or delete the folder), then run the command again to evaluate it."
+    )
 
 
 def sample_matrices(folder: str | Path, names: list[str] | None = None) -> dict[str, object]:
@@ -206,8 +215,11 @@ def run_schedule(checkpoint_path: str | Path) -> list[int] | None:
         return None
     try:
         budget = json.loads(record.read_text())["budget"]
-        return checkpoint_steps(int(budget["steps"]), int(budget["checkpoint_every_steps"]),
-                                bool(budget.get("log_spaced_checkpoints", True)))
+        return checkpoint_steps(
+            int(budget["steps"]),
+            int(budget["checkpoint_every_steps"]),
+            bool(budget.get("log_spaced_checkpoints", True)),
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -233,8 +245,14 @@ def check_targets(targets, horizon: int = DESCENT_HORIZON) -> list[Problem]:
         for group in identical_runs(digests):
             whole = {checkpoint_digest(by_step[s], whole=True) for s in group}  # a sampled match, confirmed
             if len(whole) == 1:
-                problems.append(Problem(*ident, IDENTICAL, step_list(group),
-                                        f"the weight files of steps {step_list(group)} are byte-identical"))
+                problems.append(
+                    Problem(
+                        *ident,
+                        IDENTICAL,
+                        step_list(group),
+                        f"the weight files of steps {step_list(group)} are byte-identical",
+                    )
+                )
         problems += descent_problems(target, ident, zeros, horizon)
     return problems
 
@@ -247,16 +265,28 @@ def readable_part(target, problems: list[Problem]):
     if not unreadable:
         return target
     detail = "; ".join(f"step {step}: {problem}" for step, problem in sorted(unreadable.items())[:3])
-    problems.append(Problem(target.model, target.seed, target.weight_seed, target.data_seed, UNREADABLE,
-                            step_list(sorted(unreadable)), detail + ("; ..." if len(unreadable) > 3 else "")))
+    problems.append(
+        Problem(
+            target.model,
+            target.seed,
+            target.weight_seed,
+            target.data_seed,
+            UNREADABLE,
+            step_list(sorted(unreadable)),
+            detail + ("; ..." if len(unreadable) > 3 else ""),
+        )
+    )
     return replace(target, checkpoints=[c for c in target.checkpoints if c.step not in unreadable])
 
 
 def descent_problems(target, ident, zeros: dict, horizon: int) -> list[Problem]:
     """A checkpoint (the first after 0, and every one up to ``horizon``) nearer another seed's step 0."""
     own = zeros.get(target.name, (None, None))[1]
-    others = {name: sample for name, (model, sample) in zeros.items()
-              if name != target.name and sample and model == target.model}
+    others = {
+        name: sample
+        for name, (model, sample) in zeros.items()
+        if name != target.name and sample and model == target.model
+    }
     if not own or not others:
         return []
     later = sorted(c for c in ((c.step, c.path) for c in target.checkpoints) if c[0] > 0)
@@ -272,8 +302,9 @@ def descent_problems(target, ident, zeros: dict, horizon: int) -> list[Problem]:
         nearest = min(theirs, key=theirs.get)
         if mine >= theirs[nearest]:
             bad.append(step)
-            details.append(f"step {step}: {mine:.4g} from its own step 0, "
-                           f"{theirs[nearest]:.4g} from {nearest}'s step 0")
+            details.append(
+                f"step {step}: {mine:.4g} from its own step 0, {theirs[nearest]:.4g} from {nearest}'s step 0"
+            )
     if not bad:
         return []
     detail = "; ".join(details[:3]) + ("; ..." if len(details) > 3 else "")
@@ -304,8 +335,9 @@ def report(problems: list[Problem], title: str, csv_path: str | Path | None = No
         for column in ("model", "run", "weight seed", "data seed", "problem", "steps", "detail"):
             table.add_column(column, overflow="fold")
         for p in problems:
-            table.add_row(p.model, p.seed, str(p.weight_seed), str(p.data_seed), p.problem, shown_steps(p.steps),
-                          p.detail)
+            table.add_row(
+                p.model, p.seed, str(p.weight_seed), str(p.data_seed), p.problem, shown_steps(p.steps), p.detail
+            )
         console.print(table)
     else:
         console.print(f"{title}: no problem found.")

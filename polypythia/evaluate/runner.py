@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from polypythia import raysetup, tracking
 from safetensors import SafetensorError
 
 from polypythia.errors import CheckpointError, PolypythiaError
@@ -34,7 +33,9 @@ from polypythia.evaluate.integrity import checkpoint_problem, corrupt_message
 from polypythia.evaluate.results import read_result, write_result
 from polypythia.evaluate.tables import RunKey, reference_run, write_tables
 from polypythia.evaluate.targets import CheckpointTarget, EvaluationError, RunTarget, target_for_run_dir
-from polypythia.runtime_env import quiet_libraries
+from polypythia.runtime import raysetup
+from polypythia.runtime.env import quiet_libraries
+from polypythia.tracking import client as tracking
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,9 @@ def plan_run(target: RunTarget, options: EvalOptions, logged: Logged) -> dict[st
 # ----------------------------------------------------------------------------- computing (worker)
 
 
-def compute_checkpoint(checkpoint: CheckpointTarget, todo: list[str], run: RunTarget, options: EvalOptions,
-                       cache: dict) -> None:
+def compute_checkpoint(
+    checkpoint: CheckpointTarget, todo: list[str], run: RunTarget, options: EvalOptions, cache: dict
+) -> None:
     """Compute and write each evaluator of ``todo`` for one checkpoint; evaluators of one class together."""
     groups: dict[type, list] = {}
     for name in todo:
@@ -102,12 +104,21 @@ def compute_run(target: dict, options: dict) -> Iterator[dict]:
         try:
             readable(checkpoint)
             compute_checkpoint(checkpoint, todo, run, opts, cache)
-            yield {"name": run.name, "step": checkpoint.step, "computed": todo, "seconds": time.perf_counter() - started}
+            yield {
+                "name": run.name,
+                "step": checkpoint.step,
+                "computed": todo,
+                "seconds": time.perf_counter() - started,
+            }
         except PolypythiaError as exc:
             yield {"name": run.name, "step": checkpoint.step, "computed": [], "error": str(exc)}
         except SafetensorError as exc:  # corrupt in a way the header and manifest checks do not see
-            yield {"name": run.name, "step": checkpoint.step, "computed": [],
-                   "error": corrupt_message(checkpoint.path, f"{type(exc).__name__}: {exc}")}
+            yield {
+                "name": run.name,
+                "step": checkpoint.step,
+                "computed": [],
+                "error": corrupt_message(checkpoint.path, f"{type(exc).__name__}: {exc}"),
+            }
 
 
 def readable(checkpoint: CheckpointTarget) -> None:
@@ -184,7 +195,9 @@ def log_new_metrics(mlflow_client, target: RunTarget, options: EvalOptions, logg
             mlflow_client.set_tag(target.run_id, key, value)
             target.tags[key] = value
     for start in range(0, len(points), tracking.MAX_METRICS_PER_BATCH):
-        mlflow_client.log_batch(target.run_id, metrics=points[start : start + tracking.MAX_METRICS_PER_BATCH], synchronous=True)
+        mlflow_client.log_batch(
+            target.run_id, metrics=points[start : start + tracking.MAX_METRICS_PER_BATCH], synchronous=True
+        )
     return len(points)
 
 
@@ -212,10 +225,20 @@ def _progress_bar(total: int, show: bool):
     return tqdm(total=total, unit="ckpt", desc="evaluating", disable=not show or None)
 
 
-def evaluate_targets(targets: list[RunTarget], options: EvalOptions, mlflow_client=None, *, use_ray: bool = True,
-                     ray_address: str | None = None, num_gpus_per_run: float = 0.0, out_dir: str | Path | None = None,
-                     reference_seed: int | str | RunKey | None = None, show_progress: bool = True, echo=print,
-                     heartbeat: Callable[[], None] | None = None) -> Summary:
+def evaluate_targets(
+    targets: list[RunTarget],
+    options: EvalOptions,
+    mlflow_client=None,
+    *,
+    use_ray: bool = True,
+    ray_address: str | None = None,
+    num_gpus_per_run: float = 0.0,
+    out_dir: str | Path | None = None,
+    reference_seed: int | str | RunKey | None = None,
+    show_progress: bool = True,
+    echo=print,
+    heartbeat: Callable[[], None] | None = None,
+) -> Summary:
     """Plan, compute what is missing, log it to MLflow, and write the tables (when ``out_dir`` is given).
 
     ``reference_seed``: the inter-seed agreement reference (see :func:`tables.agreement_table`).
@@ -262,8 +285,10 @@ def evaluate_targets(targets: list[RunTarget], options: EvalOptions, mlflow_clie
 
 def describe(summary: Summary) -> str:
     """A few lines: what was computed, what was skipped and why, what went to MLflow and where the tables are."""
-    skipped = (f"skipped {summary.skipped.get('done', 0)} already done, {summary.skipped.get('from_mlflow', 0)} taken "
-               f"from MLflow, {summary.skipped.get('unavailable', 0)} without validation data")
+    skipped = (
+        f"skipped {summary.skipped.get('done', 0)} already done, {summary.skipped.get('from_mlflow', 0)} taken "
+        f"from MLflow, {summary.skipped.get('unavailable', 0)} without validation data"
+    )
     if summary.nothing_to_do:
         lines = [f"nothing to do ({skipped})."]
     else:
@@ -277,9 +302,19 @@ def describe(summary: Summary) -> str:
 # ----------------------------------------------------------------------------- hook for training
 
 
-def evaluate_run(run_dir: str | Path, *, cfg=None, tracking_uri: str | None = None, run_id: str | None = None,
-                 options: EvalOptions | None = None, out_dir: str | Path | None = None, use_ray: bool = False,
-                 show_progress: bool = False, echo=log.info, heartbeat: Callable[[], None] | None = None) -> Summary:
+def evaluate_run(
+    run_dir: str | Path,
+    *,
+    cfg=None,
+    tracking_uri: str | None = None,
+    run_id: str | None = None,
+    options: EvalOptions | None = None,
+    out_dir: str | Path | None = None,
+    use_ray: bool = False,
+    show_progress: bool = False,
+    echo=log.info,
+    heartbeat: Callable[[], None] | None = None,
+) -> Summary:
     """Evaluate every checkpoint of one run trained here (e.g. right after training), in-process by default.
 
     ``cfg`` (a JobConfig) gives the validation rows, names and seeds, and the weight-statistics
@@ -298,5 +333,13 @@ def evaluate_run(run_dir: str | Path, *, cfg=None, tracking_uri: str | None = No
         options = replace(options, weight_stats=cfg.train.weight_stats)
     run = mlflow_client.get_run(run_id) if mlflow_client is not None else None
     target = target_for_run_dir(run_dir, cfg=cfg, run=run)
-    return evaluate_targets([target], options, mlflow_client, use_ray=use_ray, out_dir=out_dir,
-                            show_progress=show_progress, echo=echo, heartbeat=heartbeat)
+    return evaluate_targets(
+        [target],
+        options,
+        mlflow_client,
+        use_ray=use_ray,
+        out_dir=out_dir,
+        show_progress=show_progress,
+        echo=echo,
+        heartbeat=heartbeat,
+    )

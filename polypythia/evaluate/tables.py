@@ -39,13 +39,25 @@ def metrics_table(targets: list[RunTarget], options: EvalOptions) -> pd.DataFram
                 if not evaluator.is_current(result, options):
                     continue
                 for key, value in result.get("metrics", {}).items():
-                    rows.append((target.model, target.seed, target.weight_seed, target.data_seed, checkpoint.step, key,
-                                 float(value)))
+                    rows.append(
+                        (
+                            target.model,
+                            target.seed,
+                            target.weight_seed,
+                            target.data_seed,
+                            checkpoint.step,
+                            key,
+                            float(value),
+                        )
+                    )
     return pd.DataFrame(rows, columns=TIDY_COLUMNS_WITH_SEEDS).sort_values(
-        ["model", "weight_seed", "data_seed", "metric", "step"], kind="stable")
+        ["model", "weight_seed", "data_seed", "metric", "step"], kind="stable"
+    )
 
 
-def predictions(targets: list[RunTarget], evaluator: Evaluator, options: EvalOptions) -> dict[str, dict[RunKey, dict[int, list]]]:
+def predictions(
+    targets: list[RunTarget], evaluator: Evaluator, options: EvalOptions
+) -> dict[str, dict[RunKey, dict[int, list]]]:
     """model -> (weight seed, data seed) -> step -> per-item predictions (current result files only)."""
     out: dict[str, dict[RunKey, dict[int, list]]] = {}
     for target in targets:
@@ -62,29 +74,41 @@ def reference_run(reference_seed: int | str | RunKey | None) -> RunKey | None:
         return reference_seed
     seeds = parse_run_label(reference_seed)
     if seeds is None:
-        raise EvaluationError(f"'{reference_seed}' is neither a seed (3) nor a run label w<weight seed>-d<data seed> "
-                              "(w1-d2); give one of those.")
+        raise EvaluationError(
+            f"'{reference_seed}' is neither a seed (3) nor a run label w<weight seed>-d<data seed> "
+            "(w1-d2); give one of those."
+        )
     return seeds
 
 
-def agreement_rows(model: str, task: str, by_run: dict[RunKey, dict[int, list]], reference: RunKey | None) -> list[tuple]:
+def agreement_rows(
+    model: str, task: str, by_run: dict[RunKey, dict[int, list]], reference: RunKey | None
+) -> list[tuple]:
     """Rows of AGREEMENT_COLUMNS for one model and task; the reference is the smallest run unless given."""
     from polypythia.evaluate.agreement import inter_seed_agreement, self_consistency
 
     rows = []
     for run, by_step in sorted(by_run.items()):
         kappas = self_consistency(by_step, final_step=max(by_step))
-        rows.extend((model, task, run_label(*run), *run, step, "self_consistency", kappa) for step, kappa in kappas.items())
+        rows.extend(
+            (model, task, run_label(*run), *run, step, "self_consistency", kappa) for step, kappa in kappas.items()
+        )
     chosen = min(by_run) if reference is None else reference
     if chosen in by_run and len(by_run) > 1:
         kappas = inter_seed_agreement(by_run, reference_seed=chosen)
-        rows.extend((model, task, run_label(*run), *run, step, "inter_seed", kappa) for (run, step), kappa in kappas.items())
+        rows.extend(
+            (model, task, run_label(*run), *run, step, "inter_seed", kappa) for (run, step), kappa in kappas.items()
+        )
     elif reference is not None:
-        log.warning("Model %s has no run %s for task %s; its inter-seed agreement is left out.", model, run_label(*chosen), task)
+        log.warning(
+            "Model %s has no run %s for task %s; its inter-seed agreement is left out.", model, run_label(*chosen), task
+        )
     return rows
 
 
-def agreement_table(targets: list[RunTarget], options: EvalOptions, reference_seed: int | str | RunKey | None = None) -> pd.DataFrame:
+def agreement_table(
+    targets: list[RunTarget], options: EvalOptions, reference_seed: int | str | RunKey | None = None
+) -> pd.DataFrame:
     """Self-consistency (against each run's last step) and inter-seed kappa (against the reference run).
 
     The reference is ``reference_seed`` (a seed, a label like ``"w1-d2"`` or a (weight seed, data seed)
@@ -105,8 +129,9 @@ def agreement_table(targets: list[RunTarget], options: EvalOptions, reference_se
     return pd.DataFrame(rows, columns=AGREEMENT_COLUMNS)
 
 
-def write_tables(targets: list[RunTarget], options: EvalOptions, out_dir: str | Path,
-                 reference_seed: int | str | RunKey | None) -> dict[str, Path]:
+def write_tables(
+    targets: list[RunTarget], options: EvalOptions, out_dir: str | Path, reference_seed: int | str | RunKey | None
+) -> dict[str, Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out_dir / "checkpoint_metrics.csv", "agreement": out_dir / "agreement.csv"}

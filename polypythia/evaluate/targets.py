@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from polypythia import study, tracking
+from polypythia import study
 from polypythia.errors import PolypythiaError
+from polypythia.tracking import client as tracking
 from polypythia.train.checkpoint import STEP_DIR
 
 log = logging.getLogger(__name__)
@@ -126,18 +127,24 @@ def targets_from_folder(root: str | Path, out_dir: str | Path, valid: dict | Non
     """One target per ``<name>/`` under ``root`` that holds step folders; results go under ``out_dir``."""
     root = Path(root)
     if not root.is_dir():
-        raise EvaluationError(f"{root} is not a folder; give a folder of <name>/step<S>/ checkpoints or an MLflow experiment name.")
+        raise EvaluationError(
+            f"{root} is not a folder; give a folder of <name>/step<S>/ checkpoints or an MLflow experiment name."
+        )
     targets = []
     for run_folder in sorted(p for p in root.iterdir() if p.is_dir()):
         steps = step_folders(run_folder)
         if not steps:
             continue
         model, weight_seed, data_seed = parse_run_name(run_folder.name)
-        checkpoints = [CheckpointTarget(step, str(path), str(Path(out_dir) / "results" / run_folder.name / f"step{step}"))
-                       for step, path in steps]
+        checkpoints = [
+            CheckpointTarget(step, str(path), str(Path(out_dir) / "results" / run_folder.name / f"step{step}"))
+            for step, path in steps
+        ]
         targets.append(RunTarget(run_folder.name, model, weight_seed, data_seed, checkpoints, valid=valid))
     if not targets:
-        raise EvaluationError(f"{root} holds no <name>/step<S>/ folders with a config.json; point at the folder above them.")
+        raise EvaluationError(
+            f"{root} holds no <name>/step<S>/ folders with a config.json; point at the folder above them."
+        )
     return targets
 
 
@@ -145,13 +152,20 @@ def attach_folder_runs(mlflow_client, experiment: str, targets: list[RunTarget])
     """Give each folder target an MLflow run named after its folder (found again on a later pass)."""
     exp_id = tracking.experiment_id(mlflow_client, experiment)
     for target in targets:
-        found = mlflow_client.search_runs([exp_id], filter_string=f"tags.`mlflow.runName` = '{target.name}'", max_results=1)
+        found = mlflow_client.search_runs(
+            [exp_id], filter_string=f"tags.`mlflow.runName` = '{target.name}'", max_results=1
+        )
         if found:
             target.run_id, target.tags = found[0].info.run_id, dict(found[0].data.tags)
             continue
-        tags = {study.KIND_TAG: study.JOB_KIND, study.MODEL_TAG: target.model, study.SEED_TAG: str(target.weight_seed),
-                study.WEIGHT_SEED_TAG: str(target.weight_seed), study.DATA_SEED_TAG: str(target.data_seed),
-                "source_dir": str(Path(target.checkpoints[0].path).parent)}
+        tags = {
+            study.KIND_TAG: study.JOB_KIND,
+            study.MODEL_TAG: target.model,
+            study.SEED_TAG: str(target.weight_seed),
+            study.WEIGHT_SEED_TAG: str(target.weight_seed),
+            study.DATA_SEED_TAG: str(target.data_seed),
+            "source_dir": str(Path(target.checkpoints[0].path).parent),
+        }
         run = mlflow_client.create_run(exp_id, run_name=target.name, tags=tags)
         mlflow_client.set_terminated(run.info.run_id, status="FINISHED")
         target.run_id = run.info.run_id
@@ -164,8 +178,11 @@ def own_checkpoints(run_dir: str | Path) -> list[CheckpointTarget]:
     """The completed checkpoints of a run trained here; results are kept inside each one."""
     from polypythia.train.checkpoint import list_checkpoints
 
-    return [CheckpointTarget(c.step, str(c.path), str(c.path / "eval")) for c in list_checkpoints(run_dir)
-            if (c.path / "config.json").is_file()]
+    return [
+        CheckpointTarget(c.step, str(c.path), str(c.path / "eval"))
+        for c in list_checkpoints(run_dir)
+        if (c.path / "config.json").is_file()
+    ]
 
 
 def config_from_params(params: dict[str, str]) -> dict:
@@ -184,7 +201,7 @@ def config_from_params(params: dict[str, str]) -> dict:
 
 def valid_from_params(params: dict[str, str]) -> dict | None:
     """A validation spec from a run's params, or None (with a warning) when they do not make a config."""
-    from polypythia.config import job_config, to_dict
+    from polypythia.config.jobconfig import job_config, to_dict
 
     try:
         return {"kind": "config", "config": to_dict(job_config(config_from_params(params)))}
@@ -203,22 +220,37 @@ def targets_from_mlflow(mlflow_client, experiment: str, parent_run_id: str | Non
         tags = run.data.tags
         checkpoints = own_checkpoints(tags.get(study.RUN_DIR_TAG, ""))
         if not checkpoints:
-            log.warning("Run %s (%s) has no checkpoints under %s; skipped.", run.info.run_name, run.info.run_id,
-                        tags.get(study.RUN_DIR_TAG))
+            log.warning(
+                "Run %s (%s) has no checkpoints under %s; skipped.",
+                run.info.run_name,
+                run.info.run_id,
+                tags.get(study.RUN_DIR_TAG),
+            )
             continue
         weight_seed, data_seed = study.seeds_from_tags(tags)
-        targets.append(RunTarget(run.info.run_name or run.info.run_id, tags.get(study.MODEL_TAG, "?"), weight_seed,
-                                 data_seed, checkpoints, run_id=run.info.run_id, tags=dict(tags),
-                                 valid=valid_from_params(run.data.params)))
+        targets.append(
+            RunTarget(
+                run.info.run_name or run.info.run_id,
+                tags.get(study.MODEL_TAG, "?"),
+                weight_seed,
+                data_seed,
+                checkpoints,
+                run_id=run.info.run_id,
+                tags=dict(tags),
+                valid=valid_from_params(run.data.params),
+            )
+        )
     if not targets:
-        raise EvaluationError(f"No run of experiment '{experiment}' has checkpoints on this machine; train first or check the run_dir tags.")
+        raise EvaluationError(
+            f"No run of experiment '{experiment}' has checkpoints on this machine; train first or check the run_dir tags."
+        )
     return sorted(targets, key=lambda t: (t.model, t.run_key))
 
 
 def target_for_run_dir(run_dir: str | Path, *, cfg=None, run=None) -> RunTarget:
     """The target of one run trained here: names, seeds and validation rows from ``cfg`` (a JobConfig),
     else from ``run`` (its MLflow run: params and tags), else from the folder's name (no validation rows)."""
-    from polypythia.config import to_dict
+    from polypythia.config.jobconfig import to_dict
 
     tags = dict(run.data.tags) if run is not None else {}
     if cfg is not None:
@@ -231,6 +263,16 @@ def target_for_run_dir(run_dir: str | Path, *, cfg=None, run=None) -> RunTarget:
         (model, weight_seed, data_seed), valid = parse_run_name(Path(run_dir).name), None
     checkpoints = own_checkpoints(run_dir)
     if not checkpoints:
-        raise EvaluationError(f"{run_dir} has no completed checkpoints under checkpoints/step<S>/; train the run first.")
-    return RunTarget(Path(run_dir).name, model, weight_seed, data_seed, checkpoints,
-                     run_id=run.info.run_id if run is not None else None, tags=tags, valid=valid)
+        raise EvaluationError(
+            f"{run_dir} has no completed checkpoints under checkpoints/step<S>/; train the run first."
+        )
+    return RunTarget(
+        Path(run_dir).name,
+        model,
+        weight_seed,
+        data_seed,
+        checkpoints,
+        run_id=run.info.run_id if run is not None else None,
+        tags=tags,
+        valid=valid,
+    )

@@ -92,7 +92,9 @@ DEFAULT_DEFINITION = "polypythias"
 # Suffixes of the four stored linear layers of a GPT-NeoX block (any prefix, e.g. "module.").
 _QKV = "attention.query_key_value"
 _BLOCK_LINEARS = (_QKV, "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-_LAYER_PATTERN = re.compile(r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(n) for n in _BLOCK_LINEARS) + r")\.(weight|bias)$")
+_LAYER_PATTERN = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(n) for n in _BLOCK_LINEARS) + r")\.(weight|bias)$"
+)
 
 # The parameters of a transformers 4.x GPTNeoXForCausalLM, below "gpt_neox." (any prefix before it) ...
 _HF4_BODY = re.compile(
@@ -116,7 +118,9 @@ class WeightStatsError(PolypythiaError, ValueError):
 def check_definition(definition: str) -> str:
     """``definition`` if it is one of ``DEFINITIONS``; a WeightStatsError otherwise."""
     if definition not in DEFINITIONS:
-        raise WeightStatsError(f"Unknown weight-statistics definition '{definition}'; choose one of {', '.join(DEFINITIONS)}.")
+        raise WeightStatsError(
+            f"Unknown weight-statistics definition '{definition}'; choose one of {', '.join(DEFINITIONS)}."
+        )
     return definition
 
 
@@ -137,8 +141,10 @@ def split_qkv(qkv_weight: torch.Tensor, num_attention_heads: int) -> tuple[torch
     return tuple(per_head[:, j].reshape(d_model, d_model) for j in range(3))  # type: ignore[return-value]
 
 
-_NO_BLOCKS = ("No GPT-NeoX block weights found (expected names like "
-              "'gpt_neox.layers.0.attention.query_key_value.weight'); pass a GPTNeoXForCausalLM or its state dict.")
+_NO_BLOCKS = (
+    "No GPT-NeoX block weights found (expected names like "
+    "'gpt_neox.layers.0.attention.query_key_value.weight'); pass a GPTNeoXForCausalLM or its state dict."
+)
 
 
 def _block_parameters(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[int, str, str], torch.Tensor]:
@@ -155,7 +161,11 @@ def _block_parameters(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[int,
 
 def block_matrices(state_dict: Mapping[str, torch.Tensor], num_attention_heads: int) -> list[torch.Tensor]:
     """The ``hu`` matrices: Q, K, V, attention out, MLP in, MLP out, layer by layer."""
-    weights = {(layer, _BLOCK_LINEARS.index(linear)): t for (layer, linear, kind), t in _block_parameters(state_dict).items() if kind == "weight"}
+    weights = {
+        (layer, _BLOCK_LINEARS.index(linear)): t
+        for (layer, linear, kind), t in _block_parameters(state_dict).items()
+        if kind == "weight"
+    }
     matrices = []
     for (layer, linear_index), tensor in sorted(weights.items()):
         if _BLOCK_LINEARS[linear_index] == _QKV:
@@ -241,11 +251,15 @@ def matrix_features(matrices: list[torch.Tensor], *, unbiased: bool = False, sv_
         per_matrix["code_sparsity"].append(l1 / l2)
         per_matrix["computational_sparsity"].append(trace / spectral)
         per_matrix["sv_mean"].append(singular.mean().item())
-        per_matrix["sv_var"].append(singular.var(unbiased=unbiased).item() if singular.numel() > unbiased else float("nan"))
+        per_matrix["sv_var"].append(
+            singular.var(unbiased=unbiased).item() if singular.numel() > unbiased else float("nan")
+        )
     return {name: float(np.mean(values)) for name, values in per_matrix.items()}
 
 
-def pooled_features(tensors: list[torch.Tensor], prefix: str, *, unbiased: bool = False, lower_median: bool = False) -> dict[str, float]:
+def pooled_features(
+    tensors: list[torch.Tensor], prefix: str, *, unbiased: bool = False, lower_median: bool = False
+) -> dict[str, float]:
     """Mean, median and variance of all entries of ``tensors`` pooled together.
 
     ``unbiased``: the variance with ddof = 1 (``torch.var``) instead of 0 (``numpy.var``);
@@ -281,7 +295,9 @@ def _as_state_dict(model_or_state_dict) -> tuple[Mapping[str, torch.Tensor], int
 
 
 @torch.no_grad()
-def weight_stats(model_or_state_dict, num_attention_heads: int | None = None, definition: str = DEFAULT_DEFINITION) -> dict[str, float]:
+def weight_stats(
+    model_or_state_dict, num_attention_heads: int | None = None, definition: str = DEFAULT_DEFINITION
+) -> dict[str, float]:
     """The 14 training-map features (names in ``FEATURE_NAMES``) of a GPT-NeoX model.
 
     Accepts a ``GPTNeoXForCausalLM`` or a state dict with Hugging Face GPT-NeoX names (any
@@ -317,7 +333,9 @@ def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
     if index.exists():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return [checkpoint_dir / shard for shard in shards]
-    raise WeightStatsError(f"{checkpoint_dir} has no model.safetensors (nor a sharded index); save the model with save_pretrained.")
+    raise WeightStatsError(
+        f"{checkpoint_dir} has no model.safetensors (nor a sharded index); save the model with save_pretrained."
+    )
 
 
 def weight_stats_from_checkpoint(checkpoint_dir: str | Path, definition: str = DEFAULT_DEFINITION) -> dict[str, float]:

@@ -77,8 +77,9 @@ def _sha256(path: Path) -> str:
 
 def write_manifest(directory: Path) -> None:
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != "MANIFEST.json")
-    _save_manifest(directory, {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                               for p in files})
+    _save_manifest(
+        directory, {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    )
 
 
 def _save_manifest(directory: Path, manifest: dict) -> None:
@@ -99,13 +100,17 @@ def verify(directory: Path) -> None:
         raise CheckpointError(f"Checkpoint {directory} has no MANIFEST.json (it was never completed).")
     manifest = _read_manifest(directory)
     _check_listed(directory, manifest)
-    read_at_resume = [*(directory / "state").rglob("*"),
-                      *(directory / name for name in (TRAINER_STATE, RNG_TENSORS, LEGACY_TRAINER_STATE))]
+    read_at_resume = [
+        *(directory / "state").rglob("*"),
+        *(directory / name for name in (TRAINER_STATE, RNG_TENSORS, LEGACY_TRAINER_STATE)),
+    ]
     for path in read_at_resume:
         rel = path.relative_to(directory).as_posix()
         if path.is_file() and rel not in manifest:
-            raise CheckpointError(f"Checkpoint {directory} has {rel}, which its manifest does not list "
-                                  "(it was added after the checkpoint was sealed).")
+            raise CheckpointError(
+                f"Checkpoint {directory} has {rel}, which its manifest does not list "
+                "(it was added after the checkpoint was sealed)."
+            )
 
 
 def verify_weights(directory: Path) -> None:
@@ -113,8 +118,9 @@ def verify_weights(directory: Path) -> None:
     weights, config and tokenizer that evaluation reads) is present and intact. A folder without a
     manifest (a published checkpoint, or one written by other tools) has nothing to verify."""
     if (directory / "MANIFEST.json").is_file():
-        _check_listed(directory, {rel: meta for rel, meta in _read_manifest(directory).items()
-                                  if not rel.startswith("state/")})
+        _check_listed(
+            directory, {rel: meta for rel, meta in _read_manifest(directory).items() if not rel.startswith("state/")}
+        )
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -128,7 +134,9 @@ def _check_listed(directory: Path, manifest: dict) -> None:
     for rel, meta in manifest.items():
         path = directory / rel
         if not path.is_file() or path.stat().st_size != meta["bytes"] or _sha256(path) != meta["sha256"]:
-            raise CheckpointError(f"Checkpoint {directory} is corrupt: {rel} is missing or does not match its checksum.")
+            raise CheckpointError(
+                f"Checkpoint {directory} is corrupt: {rel} is missing or does not match its checksum."
+            )
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
@@ -146,7 +154,8 @@ def list_checkpoints(run_dir: str | Path) -> list[Checkpoint]:
 
 def is_resumable(directory: Path) -> bool:
     return (directory / "state").is_dir() and any(
-        (directory / name).is_file() for name in (TRAINER_STATE, LEGACY_TRAINER_STATE))
+        (directory / name).is_file() for name in (TRAINER_STATE, LEGACY_TRAINER_STATE)
+    )
 
 
 def latest_valid_checkpoint(run_dir: str | Path) -> Checkpoint | None:
@@ -225,8 +234,9 @@ def writing(partial: Path, step: int) -> Iterator[Path]:
         if isinstance(exc, DiskFullError):
             raise
         kept = list_checkpoints(partial.parent.parent) if partial.parent.name == "checkpoints" else []
-        raise diskfull.disk_full_error(partial.parent, step, diskfull.error_reason(exc),
-                                       kept[-1].step if kept else None) from exc
+        raise diskfull.disk_full_error(
+            partial.parent, step, diskfull.error_reason(exc), kept[-1].step if kept else None
+        ) from exc
 
 
 def commit(run_dir: str | Path, step: int) -> Path:
@@ -271,16 +281,26 @@ def _write_trainer_state(directory: Path, state: dict) -> None:
     from safetensors.torch import save_file
 
     rng = rng_state()
-    save_file({"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng["cuda"])}},
-              str(directory / RNG_TENSORS))
+    save_file(
+        {"torch": rng["torch"], **{f"cuda.{i}": t for i, t in enumerate(rng["cuda"])}}, str(directory / RNG_TENSORS)
+    )
     version, internal, gauss_next = rng["python"]
     name, key, pos, has_gauss, cached_gaussian = rng["numpy"]
-    document = {**state, "format": TRAINER_STATE_FORMAT, "rng": {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {"bit_generator": name, "key": key.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)},
-        "cuda_devices": len(rng["cuda"]),
-    }}
+    document = {
+        **state,
+        "format": TRAINER_STATE_FORMAT,
+        "rng": {
+            "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+            "numpy": {
+                "bit_generator": name,
+                "key": key.tolist(),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "cached_gaussian": float(cached_gaussian),
+            },
+            "cuda_devices": len(rng["cuda"]),
+        },
+    }
     (directory / TRAINER_STATE).write_text(json.dumps(document))
 
 
@@ -306,8 +326,13 @@ def _load_json_state(directory: Path) -> dict:
         python, np_state = rng["python"], rng["numpy"]
         document["rng"] = {
             "python": (python["version"], tuple(python["state"]), python["gauss_next"]),
-            "numpy": (np_state["bit_generator"], np.asarray(np_state["key"], dtype=np.uint32), np_state["pos"],
-                      np_state["has_gauss"], np_state["cached_gaussian"]),
+            "numpy": (
+                np_state["bit_generator"],
+                np.asarray(np_state["key"], dtype=np.uint32),
+                np_state["pos"],
+                np_state["has_gauss"],
+                np_state["cached_gaussian"],
+            ),
             "torch": tensors["torch"],
             "cuda": [tensors[f"cuda.{i}"] for i in range(rng["cuda_devices"])],
         }
@@ -320,8 +345,13 @@ def _numpy_globals() -> list:
     """What a pickled NumPy array (the legacy NumPy RNG state) needs from NumPy to be rebuilt; see
     https://pytorch.org/docs/stable/notes/serialization.html#weights-only."""
     reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-    return [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
-            type(np.dtype(np.uint32))]
+    return [
+        reconstruct,
+        (reconstruct, "numpy.core.multiarray._reconstruct"),
+        np.ndarray,
+        np.dtype,
+        type(np.dtype(np.uint32)),
+    ]
 
 
 def _load_legacy_state(path: Path) -> dict:
@@ -336,7 +366,9 @@ def _load_legacy_state(path: Path) -> dict:
             "checkpoint folder to resume from the one before it."
         ) from None
     except (RuntimeError, EOFError) as exc:  # not a torch file at all
-        raise CheckpointError(f"Checkpoint {path.parent} has an unreadable trainer state ({path.name}: {exc}).") from None
+        raise CheckpointError(
+            f"Checkpoint {path.parent} has an unreadable trainer state ({path.name}: {exc})."
+        ) from None
     if not isinstance(state, dict) or "step" not in state or "rng" not in state:
         raise CheckpointError(f"Checkpoint {path.parent} has an unreadable trainer state ({path.name}).")
     return state

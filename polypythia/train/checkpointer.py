@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from polypythia.config import JobConfig, to_dict
+from polypythia.config.jobconfig import JobConfig, to_dict
 from polypythia.qknorm import write_loading_note
 from polypythia.train import checkpoint as ckpt
 from polypythia.train.callbacks import Callback
@@ -24,8 +24,9 @@ from polypythia.train.engine import resolve_precision
 class Checkpointer:
     """Saves the checkpoints of ``schedule``; ``saved`` lists those this process sealed (rank 0)."""
 
-    def __init__(self, cfg: JobConfig, engine, data: TrainingData, schedule: Sequence[int],
-                 callbacks: Sequence[Callback]):
+    def __init__(
+        self, cfg: JobConfig, engine, data: TrainingData, schedule: Sequence[int], callbacks: Sequence[Callback]
+    ):
         self.cfg, self.engine, self.data, self.callbacks = cfg, engine, data, callbacks
         self.run_dir = Path(cfg.run_dir)
         self.schedule = frozenset(schedule)
@@ -80,11 +81,18 @@ class Checkpointer:
                 write_loading_note(directory)
             self.data.save_tokenizer(directory)
             kept = {key: value for cb in self.callbacks for key, value in cb.trainer_state().items()}
-            ckpt.save_trainer_state(directory, {**kept, "step": step, "weight_seed": cfg.effective_weight_seed,
-                                                "data_seed": cfg.effective_data_seed,
-                                                "world_size": torch.distributed.get_world_size(),
-                                                "zero_stage": engine.zero_optimization_stage(),
-                                                "precision": resolve_precision(cfg.train.precision),
-                                                "loss": loss,
-                                                # what a relaunch without run_config.json is checked against
-                                                "config": to_dict(cfg)})
+            ckpt.save_trainer_state(
+                directory,
+                {
+                    **kept,
+                    "step": step,
+                    "weight_seed": cfg.effective_weight_seed,
+                    "data_seed": cfg.effective_data_seed,
+                    "world_size": torch.distributed.get_world_size(),
+                    "zero_stage": engine.zero_optimization_stage(),
+                    "precision": resolve_precision(cfg.train.precision),
+                    "loss": loss,
+                    # what a relaunch without run_config.json is checked against
+                    "config": to_dict(cfg),
+                },
+            )

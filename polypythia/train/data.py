@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polypythia.config import JobConfig
+from polypythia.config.jobconfig import JobConfig
 from polypythia.data.embedded import ensure_embedded_dataset
 from polypythia.data.indexed import IndexedDataset
 from polypythia.data.sequences import SeededOrder, TokenSequences, out_of_vocabulary, vocabulary_fix
@@ -30,7 +30,9 @@ def tokenizer_vocab_size(tokenizer_file: str) -> int:
     try:
         return Tokenizer.from_file(tokenizer_file).get_vocab_size(with_added_tokens=True)
     except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
-        raise DataError(f"Cannot read tokenizer {tokenizer_file} ({exc}); give a Hugging Face tokenizer.json.") from None
+        raise DataError(
+            f"Cannot read tokenizer {tokenizer_file} ({exc}); give a Hugging Face tokenizer.json."
+        ) from None
 
 
 @dataclass
@@ -53,17 +55,26 @@ class TrainingData:
             row = int(indices[found[0]])
             raise DataError(
                 f"The batch of step {step + 1} holds token id {found[1]} in row {row} of {self.sequences.prefix}.bin "
-                f"(polypythia-batch --step {step + 1} shows it), beyond {vocabulary_fix(self.vocab_size)}.")
+                f"(polypythia-batch --step {step + 1} shows it), beyond {vocabulary_fix(self.vocab_size)}."
+            )
         return rows
 
     def save_tokenizer(self, directory: Path) -> None:
         """Write the tokenizer so the checkpoint folder loads with transformers' Auto classes."""
         shutil.copyfile(self.tokenizer_file, directory / "tokenizer.json")
-        (directory / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-            "pad_token": "<|padding|>", "model_max_length": 2048,
-        }, indent=1))
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<|endoftext|>",
+                    "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>",
+                    "pad_token": "<|padding|>",
+                    "model_max_length": 2048,
+                },
+                indent=1,
+            )
+        )
 
 
 def load_training_data(cfg: JobConfig) -> TrainingData:

@@ -65,10 +65,15 @@ def short_size(n: float) -> str:
 
 def disk_full_error(folder: str | Path, step: int, reason: str, kept_step: int | None) -> DiskFullError:
     """The one line for the checkpoint of ``step`` that did not fit into ``folder``."""
-    kept = (f"the checkpoint of step {kept_step} is the newest and a relaunch resumes from it" if kept_step is not None
-            else "there is no earlier checkpoint")
-    return DiskFullError(f"disk full at {folder}: free space there or point the runs at another disk (runs_dir, or "
-                         f"POLYPYTHIA_HOME); the checkpoint of step {step} was not written ({reason}), {kept}.")
+    kept = (
+        f"the checkpoint of step {kept_step} is the newest and a relaunch resumes from it"
+        if kept_step is not None
+        else "there is no earlier checkpoint"
+    )
+    return DiskFullError(
+        f"disk full at {folder}: free space there or point the runs at another disk (runs_dir, or "
+        f"POLYPYTHIA_HOME); the checkpoint of step {step} was not written ({reason}), {kept}."
+    )
 
 
 def error_reason(exc: BaseException) -> str:

@@ -51,8 +51,13 @@ class BuildLockError(PolypythiaError):
 
 def set_rendezvous(rank: int, world_size: int, master_addr: str, master_port: int) -> None:
     """Tell this process which rank it is and where rank 0 hosts the process group."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                      MASTER_ADDR=master_addr, MASTER_PORT=str(master_port))
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+    )
 
 
 def clear_rendezvous() -> None:
@@ -96,8 +101,9 @@ def rendezvous_store(rank: int, world_size: int, listener: socket.socket | None 
     if rank != 0:
         return torch.distributed.TCPStore(addr, port, world_size, is_master=False, timeout=default_pg_timeout)
     listener = listener or socket.create_server((addr, port))
-    return torch.distributed.TCPStore(addr, port, world_size, is_master=True, timeout=default_pg_timeout,
-                                      master_listen_fd=listener.detach())  # the store owns the socket now
+    return torch.distributed.TCPStore(
+        addr, port, world_size, is_master=True, timeout=default_pg_timeout, master_listen_fd=listener.detach()
+    )  # the store owns the socket now
 
 
 def bind_gloo_near(master_addr: str) -> None:

@@ -8,10 +8,9 @@ partitioning of optimizer state, mixed precision and the engine's checkpoints.
 
 from __future__ import annotations
 
-
 import torch
 
-from polypythia.config import FP16_ZERO0_REFUSED, JobConfig
+from polypythia.config.jobconfig import FP16_ZERO0_REFUSED, JobConfig
 from polypythia.errors import ConfigError
 from polypythia.train.lighten import lighten_step
 from polypythia.train.schedule import lr_at
@@ -19,8 +18,8 @@ from polypythia.train.skipstep import SkipStepAdamW
 
 
 def set_threads(cfg: JobConfig) -> None:
-    """Torch's intra-op threads, fixed for the whole run (polypythia.cores: the count decides the numbers)."""
-    from polypythia.cores import fix_threads
+    """Torch's intra-op threads, fixed for the whole run (polypythia.job.threads: the count decides the numbers)."""
+    from polypythia.job.threads import fix_threads
 
     fix_threads(cfg)
 
@@ -36,7 +35,7 @@ def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
     nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
     stage 0. Mixed precision keeps the configured stage: there DeepSpeed's ZeRO optimizer is
     what keeps the fp32 master weights, and what reads checkpoints from other worker counts.
-    fp16 at stage 0 is refused (:data:`polypythia.config.FP16_ZERO0_REFUSED`)."""
+    fp16 at stage 0 is refused (:data:`polypythia.config.jobconfig.FP16_ZERO0_REFUSED`)."""
     precision = resolve_precision(cfg.train.precision)
     if world_size == 1 and precision == "fp32":
         return 0
@@ -127,7 +126,10 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_u
         lambda s: lr_at(s, budget.steps, peak, budget.warmup_fraction, budget.min_lr_ratio) / peak,
     )
     engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=schedule, config=deepspeed_config(cfg, world_size, load_universal)
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(cfg, world_size, load_universal),
     )
     if world_size == 1 and not engine.zero_optimization_stage():
         # One rank, no ZeRO: DeepSpeed would still flatten every gradient into a buffer, all-reduce it

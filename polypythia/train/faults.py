@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polypythia.config import JobConfig
+from polypythia.config.jobconfig import JobConfig
 from polypythia.errors import DivergenceError
 from polypythia.train.callbacks import Callback, TrainStart
 from polypythia.train.monitor import StabilityMonitor
@@ -41,8 +41,10 @@ class DivergenceCheck(Callback):
     def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
         loss = metrics["train/loss"]
         if not math.isfinite(loss):
-            raise DivergenceError(f"Training diverged: the loss at step {step} is {loss}; the run was stopped "
-                                  "and its checkpoints kept.", step)
+            raise DivergenceError(
+                f"Training diverged: the loss at step {step} is {loss}; the run was stopped and its checkpoints kept.",
+                step,
+            )
         ceiling = self.ceiling
         self.above_ceiling = self.above_ceiling + 1 if ceiling is not None and loss > ceiling else 0
         if self.above_ceiling and self.above_ceiling >= self.patience:

@@ -36,7 +36,8 @@ def lighten_step(engine) -> None:
         optimizer = engine.optimizer
         original = optimizer.get_grad_norm_direct
         optimizer.get_grad_norm_direct = lambda grads, params, norm_type=2: (
-            _zero_grad_norm(optimizer, grads) if float(norm_type) == 2.0 else original(grads, params, norm_type))
+            _zero_grad_norm(optimizer, grads) if float(norm_type) == 2.0 else original(grads, params, norm_type)
+        )
     elif not (zero or engine.fp16_enabled() or engine.bfloat16_enabled()):
         engine.clip_fp32_gradients = lambda: _clip_fp32(engine)
 
@@ -79,5 +80,9 @@ def records_grad_norm(engine) -> bool:
     """Whether ``engine.step()`` leaves the step's gradient norm (before clipping) in
     ``engine.get_global_grad_norm()``: DeepSpeed's ZeRO and bf16/fp16 optimizers do, and so does
     the fp32 clipping of :func:`lighten_step`."""
-    return bool(engine.zero_optimization_stage() or engine.fp16_enabled() or engine.bfloat16_enabled()
-                or engine.gradient_clipping())
+    return bool(
+        engine.zero_optimization_stage()
+        or engine.fp16_enabled()
+        or engine.bfloat16_enabled()
+        or engine.gradient_clipping()
+    )

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from polypythia.config import JobConfig
+from polypythia.config.jobconfig import JobConfig
 from polypythia.model import padded_vocab_size
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart, in_order
 from polypythia.train.checkpointer import Checkpointer
@@ -32,7 +32,8 @@ from polypythia.train.distributed import init_distributed
 from polypythia.train.engine import build_engine, build_training_model, set_threads
 from polypythia.train.faults import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
-from polypythia.train.rewind import batch_index, load as load_rewinds
+from polypythia.train.rewind import batch_index
+from polypythia.train.rewind import load as load_rewinds
 from polypythia.train.schedule import checkpoint_steps
 from polypythia.train.skipstep import SkipStep
 from polypythia.train.step import StepMetrics, matmul_params, train_step
@@ -56,9 +57,18 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
 
     schedule = checkpoint_steps(budget.steps, budget.checkpoint_every_steps, budget.log_spaced_checkpoints)
     callbacks = in_order([*callbacks, *callbacks_from_config(cfg)])
-    start = TrainStart(rank=rank, world_size=world_size, start_step=start_step, vocab_size=vocab_size,
-                       zero_stage=plan.stage, num_params=sum(p.numel() for p in model.parameters()),
-                       checkpoint_steps=tuple(schedule), data=data, engine=engine, trainer_state=plan.state)
+    start = TrainStart(
+        rank=rank,
+        world_size=world_size,
+        start_step=start_step,
+        vocab_size=vocab_size,
+        zero_stage=plan.stage,
+        num_params=sum(p.numel() for p in model.parameters()),
+        checkpoint_steps=tuple(schedule),
+        data=data,
+        engine=engine,
+        trainer_state=plan.state,
+    )
     for cb in callbacks:
         cb.on_train_start(start)
     skip = next((cb for cb in callbacks if isinstance(cb, SkipStep)), None)  # monitor.action=skip_step
@@ -75,16 +85,25 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
         for cb in callbacks:  # fault injection may replace the batch
             rows = cb.on_batch(done, rows)
         probes = [p for cb in callbacks if (p := cb.probe(done)) is not None]  # the stability monitor's sampled steps
-        loss, grad_norm, extra = train_step(engine, forward, rows, budget.micro_batch_size, probes,
-                                            cfg.train.z_loss, skip)
+        loss, grad_norm, extra = train_step(
+            engine, forward, rows, budget.micro_batch_size, probes, cfg.train.z_loss, skip
+        )
         metrics = {**step_metrics(step, loss, grad_norm, time.perf_counter() - started), **extra}
-        for cb in callbacks:  # may stop the run (divergence) or change the metrics (fault injection, the monitor's signals)
+        for (
+            cb
+        ) in callbacks:  # may stop the run (divergence) or change the metrics (fault injection, the monitor's signals)
             cb.on_step_end(done, metrics)
         losses.append(metrics["train/loss"])
         checkpointer.save_if_due(done, losses[-1])
 
-    result = TrainResult(cfg.run_name, budget.steps, start_step, final_loss=losses[-1] if losses else last_loss,
-                         losses=losses, checkpoints=checkpointer.saved)
+    result = TrainResult(
+        cfg.run_name,
+        budget.steps,
+        start_step,
+        final_loss=losses[-1] if losses else last_loss,
+        losses=losses,
+        checkpoints=checkpointer.saved,
+    )
     for cb in callbacks:
         cb.on_train_end(result)
     return result

@@ -79,11 +79,13 @@ from polypythia.train.signals import FORWARD_CHUNK, UpdateSignals, group_of  # n
 from polypythia.train.spikes import SpikeDetector
 
 if TYPE_CHECKING:
-    from polypythia.config import JobConfig
+    from polypythia.config.jobconfig import JobConfig
 
 log = logging.getLogger(__name__)
 
 SPIKE_METRICS = {"train/loss": "monitor/spike/loss", "train/grad_norm": "monitor/spike/grad_norm"}
+
+
 @dataclass
 class Spike:
     """A spike the monitor flagged: the step, the value, and the batch it trained on."""
@@ -156,7 +158,7 @@ class ForwardSignals:
         rows = max(1, FORWARD_CHUNK // (q.shape[1] * length * length))  # rows of (heads, T, T) scores at a time
         maxima = []
         for first in range(0, batch, rows):
-            scores = torch.matmul(q[first:first + rows], k[first:first + rows].transpose(-1, -2))
+            scores = torch.matmul(q[first : first + rows], k[first : first + rows].transpose(-1, -2))
             maxima.append(scores.masked_fill_(future, float("-inf")).amax())
         found[layer] = torch.stack(maxima).amax() * scaling
 
@@ -166,8 +168,9 @@ class ForwardSignals:
         logits = logits.detach().flatten(0, -2)
         rows = max(1, FORWARD_CHUNK // logits.shape[-1])  # tokens at a time
         # log Z = x_0 - log_softmax(x)_0: log_softmax is one fused kernel, about twice as fast as logsumexp on CPU
-        log_z = torch.cat([chunk[:, 0].float() - torch.log_softmax(chunk.float(), dim=-1)[:, 0]
-                           for chunk in logits.split(rows)])
+        log_z = torch.cat(
+            [chunk[:, 0].float() - torch.log_softmax(chunk.float(), dim=-1)[:, 0] for chunk in logits.split(rows)]
+        )
         found["logz"] = torch.stack([log_z.mean(), log_z.max()])
 
 
@@ -201,14 +204,26 @@ class StabilityMonitor(Callback):
 
     priority = 100
 
-    def __init__(self, every_steps: int = 10, spikes: bool = True, spike_window: int = 128,
-                 spike_threshold_sd: float = 6.0, spike_min_values: Optional[int] = None,
-                 max_grad_norm: float = 1.0, beta2: float = 0.95, eps: float = 1e-8, global_batch_size: int = 1):
+    def __init__(
+        self,
+        every_steps: int = 10,
+        spikes: bool = True,
+        spike_window: int = 128,
+        spike_threshold_sd: float = 6.0,
+        spike_min_values: Optional[int] = None,
+        max_grad_norm: float = 1.0,
+        beta2: float = 0.95,
+        eps: float = 1e-8,
+        global_batch_size: int = 1,
+    ):
         self.every_steps = every_steps
         self.global_batch_size = global_batch_size
         self.max_grad_norm, self.beta2, self.eps = max_grad_norm, beta2, eps
-        self.detectors = ({metric: SpikeDetector(spike_window, spike_threshold_sd, spike_min_values)
-                           for metric in SPIKE_METRICS} if spikes else {})
+        self.detectors = (
+            {metric: SpikeDetector(spike_window, spike_threshold_sd, spike_min_values) for metric in SPIKE_METRICS}
+            if spikes
+            else {}
+        )
         self.spikes: list[Spike] = []
         self.rank = 0
         self.update_signals: Optional[UpdateSignals] = None
@@ -218,8 +233,17 @@ class StabilityMonitor(Callback):
     @classmethod
     def from_config(cls, cfg: "JobConfig") -> "StabilityMonitor":
         m, t = cfg.monitor, cfg.train
-        return cls(m.every_steps, m.spikes, m.spike_window, m.spike_threshold_sd, m.spike_min_values,
-                   t.gradient_clipping, t.adam_beta2, t.adam_eps, cfg.budget.global_batch_size)
+        return cls(
+            m.every_steps,
+            m.spikes,
+            m.spike_window,
+            m.spike_threshold_sd,
+            m.spike_min_values,
+            t.gradient_clipping,
+            t.adam_beta2,
+            t.adam_eps,
+            cfg.budget.global_batch_size,
+        )
 
     def on_train_start(self, start: TrainStart) -> None:
         self.rank = start.rank
@@ -246,14 +270,23 @@ class StabilityMonitor(Callback):
                 continue
             metrics[SPIKE_METRICS[metric]] = height
             b = self.global_batch_size
-            spike = Spike(metric, step, float(metrics[metric]), height, detector.mean, detector.sd,
-                          ((step - 1) * b, step * b))
+            spike = Spike(
+                metric, step, float(metrics[metric]), height, detector.mean, detector.sd, ((step - 1) * b, step * b)
+            )
             self.spikes.append(spike)
             if self.rank == 0:
-                log.warning("Spike in %s at step %d: %.4g is %.1f SDs above the mean %.4g of the previous %d values; "
-                            "its batch is rows [%d, %d) of the seeded order (polypythia-batch --step %d).",
-                            metric, step, spike.value, height, detector.mean, detector.count,
-                            *spike.batch_rows, step)
+                log.warning(
+                    "Spike in %s at step %d: %.4g is %.1f SDs above the mean %.4g of the previous %d values; "
+                    "its batch is rows [%d, %d) of the seeded order (polypythia-batch --step %d).",
+                    metric,
+                    step,
+                    spike.value,
+                    height,
+                    detector.mean,
+                    detector.count,
+                    *spike.batch_rows,
+                    step,
+                )
 
     def on_train_end(self, result: TrainResult) -> None:
         result.spikes.extend(asdict(s) for s in self.spikes)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from polypythia.config import JobConfig
+from polypythia.config.jobconfig import JobConfig
 from polypythia.errors import CheckpointError
 from polypythia.train import checkpoint as ckpt
 from polypythia.train import universal
@@ -69,8 +69,15 @@ def plan_resume(cfg: JobConfig, world_size: int) -> ResumePlan:
             "train.zero_stage it was written with."
         )
     if torch.distributed.get_rank() == 0:
-        log.info("Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
-                 "worker(s) at ZeRO stage %d.", latest.step, saved_world, saved_stage, world_size, stage)
+        log.info(
+            "Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
+            "worker(s) at ZeRO stage %d.",
+            latest.step,
+            saved_world,
+            saved_stage,
+            world_size,
+            stage,
+        )
     return ResumePlan(latest, state, stage, True)
 
 
@@ -104,14 +111,19 @@ def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> 
     try:
         if rank == 0:
             try:
-                universal.to_universal(latest.path / "state" / ckpt.STATE_TAG, converted / ckpt.STATE_TAG,
-                                       state.get("zero_stage", 0), optimizer_order(engine.module))
+                universal.to_universal(
+                    latest.path / "state" / ckpt.STATE_TAG,
+                    converted / ckpt.STATE_TAG,
+                    state.get("zero_stage", 0),
+                    optimizer_order(engine.module),
+                )
             except Exception as exc:  # every rank raises it, below
                 outcome[0] = f"{type(exc).__name__}: {exc}"
         torch.distributed.broadcast_object_list(outcome, src=0, group=waiting)
         if outcome[0] is not None:
-            raise CheckpointError(f"Converting checkpoint {latest.path} for another number of workers failed: "
-                                  f"{outcome[0]}")
+            raise CheckpointError(
+                f"Converting checkpoint {latest.path} for another number of workers failed: {outcome[0]}"
+            )
         universal.load(engine, converted, ckpt.STATE_TAG)
         barrier()
     finally:

@@ -3,7 +3,7 @@
 PaLM (Chowdhery et al. 2022, "PaLM: Scaling Language Modeling with Pathways", section 5.1) met
 loss spikes by restarting "from a checkpoint roughly 100 steps before the spike started" and
 skipping "roughly 200-500 data batches" around it. A sweep does the same when a run leaves its
-sibling seeds' band and ``monitor.action=rewind`` (the driver's side is :mod:`polypythia.actions`):
+sibling seeds' band and ``monitor.action=rewind`` (the driver's side is :mod:`polypythia.driver.actions`):
 the job, before training starts, applies the :class:`~polypythia.jobspec.RewindRequest` it was given
 (:func:`apply`):
 
@@ -52,7 +52,7 @@ class Rewind:
     abandoned: tuple[int, ...] = ()  # the checkpoint steps moved aside
     reason: str = ""  # the alert
     # per metric key, the last step MLflow held when the run was rewound (written by the job, see
-    # polypythia.rewindlog): re-trained points up to it go to an artifact, not into the series
+    # polypythia.job.rewindlog): re-trained points up to it go to an artifact, not into the series
     logged_through: Optional[dict[str, int]] = None
 
     @property
@@ -60,8 +60,10 @@ class Rewind:
         return self.skip_stop - self.skip_start
 
     def describe(self) -> str:
-        return (f"alert at step {self.decision_step}; back to checkpoint step {self.checkpoint_step}; "
-                f"batches [{self.skip_start}, {self.skip_stop}) skipped")
+        return (
+            f"alert at step {self.decision_step}; back to checkpoint step {self.checkpoint_step}; "
+            f"batches [{self.skip_start}, {self.skip_stop}) skipped"
+        )
 
 
 @dataclass(frozen=True)
@@ -81,8 +83,12 @@ def load(run_dir: str | Path) -> list[Rewind]:
     path = record_path(run_dir)
     if not path.is_file():
         return []
-    data = read_json(path, CheckpointError, "the run's rewinds",
-                     "restore it from a backup: it says which batches the run skipped (deleting it replays them)")
+    data = read_json(
+        path,
+        CheckpointError,
+        "the run's rewinds",
+        "restore it from a backup: it says which batches the run skipped (deleting it replays them)",
+    )
     return [Rewind(**{**r, "abandoned": tuple(r.get("abandoned", ()))}) for r in data["rewinds"]]
 
 
@@ -126,16 +132,24 @@ def apply(run_dir: str | Path, request: RewindRequest) -> Rewind | Refused | Non
     found = target(run_dir, request.decision_step, floor)
     if found is None:
         kept = [c.step for c in ckpt.list_checkpoints(run_dir) if ckpt.is_resumable(c.path)]
-        return Refused(request.number, f"no checkpoint from step {floor} to before step {request.decision_step} keeps "
-                                       f"its resume state (resumable: {kept or 'none'}; train.keep_resume_states=null "
-                                       "keeps them all)")
+        return Refused(
+            request.number,
+            f"no checkpoint from step {floor} to before step {request.decision_step} keeps "
+            f"its resume state (resumable: {kept or 'none'}; train.keep_resume_states=null "
+            "keeps them all)",
+        )
     abandoned = _move_aside(run_dir, found.step, request.number)
     start = batch_index(found.step, rewinds)
     skip = request.skip_batches if request.skip_batches is not None else request.decision_step - found.step
     rewind = Rewind(request.number, request.decision_step, found.step, start, start + skip, abandoned, request.reason)
     save(run_dir, [*rewinds, rewind])
-    log.warning("Rewound %s: %s; checkpoints %s moved to %s.", Path(run_dir).name, rewind.describe(),
-                list(abandoned) or "none", Path(run_dir) / ABANDONED / f"rewind{request.number}")
+    log.warning(
+        "Rewound %s: %s; checkpoints %s moved to %s.",
+        Path(run_dir).name,
+        rewind.describe(),
+        list(abandoned) or "none",
+        Path(run_dir) / ABANDONED / f"rewind{request.number}",
+    )
     return rewind
 
 

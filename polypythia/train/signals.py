@@ -40,8 +40,6 @@ def _group_order(group: str) -> tuple:
     return (2, 0, group)
 
 
-
-
 # --- the optimizer-side signals -------------------------------------------------------------------
 
 
@@ -108,27 +106,52 @@ def fragments(engine, group_index: dict[int, int]) -> tuple[list[_Fragment], boo
     params = list(engine.module.parameters())
     out: list[_Fragment] = []
     if any(hasattr(p, "_hp_mapping") for p in params):  # ZeRO-1/2 (or the bf16 optimizer): partitioned
-        flats = getattr(opt, "single_partition_of_fp32_groups", None) or getattr(opt, "fp32_groups_flat_partition")
+        flats = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_groups_flat_partition
         for p in params:
             mapping = getattr(p, "_hp_mapping", None)
             if mapping is None:  # no part of it on this rank
                 continue
             state = opt.optimizer.state.get(flats[mapping.param_group_index])
-            out.append(_Fragment(group_index[id(p)], mapping.hp_fragment, partial(_hp_grad, p), state,
-                                 mapping.hp_fragment_address.start))
+            out.append(
+                _Fragment(
+                    group_index[id(p)],
+                    mapping.hp_fragment,
+                    partial(_hp_grad, p),
+                    state,
+                    mapping.hp_fragment_address.start,
+                )
+            )
         return out, True
-    if hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups_flat"):  # fp16/bf16, ZeRO-0, fused: one flat fp32 copy per group
+    if hasattr(opt, "fp16_groups") and hasattr(
+        opt, "fp32_groups_flat"
+    ):  # fp16/bf16, ZeRO-0, fused: one flat fp32 copy per group
         for lp_group, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
             state, offset = opt.optimizer.state.get(flat), 0
             for p in lp_group:
-                out.append(_Fragment(group_index[id(p)], flat.detach().narrow(0, offset, p.numel()),
-                                     partial(_full_grad, p), state, offset))
+                out.append(
+                    _Fragment(
+                        group_index[id(p)],
+                        flat.detach().narrow(0, offset, p.numel()),
+                        partial(_full_grad, p),
+                        state,
+                        offset,
+                    )
+                )
                 offset += p.numel()
-    elif hasattr(opt, "fp16_groups") and hasattr(opt, "fp32_groups"):  # fp16/bf16, ZeRO-0, unfused: an fp32 copy per parameter
+    elif hasattr(opt, "fp16_groups") and hasattr(
+        opt, "fp32_groups"
+    ):  # fp16/bf16, ZeRO-0, unfused: an fp32 copy per parameter
         for lp_group, hp_group in zip(opt.fp16_groups, opt.fp32_groups):
             for p, hp in zip(lp_group, hp_group):
-                out.append(_Fragment(group_index[id(p)], hp.detach().reshape(-1), partial(_full_grad, p),
-                                     opt.optimizer.state.get(hp), 0))
+                out.append(
+                    _Fragment(
+                        group_index[id(p)],
+                        hp.detach().reshape(-1),
+                        partial(_full_grad, p),
+                        opt.optimizer.state.get(hp),
+                        0,
+                    )
+                )
     else:  # fp32, ZeRO-0: the torch optimizer updates the module's own parameters (read as they are: no op per tensor)
         for p in params:
             out.append(_Fragment(group_index[id(p)], p, partial(_grad, p), opt.state.get(p), 0))
@@ -180,7 +203,9 @@ class UpdateSignals:
         # g: the gradient Adam applies (unscaled, clipped); v_t = b2 v_{t-1} + (1 - b2) g^2, bias-corrected
         b2, steps, ratios = self.beta2, adam_steps(frags), []
         for chunk in _chunks(have, [frags[i].weight.numel() for i in have]):
-            g2 = torch._foreach_mul([grads[i].float() for i in chunk], clip / scale)  # copies: the gradient stays as it is
+            g2 = torch._foreach_mul(
+                [grads[i].float() for i in chunk], clip / scale
+            )  # copies: the gradient stays as it is
             torch._foreach_mul_(g2, g2)
             v = [frags[i].exp_avg_sq() for i in chunk]
             v = [torch.zeros_like(g) if vi is None else vi for vi, g in zip(v, g2)]
@@ -192,8 +217,9 @@ class UpdateSignals:
         counts = [0] * n
         for f in frags:
             counts[f.group] += f.weight.numel()
-        sums = self._sum_groups(ratios, index, partitioned, n,
-                                extra=torch.tensor(counts, dtype=torch.float64, device=device))
+        sums = self._sum_groups(
+            ratios, index, partitioned, n, extra=torch.tensor(counts, dtype=torch.float64, device=device)
+        )
         ratio_sum, count = sums[:n], sums[n:]
 
         values = {f"monitor/grad_norm/{g}": v for g, v in zip(self.groups, grad_sq.sqrt().tolist())}
@@ -201,9 +227,12 @@ class UpdateSignals:
         values["monitor/adam_rms"] = math.sqrt(float(ratio_sum.sum() / count.sum()))
         metrics.update(values)
         weights = [f.weight for f in frags]
-        return {"weights": weights, "before": torch._foreach_mul(weights, 1.0) if weights else [],
-                "index": torch.tensor([f.group for f in frags], dtype=torch.long, device=device),
-                "partitioned": partitioned}
+        return {
+            "weights": weights,
+            "before": torch._foreach_mul(weights, 1.0) if weights else [],
+            "index": torch.tensor([f.group for f in frags], dtype=torch.long, device=device),
+            "partitioned": partitioned,
+        }
 
     @torch.no_grad()
     def after(self, engine, kept: dict[str, Any], metrics: dict[str, float]) -> None:
@@ -213,16 +242,26 @@ class UpdateSignals:
         weight = list(torch._foreach_norm(before)) if weights else []
         sums = self._sum_groups(change + weight, torch.cat([index, index + n]), kept["partitioned"], 2 * n, square=True)
         change_sq, weight_sq = sums[:n], sums[n:]
-        metrics.update({f"monitor/update_ratio/{g}": v for g, v in
-                        zip(self.groups, (change_sq.sqrt() / weight_sq.sqrt()).tolist())})
+        metrics.update(
+            {
+                f"monitor/update_ratio/{g}": v
+                for g, v in zip(self.groups, (change_sq.sqrt() / weight_sq.sqrt()).tolist())
+            }
+        )
         metrics["monitor/update_ratio"] = math.sqrt(float(change_sq.sum())) / math.sqrt(float(weight_sq.sum()))
         scale = loss_scale(engine)
         if scale is not None:
             metrics["monitor/loss_scale"] = scale
 
     @staticmethod
-    def _sum_groups(values: list[torch.Tensor], index: torch.Tensor, partitioned: bool, n: int,
-                    extra: Optional[torch.Tensor] = None, square: bool = False) -> torch.Tensor:
+    def _sum_groups(
+        values: list[torch.Tensor],
+        index: torch.Tensor,
+        partitioned: bool,
+        n: int,
+        extra: Optional[torch.Tensor] = None,
+        square: bool = False,
+    ) -> torch.Tensor:
         """Per-group sums of per-fragment scalars (``square``: of their squares; then ``extra``,
         appended), summed over ranks where the fragments are partitioned: one all-reduce."""
         sums = torch.zeros(n, dtype=torch.float64, device=index.device)

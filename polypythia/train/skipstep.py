@@ -145,9 +145,15 @@ class SkipStep(Callback):
         self.skipped_steps.append(step)
         if self.rank == 0:
             loss_h, grad_h = self.rule.last_heights
-            log.warning("Skipped the update of step %d (monitor.action=skip_step): %s.", step, "; ".join(
-                f"{name} {h:.1f} SDs above the mean of the previous values" for name, h in
-                (("loss", loss_h), ("gradient norm", grad_h)) if h is not None and math.isfinite(h)))
+            log.warning(
+                "Skipped the update of step %d (monitor.action=skip_step): %s.",
+                step,
+                "; ".join(
+                    f"{name} {h:.1f} SDs above the mean of the previous values"
+                    for name, h in (("loss", loss_h), ("gradient norm", grad_h))
+                    if h is not None and math.isfinite(h)
+                ),
+            )
 
     def trainer_state(self) -> dict:
         return {STATE_KEY: self.rule.state_dict()}

@@ -34,10 +34,17 @@ class SpikeDetector:
     as ``SkipStepOptimizer``).
     """
 
-    def __init__(self, window: int = OLMO_WINDOW, threshold_sd: float = OLMO_THRESHOLD_SD,
-                 min_values: int | None = None, ddof: int = 0):
+    def __init__(
+        self,
+        window: int = OLMO_WINDOW,
+        threshold_sd: float = OLMO_THRESHOLD_SD,
+        min_values: int | None = None,
+        ddof: int = 0,
+    ):
         if window < 2 or threshold_sd <= 0:
-            raise ValueError(f"a spike window needs at least 2 values and a positive threshold, got {window} and {threshold_sd}")
+            raise ValueError(
+                f"a spike window needs at least 2 values and a positive threshold, got {window} and {threshold_sd}"
+            )
         self.window = window
         self.threshold_sd = threshold_sd
         self.min_values = window if min_values is None else min_values
@@ -78,4 +85,4 @@ class SpikeDetector:
 
     def load_state_dict(self, state: dict) -> None:
         self.values.clear()
-        self.values.extend(float(v) for v in state["values"][-self.window:])
+        self.values.extend(float(v) for v in state["values"][-self.window :])

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from polypythia.config import JobConfig
+from polypythia.config.jobconfig import JobConfig
 from polypythia.train.callbacks import StepProbe
 from polypythia.train.distributed import global_mean
 from polypythia.train.lighten import records_grad_norm
@@ -58,8 +58,15 @@ def peak_flops(configured_tflops: float | None) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_step(engine, forward, rows: np.ndarray, micro_batch_size: int, probes: Sequence[StepProbe] = (),
-               z_loss: float = 0.0, skip: SkipStep | None = None) -> tuple[float, float, dict[str, float]]:
+def train_step(
+    engine,
+    forward,
+    rows: np.ndarray,
+    micro_batch_size: int,
+    probes: Sequence[StepProbe] = (),
+    z_loss: float = 0.0,
+    skip: SkipStep | None = None,
+) -> tuple[float, float, dict[str, float]]:
     """Train on this rank's ``rows`` of the global batch; returns (cross-entropy loss averaged over
     every rank's micro-batches, gradient norm before clipping, further ``train/*`` metrics).
 
@@ -145,7 +152,8 @@ class StepMetrics:
         self.budget, self.peak_lr, self.world_size = budget, model.lr, world_size
         self.tokens_per_step = budget.global_batch_size * budget.seq_length
         self.flops_per_step = self.tokens_per_step * flops_per_token(
-            num_params, model.num_layers, model.hidden_size, budget.seq_length)
+            num_params, model.num_layers, model.hidden_size, budget.seq_length
+        )
         self.peak = peak_flops(cfg.train.peak_tflops)
 
     def __call__(self, step: int, loss: float, grad_norm: float, elapsed_s: float) -> dict[str, float]:

@@ -61,8 +61,15 @@ def to_universal(tag_dir: Path, out_tag_dir: Path, saved_stage: int, names: list
     if saved_stage > 0:
         from deepspeed.checkpoint import ds_to_universal
 
-        args = Namespace(input_folder=str(tag_dir), output_folder=str(out_tag_dir), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        args = Namespace(
+            input_folder=str(tag_dir),
+            output_folder=str(out_tag_dir),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a banner per phase
             ds_to_universal.main(args)
     else:
@@ -76,8 +83,9 @@ def _load_data(path: Path, allowed: tuple = ()):
         with torch.serialization.safe_globals(list(allowed)):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"{path} holds more than tensors and plain values, so it is not loaded (loading it "
-                              "could run code from it).") from None
+        raise CheckpointError(
+            f"{path} holds more than tensors and plain values, so it is not loaded (loading it could run code from it)."
+        ) from None
 
 
 def _zero_optimizer_classes() -> tuple:
@@ -113,8 +121,14 @@ def _zero0_to_universal(tag_dir: Path, out: Path, names: list[str]) -> None:
     import deepspeed
 
     # No loss scaler or clipping entries: the loading engine keeps those of its own configuration.
-    torch.save({"zero_stage": 0, "ds_version": states.get("ds_version") or deepspeed.__version__,
-                "param_groups": optim["param_groups"]}, zero / "optimizer_state.pt")
+    torch.save(
+        {
+            "zero_stage": 0,
+            "ds_version": states.get("ds_version") or deepspeed.__version__,
+            "param_groups": optim["param_groups"],
+        },
+        zero / "optimizer_state.pt",
+    )
     shutil.copy2(tag_dir / MODEL_STATES, out / MODEL_STATES)
 
 
@@ -133,8 +147,10 @@ def load(engine, load_dir: Path, tag: str) -> None:
 def _load_zero0(engine, load_dir: Path, tag: str) -> None:
     optimizer = engine.optimizer
     if not isinstance(optimizer, torch.optim.Optimizer):  # DeepSpeed's fp16/bf16 wrapper: master weights
-        raise CheckpointError("A ZeRO stage 0 run in fp16 or bf16 cannot load a checkpoint written at ZeRO stage "
-                              "1/2; resume it with the train.zero_stage it was written with.")
+        raise CheckpointError(
+            "A ZeRO stage 0 run in fp16 or bf16 cannot load a checkpoint written at ZeRO stage "
+            "1/2; resume it with the train.zero_stage it was written with."
+        )
     # ZeRO-0: module, LR schedule and step counters as usual, then fp32 values and Adam moments.
     engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True, load_optimizer_states=False)
     zero = load_dir / tag / "zero"

@@ -17,8 +17,10 @@ from polypythia.evaluate.integrity import FOREIGN_FILE, IDENTICAL_HINT, MISSING,
 def write_result(root, folder: str, step: int, named: str, values: dict, stamp="2024-01-01T00-00-00.000000"):
     inner = root / folder / f"step{step}" / named.replace("/", "__")
     inner.mkdir(parents=True, exist_ok=True)
-    data = {"results": {task: {"acc,none": value, "acc_stderr,none": 0.01} for task, value in values.items()},
-            "config": {"model_args": f"pretrained={named},revision=step{step}"}}
+    data = {
+        "results": {task: {"acc,none": value, "acc_stderr,none": 0.01} for task, value in values.items()},
+        "config": {"model_args": f"pretrained={named},revision=step{step}"},
+    }
     (inner / f"results_{stamp}.json").write_text(json.dumps(data))
 
 
@@ -43,7 +45,10 @@ def test_each_planted_problem_is_found_in_an_lm_eval_folder(evals):
     study = load_study(evals)
     problems = check_study(study, foreign=foreign_files(evals))
     assert {(p.seed, p.problem, p.steps) for p in problems} == {
-        ("1", MISSING, "2"), ("2", IDENTICAL_HINT, "0,1"), ("2", FOREIGN_FILE, "4")}
+        ("1", MISSING, "2"),
+        ("2", IDENTICAL_HINT, "0,1"),
+        ("2", FOREIGN_FILE, "4"),
+    }
     foreign = next(p for p in problems if p.problem == FOREIGN_FILE)
     assert "is for EleutherAI__pythia-70m;" in foreign.detail and foreign.detail.startswith("pythia-70m-seed2/step4/")
 
@@ -77,9 +82,15 @@ def test_steps_polypythias_asks_only_for_the_study_steps(tmp_path):
 
 
 def test_a_table_with_equal_weight_metrics_gives_the_hint(tmp_path):
-    rows = [("70m", 1, step, metric, value) for step in (0, 1, 2) for metric, value in
-            (("weights/mean", 0.1 if step < 2 else 0.2), ("weights/std", 0.02 * (1 + (step == 2))),
-             ("train/loss", 5.0 - step))]
+    rows = [
+        ("70m", 1, step, metric, value)
+        for step in (0, 1, 2)
+        for metric, value in (
+            ("weights/mean", 0.1 if step < 2 else 0.2),
+            ("weights/std", 0.02 * (1 + (step == 2))),
+            ("train/loss", 5.0 - step),
+        )
+    ]
     path = tmp_path / "study.csv"
     pd.DataFrame(rows, columns=["model", "seed", "step", "metric", "value"]).to_csv(path, index=False)
     problems = check_study(load_study(path))

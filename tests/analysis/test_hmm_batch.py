@@ -8,8 +8,8 @@ from hmmlearn.hmm import GaussianHMM
 from sklearn.utils import check_random_state
 
 from analysis.hmm_batch import BatchedGaussianHMM, StopOnNonFinite, fit_together
-from tests.analysis.test_training_maps import planted_study
 from analysis.training_maps import Split, split_rows, wide_features
+from tests.analysis.test_training_maps import planted_study
 
 
 @pytest.fixture(scope="module")
@@ -23,8 +23,9 @@ def splits():
 def fitted(cls, n_states, seed, X, lengths):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return cls(n_components=n_states, covariance_type="diag", n_iter=10000,
-                   random_state=check_random_state(seed)).fit(X, lengths)
+        return cls(
+            n_components=n_states, covariance_type="diag", n_iter=10000, random_state=check_random_state(seed)
+        ).fit(X, lengths)
 
 
 @pytest.mark.parametrize("n_states", [1, 2, 3, 5, 8])
@@ -41,15 +42,18 @@ def test_batched_fit_is_hmmlearns_fit(splits, n_states):
             np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-7, atol=1e-10)
         for method in ("score", "bic", "aic"):
             assert getattr(ours, method)(heldout.X, heldout.lengths) == pytest.approx(
-                getattr(theirs, method)(heldout.X, heldout.lengths), rel=1e-9)
+                getattr(theirs, method)(heldout.X, heldout.lengths), rel=1e-9
+            )
         assert (ours.predict(train.X, lengths) == theirs.predict(train.X, lengths)).all()
 
 
 def test_fitting_together_ends_where_each_fit_alone_ends(splits):
     train, _ = splits
     other = train.X[: sum(train.lengths[:3])] * 1.5
-    models = [BatchedGaussianHMM(n_components=4, covariance_type="diag", n_iter=10000,
-                                 random_state=check_random_state(seed)) for seed in (5329, 2332, 4642)]
+    models = [
+        BatchedGaussianHMM(n_components=4, covariance_type="diag", n_iter=10000, random_state=check_random_state(seed))
+        for seed in (5329, 2332, 4642)
+    ]
     Xs, lengths = [train.X, other, train.X], [train.lengths, train.lengths[:3], train.lengths]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

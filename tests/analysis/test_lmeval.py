@@ -24,13 +24,26 @@ def suite_file(root, folder, setting, name, step, values, pretrained=None, shots
     pretrained = pretrained or f"EleutherAI/pythia-v1.1-{size}"
     args = f"pretrained={pretrained},revision=step{step}"
     shots = (5 if setting == "five-shot" else 0) if shots is None else shots
-    results = {task: {"acc": acc, "acc_stderr": 0.01, "acc_norm": acc + 0.02, "acc_norm_stderr": 0.01}
-               for task, acc in values.items()}
+    results = {
+        task: {"acc": acc, "acc_stderr": 0.01, "acc_norm": acc + 0.02, "acc_norm_stderr": 0.01}
+        for task, acc in values.items()
+    }
     results["lambada_openai"] = {"ppl": 30.0 + step / 1e4, "ppl_stderr": 1.0, "acc": 0.3}
-    data = {"results": results, "versions": {task: 0 for task in results},
-            "config": {"model": "hf-causal", "model_args": ("use_accelerate=True," if accelerate else "") + args,
-                       "num_fewshot": shots, "batch_size": 16, "device": "cuda:7", "no_cache": True, "limit": None,
-                       "bootstrap_iters": 100000, "description_dict": {}}}
+    data = {
+        "results": results,
+        "versions": {task: 0 for task in results},
+        "config": {
+            "model": "hf-causal",
+            "model_args": ("use_accelerate=True," if accelerate else "") + args,
+            "num_fewshot": shots,
+            "batch_size": 16,
+            "device": "cuda:7",
+            "no_cache": True,
+            "limit": None,
+            "bootstrap_iters": 100000,
+            "description_dict": {},
+        },
+    }
     path = root / folder / setting / f"{name}_step{step}.json" if setting else root / folder / f"{name}_step{step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
@@ -43,16 +56,22 @@ def polypythias_file(root, size, seed, step, values, n_shot=None):
     folder = root / name / f"step{step}" / f"EleutherAI__{name}"
     folder.mkdir(parents=True, exist_ok=True)
     results = {task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01} for task, acc in values.items()}
-    data = {"results": results,
-            "config": {"model": "hf", "model_args": f"pretrained=EleutherAI/{name},revision=step{step}"}}
+    data = {
+        "results": results,
+        "config": {"model": "hf", "model_args": f"pretrained=EleutherAI/{name},revision=step{step}"},
+    }
     if n_shot is not None:
         data["n-shot"] = n_shot
     (folder / f"results_{STAMP}.json").write_text(json.dumps(data))
 
 
 def value(metrics, model, seed, step, metric):
-    rows = metrics[(metrics.model.astype(str) == model) & (metrics.seed.astype(str) == str(seed))
-                   & (metrics.step == step) & (metrics.metric.astype(str) == metric)]
+    rows = metrics[
+        (metrics.model.astype(str) == model)
+        & (metrics.seed.astype(str) == str(seed))
+        & (metrics.step == step)
+        & (metrics.metric.astype(str) == metric)
+    ]
     return rows["value"].tolist()
 
 
@@ -107,17 +126,22 @@ def test_metric_names_of_lm_eval_03_and_04_and_their_shots():
     assert pythia_identity("EleutherAI/pythia-160m-v0") == ("160m-v0", 0)  # the old suite: another model
     assert pythia_identity("EleutherAI/intervention-pythia-v1.1-410m-deduped") is None
     v03 = {"results": {"arc_easy": {"acc": 0.4, "acc_stderr": 0.01}}, "config": {"num_fewshot": 5}}
-    v04 = {"results": {"arc_easy": {"acc,none": 0.4, "acc_stderr,none": 0.01, "alias": "arc_easy"},
-                       "gsm8k": {"exact_match,flexible-extract": 0.1}},
-           "n-shot": {"arc_easy": 0, "gsm8k": 8}}
+    v04 = {
+        "results": {
+            "arc_easy": {"acc,none": 0.4, "acc_stderr,none": 0.01, "alias": "arc_easy"},
+            "gsm8k": {"exact_match,flexible-extract": 0.1},
+        },
+        "n-shot": {"arc_easy": 0, "gsm8k": 8},
+    }
     assert lm_eval_metrics(v03["results"]) == [("arc_easy/acc", 0.4)]
     assert lm_eval_metrics(v03["results"], task_shots(v03)) == [("arc_easy@5shot/acc", 0.4)]
     assert lm_eval_metrics(v04["results"], task_shots(v04)) == [
-        ("arc_easy/acc", 0.4), ("gsm8k@8shot/exact_match@flexible-extract", 0.1)]
+        ("arc_easy/acc", 0.4),
+        ("gsm8k@8shot/exact_match@flexible-extract", 0.1),
+    ]
 
 
-def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_found_by_check(suite, tmp_path,
-                                                                                             capsys):
+def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_found_by_check(suite, tmp_path, capsys):
     """Identity comes from the file's own config where it has one; the disagreement is a --check finding. A file
     filed under its own identity wins over one that the config places on the same point."""
     root, expected = suite
@@ -126,17 +150,28 @@ def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_fo
     # config step 2000 (no other file: read at 2000); path says 160m, config 410m; a 5-shot run in zero-shot/.
     for path_step, config_step in ((3000, 1000), (4000, 2000)):
         suite_file(root, "pythia-160m", "zero-shot", "160m", path_step, {"arc_easy": 0.9}).write_text(
-            (zero / f"160m_step{path_step}.json").read_text().replace(f"revision=step{path_step}",
-                                                                      f"revision=step{config_step}"))
+            (zero / f"160m_step{path_step}.json")
+            .read_text()
+            .replace(f"revision=step{path_step}", f"revision=step{config_step}")
+        )
     suite_file(root, "pythia-160m", "zero-shot", "160m", 13000, {"arc_easy": 0.8}, pretrained="EleutherAI/pythia-410m")
     suite_file(root, "pythia-160m", "zero-shot", "160m", 23000, {"arc_easy": 0.7}, shots=5)
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 33000, {"arc_easy": 0.6},
-               pretrained="EleutherAI/intervention-pythia-v1.1-160m")  # no Pythia model: left out
+    suite_file(
+        root,
+        "pythia-160m",
+        "zero-shot",
+        "160m",
+        33000,
+        {"arc_easy": 0.6},
+        pretrained="EleutherAI/intervention-pythia-v1.1-160m",
+    )  # no Pythia model: left out
     study = load_study(root)
     got = {(str(r.model), int(r.seed), int(r.step), str(r.metric)): r.value for r in study.metrics.itertuples()}
-    for (model, step, path_step, task), acc in {("160m", 2000, 4000, "arc_easy"): 0.9,
-                                                ("410m", 13000, 13000, "arc_easy"): 0.8,
-                                                ("160m", 23000, 23000, "arc_easy@5shot"): 0.7}.items():
+    for (model, step, path_step, task), acc in {
+        ("160m", 2000, 4000, "arc_easy"): 0.9,
+        ("410m", 13000, 13000, "arc_easy"): 0.8,
+        ("160m", 23000, 23000, "arc_easy@5shot"): 0.7,
+    }.items():
         expected[(model, 0, step, f"{task}/acc")] = acc
         expected[(model, 0, step, f"{task}/acc_norm")] = acc + 0.02
         expected[(model, 0, step, f"{task.replace('arc_easy', 'lambada_openai')}/ppl")] = 30.0 + path_step / 1e4
@@ -155,7 +190,8 @@ def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_fo
         ("160m", "0", CONFIG_PATH_DISAGREE, "4000", f"step 2000; {read}"),
         ("160m", "0", FOREIGN_FILE, "13000", f"EleutherAI/pythia-410m; {read}"),
         ("160m", "0", CONFIG_PATH_DISAGREE, "23000", f"5-shot; {read}"),
-        ("160m", "0", FOREIGN_FILE, "33000", "EleutherAI/intervention-pythia-v1.1-160m; it was left out")}
+        ("160m", "0", FOREIGN_FILE, "33000", "EleutherAI/intervention-pythia-v1.1-160m; it was left out"),
+    }
     capsys.readouterr()
 
 
@@ -165,14 +201,22 @@ def test_setting_folders_other_than_shots_are_read_only_on_their_own(tmp_path, c
     root = tmp_path / "pythia-v1"
     suite_file(root, "pythia-410m-deduped", "zero-shot", "410m-deduped", 143000, {"arc_easy": 0.51})
     suite_file(root, "pythia-410m-deduped", "baseline", "baseline-410m-deduped", 143000, {"arc_easy": 0.52})
-    suite_file(root, "pythia-410m-deduped", "intervention", "intervention-410m-deduped", 143000, {"arc_easy": 0.53},
-               pretrained="EleutherAI/intervention-pythia-v1.1-410m-deduped")
+    suite_file(
+        root,
+        "pythia-410m-deduped",
+        "intervention",
+        "intervention-410m-deduped",
+        143000,
+        {"arc_easy": 0.53},
+        pretrained="EleutherAI/intervention-pythia-v1.1-410m-deduped",
+    )
     study = load_study(root)
     assert value(study.metrics, "410m-deduped", 0, 143000, "arc_easy/acc") == pytest.approx([0.51])
     assert [n for n in study.notes if "setting folders" in n] == [
         "2 lm-eval result files in setting folders other than zero-shot/ or five-shot/ were not read (baseline/, "
         "intervention/ e.g. pythia-410m-deduped/baseline/baseline-410m-deduped_step143000.json); point the source "
-        "at such a folder to read it alone."]
+        "at such a folder to read it alone."
+    ]
     baseline = load_study(root / "pythia-410m-deduped" / "baseline")
     assert value(baseline.metrics, "410m-deduped", 0, 143000, "arc_easy/acc") == pytest.approx([0.52])
     # The intervention model is no Pythia model: nothing to read, and --check lists the file.
@@ -189,12 +233,16 @@ def test_undated_files_that_contradict_each_other_are_an_error(tmp_path):
     root = tmp_path / "evals"
     suite_file(root, "pythia-70m", "zero-shot", "70m", 1000, {"arc_easy": 0.40})
     suite_file(root, "pythia-70m", "0-shot", "70m", 1000, {"arc_easy": 0.41})
-    with pytest.raises(AnalysisError, match=r"give different values of arc_easy/acc for model 70m seed 0 step 1000 "
-                                            r"\(0.41 and 0.4\).*no timestamp") as caught:
+    with pytest.raises(
+        AnalysisError,
+        match=r"give different values of arc_easy/acc for model 70m seed 0 step 1000 "
+        r"\(0.41 and 0.4\).*no timestamp",
+    ) as caught:
         load_study(root)
     assert "\n" not in str(caught.value)
     (root / "pythia-70m" / "0-shot" / "70m_step1000.json").write_text(
-        (root / "pythia-70m" / "zero-shot" / "70m_step1000.json").read_text())  # the same values: one of each
+        (root / "pythia-70m" / "zero-shot" / "70m_step1000.json").read_text()
+    )  # the same values: one of each
     assert len(load_study(root).metrics) == 4
 
 
@@ -212,7 +260,8 @@ def test_files_of_neither_layout_are_counted_not_read(tmp_path):
     study = load_study(root)
     assert sorted(study.metrics["step"].unique()) == [1000] and set(study.metrics["model"].astype(str)) == {"70m"}
     assert [n for n in study.notes if "neither" in n] == [
-        f"3 .json files below {root} are in neither lm-eval layout and were not read (e.g. opt/opt-125m.json)."]
+        f"3 .json files below {root} are in neither lm-eval layout and were not read (e.g. opt/opt-125m.json)."
+    ]
 
 
 def test_the_command_line_says_what_an_evaluation_folder_holds(suite, capsys):

@@ -15,8 +15,10 @@ TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 def write_result(root, model_dir, step, stamp, accuracies, subdir="EleutherAI__pythia"):
     folder = root / model_dir / f"step{step}" / subdir
     folder.mkdir(parents=True, exist_ok=True)
-    results = {task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": acc + 0.01}
-               for task, acc in accuracies.items()}
+    results = {
+        task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01, "acc_norm,none": acc + 0.01}
+        for task, acc in accuracies.items()
+    }
     results["lambada_openai"]["perplexity,none"] = 20.0
     (folder / f"results_{stamp}.json").write_text(json.dumps({"results": results, "config": {}}))
 
@@ -30,8 +32,14 @@ def lm_eval_folder(tmp_path):
             accuracies = {task: base + 0.05 * i for i, task in enumerate(TASKS)}
             write_result(tmp_path, model_dir, step, "2024-06-02T10-00-00.000000", accuracies)
     # An older run of the same (model, seed, step), deeper down: must lose to the newer file.
-    write_result(tmp_path, "pythia-70m-seed1", 2000, "2024-05-01T09-00-00.000000",
-                 {task: 0.0 for task in TASKS}, subdir="old/deeper")
+    write_result(
+        tmp_path,
+        "pythia-70m-seed1",
+        2000,
+        "2024-05-01T09-00-00.000000",
+        {task: 0.0 for task in TASKS},
+        subdir="old/deeper",
+    )
     return tmp_path
 
 
@@ -98,17 +106,21 @@ def write_eval(root, seed_dir, step, stamp, accuracies, inner=None, model_args=N
     folder = root / seed_dir / f"step{step}" / inner
     folder.mkdir(parents=True, exist_ok=True)
     pretrained = model_args or f"EleutherAI/{seed_dir}"
-    data = {"results": {task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01}
-                        for task, acc in accuracies.items()},
-            "config": {"model": "hf", "model_args": f"pretrained={pretrained},revision=step{step},dtype=float"}}
+    data = {
+        "results": {
+            task: {"alias": task, "acc,none": acc, "acc_stderr,none": 0.01} for task, acc in accuracies.items()
+        },
+        "config": {"model": "hf", "model_args": f"pretrained={pretrained},revision=step{step},dtype=float"},
+    }
     path = folder / f"results_{stamp}.json"
     path.write_text(json.dumps(data))
     return path
 
 
 def accuracy(metrics, seed, step, task):
-    rows = metrics[(metrics.seed.astype(str) == str(seed)) & (metrics.step == step)
-                   & (metrics.metric.astype(str) == f"{task}/acc")]
+    rows = metrics[
+        (metrics.seed.astype(str) == str(seed)) & (metrics.step == step) & (metrics.metric.astype(str) == f"{task}/acc")
+    ]
     return rows["value"].tolist()
 
 
@@ -118,12 +130,24 @@ def test_published_evals_drop_mislabeled_files_and_keep_latest_per_task(tmp_path
         for step in (1000, 143000):
             write_eval(tmp_path, seed_dir, step, early, {"arc_easy": base, "sciq": base + 0.1})
     # The base model's results filed under seed 3: inner folder and model_args name EleutherAI/pythia-410m.
-    mislabeled = write_eval(tmp_path, "pythia-410m-seed3", 143000, "2024-12-01T00-00-00.000000",
-                            {"arc_easy": 0.99, "sciq": 0.99}, inner="EleutherAI__pythia-410m",
-                            model_args="EleutherAI/pythia-410m")
+    mislabeled = write_eval(
+        tmp_path,
+        "pythia-410m-seed3",
+        143000,
+        "2024-12-01T00-00-00.000000",
+        {"arc_easy": 0.99, "sciq": 0.99},
+        inner="EleutherAI__pythia-410m",
+        model_args="EleutherAI/pythia-410m",
+    )
     # Only model_args gives it away (the inner folder is the right one).
-    write_eval(tmp_path, "pythia-410m-seed10", 1000, "2024-12-01T00-00-00.000000", {"arc_easy": 0.98},
-               model_args="EleutherAI/pythia-410m-seed1")
+    write_eval(
+        tmp_path,
+        "pythia-410m-seed10",
+        1000,
+        "2024-12-01T00-00-00.000000",
+        {"arc_easy": 0.98},
+        model_args="EleutherAI/pythia-410m-seed1",
+    )
     # A newer rerun of seed 3 at step 1000 holds arc_easy only: sciq must keep the older file's value.
     write_eval(tmp_path, "pythia-410m-seed3", 1000, late, {"arc_easy": 0.35})
 
@@ -161,7 +185,7 @@ def test_published_evals_bad_files_give_clear_errors(tmp_path):
     bad.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(AnalysisError, match=r"results_2024-09-01T10-00-00.000000.json .*remove or repair it"):
         load_study(tmp_path)
-    bad.write_text("{\"results\": ")
+    bad.write_text('{"results": ')
     with pytest.raises(AnalysisError, match="not valid JSON.*remove or repair it"):
         load_study(tmp_path)
 
@@ -178,7 +202,9 @@ def test_steps_restriction_with_the_polypythias_preset(tmp_path):
         load_study(tmp_path, steps=[7])
     # Tables are restricted too.
     table = tmp_path / "table.csv"
-    pd.DataFrame({"model": "70m", "seed": 1, "step": [1, 5, 1000], "metric": "loss", "value": 1.0}).to_csv(table, index=False)
+    pd.DataFrame({"model": "70m", "seed": 1, "step": [1, 5, 1000], "metric": "loss", "value": 1.0}).to_csv(
+        table, index=False
+    )
     assert sorted(load_study(table, steps="polypythias").metrics["step"]) == [1, 1000]
 
 
@@ -222,7 +248,9 @@ def test_wide_training_map_table_becomes_tidy_rows(tmp_path):
     assert sorted(metrics["seed"].astype(str).unique(), key=int) == ["0", "3", "4"]
     state = metrics[(metrics.seed.astype(str) == "3") & (metrics.metric.astype(str) == "state")]
     assert state.sort_values("step")["value"].tolist() == [0, 1, 2, 3]
-    score = metrics[(metrics.seed.astype(str) == "4") & (metrics.step == 13000) & (metrics.metric.astype(str) == "score")]
+    score = metrics[
+        (metrics.seed.astype(str) == "4") & (metrics.step == 13000) & (metrics.metric.astype(str) == "score")
+    ]
     assert score["value"].tolist() == pytest.approx([4.013])
     assert any("group" in note for note in study.notes)
 
@@ -242,7 +270,9 @@ def test_wide_table_model_from_file_name_or_unknown(tmp_path):
 
 def test_table_errors_and_repeated_rows(tmp_path):
     bad_seed = tmp_path / "bad_seed.csv"
-    pd.DataFrame({"model": "70m", "seed": [1, "two"], "step": [1, 2], "metric": "loss", "value": 1.0}).to_csv(bad_seed, index=False)
+    pd.DataFrame({"model": "70m", "seed": [1, "two"], "step": [1, 2], "metric": "loss", "value": 1.0}).to_csv(
+        bad_seed, index=False
+    )
     with pytest.raises(AnalysisError, match=r"column seed .*'two' \(data row 2\).*not a seed number"):
         load_study(bad_seed)
     bad_step = tmp_path / "bad_step.tsv"
@@ -263,13 +293,15 @@ def test_table_errors_and_repeated_rows(tmp_path):
         load_study(malformed)
 
     repeated = tmp_path / "repeated.csv"
-    pd.DataFrame({"model": "70m", "seed": 1, "step": [1, 1, 2, 2, 3], "metric": "loss",
-                  "value": [5.0, 4.0, 3.0, 3.0, 2.0]}).to_csv(repeated, index=False)
+    pd.DataFrame(
+        {"model": "70m", "seed": 1, "step": [1, 1, 2, 2, 3], "metric": "loss", "value": [5.0, 4.0, 3.0, 3.0, 2.0]}
+    ).to_csv(repeated, index=False)
     study = load_study(repeated)
     assert study.metrics.sort_values("step")["value"].tolist() == [4.0, 3.0, 2.0]
     assert [n for n in study.notes if "repeats" in n] == [
         "The table repeated.csv repeats 1 (model, seed, step, metric) row(s) with different values; "
-        "the last row of each was kept."]
+        "the last row of each was kept."
+    ]
 
 
 def test_table_loader_passes_non_finite_values_on(tmp_path, monkeypatch):

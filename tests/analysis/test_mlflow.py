@@ -24,8 +24,15 @@ def log_fake_sweep(tracking_uri: str) -> tuple[str, dict]:
     rng = np.random.default_rng(0)
     finals = {}
     for seed in range(3):
-        tags = {"mlflow.parentRunId": parent, "polypythia.kind": "job", "model": "70m", "seed": str(seed),
-                "weight_seed": str(seed), "data_seed": str(seed), "budget": "demo"}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "polypythia.kind": "job",
+            "model": "70m",
+            "seed": str(seed),
+            "weight_seed": str(seed),
+            "data_seed": str(seed),
+            "budget": "demo",
+        }
         if seed == 2:
             tags["diverged"] = "true"
         run_id = client.create_run(experiment_id, run_name=f"70m-seed{seed}", tags=tags).info.run_id
@@ -34,12 +41,15 @@ def log_fake_sweep(tracking_uri: str) -> tuple[str, dict]:
         metrics = [Metric("train/loss", float(v), 0, int(s)) for s, v in zip(steps, loss)]
         metrics += [Metric("train/grad_norm", 1.0, 0, int(s)) for s in steps]
         for step in (0, 50, 100, 150, 199):
-            metrics += [Metric(f"weights/f{i}", float(np.log1p(step) * (i + 1) + rng.normal(0, 0.1)), 0, step)
-                        for i in range(3)]
-            metrics += [Metric("valid/loss", float(loss[step]), 0, step),
-                        Metric("eval/piqa/acc", float(0.5 + step / 1000 + rng.normal(0, 0.01)), 0, step)]
+            metrics += [
+                Metric(f"weights/f{i}", float(np.log1p(step) * (i + 1) + rng.normal(0, 0.1)), 0, step) for i in range(3)
+            ]
+            metrics += [
+                Metric("valid/loss", float(loss[step]), 0, step),
+                Metric("eval/piqa/acc", float(0.5 + step / 1000 + rng.normal(0, 0.01)), 0, step),
+            ]
         for start in range(0, len(metrics), 1000):
-            client.log_batch(run_id, metrics=metrics[start:start + 1000])
+            client.log_batch(run_id, metrics=metrics[start : start + 1000])
         client.set_terminated(run_id, "FAILED" if seed == 2 else "FINISHED")
         finals[seed] = float(loss[-1])
     return parent, finals
@@ -54,12 +64,21 @@ def log_data_seed_sweep(tracking_uri: str) -> str:
     experiment_id = client.get_experiment_by_name(EXPERIMENT).experiment_id
     parent = client.create_run(experiment_id, run_name="sweep-variants", tags={"polypythia.kind": "sweep"}).info.run_id
     for data_seed, name in ((1, "tiny-seed1"), (2, "tiny-wseed1-dseed2"), (3, "tiny-wseed1-dseed3")):
-        tags = {"mlflow.parentRunId": parent, "polypythia.kind": "job", "model": "tiny", "seed": "1",
-                "weight_seed": "1", "data_seed": str(data_seed), "budget": "smoke"}
+        tags = {
+            "mlflow.parentRunId": parent,
+            "polypythia.kind": "job",
+            "model": "tiny",
+            "seed": "1",
+            "weight_seed": "1",
+            "data_seed": str(data_seed),
+            "budget": "smoke",
+        }
         run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-        client.log_batch(run_id, metrics=[Metric("train/loss", 5.0 - 0.1 * step + 0.01 * data_seed, 0, step)
-                                          for step in range(6)]
-                         + [Metric("valid/loss", 5.0 + 0.01 * data_seed, 0, step) for step in (0, 4)])
+        client.log_batch(
+            run_id,
+            metrics=[Metric("train/loss", 5.0 - 0.1 * step + 0.01 * data_seed, 0, step) for step in range(6)]
+            + [Metric("valid/loss", 5.0 + 0.01 * data_seed, 0, step) for step in (0, 4)],
+        )
         client.set_terminated(run_id, "FINISHED")
     return parent
 
@@ -68,8 +87,11 @@ def test_seed_variants_stay_apart(mlflow_server, tmp_path):
     log_fake_sweep(mlflow_server)
     parent = log_data_seed_sweep(mlflow_server)
     study = load_study(EXPERIMENT, tracking_uri=mlflow_server, parent_run_id=parent)
-    assert study.runs[["seed", "weight_seed", "data_seed"]].values.tolist() == [["1", 1, 1], ["w1-d2", 1, 2],
-                                                                                 ["w1-d3", 1, 3]]
+    assert study.runs[["seed", "weight_seed", "data_seed"]].values.tolist() == [
+        ["1", 1, 1],
+        ["w1-d2", 1, 2],
+        ["w1-d3", 1, 3],
+    ]
     console = Console(file=io.StringIO(), width=200)
     summary = print_summary(mlflow_server, EXPERIMENT, parent_run_id=parent, console=console).iloc[0]
     assert summary["n_seeds"] == 3 and list(summary["final_loss_by_seed"]) == ["1", "w1-d2", "w1-d3"]

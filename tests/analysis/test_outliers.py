@@ -31,16 +31,19 @@ def test_null_studies_with_correlated_noise_flag_nothing():
     rng = np.random.default_rng(11)
     flagged = []
     for draw in range(60):
-        study = correlated_study(correlation=rng.uniform(0.3, 0.95), offset_share=rng.uniform(0.0, 0.7),
-                                 random_state=1000 + draw)
+        study = correlated_study(
+            correlation=rng.uniform(0.3, 0.95), offset_share=rng.uniform(0.0, 0.7), random_state=1000 + draw
+        )
         flagged.append(find_outliers(study, outlier_metrics=["score"]))
     assert pd.concat(flagged).empty
 
 
 @pytest.mark.parametrize("draw", range(8))
 def test_planted_collapse_and_recovering_dip_are_found_at_their_onset(draw):
-    dips = (Dip(seed=3, onset_step=83_000, depth_sd=12.0), Dip(seed=6, onset_step=23_000, depth_sd=12.0,
-                                                               recovery_step=63_000))
+    dips = (
+        Dip(seed=3, onset_step=83_000, depth_sd=12.0),
+        Dip(seed=6, onset_step=23_000, depth_sd=12.0, recovery_step=63_000),
+    )
     study = correlated_study(dips=dips, random_state=draw)
     outliers = find_outliers(study, outlier_metrics=["score"])
     assert outliers[["seed", "onset_step"]].values.tolist() == [["3", 83_000], ["6", 23_000]]
@@ -101,8 +104,9 @@ def test_stable_study_flags_nothing(stable_study):
 
 def test_mad_rule_on_final_loss():
     losses = [2.50, 2.51, 2.49, 2.50, 2.95]  # five seeds, one far off
-    frame = pd.DataFrame({"model": "70m", "seed": [str(s) for s in range(5)], "step": 1000, "metric": "train/loss",
-                          "value": losses})
+    frame = pd.DataFrame(
+        {"model": "70m", "seed": [str(s) for s in range(5)], "step": 1000, "metric": "train/loss", "value": losses}
+    )
     flagged = flag_mad_outliers(frame, "train/loss")
     assert flagged[["seed", "onset_step", "rule"]].values.tolist() == [["4", 1000, "mad_3.5"]]
     close = frame.assign(value=[2.500, 2.501, 2.499, 2.500, 2.510])  # 0.4% off: not an outlier

@@ -10,15 +10,29 @@ import pytest
 from scipy import stats
 
 from analysis.__main__ import main
-from analysis.power import (Design, outlier_distance_sd, power_at, sd_interval, seed_spread, seeds_per_arm,
-                            simulated_power)
+from analysis.power import (
+    Design,
+    outlier_distance_sd,
+    power_at,
+    sd_interval,
+    seed_spread,
+    seeds_per_arm,
+    simulated_power,
+)
 
 
-@pytest.mark.parametrize("effect, seeds", [
-    # Cohen 1988, Statistical Power Analysis, Table 2.4.1: n per group, two-tailed alpha .05, power .80.
-    (0.5, 64), (0.8, 26), (1.0, 17),
-    # Larger effects, as the issue quotes them (the same noncentral t).
-    (1.5, 9), (2.0, 6)])
+@pytest.mark.parametrize(
+    "effect, seeds",
+    [
+        # Cohen 1988, Statistical Power Analysis, Table 2.4.1: n per group, two-tailed alpha .05, power .80.
+        (0.5, 64),
+        (0.8, 26),
+        (1.0, 17),
+        # Larger effects, as the issue quotes them (the same noncentral t).
+        (1.5, 9),
+        (2.0, 6),
+    ],
+)
 def test_seeds_per_arm_agrees_with_published_power_tables(effect, seeds):
     assert seeds_per_arm(Design(effect)) == seeds
 
@@ -26,16 +40,24 @@ def test_seeds_per_arm_agrees_with_published_power_tables(effect, seeds):
 def test_paired_and_one_sided_designs():
     # Paired t-test, d_z = 0.5, alpha .05 two-sided, power .80: 34 pairs (G*Power's exact noncentral t).
     assert seeds_per_arm(Design(0.5, paired=True)) == 34
-    one_sided, two_sided, more_power = (seeds_per_arm(d) for d in (Design(1.0, one_sided=True), Design(1.0),
-                                                                      Design(1.0, power=0.9)))
+    one_sided, two_sided, more_power = (
+        seeds_per_arm(d) for d in (Design(1.0, one_sided=True), Design(1.0), Design(1.0, power=0.9))
+    )
     assert one_sided < two_sided < more_power
     for design in (Design(1.0), Design(0.7, paired=True), Design(1.3, alpha=0.01, power=0.9, one_sided=True)):
         n = seeds_per_arm(design)  # the smallest n that reaches the power
         assert power_at(n, design) >= design.power > power_at(n - 1, design)
 
 
-@pytest.mark.parametrize("design, n", [(Design(1.0), 17), (Design(0.5, paired=True), 34),
-                                        (Design(0.8, one_sided=True), 12), (Design(1.5, alpha=0.01), 9)])
+@pytest.mark.parametrize(
+    "design, n",
+    [
+        (Design(1.0), 17),
+        (Design(0.5, paired=True), 34),
+        (Design(0.8, one_sided=True), 12),
+        (Design(1.5, alpha=0.01), 9),
+    ],
+)
 def test_analytic_power_agrees_with_scipys_simulation_of_the_test(design, n):
     studies = 20_000
     simulated = simulated_power(n, design, studies=studies, seed=3)
@@ -90,9 +112,12 @@ def test_the_command_prints_the_table_and_ends_with_seeds_per_arm(tmp_path, caps
 def write_study(path, sds=None):
     """Ten seeds of two models at two steps, arc_easy/acc; returns the table."""
     rng = np.random.default_rng(7)
-    rows = [(model, seed, step, "arc_easy/acc", 0.4 + step / 1e6 + rng.normal(0, sd))
-            for model, sd in (sds or {"70m": 0.01, "160m": 0.02}).items() for seed in range(10)
-            for step in (1000, 143000)]
+    rows = [
+        (model, seed, step, "arc_easy/acc", 0.4 + step / 1e6 + rng.normal(0, sd))
+        for model, sd in (sds or {"70m": 0.01, "160m": 0.02}).items()
+        for seed in range(10)
+        for step in (1000, 143000)
+    ]
     table = pd.DataFrame(rows, columns=["model", "seed", "step", "metric", "value"])
     table.to_csv(path, index=False)
     return table
@@ -102,8 +127,21 @@ def test_the_seed_sd_from_a_study_and_an_effect_in_its_units(tmp_path, capsys):
     table = write_study(tmp_path / "study.csv")
     final = table[(table.model == "70m") & (table.step == 143000)]["value"]
     sd = final.std(ddof=1)
-    code, out, _ = run(["--from", tmp_path / "study.csv", "--metric", "arc_easy/acc", "--model", "70m",
-                        "--delta", 0.01, "--simulations", 0], capsys)
+    code, out, _ = run(
+        [
+            "--from",
+            tmp_path / "study.csv",
+            "--metric",
+            "arc_easy/acc",
+            "--model",
+            "70m",
+            "--delta",
+            0.01,
+            "--simulations",
+            0,
+        ],
+        capsys,
+    )
     assert code == 0
     assert f"model 70m, step 143000: {sd:.4g} (mean {final.mean():.4g}) over 10 runs: 0, 1, 2" in out
     assert f"delta 0.01 = {0.01 / sd:.3g} seed SDs" in out
@@ -120,15 +158,29 @@ def test_the_seed_sd_of_pythias_original_and_polypythias_seeds_together(tmp_path
     root, accuracies = tmp_path / "evals", {0: 0.43, 1: 0.45, 2: 0.44, 3: 0.47}
     zero = root / "pythia-160m" / "zero-shot" / "160m_step143000.json"
     zero.parent.mkdir(parents=True)
-    zero.write_text(json.dumps({"results": {"arc_easy": {"acc": accuracies[0], "acc_stderr": 0.01}}, "versions": {},
-                                "config": {"model_args": "pretrained=EleutherAI/pythia-v1.1-160m,revision=step143000",
-                                           "num_fewshot": 0}}))
+    zero.write_text(
+        json.dumps(
+            {
+                "results": {"arc_easy": {"acc": accuracies[0], "acc_stderr": 0.01}},
+                "versions": {},
+                "config": {
+                    "model_args": "pretrained=EleutherAI/pythia-v1.1-160m,revision=step143000",
+                    "num_fewshot": 0,
+                },
+            }
+        )
+    )
     for seed in (1, 2, 3):
         folder = root / f"pythia-160m-seed{seed}" / "step143000" / f"EleutherAI__pythia-160m-seed{seed}"
         folder.mkdir(parents=True)
-        (folder / "results_2024-09-01T10-00-00.json").write_text(json.dumps(
-            {"results": {"arc_easy": {"acc,none": accuracies[seed]}},
-             "config": {"model_args": f"pretrained=EleutherAI/pythia-160m-seed{seed},revision=step143000"}}))
+        (folder / "results_2024-09-01T10-00-00.json").write_text(
+            json.dumps(
+                {
+                    "results": {"arc_easy": {"acc,none": accuracies[seed]}},
+                    "config": {"model_args": f"pretrained=EleutherAI/pythia-160m-seed{seed},revision=step143000"},
+                }
+            )
+        )
     code, out, _ = run(["--from", root, "--metric", "arc_easy/acc", "--effect", 1, "--simulations", 0], capsys)
     sd = np.std(list(accuracies.values()), ddof=1)
     assert code == 0 and f"model 160m, step 143000: {sd:.4g}" in out and "over 4 runs: 0, 1, 2, 3;" in out
@@ -153,19 +205,35 @@ def test_bad_input_is_one_line_each(tmp_path, capsys):
     one_error(["--effect", 1, "--alpha", 0], capsys, "--alpha must lie between 0 and 1")
     one_error(["--effect", 1, "--power", 0.01], capsys, "--power must lie between --alpha (0.05) and 1")
     one_error(["--effect", 0.001], capsys, "needs more than 100,000 seeds per arm")
-    one_error(["--from", study, "--metric", "arc_easy/ac", "--effect", 1, "--model", "70m"], capsys,
-              "has no metric 'arc_easy/ac' (close: arc_easy/acc)")
-    one_error(["--from", study, "--metric", "arc_easy/acc", "--effect", 1], capsys,
-              "for the models 70m, 160m; choose one with --model")
-    one_error(["--from", study, "--metric", "arc_easy/acc", "--delta", 0.01, "--paired", "--model", "70m"], capsys,
-              "--delta with --paired needs the SD of the per-seed differences")
-    one_error(["--from", study, "--metric", "arc_easy/acc", "--effect", 1, "--model", "70m", "--step", 5], capsys,
-              "Model 70m has no arc_easy/acc at step 5; its steps run from 1000 to 143000")
+    one_error(
+        ["--from", study, "--metric", "arc_easy/ac", "--effect", 1, "--model", "70m"],
+        capsys,
+        "has no metric 'arc_easy/ac' (close: arc_easy/acc)",
+    )
+    one_error(
+        ["--from", study, "--metric", "arc_easy/acc", "--effect", 1],
+        capsys,
+        "for the models 70m, 160m; choose one with --model",
+    )
+    one_error(
+        ["--from", study, "--metric", "arc_easy/acc", "--delta", 0.01, "--paired", "--model", "70m"],
+        capsys,
+        "--delta with --paired needs the SD of the per-seed differences",
+    )
+    one_error(
+        ["--from", study, "--metric", "arc_easy/acc", "--effect", 1, "--model", "70m", "--step", 5],
+        capsys,
+        "Model 70m has no arc_easy/acc at step 5; its steps run from 1000 to 143000",
+    )
     single = tmp_path / "single.csv"
     pd.DataFrame({"model": "70m", "seed": [0, 0], "step": [0, 1], "metric": "loss", "value": [3.0, 2.0]}).to_csv(
-        single, index=False)
-    one_error(["--from", single, "--metric", "loss", "--effect", 1], capsys,
-              "for only 1 seed; the seed SD needs at least 2 seeds")
+        single, index=False
+    )
+    one_error(
+        ["--from", single, "--metric", "loss", "--effect", 1],
+        capsys,
+        "for only 1 seed; the seed SD needs at least 2 seeds",
+    )
 
 
 def test_a_study_named_power_is_still_reachable(tmp_path, capsys, monkeypatch):

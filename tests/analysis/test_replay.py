@@ -14,7 +14,8 @@ def test_replay_alerts_at_a_planted_late_collapse_and_not_before():
     study = correlated_study(dips=(Dip(seed=5, onset_step=113_000, depth_sd=12.0),), random_state=21)
     alerts = replay(study, find_outliers(study, outlier_metrics=["score"]), ["score"])
     assert alerts[["seed", "signal", "alert_step", "onset_step", "lead_steps"]].values.tolist() == [
-        ["5", "score", 113_000, 113_000, 0]]
+        ["5", "score", 113_000, 113_000, 0]
+    ]
 
 
 def test_replay_is_quiet_on_healthy_runs(stable_study):

@@ -14,8 +14,9 @@ def test_cross_seed_stats_match_numpy(outlier_study):
     table = cross_seed_stats(outlier_study, steps=steps, n_resamples=500)
     assert set(table["step"]) == set(steps)
     row = table[(table.model == "410m") & (table.step == 10_000) & (table.metric == "eval/piqa/acc")].iloc[0]
-    rows = outlier_study[(outlier_study.model == "410m") & (outlier_study.step == 10_000)
-                         & (outlier_study.metric == "eval/piqa/acc")]
+    rows = outlier_study[
+        (outlier_study.model == "410m") & (outlier_study.step == 10_000) & (outlier_study.metric == "eval/piqa/acc")
+    ]
     values = rows["value"].to_numpy()
     assert row["n"] == 10
     assert row["mean"] == pytest.approx(values.mean())
@@ -24,14 +25,16 @@ def test_cross_seed_stats_match_numpy(outlier_study):
     assert row["median"] == pytest.approx(np.median(values))
     assert row["iqr"] == pytest.approx(scipy_stats.iqr(values))
     assert (row["min"], row["max"]) == pytest.approx((values.min(), values.max()))
-    direct = scipy_stats.bootstrap((values,), np.mean, n_resamples=500, method="percentile",
-                                   rng=np.random.default_rng(0)).confidence_interval
+    direct = scipy_stats.bootstrap(
+        (values,), np.mean, n_resamples=500, method="percentile", rng=np.random.default_rng(0)
+    ).confidence_interval
     assert (row["ci_low"], row["ci_high"]) == pytest.approx((direct.low, direct.high))
 
 
 def test_cross_seed_stats_handle_missing_seeds():
-    frame = pd.DataFrame({"model": "70m", "seed": [0, 1, 2, 0], "step": [1, 1, 1, 2], "metric": "m",
-                          "value": [1.0, 2.0, 4.0, 5.0]})
+    frame = pd.DataFrame(
+        {"model": "70m", "seed": [0, 1, 2, 0], "step": [1, 1, 1, 2], "metric": "m", "value": [1.0, 2.0, 4.0, 5.0]}
+    )
     table = cross_seed_stats(frame, n_resamples=200).set_index("step")
     assert table.loc[1, "n"] == 3 and table.loc[1, "std"] == pytest.approx(np.std([1, 2, 4], ddof=1))
     assert table.loc[2, "n"] == 1 and np.isnan(table.loc[2, "std"]) and np.isnan(table.loc[2, "ci_low"])
@@ -60,8 +63,12 @@ def test_compare_models_and_spread_test(stable_study):
     assert result.difference == pytest.approx(-0.1, abs=0.03)  # the synthetic 160m loss is 0.1 lower
     assert result.ci_high < 0 and result.p_value == 1.0
     test = spread_test(stable_study, "valid/loss")
-    finals = stable_study[stable_study.metric == "valid/loss"].sort_values("step").groupby(["model", "seed"],
-                                                                                           observed=True).tail(1)
+    finals = (
+        stable_study[stable_study.metric == "valid/loss"]
+        .sort_values("step")
+        .groupby(["model", "seed"], observed=True)
+        .tail(1)
+    )
     groups = [g["value"].to_numpy() for _, g in finals.groupby("model", observed=True)]
     direct = scipy_stats.levene(*groups, center="median")
     assert test["statistic"] == pytest.approx(direct.statistic) and test["p_value"] == pytest.approx(direct.pvalue)
@@ -76,8 +83,15 @@ def test_bootstrap_interval_equals_scipy_bootstrap_for_every_row():
     for n_seeds in (2, 10, 100):
         values = rng.normal(size=(40, n_seeds)) * rng.uniform(0.1, 5, (40, 1)) + rng.normal(0, 50, (40, 1))
         ours = bootstrap_mean_ci(values, 500, 0.95, 3, groups_per_batch=7)
-        scipy = scipy_stats.bootstrap((values,), np.mean, axis=-1, vectorized=True, n_resamples=500,
-                                      method="percentile", rng=np.random.default_rng(3)).confidence_interval
+        scipy = scipy_stats.bootstrap(
+            (values,),
+            np.mean,
+            axis=-1,
+            vectorized=True,
+            n_resamples=500,
+            method="percentile",
+            rng=np.random.default_rng(3),
+        ).confidence_interval
         np.testing.assert_allclose(ours, np.c_[scipy.low, scipy.high], rtol=1e-12, atol=0)
 
 

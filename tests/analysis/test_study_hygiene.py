@@ -37,8 +37,10 @@ def test_replicates_give_the_floor_and_stay_out_of_the_seeds(tmp_path, small_stu
     out = capsys.readouterr().out
     table, floor = out.split("Nondeterminism floor")[0], out.split("Nondeterminism floor")[1]
     assert "1-rep1" not in table and "w1-d2" in table  # the replicate has no column; the data-seed variant has one
-    assert floor.startswith(" of 70m train/loss: replicate SD 0 (largest difference 0, 2 runs of 1 seed(s); every "
-                            "replicate's curve is identical to its seed run's) vs seed spread (SD over 7 seeds)")
+    assert floor.startswith(
+        " of 70m train/loss: replicate SD 0 (largest difference 0, 2 runs of 1 seed(s); every "
+        "replicate's curve is identical to its seed run's) vs seed spread (SD over 7 seeds)"
+    )
     assert "seed variance exceeds it" in floor
 
     result = tmp_path / "out"
@@ -68,8 +70,10 @@ def test_impossible_values_are_set_aside_with_one_note(tmp_path, small_study, ca
     result = tmp_path / "out"
     assert main([str(path), "--out", str(result), "--no-plots", "--max-states", "2", "--restarts", "1"]) == 0
     err = capsys.readouterr().err
-    note = ("Set aside 4 value(s) that cannot be measurements (2 NaN or infinite, 2 outside their metric's range "
-            "such as an accuracy outside [0, 1]) of eval/arc_easy/acc (3), valid/loss (1); they enter no statistic.")
+    note = (
+        "Set aside 4 value(s) that cannot be measurements (2 NaN or infinite, 2 outside their metric's range "
+        "such as an accuracy outside [0, 1]) of eval/arc_easy/acc (3), valid/loss (1); they enter no statistic."
+    )
     assert note in err  # printed at the end (and logged while loading)
     stats = pd.read_csv(result / "stats.csv")
     accuracy = stats[stats.metric == "eval/arc_easy/acc"]
@@ -79,10 +83,18 @@ def test_impossible_values_are_set_aside_with_one_note(tmp_path, small_study, ca
 
 def job_run(client, experiment_id, seed, steps, lr="0.001", losses=(3.0, 2.5)):
     """A job run as polypythia logs it: tags, its config as params, a train/loss curve."""
-    run = client.create_run(experiment_id, run_name=f"tiny-seed{seed}",
-                            tags={"polypythia.kind": "job", "model": "tiny", "seed": str(seed), "budget": "smoke"})
-    params = {"budget.steps": str(steps), "train.lr": lr, "budget.global_batch_size": "4", "seed": str(seed),
-              "launcher.num_cpus_per_job": "1.0"}
+    run = client.create_run(
+        experiment_id,
+        run_name=f"tiny-seed{seed}",
+        tags={"polypythia.kind": "job", "model": "tiny", "seed": str(seed), "budget": "smoke"},
+    )
+    params = {
+        "budget.steps": str(steps),
+        "train.lr": lr,
+        "budget.global_batch_size": "4",
+        "seed": str(seed),
+        "launcher.num_cpus_per_job": "1.0",
+    }
     for key, value in params.items():
         client.log_param(run.info.run_id, key, value)
     for step, loss in enumerate(losses, start=1):
@@ -106,16 +118,19 @@ def test_runs_of_other_training_configs_are_refused_naming_the_keys(tmp_path, ca
         assert main(["mixed", "--tracking-uri", uri, *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "Traceback" not in err
-        assert ("error: The runs of model tiny were trained with different configs (budget.steps 6 (runs 1, 2) / "
-                "400 (run 3) / 1000 (run 4); train.lr 0.001 (runs 1, 2, 3) / 0.0003 (run 4)), so their spread is "
-                "not a seed spread;") in err
+        assert (
+            "error: The runs of model tiny were trained with different configs (budget.steps 6 (runs 1, 2) / "
+            "400 (run 3) / 1000 (run 4); train.lr 0.001 (runs 1, 2, 3) / 0.0003 (run 4)), so their spread is "
+            "not a seed spread;"
+        ) in err
     assert not (tmp_path / "out").exists()
     assert main(["same", "--tracking-uri", uri]) == 0  # seeds of one config (the seed params differ, as they must)
     assert "Final train/loss of same" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("option", [["--spike-window", "0"], ["--max-states", "0"], ["--min-checkpoints", "0"],
-                                    ["--states", "99"]])
+@pytest.mark.parametrize(
+    "option", [["--spike-window", "0"], ["--max-states", "0"], ["--min-checkpoints", "0"], ["--states", "99"]]
+)
 def test_options_that_would_compute_nothing_are_one_line_errors(tmp_path, small_study, capsys, option):
     path = tmp_path / "study.csv"
     small_study.to_csv(path, index=False)

@@ -20,10 +20,18 @@ def _finals_frame(finals: dict) -> pd.DataFrame:
 
 
 def _runs(statuses: dict) -> pd.DataFrame:
-    return pd.DataFrame({"model": "70m", "seed": list(statuses), "run_id": [f"r{s}" for s in statuses],
-                         "status": [status for status, _ in statuses.values()],
-                         "diverged": [diverged for _, diverged in statuses.values()],
-                         "weight_seed": list(statuses), "data_seed": list(statuses), "budget": None})
+    return pd.DataFrame(
+        {
+            "model": "70m",
+            "seed": list(statuses),
+            "run_id": [f"r{s}" for s in statuses],
+            "status": [status for status, _ in statuses.values()],
+            "diverged": [diverged for _, diverged in statuses.values()],
+            "weight_seed": list(statuses),
+            "data_seed": list(statuses),
+            "budget": None,
+        }
+    )
 
 
 def test_final_loss_summary_numbers():
@@ -65,8 +73,16 @@ def test_cli_full_analysis_on_csv(tmp_path, outlier_study, capsys):
     outlier_study[~dense | (outlier_study["step"] % 10 == 0)].to_csv(path, index=False)  # keep the test fast
     out = tmp_path / "out"
     assert main([str(path), "--out", str(out), "--max-states", "4", "--restarts", "1"]) == 0
-    for name in ("stats.csv", "spikes.csv", "outliers.csv", "training_maps.csv", "report.md",
-                 "analysis_loss_curves.png", "analysis_metrics.png", "analysis_training_map_410m.png"):
+    for name in (
+        "stats.csv",
+        "spikes.csv",
+        "outliers.csv",
+        "training_maps.csv",
+        "report.md",
+        "analysis_loss_curves.png",
+        "analysis_metrics.png",
+        "analysis_training_map_410m.png",
+    ):
         assert (out / name).is_file(), name
     outliers = pd.read_csv(out / "outliers.csv")
     assert {"model", "seed", "metric", "rule", "onset_step", "recovered"} <= set(outliers.columns)

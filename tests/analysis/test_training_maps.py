@@ -8,15 +8,31 @@ from scipy.stats import zscore
 from sklearn.model_selection import train_test_split
 
 from analysis import AnalysisError, fit_training_maps
-from analysis.training_maps import (POLYPYTHIAS_EVAL_STEPS, POLYPYTHIAS_RESTART_SEEDS, SELECTION_COLUMNS, Split,
-                                    restart_seeds, split_rows, wide_features)
+from analysis.training_maps import (
+    POLYPYTHIAS_EVAL_STEPS,
+    POLYPYTHIAS_RESTART_SEEDS,
+    SELECTION_COLUMNS,
+    Split,
+    restart_seeds,
+    split_rows,
+    wide_features,
+)
 
 STEPS = np.asarray(POLYPYTHIAS_EVAL_STEPS)
 FALL_BACK_STEP = int(STEPS[-4])  # 113,000: the last four checkpoints
 
 
-def planted_study(n_states: int = 4, n_seeds: int = 10, steps=STEPS, n_features: int = 4, noise: float = 0.25,
-                  fall_back: dict | None = None, late: int = 4, model: str = "410m", random_state: int = 0):
+def planted_study(
+    n_states: int = 4,
+    n_seeds: int = 10,
+    steps=STEPS,
+    n_features: int = 4,
+    noise: float = 0.25,
+    fall_back: dict | None = None,
+    late: int = 4,
+    model: str = "410m",
+    random_state: int = 0,
+):
     """Features on a piecewise-constant trajectory: ``n_states`` phases of equal numbers of checkpoints,
     phase p at p * direction (one direction of size ~1 per feature) plus N(0, noise) per checkpoint.
     ``fall_back`` {seed: phase}: that seed returns to an earlier phase for its last ``late`` checkpoints
@@ -30,11 +46,14 @@ def planted_study(n_states: int = 4, n_seeds: int = 10, steps=STEPS, n_features:
     for seed in range(n_seeds):
         phases = phase.copy()
         if seed in fall_back:
-            phases[len(steps) - late:] = fall_back[seed]
+            phases[len(steps) - late :] = fall_back[seed]
         values = phases[:, None] * direction[None, :] + rng.normal(0, noise, (len(steps), n_features))
         for j in range(n_features):
-            frames.append(pd.DataFrame({"model": model, "seed": seed, "step": steps, "metric": f"weights/f{j}",
-                                        "value": values[:, j]}))
+            frames.append(
+                pd.DataFrame(
+                    {"model": model, "seed": seed, "step": steps, "metric": f"weights/f{j}", "value": values[:, j]}
+                )
+            )
     return pd.concat(frames, ignore_index=True)
 
 
@@ -58,8 +77,10 @@ def test_heldout_bic_finds_the_planted_states_and_the_two_fall_back_seeds(plante
         kept = best.loc[best.n_states == n, "heldout_log_likelihood"].item()
         assert kept == pytest.approx(group["heldout_log_likelihood"].max(), rel=1e-9)
         # of restarts reaching the same optimum, the first is kept (as the released code's score > best)
-        assert best.loc[best.n_states == n, "restart"].item() == group.loc[
-            np.isclose(group["heldout_log_likelihood"], kept, rtol=1e-9, atol=0), "restart"].iloc[0]
+        assert (
+            best.loc[best.n_states == n, "restart"].item()
+            == group.loc[np.isclose(group["heldout_log_likelihood"], kept, rtol=1e-9, atol=0), "restart"].iloc[0]
+        )
     chosen = maps.chosen()
     assert len(chosen) == 1 and chosen["n_states"].item() == 4 and maps.criterion == "bic"
     assert (selection["criterion"] == "bic").all()
@@ -116,8 +137,9 @@ def test_restart_seeds_split_and_per_split_zscores_follow_the_released_code():
     wide = wide_features(planted_study(n_seeds=3), [f"weights/f{j}" for j in range(4)])
     part = wide.iloc[split_rows(len(wide))[1]]
     split = Split.of(part.sample(frac=1, random_state=0), "run")  # any row order: sorted by (seed, step)
-    expected = np.vstack([zscore(part.xs(seed, level="seed").sort_index().to_numpy(), axis=0, ddof=0)
-                          for seed in (0, 1, 2)])
+    expected = np.vstack(
+        [zscore(part.xs(seed, level="seed").sort_index().to_numpy(), axis=0, ddof=0) for seed in (0, 1, 2)]
+    )
     assert split.lengths == [int((part.index.get_level_values("seed") == s).sum()) for s in (0, 1, 2)]
     np.testing.assert_allclose(split.X, expected)
 
@@ -134,8 +156,9 @@ def test_steps_restrict_decoding_and_maps_are_deterministic():
     named = fit_training_maps(denser, states=3, restarts=1, n_iter=200, steps="polypythias")
     assert sorted(named.paths["step"].unique()) == [s for s in POLYPYTHIAS_EVAL_STEPS if s % 1000 == 0]
     assert (named.selection["n_train_rows"] + named.selection["n_heldout_rows"] == 10 * 17).all()
-    everywhere = fit_training_maps(denser, states=3, restarts=1, n_iter=200, steps="polypythias", fit_all_steps=True,
-                                   standardise="model")
+    everywhere = fit_training_maps(
+        denser, states=3, restarts=1, n_iter=200, steps="polypythias", fit_all_steps=True, standardise="model"
+    )
     assert (everywhere.selection["n_train_rows"] + everywhere.selection["n_heldout_rows"] == 10 * 144).all()
     assert len(everywhere.paths) == 10 * 17
 
@@ -149,14 +172,16 @@ def test_tiny_studies_leave_out_what_cannot_be_mapped_with_a_clear_reason():
     tiny = planted_study(n_seeds=2, steps=[0, 1], model="14m", fall_back={})  # two checkpoints per seed
     both = fit_training_maps(pd.concat([study, tiny]), max_states=2, restarts=1, n_iter=100)
     assert set(both.paths["model"]) == {"410m"} and any("14m skipped" in n for n in both.notes)
-    three_rows = fit_training_maps(planted_study(n_seeds=1, steps=[0, 1, 2], fall_back={}), max_states=2,
-                                   restarts=1, n_iter=100)  # one seed, three checkpoints: still a map
+    three_rows = fit_training_maps(
+        planted_study(n_seeds=1, steps=[0, 1, 2], fall_back={}), max_states=2, restarts=1, n_iter=100
+    )  # one seed, three checkpoints: still a map
     assert len(three_rows.paths) == 3
     with pytest.raises(AnalysisError, match="No model could be mapped"):
         fit_training_maps(planted_study(n_seeds=2, steps=[0, 1], fall_back={}), max_states=2, restarts=1)
     with pytest.raises(AnalysisError, match="no features"):
-        fit_training_maps(pd.DataFrame({"model": "70m", "seed": 0, "step": [1, 2], "metric": "train/loss",
-                                        "value": [1.0, 2.0]}))
+        fit_training_maps(
+            pd.DataFrame({"model": "70m", "seed": 0, "step": [1, 2], "metric": "train/loss", "value": [1.0, 2.0]})
+        )
 
 
 def test_map_and_selection_figures(planted_maps, tmp_path):
@@ -164,7 +189,8 @@ def test_map_and_selection_figures(planted_maps, tmp_path):
 
     paths = planted_maps.paths
     score = paths.assign(metric="score", value=paths["state"] + 0.1 * paths["seed"])[
-        ["model", "seed", "step", "metric", "value"]]
+        ["model", "seed", "step", "metric", "value"]
+    ]
     one = plots.training_map_figure(score, paths, "410m", set(), "score")
     assert len(one.axes) == 1  # no outlier seeds: one panel, no empty second panel
     two = plots.training_map_figure(score, paths, "410m", {"3", 4}, "score")  # labels or numbers
@@ -184,8 +210,27 @@ def test_cli_map_options_reach_the_report(tmp_path):
     path = tmp_path / "study.csv"
     planted_study(n_states=3, n_seeds=6, steps=np.arange(0, 143001, 1000)).to_csv(path, index=False)
     out = tmp_path / "out"
-    assert main([str(path), "--out", str(out), "--states", "3", "--restarts", "2", "--map-heldout-fraction", "0.3",
-                 "--map-split-seed", "7", "--map-steps", "polypythias", "--no-mlflow-log"]) == 0
+    assert (
+        main(
+            [
+                str(path),
+                "--out",
+                str(out),
+                "--states",
+                "3",
+                "--restarts",
+                "2",
+                "--map-heldout-fraction",
+                "0.3",
+                "--map-split-seed",
+                "7",
+                "--map-steps",
+                "polypythias",
+                "--no-mlflow-log",
+            ]
+        )
+        == 0
+    )
     selection = pd.read_csv(out / "training_map_selection.csv")
     assert set(selection["n_states"]) == {3} and list(selection["restart"]) == [5329, 2332]
     assert set(selection["criterion"]) == {"fixed"}
@@ -195,8 +240,24 @@ def test_cli_map_options_reach_the_report(tmp_path):
     assert "The number of states was fixed (`--states`): 410m: 3 states" in report
     assert "0.3 of the checkpoint rows held out (split seed 7)" in report
     assert "analysis_map_selection_410m.png" in report
-    assert main([str(path), "--out", str(tmp_path / "aic"), "--max-states", "3", "--restarts", "1",
-                 "--map-criterion", "aic", "--no-plots", "--no-mlflow-log"]) == 0
+    assert (
+        main(
+            [
+                str(path),
+                "--out",
+                str(tmp_path / "aic"),
+                "--max-states",
+                "3",
+                "--restarts",
+                "1",
+                "--map-criterion",
+                "aic",
+                "--no-plots",
+                "--no-mlflow-log",
+            ]
+        )
+        == 0
+    )
     assert "lowest AIC on the held-out rows (`--map-criterion aic`)" in (tmp_path / "aic" / "report.md").read_text()
 
 

@@ -11,8 +11,14 @@ def build_tiny_model(seed: int = 0, bias_std: float = 0.05) -> GPTNeoXForCausalL
     """vocab 256, d 32, 2 layers, 4 heads, MLP 128; biases given spread so bias stats are not all zero."""
     torch.manual_seed(seed)
     config = GPTNeoXConfig(
-        vocab_size=256, hidden_size=32, num_hidden_layers=2, num_attention_heads=TINY_HEADS, intermediate_size=128,
-        rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False,
+        vocab_size=256,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=TINY_HEADS,
+        intermediate_size=128,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
     )
     model = GPTNeoXForCausalLM(config)
     with torch.no_grad():

@@ -21,6 +21,7 @@ NAMES = ("pythia-tiny-seed1", "pythia-tiny-seed2")
 @pytest.fixture
 def fake_lm_eval(monkeypatch):
     """lm-eval replaced by a fixed answer (the tasks are not what is tested here)."""
+
     def evaluate_checkpoint(checkpoint_dir, task_names, batch_size, device, limit_items):
         return {t: TaskResult(accuracy=0.5, predictions=np.array([0, 1])) for t in task_names}
 
@@ -62,18 +63,23 @@ def test_corrupt_checkpoints_are_skipped_with_one_line_and_exit_1(tmp_path, make
     stdout = capsys.readouterr().out
     failed = [line for line in stdout.splitlines() if line.startswith("failed: ")]
     fix = "so it was skipped; restore it from a copy or download it again (or delete the folder), then run the command again"
-    assert sorted(failed) == sorted([
-        f"failed: {NAMES[0]} step 10: Checkpoint {truncated} is corrupt or incomplete (model.safetensors: Error while "
-        f"deserializing header: incomplete metadata, file not fully covered), {fix} to evaluate it.",
-        f"failed: {NAMES[1]} step 0: Checkpoint {flipped} is corrupt or incomplete (model.safetensors is missing or does "
-        f"not match its checksum), {fix} to evaluate it.",
-    ]), stdout
+    assert sorted(failed) == sorted(
+        [
+            f"failed: {NAMES[0]} step 10: Checkpoint {truncated} is corrupt or incomplete (model.safetensors: Error while "
+            f"deserializing header: incomplete metadata, file not fully covered), {fix} to evaluate it.",
+            f"failed: {NAMES[1]} step 0: Checkpoint {flipped} is corrupt or incomplete (model.safetensors is missing or does "
+            f"not match its checksum), {fix} to evaluate it.",
+        ]
+    ), stdout
     assert "Traceback" not in stdout
 
     from polypythia.evaluate.targets import targets_from_folder
 
-    done = {(t.name, c.step): read_result(c, "weights") is not None and read_result(c, TASK_NAMES[0]) is not None
-            for t in targets_from_folder(root, out) for c in t.checkpoints}
+    done = {
+        (t.name, c.step): read_result(c, "weights") is not None and read_result(c, TASK_NAMES[0]) is not None
+        for t in targets_from_folder(root, out)
+        for c in t.checkpoints
+    }
     assert done == {(NAMES[0], 0): True, (NAMES[0], 10): False, (NAMES[1], 0): False, (NAMES[1], 10): True}
 
     with (out / "check.csv").open() as handle:  # the integrity check at the end names the unreadable one
@@ -89,6 +95,9 @@ def test_checkpoint_problem(tmp_path, make_tiny_model):
     assert checkpoint_problem(folder, verify_manifest=True) is None
     flip_a_byte(folder / "model.safetensors")
     assert checkpoint_problem(folder) is None  # the header still reads
-    assert checkpoint_problem(folder, verify_manifest=True) == "model.safetensors is missing or does not match its checksum"
+    assert (
+        checkpoint_problem(folder, verify_manifest=True)
+        == "model.safetensors is missing or does not match its checksum"
+    )
     (folder / "config.json").write_text("{")
     assert checkpoint_problem(folder).startswith("config.json: Expecting property name")

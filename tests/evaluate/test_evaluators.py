@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
+from helpers import FakeMlflow
 
 from polypythia.evaluate import evaluators, runner
 from polypythia.evaluate.evaluators import EvalOptions, Evaluator
 from polypythia.evaluate.results import read_result, write_result
 from polypythia.evaluate.targets import targets_from_folder
-from helpers import FakeMlflow
 from polypythia.evaluate.weight_stats import FEATURE_NAMES
 
 
@@ -39,12 +39,16 @@ def test_a_registered_evaluator_needs_no_other_change(tmp_path, monkeypatch):
             (root / name / f"step{step}" / "config.json").write_text("{}")
     for target in targets_from_folder(root, out):  # weights as if computed: only the new measure is left
         for checkpoint in target.checkpoints:
-            write_result(checkpoint, "weights", {"metrics": {f"weights/{k}": 1.0 for k in FEATURE_NAMES},
-                                                 "weight_stats": options.weight_stats})
+            write_result(
+                checkpoint,
+                "weights",
+                {"metrics": {f"weights/{k}": 1.0 for k in FEATURE_NAMES}, "weight_stats": options.weight_stats},
+            )
     assert [e.name for e in evaluators.selected(options)] == ["weights", "valid", "step_digits"]
 
-    summary = runner.evaluate_targets(targets_from_folder(root, out), options, use_ray=False, out_dir=out,
-                                      show_progress=False, echo=lambda _: None)
+    summary = runner.evaluate_targets(
+        targets_from_folder(root, out), options, use_ray=False, out_dir=out, show_progress=False, echo=lambda _: None
+    )
     assert summary.computed == {"step_digits": 4} and measure.calls == 4
     (first, _) = targets_from_folder(root, out)
     assert read_result(first.checkpoints[1], "step_digits")["metrics"] == {"misc/step_digits": 2.0}
@@ -54,8 +58,12 @@ def test_a_registered_evaluator_needs_no_other_change(tmp_path, monkeypatch):
     assert set(agreement["task"]) == {"step_digits"} and len(agreement) == 2 * 2 + 2
     assert (agreement.query("kind == 'inter_seed'")["kappa"] == 1.0).all()  # the predictions depend on the step only
 
-    assert runner.evaluate_targets(targets_from_folder(root, out), options, use_ray=False, show_progress=False,
-                                   echo=lambda _: None).nothing_to_do and measure.calls == 4
+    assert (
+        runner.evaluate_targets(
+            targets_from_folder(root, out), options, use_ray=False, show_progress=False, echo=lambda _: None
+        ).nothing_to_do
+        and measure.calls == 4
+    )
     first.run_id, client = "run", FakeMlflow()
     assert runner.log_new_metrics(client, first, options, {"misc/step_digits": {0: 1.0}}) == 2 * len(FEATURE_NAMES) + 1
     assert ("misc/step_digits", 10) in client.points and ("misc/step_digits", 0) not in client.points

@@ -18,8 +18,12 @@ SCHEDULE = checkpoint_steps(20, 10, True)  # 0, 1, 2, 4, 8, 10, 16, 20
 
 def weights(seed: int) -> dict:
     generator = torch.Generator().manual_seed(seed)
-    shapes = {"gpt_neox.embed_in.weight": (64, 16), "gpt_neox.layers.0.attention.dense.weight": (16, 16),
-              "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": (32, 16), "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": (32,)}
+    shapes = {
+        "gpt_neox.embed_in.weight": (64, 16),
+        "gpt_neox.layers.0.attention.dense.weight": (16, 16),
+        "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": (32, 16),
+        "gpt_neox.layers.0.mlp.dense_h_to_4h.bias": (32,),
+    }
     return {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
@@ -44,8 +48,9 @@ def study(tmp_path):
     for seed in (1, 2):
         run = root / f"tiny-seed{seed}"
         run.mkdir(parents=True)
-        (run / "run_config.json").write_text(json.dumps(
-            {"budget": {"steps": 20, "checkpoint_every_steps": 10, "log_spaced_checkpoints": True}}))
+        (run / "run_config.json").write_text(
+            json.dumps({"budget": {"steps": 20, "checkpoint_every_steps": 10, "log_spaced_checkpoints": True}})
+        )
         for step in SCHEDULE:
             write_checkpoint(run / "checkpoints" / f"step{step}", nudged(inits[seed], step, seed))
     ones = root / "tiny-seed1" / "checkpoints"
@@ -58,8 +63,11 @@ def study(tmp_path):
 def test_finds_each_planted_problem_and_nothing_else(study, tmp_path):
     targets = targets_from_folder(study, tmp_path / "out")
     found = {(p.seed, p.problem, p.steps) for p in integrity.check_targets(targets)}
-    assert found == {("1", integrity.MISSING, "16"), ("1", integrity.IDENTICAL, "0,1"),
-                     ("2", integrity.NOT_DESCENDED, "10")}
+    assert found == {
+        ("1", integrity.MISSING, "16"),
+        ("1", integrity.IDENTICAL, "0,1"),
+        ("2", integrity.NOT_DESCENDED, "10"),
+    }
 
 
 def test_evaluation_end_prints_the_table_and_writes_check_csv(study, tmp_path, capsys):
@@ -94,5 +102,7 @@ def test_sampled_digest_of_large_files_is_confirmed_whole(tmp_path, monkeypatch)
 
 def test_identical_runs_groups_consecutive_equal_values():
     assert integrity.identical_runs([(4, "c"), (0, "a"), (1, "a"), (2, "a"), (8, "c"), (16, None), (32, None)]) == [
-        [0, 1, 2], [4, 8]]
+        [0, 1, 2],
+        [4, 8],
+    ]
     assert integrity.shown_steps(",".join(map(str, range(12)))).endswith("... (12 in all)")

@@ -40,16 +40,24 @@ def fake_study(tmp_path: Path) -> tuple[list[RunTarget], EvalOptions, Path]:
             weights = {f"weights/{k}": 100.0 * target.data_seed + checkpoint.step for k in FEATURE_NAMES}
             write_result(checkpoint, "weights", {"metrics": weights, "weight_stats": options.weight_stats})
             predictions = RUNS[target.name] if checkpoint.step == 10 else [0] * 6
-            write_result(checkpoint, TASK, {"metrics": {f"eval/{TASK}/acc": 0.5}, "predictions": predictions,
-                                                   "limit_items": options.limit_items})
+            write_result(
+                checkpoint,
+                TASK,
+                {"metrics": {f"eval/{TASK}/acc": 0.5}, "predictions": predictions, "limit_items": options.limit_items},
+            )
     return targets, options, out
 
 
 def test_three_data_seeds_of_one_seed_are_three_runs(tmp_path):
     targets, options, out = fake_study(tmp_path)
     assert sorted((t.model, t.weight_seed, t.data_seed, t.seed) for t in targets) == [
-        ("tiny", 1, 1, "1"), ("tiny", 1, 2, "w1-d2"), ("tiny", 1, 3, "w1-d3")]
-    summary = runner.evaluate_targets(targets, options, use_ray=False, out_dir=out, show_progress=False, echo=lambda _: None)
+        ("tiny", 1, 1, "1"),
+        ("tiny", 1, 2, "w1-d2"),
+        ("tiny", 1, 3, "w1-d3"),
+    ]
+    summary = runner.evaluate_targets(
+        targets, options, use_ray=False, out_dir=out, show_progress=False, echo=lambda _: None
+    )
     assert summary.nothing_to_do  # every result is there: the tables are written from the files
 
     metrics = pd.read_csv(out / "checkpoint_metrics.csv", dtype={"seed": str})
@@ -86,7 +94,9 @@ def test_a_seed_as_reference_means_both_seeds(tmp_path, caplog):
     targets, options, _ = fake_study(tmp_path)
     inter = tables.agreement_table(targets, options, reference_seed=1).query("kind == 'inter_seed'")
     assert sorted(set(inter["seed"])) == ["w1-d2", "w1-d3"]
-    assert tables.agreement_table(targets, options, reference_seed=2).query("kind == 'inter_seed'").empty  # no run (2, 2)
+    assert (
+        tables.agreement_table(targets, options, reference_seed=2).query("kind == 'inter_seed'").empty
+    )  # no run (2, 2)
     assert "has no run 2" in caplog.text
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-
 from helpers import FakeMlflow
+
 from polypythia.evaluate import downstream, evaluators, runner, weight_stats
 from polypythia.evaluate.downstream import TASK_NAMES, TaskResult
 from polypythia.evaluate.results import read_result, write_result
@@ -81,7 +81,12 @@ def test_folder_names_give_model_and_seed(tmp_path):
     targets = {t.name: t for t in targets_from_folder(tmp_path / "in", tmp_path / "out")}
     assert sorted(targets) == ["70m-seed1", "pythia-70m", "pythia-70m-seed3"]
     seeded = targets["pythia-70m-seed3"]
-    assert (seeded.model, seeded.weight_seed, seeded.data_seed, [c.step for c in seeded.checkpoints]) == ("70m", 3, 3, [1000])
+    assert (seeded.model, seeded.weight_seed, seeded.data_seed, [c.step for c in seeded.checkpoints]) == (
+        "70m",
+        3,
+        3,
+        [1000],
+    )
     assert seeded.seed == "3" and seeded.run_key == (3, 3)
     assert seeded.checkpoints[0].results_dir == str(tmp_path / "out" / "results" / "pythia-70m-seed3" / "step1000")
     assert (targets["pythia-70m"].model, targets["pythia-70m"].run_key) == ("70m", (0, 0))
@@ -102,8 +107,14 @@ def test_folder_without_checkpoints_is_a_clear_error(tmp_path):
 
 
 def test_params_rebuild_the_config():
-    params = {"model.name": "tiny", "model.vocab_size": "None", "budget.steps": "6", "train.fault.nan_seeds": "[1, 2]",
-              "launcher.progress": "True", "model.lr": "0.001"}
+    params = {
+        "model.name": "tiny",
+        "model.vocab_size": "None",
+        "budget.steps": "6",
+        "train.fault.nan_seeds": "[1, 2]",
+        "launcher.progress": "True",
+        "model.lr": "0.001",
+    }
     nested = config_from_params(params)
     assert nested["model"] == {"name": "tiny", "vocab_size": None, "lr": 0.001}
     assert nested["budget"]["steps"] == 6 and nested["train"]["fault"]["nan_seeds"] == [1, 2]
@@ -118,21 +129,33 @@ def test_second_pass_loads_no_model(tmp_path, make_tiny_model, counted):
     assert counted == {"weights": 4, "valid": 0, "tasks": 4}  # one lm-eval run per checkpoint for both tasks
     assert first.computed == {WHAT: 4 for WHAT in ("weights", *TASK_NAMES)} and first.skipped["unavailable"] == 4
     lines = []
-    second = runner.evaluate_targets(targets_from_folder(root, tmp_path / "out"), options, use_ray=False,
-                                     out_dir=tmp_path / "out", show_progress=False, echo=lines.append)
+    second = runner.evaluate_targets(
+        targets_from_folder(root, tmp_path / "out"),
+        options,
+        use_ray=False,
+        out_dir=tmp_path / "out",
+        show_progress=False,
+        echo=lines.append,
+    )
     assert counted == {"weights": 4, "valid": 0, "tasks": 4} and second.nothing_to_do
     assert lines[0].startswith("nothing to do")
     # another item limit makes the task results stale, but not the weight statistics
-    runner.evaluate_targets(targets_from_folder(root, tmp_path / "out"), EvalOptions(limit_items=3),
-                            use_ray=False, show_progress=False, echo=lines.append)
+    runner.evaluate_targets(
+        targets_from_folder(root, tmp_path / "out"),
+        EvalOptions(limit_items=3),
+        use_ray=False,
+        show_progress=False,
+        echo=lines.append,
+    )
     assert counted == {"weights": 4, "valid": 0, "tasks": 8}
 
 
 def test_tables_are_tidy_and_agreement_uses_smallest_seed(tmp_path, make_tiny_model, counted):
     root = save_folder_study(tmp_path / "ckpts", make_tiny_model, names=("pythia-tiny-seed2", "pythia-tiny-seed5"))
     out = tmp_path / "out"
-    runner.evaluate_targets(targets_from_folder(root, out), EvalOptions(limit_items=4), use_ray=False,
-                            out_dir=out, show_progress=False)
+    runner.evaluate_targets(
+        targets_from_folder(root, out), EvalOptions(limit_items=4), use_ray=False, out_dir=out, show_progress=False
+    )
     metrics = pd.read_csv(out / "checkpoint_metrics.csv")
     assert list(metrics.columns) == ["model", "seed", "weight_seed", "data_seed", "step", "metric", "value"]
     assert set(metrics["seed"]) == {2, 5} and set(metrics["step"]) == {0, 10}
@@ -164,8 +187,9 @@ def test_weight_results_follow_the_definition(tmp_path, make_tiny_model, counted
     assert stored["metrics"] == {f"weights/{k}": v for k, v in expected.items()}
 
     hu = EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2, weight_stats="hu")
-    summary = runner.evaluate_targets(targets_from_folder(root, out), hu, use_ray=False, out_dir=out,
-                                      show_progress=False)
+    summary = runner.evaluate_targets(
+        targets_from_folder(root, out), hu, use_ray=False, out_dir=out, show_progress=False
+    )
     assert counted == {"weights": 4 + 1 + 4, "valid": 0, "tasks": 4}  # + 1: the test's own call above
     assert summary.computed == {"weights": 4}
     assert read_result(checkpoint, "weights")["weight_stats"] == "hu"
@@ -178,7 +202,9 @@ def test_weight_results_follow_the_definition(tmp_path, make_tiny_model, counted
     legacy = read_result(checkpoint, "weights")
     del legacy["weight_stats"]
     write_result(checkpoint, "weights", legacy)
-    assert evaluators.REGISTRY["weights"].is_current(legacy, hu) and not evaluators.REGISTRY["weights"].is_current(legacy, options)
+    assert evaluators.REGISTRY["weights"].is_current(legacy, hu) and not evaluators.REGISTRY["weights"].is_current(
+        legacy, options
+    )
     assert runner.evaluate_targets(targets_from_folder(root, out), hu, use_ray=False, show_progress=False).nothing_to_do
 
 
@@ -188,7 +214,7 @@ def test_unknown_definition_is_refused():
 
 
 def test_definitions_agree_across_cli_config_and_module():
-    from polypythia.config import ConfigError, TrainConfig
+    from polypythia.config.jobconfig import ConfigError, TrainConfig
     from polypythia.evaluate.__main__ import WEIGHT_STATS_DEFINITIONS, parser
 
     assert WEIGHT_STATS_DEFINITIONS == weight_stats.DEFINITIONS
@@ -221,7 +247,10 @@ def test_mlflow_weights_are_copied_and_logged_only_for_the_same_definition(tmp_p
 
     # weights logged without a weight_stats tag predate it: hu
     untagged = target("a")
-    assert evaluators.mlflow_weight_stats(untagged, hu_logged) == "hu" and evaluators.mlflow_weight_stats(untagged, {}) is None
+    assert (
+        evaluators.mlflow_weight_stats(untagged, hu_logged) == "hu"
+        and evaluators.mlflow_weight_stats(untagged, {}) is None
+    )
     counts = runner.plan_run(untagged, EvalOptions(tasks=(), weight_stats="hu"), hu_logged)
     assert counts["from_mlflow"] == 2 and not untagged.plan
     copied = read_result(untagged.checkpoints[0], "weights")
@@ -253,7 +282,9 @@ def test_validation_loss_from_indexed_data(tmp_path, make_tiny_model, counted):
     write_indexed_dataset(prefix, [np.arange(200, dtype=np.int64) % 256], np.uint16)
     valid = {"kind": "indexed", "prefix": str(prefix), "seq_length": 16, "max_rows": 5}
     targets = targets_from_folder(root, tmp_path / "out", valid)
-    runner.evaluate_targets(targets, EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2), use_ray=False, show_progress=False)
+    runner.evaluate_targets(
+        targets, EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2), use_ray=False, show_progress=False
+    )
     result = read_result(targets[0].checkpoints[0], "valid")
     assert counted["valid"] == 1 and result["rows"] == 5
     assert result["metrics"]["valid/ppl"] == pytest.approx(np.exp(result["metrics"]["valid/loss"]))
@@ -261,10 +292,15 @@ def test_validation_loss_from_indexed_data(tmp_path, make_tiny_model, counted):
 
 
 def evaluate_cli(*args, timeout=300):
-    env = {k: v for k, v in os.environ.items()
-           if k not in (*RENDEZVOUS_ENV, "MLFLOW_TRACKING_URI")}
-    return subprocess.run([sys.executable, "-m", "polypythia.evaluate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in os.environ.items() if k not in (*RENDEZVOUS_ENV, "MLFLOW_TRACKING_URI")}
+    return subprocess.run(
+        [sys.executable, "-m", "polypythia.evaluate", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def test_help_and_unknown_experiment(tmp_path, mlflow_uri):
@@ -283,8 +319,16 @@ def test_two_seed_study_end_to_end(tmp_path, mlflow_uri, cache_dir):
     from test_launch import launch
 
     study = f"eval-{uuid.uuid4().hex[:8]}"
-    trained = launch(tmp_path, "-m", "seed=1,2", "model=tiny", "budget=smoke", f"study={study}",
-                     f"data.cache_dir={cache_dir}", uri=mlflow_uri)
+    trained = launch(
+        tmp_path,
+        "-m",
+        "seed=1,2",
+        "model=tiny",
+        "budget=smoke",
+        f"study={study}",
+        f"data.cache_dir={cache_dir}",
+        uri=mlflow_uri,
+    )
     assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
     out_dir = tmp_path / "eval"
     first = evaluate_cli(study, "--tracking-uri", mlflow_uri, "--limit-items", "8", "--out", str(out_dir))
@@ -297,7 +341,9 @@ def test_two_seed_study_end_to_end(tmp_path, mlflow_uri, cache_dir):
     keys = ["weights/l2", "weights/sv_var", "valid/loss", "valid/ppl"] + [f"eval/{t}/acc" for t in TASK_NAMES]
     history_lengths = {}
     for run in runs:
-        steps = [int(tag.removeprefix("checkpoint.step")) for tag in run.data.tags if tag[len("checkpoint.step"):].isdigit()]
+        steps = [
+            int(tag.removeprefix("checkpoint.step")) for tag in run.data.tags if tag[len("checkpoint.step") :].isdigit()
+        ]
         assert sorted(steps) == [0, 1, 2, 3, 4, 6]
         for key in keys:
             logged = [m.step for m in client.get_metric_history(run.info.run_id, key)]

@@ -37,8 +37,15 @@ def checkpoint_dir(tmp_path_factory):
     vocab_size = save_byte_tokenizer(folder)
     torch.manual_seed(0)
     config = GPTNeoXConfig(
-        vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-        rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False, max_position_embeddings=512,
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        rotary_pct=0.25,
+        use_parallel_residual=True,
+        tie_word_embeddings=False,
+        max_position_embeddings=512,
     )
     GPTNeoXForCausalLM(config).save_pretrained(folder)
     return folder
@@ -61,7 +68,9 @@ def test_random_model_runs_offline_at_about_chance(checkpoint_dir, monkeypatch):
     assert set(results) == set(TASK_NAMES)
     next_line = results["polypythia_stdlib_next_line"]
     assert next_line.predictions.shape == (ITEMS,) and set(next_line.predictions) <= {0, 1, 2, 3}
-    answers = np.array([json.loads(l)["answer"] for l in (TASKS_DIR / "stdlib_next_line.jsonl").read_text().splitlines()][:ITEMS])
+    answers = np.array(
+        [json.loads(l)["answer"] for l in (TASKS_DIR / "stdlib_next_line.jsonl").read_text().splitlines()][:ITEMS]
+    )
     assert next_line.accuracy == pytest.approx(np.mean(next_line.predictions == answers))
     assert 0.05 < next_line.accuracy < 0.6  # untrained: about chance (0.25)
     cloze = results["polypythia_stdlib_cloze"]

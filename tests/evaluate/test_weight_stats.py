@@ -46,12 +46,18 @@ def numpy_features(model) -> dict[str, float]:
         trace = sum(m[i, i] for i in range(min(m.shape)))
         rows.append([l1, l2, trace, spectral, l1 / l2, trace / spectral, s.mean(), s.var()])
     features = dict(zip(FEATURE_NAMES[:8], np.mean(rows, axis=0)))
-    block = [(n, p.detach().numpy().astype(np.float64)) for n, p in model.named_parameters() if ".layers." in n and "layernorm" not in n]
+    block = [
+        (n, p.detach().numpy().astype(np.float64))
+        for n, p in model.named_parameters()
+        if ".layers." in n and "layernorm" not in n
+    ]
     weights = np.concatenate([p.ravel() for n, p in block if n.endswith("weight")])
     biases = np.concatenate([p.ravel() for n, p in block if n.endswith("bias")])
     assert weights.size == 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 128)  # layers x (qkv + dense + mlp in/out)
     for prefix, values in (("w", weights), ("b", biases)):
-        features.update({f"{prefix}_mean": values.mean(), f"{prefix}_median": np.median(values), f"{prefix}_var": values.var()})
+        features.update(
+            {f"{prefix}_mean": values.mean(), f"{prefix}_median": np.median(values), f"{prefix}_var": values.var()}
+        )
     return features
 
 
@@ -130,7 +136,9 @@ def test_qkv_split_matches_the_models_own_attention(monkeypatch, make_tiny_model
         ours = (hidden @ w.T + b[:, 0]).reshape(-1, TINY_HEADS, head_dim).transpose(0, 1)
         # Rotary embedding leaves position 0 unchanged; value is never rotated.
         torch.testing.assert_close(ours[:, 0], states[0, :, 0])
-    torch.testing.assert_close((hidden @ weights[2].T + biases[2][:, 0]).reshape(-1, TINY_HEADS, head_dim).transpose(0, 1), value[0])
+    torch.testing.assert_close(
+        (hidden @ weights[2].T + biases[2][:, 0]).reshape(-1, TINY_HEADS, head_dim).transpose(0, 1), value[0]
+    )
 
 
 def test_swapping_q_and_k_rows_changes_trace_only_if_split_is_right():
@@ -198,14 +206,28 @@ def released_extract_metrics(named_parameters) -> dict[str, float]:
         trace, spectral = torch.trace(X).item(), torch.linalg.matrix_norm(X, ord=2).item()
         singular_vals = torch.svd(X, compute_uv=False).S
         singular_vals[singular_vals < 1e-5] = 0.0
-        values = [l1, l2, trace, spectral, l1 / l2, trace / spectral, torch.mean(singular_vals).item(), torch.var(singular_vals).item()]
+        values = [
+            l1,
+            l2,
+            trace,
+            spectral,
+            l1 / l2,
+            trace / spectral,
+            torch.mean(singular_vals).item(),
+            torch.var(singular_vals).item(),
+        ]
         for key, value in zip(FEATURE_NAMES[:8], values):
             per_matrix.setdefault(key, []).append(value)
     metrics = {key: float(np.mean(values)) for key, values in per_matrix.items()}
     for parts, prefix in ((weights, "w"), (biases, "b")):
         flat = torch.concatenate([x.flatten() for x in parts]).flatten()
-        metrics.update({f"{prefix}_mean": torch.mean(flat).item(), f"{prefix}_median": torch.median(flat).item(),
-                        f"{prefix}_var": torch.var(flat).item()})
+        metrics.update(
+            {
+                f"{prefix}_mean": torch.mean(flat).item(),
+                f"{prefix}_median": torch.median(flat).item(),
+                f"{prefix}_var": torch.var(flat).item(),
+            }
+        )
     return metrics
 
 
@@ -221,10 +243,15 @@ def test_polypythias_matches_the_released_code(tiny_model, name):
 
 
 def test_hf4_names():
-    assert hf4_name("gpt_neox.layers.3.attention.query_key_value.weight") == "gpt_neox.layers.3.attention.query_key_value.weight"
+    assert (
+        hf4_name("gpt_neox.layers.3.attention.query_key_value.weight")
+        == "gpt_neox.layers.3.attention.query_key_value.weight"
+    )
     assert hf4_name("module.gpt_neox.layers.0.mlp.dense_4h_to_h.bias") == "gpt_neox.layers.0.mlp.dense_4h_to_h.bias"
     assert hf4_name("_orig_mod.gpt_neox.embed_in.weight") == "gpt_neox.embed_in.weight"
-    assert hf4_name("layers.0.attention.dense.weight") == "gpt_neox.layers.0.attention.dense.weight"  # a bare GPTNeoXModel
+    assert (
+        hf4_name("layers.0.attention.dense.weight") == "gpt_neox.layers.0.attention.dense.weight"
+    )  # a bare GPTNeoXModel
     assert hf4_name("lm_head.weight") == hf4_name("embed_out.weight") == "embed_out.weight"
     assert hf4_name("gpt_neox.final_layer_norm.bias") == "gpt_neox.final_layer_norm.bias"
     assert hf4_name("gpt_neox.layers.0.attention.bias") is None  # the causal-mask buffer of old checkpoints
@@ -232,7 +259,9 @@ def test_hf4_names():
 
 
 # Hand-built state dicts (d = 2, one layer, one head), with values chosen so every number is done by hand.
-QKV = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0], [5.0, 0.0], [0.0, 6.0]])  # Q = diag(1, 2), K = diag(3, 4), V = diag(5, 6)
+QKV = torch.tensor(
+    [[1.0, 0.0], [0.0, 2.0], [3.0, 0.0], [0.0, 4.0], [5.0, 0.0], [0.0, 6.0]]
+)  # Q = diag(1, 2), K = diag(3, 4), V = diag(5, 6)
 QKV_BIAS = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0])
 LAYER = "gpt_neox.layers.0."
 
@@ -263,7 +292,9 @@ def test_fused_qkv_is_one_matrix_for_polypythias_and_three_for_hu():
 def test_singular_value_variance_is_unbiased_for_polypythias_only():
     state = {LAYER + "attention.query_key_value.weight": QKV}
     s1, s2 = math.sqrt(56.0), math.sqrt(35.0)
-    assert hand_stats(state, "polypythias")["sv_var"] == pytest.approx((s1 - s2) ** 2 / 2)  # ddof 1: two values, n - 1 = 1
+    assert hand_stats(state, "polypythias")["sv_var"] == pytest.approx(
+        (s1 - s2) ** 2 / 2
+    )  # ddof 1: two values, n - 1 = 1
     # hu: singular values (2, 1), (4, 3), (6, 5): each population variance (1/2)^2 = 0.25
     assert hand_stats(state, "hu")["sv_var"] == pytest.approx(0.25)
 
@@ -285,7 +316,10 @@ def test_weight_and_bias_variance_and_median():
 
 
 def test_odd_count_median_is_the_middle_value_for_both():
-    state = {LAYER + "attention.dense.weight": torch.tensor([[4.0, 1.0, 9.0]]), LAYER + "attention.dense.bias": torch.tensor([2.0, 7.0, 5.0])}
+    state = {
+        LAYER + "attention.dense.weight": torch.tensor([[4.0, 1.0, 9.0]]),
+        LAYER + "attention.dense.bias": torch.tensor([2.0, 7.0, 5.0]),
+    }
     for definition in DEFINITIONS:
         stats = hand_stats(state, definition)
         assert (stats["w_median"], stats["b_median"]) == (4.0, 5.0)
@@ -339,7 +373,9 @@ def test_singular_values_below_1e_5_are_zeroed_for_polypythias_only():
 
 
 def test_trace_of_non_square_matrices():
-    state = {LAYER + "mlp.dense_h_to_4h.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
-             LAYER + "mlp.dense_4h_to_h.weight": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])}
+    state = {
+        LAYER + "mlp.dense_h_to_4h.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+        LAYER + "mlp.dense_4h_to_h.weight": torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]),
+    }
     for definition in DEFINITIONS:  # the main diagonal: 1 + 4 and 1 + 5
         assert hand_stats(state, definition)["trace"] == pytest.approx((5.0 + 6.0) / 2)
