@@ -27,7 +27,8 @@ its ``weights/*`` metrics follow (a training job sets it when it opens its MLflo
 :func:`polypythia.job.mlflowrun.run_tags`, from ``train.weight_stats``; a run without it that has
 weights predates it: ``hu``). Weights are copied from MLflow only when that definition is the one
 asked for, and logged to a run only when it has no weights yet or weights of the same definition
-(this evaluator's :meth:`tags_when_logged` then sets the tag); otherwise the values stay in the result files and tables, so that no series mixes definitions.
+(this evaluator's :meth:`tags_when_logged` then sets the tag); otherwise the values stay in the
+result files and tables, so that no series mixes definitions.
 """
 
 from __future__ import annotations
