@@ -36,8 +36,8 @@ from analysis.stats import (
     spread_test,
 )
 from analysis.summary import final_loss_summary, print_summary
-from analysis.tidy import Study, sort_models, tidy
-from analysis.tidy_file import load_tidy_file
+from analysis.table_file import load_tidy_file
+from analysis.tidy_table import Study, sort_models, tidy
 from analysis.training_maps import TrainingMaps, fit_training_maps
 
 __all__ = [

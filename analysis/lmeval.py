@@ -1,4 +1,4 @@
-"""Reading a folder of lm-evaluation-harness result files into a :class:`analysis.tidy.Study`
+"""Reading a folder of lm-evaluation-harness result files into a :class:`analysis.tidy_table.Study`
 (:func:`load_lm_eval_folder`), through tidy rows (``model, seed, step, metric, value``).
 
 Two layouts are read, as their publishers laid them out:
@@ -32,7 +32,7 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from analysis.lmeval_file import config_identity, disagreement, lm_eval_metrics, read_lm_eval_file, task_shots
 from analysis.lmeval_layout import LM_EVAL_LAYOUTS, ResultFile, result_files
-from analysis.tidy import Study, diverged_notes, non_finite_endings, runs_from_metrics, tidy
+from analysis.tidy_table import Study, diverged_notes, non_finite_endings, runs_from_metrics, tidy
 from polypythia.study import TIDY_COLUMNS
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,4 @@
-"""Turn a study into one tidy table: ``model, seed, step, metric, value`` (:mod:`analysis.tidy`).
+"""Turn a study into one tidy table: ``model, seed, step, metric, value`` (:mod:`analysis.tidy_table`).
 
 Three sources are understood:
 
@@ -8,7 +8,7 @@ Three sources are understood:
   ``pythia-<size>[-seed<k>]/step<S>/.../results_<timestamp>.json``, v0.3 in the Pythia suite's
   ``pythia-<size>[-deduped]/zero-shot/<name>_step<S>.json`` (:func:`analysis.lmeval.load_lm_eval_folder`),
 * a tidy CSV/TSV file with the five columns, or a wide one with ``seed``, ``step`` and one column
-  per metric such as the study's released training map table (:func:`analysis.tidy_file.load_tidy_file`).
+  per metric such as the study's released training map table (:func:`analysis.table_file.load_tidy_file`).
 
 ``load_study(..., steps=POLYPYTHIAS_EVAL_STEPS)`` keeps only the study's 27 evaluation checkpoints.
 
@@ -33,8 +33,8 @@ from analysis.errors import AnalysisError
 from analysis.lmeval import load_lm_eval_folder
 from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
 from analysis.mlflow_load import find_experiment, load_mlflow, mlflow_client, runs_table
-from analysis.tidy import Study, run_blocks, runs_from_metrics, select_metrics, sort_models, tidy
-from analysis.tidy_file import load_tidy_file
+from analysis.table_file import load_tidy_file
+from analysis.tidy_table import Study, run_blocks, runs_from_metrics, select_metrics, sort_models, tidy
 
 # What this module holds, and the names it held before its loaders moved out (report, synthetic, markdown,
 # tests and benchmarks import them from here).

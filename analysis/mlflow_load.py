@@ -14,7 +14,7 @@ import pandas as pd
 
 from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
-from analysis.tidy import RUN_COLUMNS, Study, diverged_notes, non_finite_endings, select_metrics, tidy
+from analysis.tidy_table import RUN_COLUMNS, Study, diverged_notes, non_finite_endings, select_metrics, tidy
 from polypythia.study import replicate_from_tags, run_label, search_job_runs, seeds_from_tags
 
 log = logging.getLogger(__name__)

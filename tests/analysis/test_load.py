@@ -306,19 +306,19 @@ def test_table_errors_and_repeated_rows(tmp_path):
 
 def test_table_loader_passes_non_finite_values_on(tmp_path, monkeypatch):
     """The loaders keep NaN/inf rows; whether they stay is tidy()'s decision."""
-    import analysis.tidy_file as tidy_file
+    import analysis.table_file as table_file
 
     seen = {}
-    real_tidy = tidy_file.tidy
+    real_tidy = table_file.tidy
 
     def spy(frame, notes=None):
         seen["values"] = frame["value"].tolist()
         return real_tidy(frame, notes)
 
-    monkeypatch.setattr(tidy_file, "tidy", spy)
+    monkeypatch.setattr(table_file, "tidy", spy)
     path = tmp_path / "diverged.csv"
     path.write_text("model,seed,step,metric,value\n70m,1,1,loss,5.0\n70m,1,2,loss,nan\n70m,1,3,loss,inf\n")
-    tidy_file.load_tidy_file(path)
+    table_file.load_tidy_file(path)
     values = seen["values"]
     assert values[0] == 5.0 and np.isnan(values[1]) and np.isinf(values[2])
 

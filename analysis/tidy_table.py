@@ -1,7 +1,7 @@
 """The tidy table every source is read into (``model, seed, step, metric, value``), and a :class:`Study`:
 that table plus one row per run.
 
-:func:`tidy` checks and normalises the table the loaders build (:mod:`analysis.tidy_file`,
+:func:`tidy` checks and normalises the table the loaders build (:mod:`analysis.table_file`,
 :mod:`analysis.lmeval`, :mod:`analysis.mlflow_load`); :func:`runs_from_metrics` gives the runs table of a
 source that carries no run metadata, and :func:`non_finite_endings` finds the runs whose loss ended in NaN,
 before :func:`tidy` sets those values aside. :func:`run_blocks` lets the statistics take each run's rows as

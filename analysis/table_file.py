@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.tidy import Study, diverged_notes, non_finite_endings, runs_from_metrics, tidy
+from analysis.tidy_table import Study, diverged_notes, non_finite_endings, runs_from_metrics, tidy
 from polypythia.study import TIDY_COLUMNS
 
 log = logging.getLogger(__name__)
