@@ -17,7 +17,8 @@ source is auto-detected:
                     suite did (v0.3, EleutherAI/pythia evals/pythia-v1/), pythia-<size>[-deduped]/
                     zero-shot/<name>_step<S>.json; no -seed<k> = seed 0, the original Pythia run
                     (a folder without such files: its name, as an MLflow experiment name)
-  a .csv/.tsv file  tidy table with columns model, seed, step, metric, value
+  a .csv/.tsv file  tidy table with columns model, seed, step, metric, value, or a wide one:
+                    seed, step and one column per metric (no model column: --model, else the size in the file name)
   anything else     an MLflow experiment name (--tracking-uri, MLFLOW_TRACKING_URI or the local server)
 
 examples:
