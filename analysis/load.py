@@ -32,34 +32,9 @@ import pandas as pd
 from analysis.errors import AnalysisError
 from analysis.lmeval import load_lm_eval_folder
 from analysis.lmeval_layout import LM_EVAL_LAYOUTS, has_lm_eval_results
-from analysis.mlflow_load import find_experiment, load_mlflow, mlflow_client, runs_table
+from analysis.mlflow_load import load_mlflow
 from analysis.table_file import load_tidy_file
-from analysis.tidy_table import Study, run_blocks, runs_from_metrics, select_metrics, sort_models, tidy
-
-# What this module holds, and the names it held before its loaders moved out (report, synthetic, markdown,
-# tests and benchmarks import them from here).
-__all__ = [
-    "POLYPYTHIAS_EVAL_STEPS",
-    "STEP_PRESETS",
-    "SourceChoice",
-    "Study",
-    "choose_source",
-    "find_experiment",
-    "load_lm_eval_folder",
-    "load_mlflow",
-    "load_study",
-    "load_tidy_file",
-    "mlflow_client",
-    "parse_steps",
-    "read_as_experiment",
-    "restrict_steps",
-    "run_blocks",
-    "runs_from_metrics",
-    "runs_table",
-    "select_metrics",
-    "sort_models",
-    "tidy",
-]
+from analysis.tidy_table import Study, select_metrics
 
 log = logging.getLogger(__name__)
 

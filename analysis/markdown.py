@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import sort_models
 from analysis.outliers import STANDARDISED_METRIC
 from analysis.rules import knobs_of, registered
+from analysis.tidy_table import sort_models
 from polypythia.study import label_order, seed_design
 
 MAX_TABLE_ROWS = 40

@@ -244,7 +244,7 @@ def find_outliers(
     :func:`trajectories` of ``outlier_metrics`` and the study's rows, with its knobs from
     :func:`rule_knobs` (``rule``, ``mad_threshold`` and ``knobs``; defaults otherwise).
     ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it;
-    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
+    ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
     judged = Judged(metrics, trajectories(metrics, tasks, outlier_metrics, score), blocks)
     chosen = rule_knobs(rule, mad_threshold, knobs)
     frames = [r.judge(judged, knobs_of(r, chosen)) for r in registered()]

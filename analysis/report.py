@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.load import Study, run_blocks, sort_models
 from analysis.outliers import (
     DEFAULT_TASKS,
     STANDARDISED_METRIC,
@@ -35,6 +34,7 @@ from analysis.outliers import (
 )
 from analysis.spikes import find_spikes
 from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, final_values, spread_test
+from analysis.tidy_table import Study, run_blocks, sort_models
 from analysis.training_maps import MapOptions, MapsJob, TrainingMaps, start_training_maps
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def run_analysis(
 
 def log_artifacts(study: Study, out_dir: Path) -> str:
     """Log ``out_dir`` under ``analysis/`` of the sweep's parent run, or of a new ``polypythia.kind=analysis`` run."""
-    from analysis.load import mlflow_client
+    from analysis.mlflow_load import mlflow_client
 
     client, _ = mlflow_client(study.tracking_uri)
     run_id = study.parent_run_id

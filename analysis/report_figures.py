@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.load import sort_models
 from analysis.outliers import STANDARDISED_METRIC
+from analysis.tidy_table import sort_models
 
 
 def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[str]]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.load import tidy
+from analysis.tidy_table import tidy
 
 TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 # The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there, which
@@ -150,9 +150,9 @@ def checkpoint_values(
 
 def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> pd.DataFrame:
     """A tidy table (model, seed, step, metric, value) following ``spec``, built column by column in the
-    order :func:`analysis.load.tidy` gives (model, seed, metric, step), with categorical model, seed and
+    order :func:`analysis.tidy_table.tidy` gives (model, seed, metric, step), with categorical model, seed and
     metric columns (a 500-run study with dense curves is 143 million rows, about 2.5 GB)."""
-    from analysis.load import sort_models
+    from analysis.tidy_table import sort_models
     from polypythia.study import label_order
 
     spec = spec or StudySpec()

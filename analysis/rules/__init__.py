@@ -56,7 +56,7 @@ OUTLIER_COLUMNS = [
 class Judged:
     """What a rule judges: the study's tidy rows (``model, seed, step, metric, value``), the trajectories
     chosen for trajectory rules (metric -> the tidy rows holding it; the standardised accuracy's own
-    table), and :func:`analysis.load.run_blocks` of ``metrics`` when the caller has them."""
+    table), and :func:`analysis.tidy_table.run_blocks` of ``metrics`` when the caller has them."""
 
     metrics: pd.DataFrame
     trajectories: Mapping[str, pd.DataFrame]

@@ -88,10 +88,10 @@ def final_rows(
 ) -> dict[str, pd.DataFrame]:
     """Per model, :func:`final_row` of its (step x run) table of ``metric`` (:func:`wide_by_seed`).
 
-    The same numbers without building that table when, as :func:`analysis.load.tidy` leaves them, each
+    The same numbers without building that table when, as :func:`analysis.tidy_table.tidy` leaves them, each
     run's rows are contiguous, with rising steps and finite values: a dense loss curve of 143,000
     steps per run would otherwise be pivoted into a (steps x runs) table only to average its last 1%.
-    Otherwise the table is built. ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (then the
+    Otherwise the table is built. ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics`` (then the
     runs are read as slices, without selecting the metric's rows first)."""
     if blocks is not None:
         finals_by_model = finals_from_blocks(metrics, metric, final_fraction, blocks)
