@@ -24,13 +24,12 @@ from typing import Sequence
 import torch
 
 from polypythia.config.jobconfig import JobConfig
-from polypythia.model import padded_vocab_size
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart, in_order
 from polypythia.train.checkpointer import Checkpointer
 from polypythia.train.data import load_training_data
 from polypythia.train.distributed import init_distributed
 from polypythia.train.engine import build_engine, build_training_model, set_threads
-from polypythia.train.faults import callbacks_from_config
+from polypythia.train.guards import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index
 from polypythia.train.rewind import load as load_rewinds
@@ -47,7 +46,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     set_threads(cfg)
     rank, world_size = init_distributed()
     data = load_training_data(cfg)
-    vocab_size = cfg.model.vocab_size or padded_vocab_size(data.tokenizer_vocab_size)
+    vocab_size = cfg.model.padded_vocab_size(data.tokenizer_vocab_size)
     model = build_training_model(cfg, vocab_size)
     plan = plan_resume(cfg, world_size)  # before the engine: a resume across worker counts configures it
     engine = build_engine(cfg, model, world_size, load_universal=plan.load_universal)
