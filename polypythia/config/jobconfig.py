@@ -77,7 +77,8 @@ FP16_ZERO0_REFUSED = (
 
 @dataclass
 class JobConfig:
-    """One job: one (model, seed) training run. Every field's default is here (or MISSING)."""
+    """One job: one (model, seed) training run. The job's own keys have their defaults here, each section
+    in its own class."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)

@@ -107,7 +107,7 @@ class RepeatBatch(Callback):
 
     priority = 200
 
-    def __init__(self, step: int, steps: int = 1):
+    def __init__(self, step: int, steps: int):
         self.steps = range(step, step + steps)
 
     def on_batch(self, step: int, rows: np.ndarray) -> np.ndarray:
