@@ -13,7 +13,7 @@ eye (:func:`unstable_runs`); a run is unstable when any of these holds:
   diverged   its MLflow run ended in a non-finite loss or not FINISHED (``analysis.load``); every
              cell trains with ``train.loss_ceiling`` = ln(vocabulary), the loss of a uniform guess,
              and ``train.loss_ceiling_steps=50``, so a run that stays worse than chance for 50
-             steps is stopped by the job's own divergence check (``polypythia.train.faults``)
+             steps is stopped by the job's own divergence check (``polypythia.train.guards``)
   outlier    an outlier episode against its sibling seeds in the same cell: the calibrated
              trajectory rule of ``analysis.outliers.find_outliers`` on ``valid/loss`` at every
              checkpoint, or its final-value MAD rule (5 or more seeds), both with the defaults of
