@@ -144,7 +144,7 @@ SECTION_TOPS_JS = """(names => Object.fromEntries(names.map(n => {
 LINK_PREFIX = " in MLflow: "  # the line polypythia.driver.sweep prints: "Study <name> in MLflow: <link>"
 
 
-def run_sweep(home: Path, model: str, steps: int, seeds: str) -> str:
+def run_sweep(home: Path, model: str, steps: int, seeds: str, more: list[str]) -> str:
     """Run a short real sweep into ``home`` (as ``make demo`` does, smaller) and return the link it printed."""
     overrides = [
         "-m",
@@ -154,6 +154,7 @@ def run_sweep(home: Path, model: str, steps: int, seeds: str) -> str:
         f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
         "monitor.every_steps=5",  # monitor/* points to chart
         "launcher.progress=false",
+        *more,
     ]
     env = {**os.environ, "POLYPYTHIA_HOME": str(home)}
     print("running:", " ".join(["launch.py", *overrides]), flush=True)
@@ -222,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="14m")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("overrides", nargs="*", help="more launch.py overrides, e.g. budget=smoke")
     parser.add_argument("--link", default=None, help="screenshot this link (a sweep's, its server up) instead")
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1000)
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(url, *screenshot(url, url.split("/#/")[0], args.out, args), args.out)
     home = args.home or Path(tempfile.mkdtemp(prefix="polypythia-ui-"))
     try:
-        url = run_sweep(home, args.model, args.steps, args.seeds)
+        url = run_sweep(home, args.model, args.steps, args.seeds, args.overrides)
         origin = start_server_of(home)
         url = origin + "/#/" + url.split("/#/", 1)[1]  # the server's address now (the same unless it restarted)
         return report(url, *screenshot(url, origin, args.out, args), args.out)

@@ -286,19 +286,39 @@ def test_the_sweeps_filter_finds_its_parent_and_its_runs_on_a_real_server(mlflow
     assert colours == {"a": mlflow_ui.RUN_COLORS[0], "b": mlflow_ui.RUN_COLORS[1], "sweep": mlflow_ui.BAND_COLOR}
 
 
-@pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (apt-get install chromium)")
-def test_the_printed_link_charts_the_training_runs_in_a_browser(tmp_path):
-    """scripts/screenshot_mlflow_ui.py: a real server, a fake study, the link in headless Chromium;
-    it fails unless the runs' loss chart is drawn (and it stops the server it starts)."""
+def _screenshot_script():
+    """scripts/screenshot_mlflow_ui.py as a module (scripts/ is no package)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_mlflow_ui.py"
     spec = importlib.util.spec_from_file_location("screenshot_mlflow_ui", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path / "study.png"
-    assert module.main(["--out", str(out), "--timeout", "60"]) == 0
+    return module
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_a_real_sweeps_printed_link_charts_the_loss_first_in_a_browser(tmp_path, cache_dir):
+    """scripts/screenshot_mlflow_ui.py: a real (tiny) sweep of two seeds, the link it printed in
+    headless Chromium; it fails unless charts are drawn and the ``loss`` section is above ``monitor``
+    (and it stops the MLflow server the sweep started)."""
+    module = _screenshot_script()
+    out, home = tmp_path / "study.png", tmp_path / "home"
+    argv = ["--out", str(out), "--home", str(home), "--model", "tiny", "--seeds", "1,2", "--steps", "6"]
+    assert module.main([*argv, "--timeout", "60", "budget=smoke", f"data.cache_dir={cache_dir}"]) == 0
     assert out.stat().st_size > 10_000
+    from polypythia.tracking import client as tracking
+
+    assert tracking.running_server(home / "mlflow") is None
+
+
+def test_the_section_check_of_the_screenshot_script():
+    """The check the screenshot's exit status rests on: ``loss`` drawn, above ``monitor`` if that is drawn."""
+    module = _screenshot_script()
+    assert module.loss_first({"loss": 300.0, "train": 700.0, "monitor": 2400.0})
+    assert module.loss_first({"loss": 300.0, "monitor": -1})  # monitor off: nothing to be above
+    assert not module.loss_first({"loss": 2400.0, "monitor": 300.0})  # MLflow's own order: monitor first
+    assert not module.loss_first({"loss": -1, "monitor": 300.0})
