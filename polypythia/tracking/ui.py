@@ -22,13 +22,13 @@ the bundle is minified, so the places are named by the strings to grep for):
   selector (``setExperimentTag`` with ``"mlflow.experimentKind"`` in ``2809.*.chunk.js``) use.
 - **The chart view.** ``?compareRunsMode=CHART`` (``TABLE`` by default; the ``compareRunsMode``
   module in ``2809.*.chunk.js``) opens the runs tab on its charts, one per metric, grouped in
-  sections by the prefix before ``/`` (``train/loss`` is in "train").
+  sections by the prefix before the last ``/`` (``train/loss`` is in "train").
 - **Child runs.** With the default order (``attributes.start_time``) the runs table nests children
   under their parent (``mlflow.parentRunId``) and shows the parent collapsed; only rows on screen
   are charted, so the training runs drew nothing. Any other order key lists runs flat
   (``nestChildren`` in ``3878.*.chunk.js``: nest only when there is no order key and no filter, or
-  the order is by start time). The link orders by run name and filters to the study's job runs
-  (``searchFilter``, ``orderByKey``, ``orderByAsc``: the search facets the URL carries, module
+  the order is by start time). The link orders by run name and filters to the study's job runs,
+  or to one sweep's runs and its parent run (``searchFilter``, ``orderByKey``, ``orderByAsc``: the search facets the URL carries, module
   ``57637`` in ``3793.*.chunk.js``). Expanding a parent cannot be asked for: ``runsExpanded`` is
   kept out of shared views (``hN`` in ``main.*.js``, module ``1395``).
 - **The sweep's view.** A saved view (the "Views" menu; an experiment tag
@@ -46,6 +46,10 @@ the bundle is minified, so the places are named by the strings to grep for):
   metrics that appear later are re-sorted the same way unless ``isAccordionReordered`` is set
   (``updateChartAndSectionConfigs``, same module). A metric that no chart shows yet gets a chart in
   its prefix's section, added at the end when the view does not name that section.
+- **The assistant panel.** No server setting: the UI opens it once on a first visit whenever the
+  page's host is loopback (``isLocalServer`` from ``window.location.hostname`` in module ``5264`` of
+  ``main.*.js``; ``MLFLOW_ENABLE_REMOTE_ASSISTANT`` only allows it off loopback too), and remembers
+  that in localStorage (``mlflow.assistant.fab.autoOpenedOnFirstLoad``), which a link cannot set.
 - **Run colours.** A run's colour is its ``mlflow.runColor`` tag (the ``colorByRunUuid`` reducer in
   ``main.*.js``, filled from the runs' tags; the UI's colour picker writes the same tag), else a hash
   of the run id into a 29-colour palette (module ``75795``, palette in module ``28797``), where
