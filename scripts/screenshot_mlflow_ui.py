@@ -3,7 +3,7 @@
     flock /tmp/polypythia-heavy.lock .venv/bin/python scripts/screenshot_mlflow_ui.py
 
 Runs a short real sweep like ``make demo`` (``launch.py -m seed=1,2,3 model=14m`` with a budget of
-``--steps`` steps and the in-step monitor every 5 steps, so that ``train/*``, ``valid/*``,
+``--steps`` steps, the in-step monitor every 5 steps and the seed band every 2, so that ``train/*``, ``valid/*``,
 ``seeds/*`` and ``monitor/*`` are all logged) in a fresh ``POLYPYTHIA_HOME`` (a temporary folder, or
 ``--home``), takes the link the sweep printed, opens it in headless Chromium (Debian:
 ``apt-get install chromium``), waits until the charts are drawn and saves a screenshot; then stops
@@ -153,6 +153,7 @@ def run_sweep(home: Path, model: str, steps: int, seeds: str, more: list[str]) -
         f"budget.steps={steps}",
         f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
         "monitor.every_steps=5",  # monitor/* points to chart
+        "monitor.cross_seed_every_steps=2",  # the seeds/* band at every other step (default: the checkpoints)
         "launcher.progress=false",
         *more,
     ]
