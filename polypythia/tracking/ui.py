@@ -183,15 +183,15 @@ def _line_chart(section: str, metric_key: str, title: str, keys: tuple[str, ...]
 
 def chart_layout() -> tuple[list[dict], list[dict]]:
     """(charts, sections) of a sweep's chart view: first a ``loss`` section with ``train/loss``,
-    ``valid/loss`` and the seed band (``seeds/loss_*`` of the parent run, with the runs'
-    ``train/loss`` drawn inside it), then the sections of :data:`SECTION_ORDER`, then the UI's own.
+    ``valid/loss`` and the seed band (the parent run's ``seeds/loss_*`` in one chart: median,
+    quartiles, min and max), then the sections of :data:`SECTION_ORDER`, then the UI's own.
     ``isAccordionReordered`` (set by :func:`study_view_state`) keeps this order: without it the UI
     sorts the sections by name, ``monitor`` first (module ``63989`` of ``main.*.js``). Every other
     metric gets its chart from the UI, in its prefix's section."""
     charts = [
         _line_chart(LOSS_SECTION, "train/loss", "train/loss"),
         _line_chart(LOSS_SECTION, "valid/loss", "valid/loss"),
-        _line_chart(LOSS_SECTION, BAND_KEYS[0], "seed band: train/loss and seeds/loss_*", ("train/loss", *BAND_KEYS)),
+        _line_chart(LOSS_SECTION, BAND_KEYS[0], "seed band (seeds/loss_*)", BAND_KEYS),
     ]
     names = (LOSS_SECTION, *SECTION_ORDER, MODEL_METRICS, SYSTEM_METRICS)
     sections = [
