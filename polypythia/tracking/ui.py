@@ -61,11 +61,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from urllib.parse import quote, urlencode
 
 from polypythia.study import JOB_KIND, KIND_TAG
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 TRAINING_EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind
@@ -283,14 +286,17 @@ def run_color(run_name: str, run_names: list[str]) -> str:
 def join_sweep_view(client, run_id: str, parent_run_id: str | None, run_name: str) -> None:
     """Tag a job run for its sweep's view (:func:`open_sweep_view`): :data:`SWEEP_TAG`, and a colour
     of its own by its place among the parent run's :data:`JOBS_TAG`. A run without a sweep is left
-    as it is; a resumed run is tagged for the sweep that resumes it."""
+    as it is; a resumed run is tagged for the sweep that resumes it. An MLflow error is logged, not raised."""
     if not parent_run_id:
         return
     from mlflow.entities import RunTag
 
-    names = client.get_run(parent_run_id).data.tags.get(JOBS_TAG, "").split(", ")
-    tags = {SWEEP_TAG: parent_run_id, RUN_COLOR_TAG: run_color(run_name, names)}
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    try:
+        names = client.get_run(parent_run_id).data.tags.get(JOBS_TAG, "").split(", ")
+        tags = {SWEEP_TAG: parent_run_id, RUN_COLOR_TAG: run_color(run_name, names)}
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    except Exception as exc:  # noqa: BLE001 - how the UI shows a run must not fail its training
+        log.warning("Could not tag run %s for its sweep's MLflow view: %s", run_id, exc)
 
 
 def seeds_band_metrics(values_by_run: dict[str, float]) -> dict[str, float]:

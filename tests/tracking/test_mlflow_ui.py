@@ -197,6 +197,15 @@ def test_open_and_join_the_sweep_view_colour_each_run_apart():
     assert "lone" not in client.run_tags
 
 
+def test_joining_the_sweep_view_never_fails_the_run(caplog):
+    class Down(_FakeRunClient):
+        def get_run(self, run_id):
+            raise ConnectionError("server down")
+
+    mlflow_ui.join_sweep_view(Down({}), "run-0", PARENT, "14m-seed1")  # logged, not raised
+    assert "Could not tag run run-0" in caplog.text
+
+
 def test_run_colors_are_distinct_before_they_repeat():
     assert len(set(mlflow_ui.RUN_COLORS)) == len(mlflow_ui.RUN_COLORS)
     assert mlflow_ui.BAND_COLOR not in mlflow_ui.RUN_COLORS
