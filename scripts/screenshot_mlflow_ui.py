@@ -1,20 +1,24 @@
-"""Screenshot a small fake study in the MLflow UI at the address a sweep prints (docs/img/mlflow_study.png).
+"""Screenshot the MLflow UI at the link a real sweep prints (docs/img/mlflow_study.png).
 
-    .venv/bin/python scripts/screenshot_mlflow_ui.py [--out docs/img/mlflow_study.png] [--models 70m 160m] [--seeds 3]
+    flock /tmp/polypythia-heavy.lock .venv/bin/python scripts/screenshot_mlflow_ui.py
 
-Starts a real ``mlflow server`` on loopback in a temporary folder, logs a study into it the way a
-sweep does (a parent run tagged ``polypythia.kind=sweep`` carrying the ``seeds/*`` band, child runs
-tagged ``polypythia.kind=job``, ``model`` and ``seed`` with a ``train/loss`` curve), marks it with
-:mod:`polypythia.tracking.ui`, opens :func:`~polypythia.tracking.ui.study_url` in headless Chromium
-(Debian: ``apt-get install chromium``), waits until the loss chart is drawn and saves a screenshot;
-then stops the browser and the server.
+Runs a short real sweep like ``make demo`` (``launch.py -m seed=1,2,3 model=14m`` with a budget of
+``--steps`` steps, the in-step monitor every 5 steps and the seed band every 2, so that ``train/*``,
+``valid/*``, ``seeds/*`` and ``monitor/*`` are all logged) in a fresh ``POLYPYTHIA_HOME`` (a
+temporary folder, or ``--home``), takes the link the sweep printed, opens it in headless Chromium
+(Debian: ``apt-get install chromium``), waits until the charts are drawn and saves a screenshot;
+then stops the browser and the sweep's MLflow server. ``--link URL`` screenshots a link of a sweep
+already run (its server up) instead. A few minutes on 2 CPU cores (the sweep's runs: 83 s). Exit
+status 1 if no chart was drawn or the ``loss`` section of charts is not above ``monitor``.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages
 ended by a NUL byte on file descriptors 3 and 4), so nothing beyond the standard library is needed.
-Before the UI loads, the script sets the two localStorage entries that keep MLflow's assistant panel
-from opening on a first visit (``mlflow.assistant.fab.autoOpenedOnFirstLoad`` and
-``mlflow.assistant.panelOpen``, in ``mlflow/server/js/build/static/js/main.*.js``), as a browser
-that has been there before would have them.
+MLflow 3.17 has no server setting for its assistant panel: the UI opens it once on a first visit
+whenever the page's host is ``localhost``/``127.0.0.1``/``::1`` (``isLocalServer`` in
+``mlflow/server/js/build/static/js/main.*.js``, module ``5264``; ``MLFLOW_ENABLE_REMOTE_ASSISTANT``
+only allows more). So, before the UI loads, the script sets the two localStorage entries that a
+browser that has been there before has (``mlflow.assistant.fab.autoOpenedOnFirstLoad`` and
+``mlflow.assistant.panelOpen``, version 1).
 """
 
 from __future__ import annotations
@@ -23,9 +27,7 @@ import argparse
 import base64
 import fcntl
 import json
-import math
 import os
-import random
 import shutil
 import subprocess
 import sys
@@ -38,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from polypythia.tracking import client as tracking
-from polypythia.tracking import ui as mlflow_ui  # noqa: E402
+from polypythia.tracking import client as tracking  # noqa: E402 (after the path and the environment)
 
 # A fresh browser profile opens MLflow's assistant panel once; a returning one has these set.
 ASSISTANT_CLOSED = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.assistant.panelOpen_v1": "false"}
@@ -135,108 +136,123 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
-def loss_curve(model_index: int, seed: int, steps: int) -> list[float]:
-    """A made-up loss curve: larger models end lower; seeds differ in speed, noise and one bump."""
-    rng = random.Random(1000 * model_index + seed)
-    floor, rate, bump_at = 3.2 - 0.45 * model_index, 0.07 + 0.015 * rng.random(), rng.randrange(15, steps - 5)
-    loss = []
-    for step in range(steps):
-        value = floor + 7.8 * math.exp(-rate * step) + 0.08 * rng.gauss(0, 1) + 0.5 * math.exp(-abs(step - bump_at))
-        loss.append(value)
-    return loss
+# The top of the first element showing exactly each text (a chart section's title), -1 if none.
+SECTION_TOPS_JS = """(names => Object.fromEntries(names.map(n => {
+  const hit = [...document.querySelectorAll('body *')].find(e => e.children.length === 0 && e.textContent.trim() === n);
+  return [n, hit ? hit.getBoundingClientRect().top : -1];
+})))(%s)"""
+LINK_PREFIX = " in MLflow: "  # the line polypythia.driver.sweep prints: "Study <name> in MLflow: <link>"
 
 
-def log_fake_study(uri: str, study: str, models: list[str], seeds: int, steps: int) -> tuple[str, str]:
-    """A sweep's parent run with ``seeds/*`` and one child run per (model, seed); (experiment id, parent id)."""
-    from mlflow.entities import Metric
-
-    client = tracking.client(uri)
-    experiment_id = tracking.experiment_id(client, study)
-    mlflow_ui.mark_training_experiment(client, experiment_id)
-    parent = client.create_run(experiment_id, run_name="sweep-demo", tags={"polypythia.kind": "sweep"}).info.run_id
-    start = int(time.time() * 1000)
-    curves: dict[str, list[float]] = {}
-    for m, model in enumerate(models):
-        for seed in range(1, seeds + 1):
-            run = client.create_run(
-                experiment_id,
-                run_name=f"{model}-seed{seed}",
-                tags={"polypythia.kind": "job", "model": model, "seed": str(seed), "mlflow.parentRunId": parent},
-            )
-            curve = curves[run.info.run_id] = loss_curve(m, seed, steps)
-            client.log_batch(
-                run.info.run_id, metrics=[Metric("train/loss", v, start + 1000 * s, s) for s, v in enumerate(curve)]
-            )
-            client.set_terminated(run.info.run_id)
-    band = [
-        Metric(key, value, start + 1000 * s, s)
-        for s in range(steps)
-        for key, value in mlflow_ui.seeds_band_metrics({r: c[s] for r, c in curves.items()}).items()
+def run_sweep(home: Path, model: str, steps: int, seeds: str, more: list[str]) -> str:
+    """Run a short real sweep into ``home`` (as ``make demo`` does, smaller) and return the link it printed."""
+    overrides = [
+        "-m",
+        f"seed={seeds}",
+        f"model={model}",
+        f"budget.steps={steps}",
+        f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
+        "monitor.every_steps=5",  # monitor/* points to chart
+        "monitor.cross_seed_every_steps=2",  # the seeds/* band at every other step (default: the checkpoints)
+        "launcher.progress=false",
+        *more,
     ]
-    for i in range(0, len(band), 1000):
-        client.log_batch(parent, metrics=band[i : i + 1000])
-    client.set_terminated(parent)
-    return experiment_id, parent
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "mlflow_study.png")
-    parser.add_argument("--models", nargs="+", default=["70m"])
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument(
-        "--view", action="store_true", help="open a saved view (save_study_view) instead of a filtered link"
+    env = {**os.environ, "POLYPYTHIA_HOME": str(home)}
+    print("running:", " ".join(["launch.py", *overrides]), flush=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launch.py"), *overrides], cwd=ROOT, env=env, capture_output=True, text=True
     )
-    parser.add_argument("--group-by", default=None, help="with --view: group the runs by this tag (e.g. model)")
-    parser.add_argument("--width", type=int, default=1600)
-    parser.add_argument("--height", type=int, default=1000)
-    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the chart")
-    parser.add_argument(
-        "--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
-    )
-    args = parser.parse_args(argv)
-
-    folder = Path(tempfile.mkdtemp(prefix="polypythia-ui-"))
-    browser = None
-    try:
-        uri = tracking.start_server(folder / "mlflow", port=0)
-        experiment_id, parent = log_fake_study(uri, "demo-study", args.models, args.seeds, args.steps)
-        view_id = (
-            mlflow_ui.save_study_view(tracking.client(uri), experiment_id, parent, group_by_tag=args.group_by)
-            if args.view
-            else None
+    output = done.stdout + done.stderr
+    links = [line.split(LINK_PREFIX, 1)[1].strip() for line in output.splitlines() if LINK_PREFIX in line]
+    if done.returncode != 0 or not links:
+        sys.stderr.write(output[-5000:])
+        raise SystemExit(
+            f"the sweep failed (exit status {done.returncode}) or printed no MLflow link; its output is above"
         )
-        url = mlflow_ui.study_url(uri, experiment_id, parent, view_id=view_id)
-        print(url)
+    return links[-1]
 
-        browser = Chromium(args.chromium, args.width, args.height)
-        browser.goto(uri + "/health")  # the UI's origin, to set its localStorage before it loads
+
+def start_server_of(home: Path) -> str:
+    """The sweep's MLflow server (the sweep leaves it up; started again if it is not)."""
+    return tracking.start_server(home / "mlflow")
+
+
+def wait_for_charts(browser: Chromium, timeout: float) -> int:
+    """Chart traces drawn, once they stop changing for 3 s (or at ``timeout``)."""
+    deadline, drawn, steady = time.monotonic() + timeout, 0, 0
+    while time.monotonic() < deadline and steady < 3:
+        time.sleep(1.0)
+        now = browser.evaluate(CHART_TRACES_JS) or 0
+        steady = steady + 1 if now and now == drawn else 0
+        drawn = now
+    return drawn
+
+
+def screenshot(url: str, origin: str, out: Path, args: argparse.Namespace) -> tuple[int, dict]:
+    """Open ``url`` in headless Chromium as a returning visitor; (traces drawn, section tops) after the screenshot."""
+    browser = Chromium(args.chromium, args.width, args.height)
+    try:
+        browser.goto(origin + "/health")  # the UI's origin, to set its localStorage before it loads
         time.sleep(1.0)
         browser.evaluate(
             "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in ASSISTANT_CLOSED.items())
         )
         browser.goto(url)
-        deadline, drawn, steady = time.monotonic() + args.timeout, 0, 0
-        while time.monotonic() < deadline and steady < 3:  # until the charts stop changing for 3 s
-            time.sleep(1.0)
-            now = browser.evaluate(CHART_TRACES_JS) or 0
-            steady = steady + 1 if now and now == drawn else 0
-            drawn = now
+        drawn = wait_for_charts(browser, args.timeout)
         browser.call("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": 2, "y": args.height - 2}, page=True)
         time.sleep(2.0)  # let the last frames paint
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        browser.screenshot(args.out)
-        print(
-            f"{args.out}: {drawn} chart trace(s) drawn for {len(args.models) * args.seeds} run(s); "
-            f"page {browser.evaluate('location.href')}"
-        )
-        return 0 if drawn else 1
+        out.parent.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(out)
+        tops = browser.evaluate(SECTION_TOPS_JS % json.dumps(["loss", "train", "valid", "seeds", "monitor"]))
+        return drawn, tops or {}
     finally:
-        if browser is not None:
-            browser.close()
-        tracking.stop_server(folder / "mlflow")
-        shutil.rmtree(folder, ignore_errors=True)
+        browser.close()
+
+
+def loss_first(tops: dict) -> bool:
+    """The ``loss`` section is drawn, above ``monitor`` (when that is drawn at all)."""
+    loss, monitor = tops.get("loss", -1), tops.get("monitor", -1)
+    return loss >= 0 and (monitor < 0 or loss < monitor)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "img" / "mlflow_study.png")
+    parser.add_argument(
+        "--home", type=Path, default=None, help="the sweep's POLYPYTHIA_HOME (default: a temporary one)"
+    )
+    parser.add_argument("--model", default="14m")
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("overrides", nargs="*", help="more launch.py overrides, e.g. budget=smoke")
+    parser.add_argument("--link", default=None, help="screenshot this link (a sweep's, its server up) instead")
+    parser.add_argument("--width", type=int, default=1600)
+    parser.add_argument("--height", type=int, default=1000)
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the charts")
+    parser.add_argument(
+        "--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium"
+    )
+    args = parser.parse_args(argv)
+
+    if args.link:
+        url = args.link
+        return report(url, *screenshot(url, url.split("/#/")[0], args.out, args), args.out)
+    home = args.home or Path(tempfile.mkdtemp(prefix="polypythia-ui-"))
+    try:
+        url = run_sweep(home, args.model, args.steps, args.seeds, args.overrides)
+        origin = start_server_of(home)
+        url = origin + "/#/" + url.split("/#/", 1)[1]  # the server's address now (the same unless it restarted)
+        return report(url, *screenshot(url, origin, args.out, args), args.out)
+    finally:
+        tracking.stop_server(home / "mlflow")
+        if args.home is None:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def report(url: str, drawn: int, tops: dict, out: Path) -> int:
+    print(url)
+    print(f"{out}: {drawn} chart trace(s) drawn; section tops {tops}")
+    return 0 if drawn and loss_first(tops) else 1
 
 
 if __name__ == "__main__":

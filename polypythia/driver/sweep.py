@@ -148,9 +148,7 @@ class Sweep:
                 tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs), **driverloss.driver_tags()},
             )
             self.parent_runs[study] = run.info.run_id
-            mlflow_ui.mark_training_experiment(client, exp_id)
-            # The UI charts 10 runs unless a saved view says otherwise (see polypythia.tracking.ui).
-            view = mlflow_ui.save_study_view(client, exp_id, run.info.run_id) if len(jobs) > 10 else None
+            view = mlflow_ui.open_sweep_view(client, exp_id, run.info.run_id)  # loss charts first (tracking.ui)
             links.append(f"Study {study} in MLflow: {mlflow_ui.study_url(uri, exp_id, run.info.run_id, view_id=view)}")
 
     # -- running -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from polypythia.job.threads import threads_log
 from polypythia.jobspec import TASK_STARTED_ENV, RewindRequest
 from polypythia.runtime.env import quiet_libraries
 from polypythia.tracking import client as tracking
+from polypythia.tracking import ui as mlflow_ui
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart
 from polypythia.train.loop import train
 
@@ -182,6 +183,7 @@ def _run_owned(
     opened = open_run(cfg, tracking_uri, parent_run_id, check_params=not runfolder.config_known(cfg))
     runfolder.record_config(cfg)
     mlflow_client, run_id, resumed = opened.client, opened.run_id, opened.resumed
+    mlflow_ui.join_sweep_view(mlflow_client, run_id, parent_run_id, cfg.run_name)  # its sweep's view, its colour
     if not resumed:
         _log_config_artifacts(mlflow_client, run_id, cfg, overrides)
     monitor = _system_metrics(cfg, tracking_uri, run_id, resumed)

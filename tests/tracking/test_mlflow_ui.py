@@ -26,7 +26,7 @@ def _split(url: str) -> tuple[str, str, dict[str, str]]:
 # ----------------------------------------------------------------------------- study_url
 
 
-def test_study_url_lands_on_the_sweeps_training_runs_charted():
+def test_study_url_lands_on_the_sweeps_runs_charted():
     url = mlflow_ui.study_url("http://127.0.0.1:5050", "7", PARENT)
     origin, route, params = _split(url)
     assert origin == "http://127.0.0.1:5050/"
@@ -34,7 +34,7 @@ def test_study_url_lands_on_the_sweeps_training_runs_charted():
     assert params == {
         "workflowType": "machine_learning",
         "compareRunsMode": "CHART",
-        "searchFilter": f"tags.`polypythia.kind` = 'job' and tags.`mlflow.parentRunId` = '{PARENT}'",
+        "searchFilter": f"tags.`polypythia.sweep` = '{PARENT}'",  # its job runs and its parent (the band)
         "orderByKey": "tags.`mlflow.runName`",
         "orderByAsc": "true",
     }
@@ -111,6 +111,110 @@ def test_save_study_view_again_updates_the_same_view():
     assert "groupBy" not in json.loads(again["state"])
 
 
+def _layout_order(state: dict) -> list[tuple[str, list[str]]]:
+    """(section name, chart titles) in the order the UI draws them: sections as listed, charts in
+    each section as listed (what the UI does when ``isAccordionReordered`` is set)."""
+    names = {s["uuid"]: s["name"] for s in state["compareRunSections"]}
+    assert len(names) == len(state["compareRunSections"])  # unique ids
+    order = []
+    for section in state["compareRunSections"]:
+        titles = [c["displayName"] for c in state["compareRunCharts"] if c["metricSectionId"] == section["uuid"]]
+        order.append((section["name"], titles))
+    assert {c["metricSectionId"] for c in state["compareRunCharts"]} <= set(names)  # no chart without a section
+    return order
+
+
+def test_the_sweeps_view_charts_the_loss_and_the_seed_band_before_the_monitor():
+    state = mlflow_ui.study_view_state(PARENT)
+    assert state["isAccordionReordered"] is True  # else the UI sorts the sections by name: monitor first
+    order = _layout_order(state)
+    assert order[0] == ("loss", ["train/loss", "valid/loss", "seed band (seeds/loss_*)"])
+    names = [name for name, _ in order]
+    assert names.index("loss") < names.index("train") < names.index("valid") < names.index("seeds")
+    assert names.index("seeds") < names.index("monitor")
+    assert names[-2:] == ["Model metrics", "System metrics"]  # the UI's own sections stay last
+    assert sorted(names[:-2]) != names[:-2]  # not the UI's alphabetical order, which puts monitor first
+    band = state["compareRunCharts"][2]
+    assert band["metricKey"] == "seeds/loss_median"
+    assert band["selectedMetricKeys"] == [f"seeds/loss_{q}" for q in ("median", "p25", "p75", "min", "max")]
+    assert set(band["selectedMetricKeys"]) == set(mlflow_ui.seeds_band_metrics({"a": 1.0}))  # the keys logged
+    assert {c["type"] for c in state["compareRunCharts"]} == {"LINE"}
+    assert not any(c["isGenerated"] for c in state["compareRunCharts"])  # the UI must not replace them
+    assert state["runsHiddenMode"] == "SHOW_ALL"
+    json.dumps(state)  # it travels as JSON in an experiment tag
+
+
+def test_the_sweeps_filter_takes_its_runs_and_its_parent_the_studys_only_job_runs():
+    assert mlflow_ui.runs_filter(PARENT) == f"tags.`polypythia.sweep` = '{PARENT}'"
+    assert mlflow_ui.runs_filter() == "tags.`polypythia.kind` = 'job'"
+
+
+class _FakeRunClient:
+    """The calls of open_sweep_view/join_sweep_view: experiment and run tags, the parent run's tags."""
+
+    def __init__(self, parent_tags):
+        self.experiment_tags, self.run_tags = {}, {}
+        self.parent_tags = parent_tags
+
+    def set_experiment_tag(self, experiment_id, key, value):
+        self.experiment_tags[key] = value
+
+    def get_experiment(self, experiment_id):
+        return _FakeExperiment(dict(self.experiment_tags))
+
+    def set_tag(self, run_id, key, value):
+        self.run_tags.setdefault(run_id, {})[key] = value
+
+    def log_batch(self, run_id, tags=()):
+        self.run_tags.setdefault(run_id, {}).update({t.key: t.value for t in tags})
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        assert run_id == PARENT
+        return SimpleNamespace(data=SimpleNamespace(tags=dict(self.parent_tags)))
+
+
+def test_open_and_join_the_sweep_view_colour_each_run_apart():
+    names = ["14m-seed1", "14m-seed2", "14m-seed3"]
+    client = _FakeRunClient({"jobs": ", ".join(names)})
+    view_id = mlflow_ui.open_sweep_view(client, "5", PARENT)
+    assert client.experiment_tags["mlflow.experimentKind"] == "custom_model_development"
+    assert (
+        json.loads(json.loads(client.experiment_tags[f"mlflow.sharedViewState.{view_id}"])["state"])[
+            "compareRunSections"
+        ][0]["name"]
+        == "loss"
+    )
+    assert client.run_tags[PARENT] == {"polypythia.sweep": PARENT, "mlflow.runColor": mlflow_ui.BAND_COLOR}
+    for i, name in enumerate(reversed(names)):  # in whatever order the jobs start
+        mlflow_ui.join_sweep_view(client, f"run-{i}", PARENT, name)
+    colours = [client.run_tags[f"run-{i}"]["mlflow.runColor"] for i in range(3)]
+    assert all(client.run_tags[f"run-{i}"]["polypythia.sweep"] == PARENT for i in range(3))
+    assert len(set(colours + [mlflow_ui.BAND_COLOR])) == 4  # each run its own, none the band's
+    assert colours == list(reversed(mlflow_ui.RUN_COLORS[:3]))  # by place in the sweep, not start order
+    mlflow_ui.join_sweep_view(client, "lone", None, "x")  # no sweep: nothing to tag
+    assert "lone" not in client.run_tags
+
+
+def test_joining_the_sweep_view_never_fails_the_run(caplog):
+    class Down(_FakeRunClient):
+        def get_run(self, run_id):
+            raise ConnectionError("server down")
+
+    mlflow_ui.join_sweep_view(Down({}), "run-0", PARENT, "14m-seed1")  # logged, not raised
+    assert "Could not tag run run-0" in caplog.text
+
+
+def test_run_colors_are_distinct_before_they_repeat():
+    assert len(set(mlflow_ui.RUN_COLORS)) == len(mlflow_ui.RUN_COLORS)
+    assert mlflow_ui.BAND_COLOR not in mlflow_ui.RUN_COLORS
+    assert all(c.startswith("#") and len(c) == 7 for c in (*mlflow_ui.RUN_COLORS, mlflow_ui.BAND_COLOR))
+    names = [f"r{i}" for i in range(14)]
+    assert mlflow_ui.run_color("r12", names) == mlflow_ui.RUN_COLORS[0]  # twelve, then again
+    assert mlflow_ui.run_color("elsewhere", names) in mlflow_ui.RUN_COLORS  # not in the list: a hash, still one of them
+
+
 # ----------------------------------------------------------------------------- seeds band
 
 
@@ -158,18 +262,69 @@ def test_mark_training_experiment_and_saved_view_on_a_real_server(mlflow_uri):
 
 
 @pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.timeout(300)
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (apt-get install chromium)")
-def test_the_printed_link_charts_the_training_runs_in_a_browser(tmp_path):
-    """scripts/screenshot_mlflow_ui.py: a real server, a fake study, the link in headless Chromium;
-    it fails unless the runs' loss chart is drawn (and it stops the server it starts)."""
+def test_the_sweeps_filter_finds_its_parent_and_its_runs_on_a_real_server(mlflow_uri):
+    """MLflow's filter has no OR: the parent run (the band) and the job runs share the sweep tag."""
+    import uuid
+
+    from polypythia.tracking import client as tracking
+
+    client = tracking.client(mlflow_uri)
+    experiment_id = tracking.experiment_id(client, f"ui-sweep-{uuid.uuid4().hex[:8]}")
+    parent = client.create_run(experiment_id, run_name="sweep", tags={"polypythia.kind": "sweep", "jobs": "a, b"})
+    parent_id = parent.info.run_id
+    view_id = mlflow_ui.open_sweep_view(client, experiment_id, parent_id)
+    runs = {}
+    for name in ("b", "a"):
+        run = client.create_run(
+            experiment_id, run_name=name, tags={"polypythia.kind": "job", "mlflow.parentRunId": parent_id}
+        )
+        mlflow_ui.join_sweep_view(client, run.info.run_id, parent_id, name)
+        runs[name] = run.info.run_id
+    client.create_run(experiment_id, run_name="other sweep's", tags={"polypythia.kind": "job"})
+    state = json.loads(
+        json.loads(client.get_experiment(experiment_id).tags[f"mlflow.sharedViewState.{view_id}"])["state"]
+    )
+    found = client.search_runs(
+        [experiment_id], filter_string=state["searchFilter"], order_by=["tags.`mlflow.runName` ASC"]
+    )
+    assert [r.info.run_name for r in found] == ["a", "b", "sweep"]
+    colours = {r.info.run_name: r.data.tags["mlflow.runColor"] for r in found}
+    assert colours == {"a": mlflow_ui.RUN_COLORS[0], "b": mlflow_ui.RUN_COLORS[1], "sweep": mlflow_ui.BAND_COLOR}
+
+
+def _screenshot_script():
+    """scripts/screenshot_mlflow_ui.py as a module (scripts/ is no package)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[2] / "scripts" / "screenshot_mlflow_ui.py"
     spec = importlib.util.spec_from_file_location("screenshot_mlflow_ui", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    out = tmp_path / "study.png"
-    assert module.main(["--out", str(out), "--timeout", "60"]) == 0
+    return module
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs headless Chromium (apt-get install chromium)")
+def test_a_real_sweeps_printed_link_charts_the_loss_first_in_a_browser(tmp_path, cache_dir):
+    """scripts/screenshot_mlflow_ui.py: a real (tiny) sweep of two seeds, the link it printed in
+    headless Chromium; it fails unless charts are drawn and the ``loss`` section is above ``monitor``
+    (and it stops the MLflow server the sweep started)."""
+    module = _screenshot_script()
+    out, home = tmp_path / "study.png", tmp_path / "home"
+    argv = ["--out", str(out), "--home", str(home), "--model", "tiny", "--seeds", "1,2", "--steps", "6"]
+    assert module.main([*argv, "--timeout", "60", "budget=smoke", f"data.cache_dir={cache_dir}"]) == 0
     assert out.stat().st_size > 10_000
+    from polypythia.tracking import client as tracking
+
+    assert tracking.running_server(home / "mlflow") is None
+
+
+def test_the_section_check_of_the_screenshot_script():
+    """The check the screenshot's exit status rests on: ``loss`` drawn, above ``monitor`` if that is drawn."""
+    module = _screenshot_script()
+    assert module.loss_first({"loss": 300.0, "train": 700.0, "monitor": 2400.0})
+    assert module.loss_first({"loss": 300.0, "monitor": -1})  # monitor off: nothing to be above
+    assert not module.loss_first({"loss": 2400.0, "monitor": 300.0})  # MLflow's own order: monitor first
+    assert not module.loss_first({"loss": -1, "monitor": 300.0})
