@@ -160,6 +160,9 @@ def fragments(engine, group_index: dict[int, int]) -> tuple[list[_Fragment], boo
 
 def loss_scale(engine) -> Optional[float]:
     """fp16's current dynamic loss scale (None without fp16)."""
+    scaling = getattr(engine, "torch_autocast_z0_gradscaler", None)  # train.autocast's (train/lighten.py)
+    if hasattr(scaling, "cur_scale"):
+        return float(scaling.cur_scale)
     if not engine.fp16_enabled():
         return None
     opt = engine.optimizer
