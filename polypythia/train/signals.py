@@ -71,8 +71,8 @@ def total_and_adam_steps(total: torch.Tensor, frags: list[_Fragment]) -> tuple[f
     states = {id(f.state): f.state for f in frags if f.state and f.state.get("step") is not None}
     counters = [state["step"] for state in states.values()]
     if all(torch.is_tensor(c) and c.dim() == 0 for c in counters):
-        stacked = [total.reshape(1).double(), *(c.reshape(1).to(total.device, torch.float64) for c in counters)]
-        values = torch.cat(stacked).tolist()
+        steps = torch.stack(counters).to(total.device, torch.float64) if counters else total.new_empty(0)
+        values = torch.cat([total.reshape(1).double(), steps]).tolist()
     else:
         values = [float(total)] + [float(c) for c in counters]
     return values[0], dict(zip(states, values[1:]))
