@@ -140,3 +140,21 @@ def test_autocast_follows_fp32_resumes_bit_identically_and_saves_fp32_weights(tm
     assert resumed.start_step == 3 and resumed.losses == reference.losses[3:]
     with safe_open(f"{reference.checkpoints[-1]}/model.safetensors", "pt") as f:
         assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+
+
+def test_skip_step_reads_the_norm_the_loss_scaling_measured(dist, tmp_path):
+    from types import SimpleNamespace
+
+    from polypythia.train.skipstep import SkipStep
+
+    engine = engine_of(tmp_path, "fp16", monitor__action="skip_step")
+    skip = SkipStep(window=8, threshold_sd=6.0)  # judges from the 4th step on
+    skip.on_train_start(SimpleNamespace(rank=0, engine=engine, trainer_state={}))
+    for step, loss in enumerate([1.0, 1.1, 0.9, 1.0, 50.0], start=1):
+        weights = [p.detach().clone() for p in engine.module.parameters()]
+        skip.before_update(loss, None)
+        backward_and_step(engine)
+        assert skip.rule.grad_norm.values[-1] == pytest.approx(float(engine.get_global_grad_norm()))
+        skip.on_step_end(step, {})
+    assert skip.skipped_steps == [5]
+    assert all(torch.equal(w, p) for w, p in zip(weights, engine.module.parameters()))
