@@ -158,3 +158,23 @@ def test_skip_step_reads_the_norm_the_loss_scaling_measured(dist, tmp_path):
         skip.on_step_end(step, {})
     assert skip.skipped_steps == [5]
     assert all(torch.equal(w, p) for w, p in zip(weights, engine.module.parameters()))
+
+
+def test_the_monitor_reads_the_unscaled_gradients_under_fp16_autocast(dist, tmp_path):
+    """The probe runs before the update, on gradients still multiplied by the loss scale: its per-group
+    norms combine to the norm the loss scaling measured, and it reports that scale."""
+    from polypythia.train.callbacks import TrainStart
+    from polypythia.train.monitor import StabilityMonitor
+    from polypythia.train.step import train_step
+
+    engine = engine_of(tmp_path, "fp16")
+    cfg = autocast_job(tmp_path, tmp_path / "cache", "fp16", model__vocab_size=8192)
+    monitor = StabilityMonitor.from_config(cfg)
+    n = sum(p.numel() for p in engine.module.parameters())
+    monitor.on_train_start(TrainStart(0, 1, 0, 8192, 0, n, (), None, engine))
+    rows = np.random.default_rng(0).integers(0, 8192, (1, 17))
+    probe = monitor.probe(monitor.every_steps)
+    _, grad_norm, _ = train_step(engine, engine, rows, 1, [probe])
+    groups = [v for k, v in probe.metrics.items() if k.startswith("monitor/grad_norm/")]
+    assert np.sqrt(np.sum(np.square(groups))) == pytest.approx(grad_norm, rel=1e-5)
+    assert probe.metrics["monitor/loss_scale"] == 2.0**12 and probe.metrics["monitor/attn_logit_max"] > 0
