@@ -16,7 +16,7 @@ For each shape and precision (fp32; bf16; fp16 with dynamic loss scaling):
   norm read back as floats;
 - ``ours``: ``polypythia.train.step.train_step`` on the DeepSpeed engine exactly as a job builds it
   (``build_training_model``, ``build_engine``; one rank: ZeRO stage 0 in fp32, the configured stage
-  in bf16/fp16), monitor off;
+  in bf16/fp16; with ``--autocast``, ``train.autocast=true``: fp32 weights at ZeRO 0), monitor off;
 - ``ours+probe``: the same step probed by the stability monitor (every signal, as on its sampled steps).
 
 Ops are counted on one step after ``--warmup``; host time is the median step over ``--rounds``
@@ -24,7 +24,7 @@ interleaved rounds of ``--steps`` steps (plain, ours, ours+probe in turn). Ratio
 host time plain/ours. The last two lines are the worst monitor-off path's
 ``ops/step ratio`` and ``host time ratio``.
 
-    python benchmarks/bench_host_overhead.py [--models 70m,160m] [--precisions fp32,bf16,fp16] [--hidden 64]
+    python benchmarks/bench_host_overhead.py [--models 70m,160m] [--precisions fp32,bf16,fp16] [--hidden 64] [--autocast]
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ class Ours:
 
         self.done += 1
         probes = [self.monitor.probe(self.done)] if self.monitor else []
-        loss, norm = train_step(self.engine, self.engine, rows, self.micro, probes)
+        loss, norm, _ = train_step(self.engine, self.engine, rows, self.micro, probes)
         if self.monitor:
             self.monitor.on_step_end(self.done, {"train/loss": loss, "train/grad_norm": norm})
         return loss, norm
@@ -154,6 +154,8 @@ def job_cfg(home, name: str, precision: str, args):
         raw["model"]["hidden_size"] = args.hidden
     raw["model"]["vocab_size"] = args.vocab
     raw["train"]["precision"] = precision
+    if args.autocast:
+        raw["train"]["autocast"] = True
     if precision == "fp16":  # the config refuses fp16 without a GPU; the engine is tried on CPU all the same
         raw["launcher"]["num_gpus_per_job"] = 1
     return job_config(raw)
@@ -221,6 +223,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="at least the embedded tokenizer's 8,192")
     parser.add_argument("--seq-length", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--autocast", action="store_true", help="ours with train.autocast=true (bf16/fp16)")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
@@ -236,7 +239,8 @@ def main() -> None:
     print(machine_description())
     print(
         f"hidden {args.hidden or 'as the shape'}, vocab {args.vocab}, seq {args.seq_length}, micro-batch 1, "
-        f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps after {args.warmup}"
+        f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps after {args.warmup}; "
+        f"train.autocast={str(args.autocast).lower()}"
     )
     found = []
     with bench_home("polypythia-host-") as home:

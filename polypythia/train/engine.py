@@ -12,7 +12,7 @@ import torch
 
 from polypythia.config.jobconfig import FP16_ZERO0_REFUSED, JobConfig
 from polypythia.errors import ConfigError
-from polypythia.train.lighten import lighten_step
+from polypythia.train.lighten import DeepSpeedLossScaling, lighten_step
 from polypythia.train.schedule import lr_at
 from polypythia.train.skipstep import SkipStepAdamW
 
@@ -30,6 +30,35 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+FP16_SCALING = {"loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}  # Pythia's
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(cfg: JobConfig, world_size: int) -> torch.dtype | None:
+    """The compute dtype of ``train.autocast``, or None where DeepSpeed's bf16/fp16 weights train.
+
+    One worker in bf16 or fp16 with ``train.autocast`` trains fp32 weights at ZeRO stage 0 with
+    DeepSpeed's ``torch_autocast`` section: the forward pass under ``torch.autocast``, torch's fused
+    AdamW on the parameters themselves, and under fp16 DeepSpeed's own dynamic loss scaler
+    (:class:`polypythia.train.lighten.DeepSpeedLossScaling`: Pythia's initial scale 2**12, window 1000,
+    hysteresis 2, minimum 1). It is the plain PyTorch AMP loop, where DeepSpeed's bf16/fp16 weights
+    at ZeRO-1 flatten, copy and cast every tensor around the optimizer even on one rank
+    (``benchmarks/bench_host_overhead.py`` on CPU, 70m/160m layer structures, 2026-12-07: aten ops per
+    step against the plain loop 1.44-1.48 at ZeRO-1, 1.00 here; host time ratio 0.89-0.96 there,
+    0.97-1.06 here; ``benchmarks/host_overhead.md``).
+    Memory per parameter: 16 bytes (fp32 weight and gradient, two Adam moments) plus autocast's bf16/fp16
+    copies of the matrices (2) from the forward to the backward pass; ZeRO-1 on one rank holds 16 (bf16/fp16
+    weight and gradient, fp32 master, two moments) plus an fp32 copy of the gradients (4) in the step. The numerics are autocast's (fp32 weights, layer norms and softmax in fp32), not fp16 weights
+    as in GPT-NeoX: a run keeps one setting. Several workers or ZeRO-2 keep DeepSpeed's path. Off by
+    default: the checkpoints' weights are then fp32 (twice the disk of bf16/fp16), and their state
+    resumes on one worker only (:mod:`polypythia.train.resume` refuses mixed-precision ZeRO-0 state
+    across worker counts)."""
+    precision = resolve_precision(cfg.train.precision)
+    if cfg.train.autocast and world_size == 1 and precision in AUTOCAST_DTYPES and cfg.train.zero_stage < 2:
+        return AUTOCAST_DTYPES[precision]
+    return None
+
+
 def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
     """ZeRO partitions optimizer state across data-parallel ranks; with one fp32 rank there is
     nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
@@ -37,7 +66,7 @@ def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
     what keeps the fp32 master weights, and what reads checkpoints from other worker counts.
     fp16 at stage 0 is refused (:data:`polypythia.config.jobconfig.FP16_ZERO0_REFUSED`)."""
     precision = resolve_precision(cfg.train.precision)
-    if world_size == 1 and precision == "fp32":
+    if world_size == 1 and (precision == "fp32" or autocast_dtype(cfg, world_size)):
         return 0
     if precision == "fp16" and cfg.train.zero_stage == 0:  # "auto" on a GPU the launcher did not ask for
         raise ConfigError(FP16_ZERO0_REFUSED)
@@ -69,8 +98,10 @@ def deepspeed_config(cfg: JobConfig, world_size: int, load_universal: bool = Fal
     if load_universal:  # resuming a checkpoint written by another number of workers
         ds["checkpoint"] = {"load_universal": True}
     precision = resolve_precision(train.precision)
-    if precision == "fp16":  # Pythia: fp16 with dynamic loss scaling
-        ds["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 12, "hysteresis": 2, "min_loss_scale": 1}
+    if autocast_dtype(cfg, world_size):  # fp32 weights; fp16's loss scaler is set by build_engine
+        ds["torch_autocast"] = {"enabled": True, "dtype": precision}
+    elif precision == "fp16":  # Pythia: fp16 with dynamic loss scaling
+        ds["fp16"] = {"enabled": True, **FP16_SCALING}
     elif precision == "bf16":
         # bf16 has fp32's exponent range: no loss scale to lower, so no per-tensor overflow check
         # (DeepSpeed's default checks every gradient tensor, ~13 ops each, and skips the step)
@@ -136,5 +167,7 @@ def build_engine(cfg: JobConfig, model: torch.nn.Module, world_size: int, load_u
         # over a group of one and copy it back, each step (~4% of a 70m step on CPU); the mean over one
         # rank is the gradient itself. DeepSpeed turns the same switch off where it has no backend.
         engine.enable_backward_allreduce = False
+    if autocast_dtype(cfg, world_size) == torch.float16:  # DeepSpeed's scaler, not torch's GradScaler
+        engine.torch_autocast_z0_gradscaler = DeepSpeedLossScaling(engine, FP16_SCALING)
     lighten_step(engine)
     return engine

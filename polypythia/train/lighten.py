@@ -18,10 +18,16 @@ counts the ops a step dispatches against a plain PyTorch loop; what it found, an
   scale updates, agreed over the ranks as the norm is all-reduced);
 - ZeRO's global norm takes one ``vector_norm`` (and a cast) per tensor: :func:`lighten_step` gives
   the optimizer a ``get_grad_norm_direct`` with one ``torch._foreach_norm``, combined and reduced
-  exactly as DeepSpeed's (stage 1 and 2 on the GPU or CPU, without offload; the rest keep DeepSpeed's).
+  exactly as DeepSpeed's (stage 1 and 2 on the GPU or CPU, without offload; the rest keep DeepSpeed's);
+- what is left of ZeRO-1 in bf16/fp16 on one rank (flattening, casts and copies between the low-precision
+  weights and the fp32 master, about 9 ops a tensor) goes with ``train.autocast``: fp32 weights at ZeRO-0,
+  where fp16's dynamic loss scaling is :class:`DeepSpeedLossScaling` (see
+  :func:`polypythia.train.engine.autocast_dtype`).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.nn.utils import clip_grads_with_norm_, get_total_norm
@@ -38,6 +44,8 @@ def lighten_step(engine) -> None:
         optimizer.get_grad_norm_direct = lambda grads, params, norm_type=2: (
             _zero_grad_norm(optimizer, grads) if float(norm_type) == 2.0 else original(grads, params, norm_type)
         )
+    elif isinstance(getattr(engine, "torch_autocast_z0_gradscaler", None), DeepSpeedLossScaling):
+        engine.clip_fp32_gradients = lambda: None  # the loss scaling's unscale_ clips, with the same norm
     elif not (zero or engine.fp16_enabled() or engine.bfloat16_enabled()):
         engine.clip_fp32_gradients = lambda: _clip_fp32(engine)
 
@@ -78,11 +86,79 @@ def _zero_grad_norm(optimizer, gradients) -> torch.Tensor:
 
 def records_grad_norm(engine) -> bool:
     """Whether ``engine.step()`` leaves the step's gradient norm (before clipping) in
-    ``engine.get_global_grad_norm()``: DeepSpeed's ZeRO and bf16/fp16 optimizers do, and so does
-    the fp32 clipping of :func:`lighten_step`."""
+    ``engine.get_global_grad_norm()``: DeepSpeed's ZeRO and bf16/fp16 optimizers do, and so do
+    the fp32 clipping of :func:`lighten_step` and :class:`DeepSpeedLossScaling`."""
     return bool(
         engine.zero_optimization_stage()
         or engine.fp16_enabled()
         or engine.bfloat16_enabled()
         or engine.gradient_clipping()
+        or isinstance(getattr(engine, "torch_autocast_z0_gradscaler", None), DeepSpeedLossScaling)
     )
+
+
+class DeepSpeedLossScaling:
+    """fp16's dynamic loss scaling at ZeRO-0 with fp32 weights (``train.autocast``): DeepSpeed's own
+    ``DynamicLossScaler``, built from the same ``fp16`` config section as its ZeRO optimizer builds it,
+    behind the four calls the engine makes of the ``torch.amp.GradScaler`` it would use there otherwise
+    (``scale``, ``unscale_``, ``step``, ``update``; torch's scaler has no hysteresis and doubles every
+    2,000 steps, not Pythia's 1,000). As ZeRO's step: the global norm of the scaled gradients decides an
+    overflow (one host read); an overflow skips the update, the LR schedule's step included, and reports
+    an infinite norm; otherwise one foreach multiply unscales and clips, with ZeRO's combined factor
+    ``scale * max(1, (norm / scale + 1e-6) / max_norm)``. The scaler's state is saved and loaded with the
+    optimizer's state dict (``loss_scaler``), so a resume continues its scale, hysteresis and window."""
+
+    def __init__(self, engine, fp16_section: dict):
+        from deepspeed.runtime.fp16.loss_scaler import CreateLossScaler
+        from deepspeed.runtime.precision_config import DeepSpeedFP16Config
+
+        args = DeepSpeedFP16Config(enabled=True, **fp16_section).dynamic_loss_scale_args()
+        self.scaler = CreateLossScaler(torch.float16, 0, True, args)
+        self.engine = engine
+        self.overflow: bool | None = None  # of the step being taken, once unscale_ decided it
+        engine.optimizer.register_state_dict_post_hook(self._save)
+        engine.optimizer.register_load_state_dict_pre_hook(self._load)
+
+    @property
+    def cur_scale(self) -> float:
+        return self.scaler.cur_scale
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scaler.cur_scale
+
+    @torch.no_grad()
+    def unscale_(self, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        scaled = get_total_norm(grads, foreach=True) if grads else torch.zeros(())
+        self.overflow = not math.isfinite(float(scaled))
+        if self.overflow:
+            self.engine._global_grad_norm = float("inf")
+            return
+        scale, max_norm = self.scaler.cur_scale, self.engine.gradient_clipping()
+        norm = scaled / scale
+        combined = torch.clamp((norm + 1e-6) / max_norm, min=1.0) * scale if max_norm > 0 else scale
+        torch._foreach_mul_(grads, 1.0 / combined)
+        self.engine._global_grad_norm = norm
+
+    def step(self, optimizer) -> None:
+        if self.overflow is None:  # no clipping: the engine did not unscale first
+            self.unscale_(optimizer)
+        optimizer.overflow = self.overflow  # the engine then skips the LR schedule's step, as under ZeRO
+        if not self.overflow:
+            optimizer.step()
+
+    def update(self) -> None:
+        self.scaler.update_scale(self.overflow)
+        self.overflow = None
+
+    _KEYS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+    def _save(self, optimizer, state_dict: dict) -> dict:
+        state_dict["loss_scaler"] = {key: getattr(self.scaler, key) for key in self._KEYS}
+        return state_dict
+
+    def _load(self, optimizer, state_dict: dict) -> dict:
+        state_dict = dict(state_dict)
+        for key, value in state_dict.pop("loss_scaler", {}).items():
+            setattr(self.scaler, key, value)
+        return state_dict

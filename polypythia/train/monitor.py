@@ -160,9 +160,10 @@ class ForwardSignals:
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
         rows = max(1, FORWARD_CHUNK // (q.shape[1] * length * length))  # rows of (heads, T, T) scores at a time
         maxima = []
-        for first in range(0, batch, rows):
-            scores = torch.matmul(q[first : first + rows], k[first : first + rows].transpose(-1, -2))
-            maxima.append(scores.masked_fill_(future, float("-inf")).amax())
+        with torch.autocast(q.device.type, enabled=False):  # fp32 scores under train.autocast too
+            for first in range(0, batch, rows):
+                scores = torch.matmul(q[first : first + rows], k[first : first + rows].transpose(-1, -2))
+                maxima.append(scores.masked_fill_(future, float("-inf")).amax())
         found[layer] = torch.stack(maxima).amax() * scaling
 
     @staticmethod

@@ -64,18 +64,18 @@ class _Fragment:
         return value if value.numel() == self.weight.numel() else value.narrow(0, self.start, self.weight.numel())
 
 
-def adam_steps(frags: list[_Fragment]) -> dict[int, float]:
-    """Updates Adam has made so far, by ``id`` of optimizer state: the step counters (tensors under
-    torch's fused and foreach AdamW) stacked and read in one host sync, not one per state."""
+def total_and_adam_steps(total: torch.Tensor, frags: list[_Fragment]) -> tuple[float, dict[int, float]]:
+    """``total`` (a 0-dim tensor) and the updates Adam has made so far, by ``id`` of optimizer state:
+    the step counters (tensors under torch's fused and foreach AdamW) stacked with ``total`` and read in
+    one host sync, not one per state."""
     states = {id(f.state): f.state for f in frags if f.state and f.state.get("step") is not None}
     counters = [state["step"] for state in states.values()]
-    if not counters:
-        return {}
     if all(torch.is_tensor(c) and c.dim() == 0 for c in counters):
-        values = torch.stack(counters).tolist()
+        steps = torch.stack(counters).to(total.device, torch.float64) if counters else total.new_empty(0)
+        values = torch.cat([total.reshape(1).double(), steps]).tolist()
     else:
-        values = [float(c) for c in counters]
-    return dict(zip(states, values))
+        values = [float(total)] + [float(c) for c in counters]
+    return values[0], dict(zip(states, values[1:]))
 
 
 def _hp_grad(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
@@ -160,6 +160,9 @@ def fragments(engine, group_index: dict[int, int]) -> tuple[list[_Fragment], boo
 
 def loss_scale(engine) -> Optional[float]:
     """fp16's current dynamic loss scale (None without fp16)."""
+    scaling = getattr(engine, "torch_autocast_z0_gradscaler", None)  # train.autocast's (train/lighten.py)
+    if hasattr(scaling, "cur_scale"):
+        return float(scaling.cur_scale)
     if not engine.fp16_enabled():
         return None
     opt = engine.optimizer
@@ -175,7 +178,9 @@ class UpdateSignals:
     The passes over the fragments use torch's multi-tensor ``_foreach`` kernels (as
     ``torch.nn.utils.clip_grad_norm_`` and the torch optimizers do), a chunk of fragments at a
     time, so that a sampled step costs a few dozen kernel launches and at most
-    :data:`CHUNK_ELEMENTS` fp32 elements of scratch beyond the kept copy of the weights.
+    :data:`CHUNK_ELEMENTS` fp32 elements of scratch beyond the kept copy of the weights. The figures
+    reach the host in three reads (the total norm with Adam's step counts, then every figure of each
+    phase at once), each a device synchronisation on a GPU.
     """
 
     def __init__(self, model: torch.nn.Module, max_grad_norm: float, beta2: float, eps: float):
@@ -197,11 +202,12 @@ class UpdateSignals:
 
         norms = torch._foreach_norm([grads[i] for i in have], 2, dtype=torch.float32) if have else []
         grad_sq = self._sum_groups(norms, index, partitioned, n, square=True) / scale**2
-        total = math.sqrt(float(grad_sq.sum()))
+        total_sq, steps = total_and_adam_steps(grad_sq.sum(), frags)  # the step's first host read
+        total = math.sqrt(total_sq)
         clip = min(1.0, self.max_grad_norm / (total + 1e-6)) if self.max_grad_norm > 0 else 1.0  # as DeepSpeed clips
 
         # g: the gradient Adam applies (unscaled, clipped); v_t = b2 v_{t-1} + (1 - b2) g^2, bias-corrected
-        b2, steps, ratios = self.beta2, adam_steps(frags), []
+        b2, ratios = self.beta2, []
         for chunk in _chunks(have, [frags[i].weight.numel() for i in have]):
             g2 = torch._foreach_mul(
                 [grads[i].float() for i in chunk], clip / scale
@@ -222,9 +228,11 @@ class UpdateSignals:
         )
         ratio_sum, count = sums[:n], sums[n:]
 
-        values = {f"monitor/grad_norm/{g}": v for g, v in zip(self.groups, grad_sq.sqrt().tolist())}
-        values.update({f"monitor/adam_rms/{g}": v for g, v in zip(self.groups, (ratio_sum / count).sqrt().tolist())})
-        values["monitor/adam_rms"] = math.sqrt(float(ratio_sum.sum() / count.sum()))
+        read = torch.cat([grad_sq.sqrt(), (ratio_sum / count).sqrt(), (ratio_sum.sum() / count.sum()).reshape(1)])
+        read = read.tolist()  # the second: every figure at once
+        values = {f"monitor/grad_norm/{g}": v for g, v in zip(self.groups, read[:n])}
+        values.update({f"monitor/adam_rms/{g}": v for g, v in zip(self.groups, read[n : 2 * n])})
+        values["monitor/adam_rms"] = math.sqrt(read[2 * n])
         metrics.update(values)
         weights = [f.weight for f in frags]
         return {
@@ -242,13 +250,10 @@ class UpdateSignals:
         weight = list(torch._foreach_norm(before)) if weights else []
         sums = self._sum_groups(change + weight, torch.cat([index, index + n]), kept["partitioned"], 2 * n, square=True)
         change_sq, weight_sq = sums[:n], sums[n:]
-        metrics.update(
-            {
-                f"monitor/update_ratio/{g}": v
-                for g, v in zip(self.groups, (change_sq.sqrt() / weight_sq.sqrt()).tolist())
-            }
-        )
-        metrics["monitor/update_ratio"] = math.sqrt(float(change_sq.sum())) / math.sqrt(float(weight_sq.sum()))
+        read = torch.cat([change_sq.sqrt() / weight_sq.sqrt(), change_sq.sum().reshape(1), weight_sq.sum().reshape(1)])
+        read = read.tolist()  # one host read
+        metrics.update({f"monitor/update_ratio/{g}": v for g, v in zip(self.groups, read[:n])})
+        metrics["monitor/update_ratio"] = math.sqrt(read[n]) / math.sqrt(read[n + 1])
         scale = loss_scale(engine)
         if scale is not None:
             metrics["monitor/loss_scale"] = scale

@@ -9,7 +9,7 @@ https://arxiv.org/abs/2204.02311 appendix B).
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from typing import Sequence
 
 import numpy as np
@@ -83,8 +83,11 @@ def train_step(
         batch = torch.from_numpy(rows[i : i + micro_batch_size]).to(device, non_blocking=True)
         if probes and i == 0:  # the probes watch the forward pass of the step's first micro-batch
             logits = _watched_forward(engine, forward, batch, probes)
+        elif forward is engine:
+            logits = engine(input_ids=batch[:, :-1]).logits
         else:
-            logits = forward(input_ids=batch[:, :-1]).logits
+            with autocast(engine):
+                logits = forward(input_ids=batch[:, :-1]).logits
         logits = logits.flatten(0, 1).float()
         loss = torch.nn.functional.cross_entropy(logits, batch[:, 1:].flatten())
         if z_loss:
@@ -120,9 +123,18 @@ def _watched_forward(engine, forward, batch: torch.Tensor, probes: Sequence[Step
             stack.enter_context(probe.watch(engine.module))
         if forward is engine:
             return engine(input_ids=batch[:, :-1]).logits
-        with torch.no_grad():
+        with torch.no_grad(), autocast(engine):
             engine.module(input_ids=batch[:, :-1])
-    return forward(input_ids=batch[:, :-1]).logits
+    with autocast(engine):
+        return forward(input_ids=batch[:, :-1]).logits
+
+
+def autocast(engine):
+    """``train.autocast``'s ``torch.autocast`` for a forward pass that does not go through the engine
+    (which applies its ``torch_autocast`` section itself): the compiled module, the probes' eager one."""
+    if getattr(engine, "torch_autocast_enabled", bool)():
+        return torch.autocast(engine.device.type, dtype=engine.torch_autocast_dtype())
+    return nullcontext()
 
 
 @torch.no_grad()
