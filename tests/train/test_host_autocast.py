@@ -145,10 +145,13 @@ def test_autocast_follows_fp32_resumes_bit_identically_and_saves_fp32_weights(tm
 def test_skip_step_reads_the_norm_the_loss_scaling_measured(dist, tmp_path):
     from types import SimpleNamespace
 
+    from polypythia.config.monitor import MonitorConfig
     from polypythia.train.skipstep import SkipStep
 
     engine = engine_of(tmp_path, "fp16", monitor__action="skip_step")
-    skip = SkipStep(window=8, threshold_sd=6.0)  # judges from the 4th step on
+    skip = SkipStep(
+        MonitorConfig(action="skip_step", skip_window=8, skip_threshold_sd=6.0)
+    )  # judges from the 4th step on
     skip.on_train_start(SimpleNamespace(rank=0, engine=engine, trainer_state={}))
     for step, loss in enumerate([1.0, 1.1, 0.9, 1.0, 50.0], start=1):
         weights = [p.detach().clone() for p in engine.module.parameters()]
