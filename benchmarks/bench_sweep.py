@@ -112,9 +112,9 @@ def breakdown(home: Path, model: str, threads: int) -> dict[str, float]:
         ray.shutdown()
     code = (
         "import time, torch; t = time.perf_counter();"
-        "from polypythia.config.jobconfig import job_config; from polypythia.train import distributed, engine;"
+        "from polypythia.config.jobconfig import job_config; from polypythia.train import distributed, engine, threads;"
         "from polypythia.train.data import load_training_data; from polypythia.model import build_model, padded_vocab_size;"
-        f"cfg = job_config({job_dict(home, model, 10, threads)!r}); engine.set_threads(cfg);"
+        f"cfg = job_config({job_dict(home, model, 10, threads)!r}); threads.fix_threads(cfg);"
         "distributed.init_distributed(); d = load_training_data(cfg); m = cfg.model;"
         "model = build_model(m.num_layers, m.hidden_size, m.num_heads, padded_vocab_size(d.tokenizer_vocab_size), 1);"
         "engine.build_engine(cfg, model, 1); print(time.perf_counter() - t)"

@@ -21,7 +21,7 @@ from polypythia.config.jobconfig import JobConfig
 from polypythia.errors import DivergenceError, PolypythiaError
 from polypythia.job import rewindlog
 from polypythia.job.mlflowrun import open_run
-from polypythia.job.threads import threads_log
+from polypythia.train.threads import threads_log
 from polypythia.jobspec import TASK_STARTED_ENV, RewindRequest
 from polypythia.runtime.env import quiet_libraries
 from polypythia.tracking import client as tracking
@@ -197,7 +197,7 @@ def _run_owned(
     evaluation = _checkpoint_evaluation(cfg, tracking_uri, run_id, progress)
     callbacks += ([evaluation] if evaluation is not None else []) + threads_log(
         cfg
-    )  # train/threads: polypythia.job.threads
+    )  # train/threads: polypythia.train.threads
     callbacks.append(MLflowCallback(logger, mlflow_client, run_id))
     if progress is not None:
         callbacks.append(ProgressCallback(progress, cfg.budget.steps, waiting=lambda: logger.waiting))

@@ -17,13 +17,6 @@ from polypythia.train.schedule import lr_at
 from polypythia.train.skipstep import SkipStepAdamW
 
 
-def set_threads(cfg: JobConfig) -> None:
-    """Torch's intra-op threads, fixed for the whole run (polypythia.job.threads: the count decides the numbers)."""
-    from polypythia.job.threads import fix_threads
-
-    fix_threads(cfg)
-
-
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "fp16" if torch.cuda.is_available() else "fp32"

@@ -29,7 +29,8 @@ from polypythia.train.callbacks import Callback, TrainResult, TrainStart, in_ord
 from polypythia.train.checkpointer import Checkpointer
 from polypythia.train.data import load_training_data
 from polypythia.train.distributed import init_distributed
-from polypythia.train.engine import build_engine, build_training_model, set_threads
+from polypythia.train.engine import build_engine, build_training_model
+from polypythia.train.threads import fix_threads
 from polypythia.train.guards import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index
@@ -44,7 +45,7 @@ __all__ = ["Callback", "TrainResult", "TrainStart", "train"]
 def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     """Train (or resume) the run described by ``cfg``; returns its losses and checkpoints."""
     budget = cfg.budget
-    set_threads(cfg)
+    fix_threads(cfg)  # before the model is built: the count decides the numbers (polypythia.train.threads)
     rank, world_size = init_distributed()
     data = load_training_data(cfg)
     vocab_size = cfg.model.padded_vocab_size(data.tokenizer_vocab_size)

@@ -1,5 +1,5 @@
 """Checkpoint evaluation off the step loop (polypythia/evaluate/background.py), and the job's threads
-fixed when it starts (polypythia/job/threads.py)."""
+fixed when it starts (polypythia/train/threads.py)."""
 
 import uuid
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 from helpers import child_runs, launch
 from mlflow.tracking import MlflowClient
 
-from polypythia.job.threads import job_threads
+from polypythia.train.threads import job_threads
 
 CHECKPOINT_STEPS = [0, 1, 2, 3, 4, 6]  # budget=smoke: log-spaced and every 3 steps, of 6
 
@@ -93,7 +93,7 @@ def test_the_threads_log_says_the_count_each_step_ran_with():
     """train/threads is what torch ran the step with, also when something changed it mid-run."""
     import torch
 
-    from polypythia.job.threads import ThreadsLog
+    from polypythia.train.threads import ThreadsLog
 
     before = torch.get_num_threads()
     try:

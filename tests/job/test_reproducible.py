@@ -1,5 +1,5 @@
 """The same config launched twice gives bit-identical train/loss on the CPU, whatever its siblings do
-(issue #27, item 10): a job's torch threads are fixed when it starts (polypythia/job/threads.py), and a
+(issue #27, item 10): a job's torch threads are fixed when it starts (polypythia/train/threads.py), and a
 replicate (the same seeds trained again) measures the nondeterminism floor the analysis reports."""
 
 import os
