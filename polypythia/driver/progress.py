@@ -1,11 +1,11 @@
-"""The sweep's live progress: a table of every job's state, step, loss, speed, ETA and cross-seed
-deviation.
+"""The sweep's live progress: a table of every job's state, step, loss, speed, ETA and deviation
+from its seed band.
 
 Jobs report to a :class:`ProgressBoard` (a Ray actor in a sweep); the driver polls it and redraws
 a rich table on a terminal, or prints one readable line per job now and then when the output is a
 file or a pipe (CI logs, ``nohup``). The board also keeps, per job that has a plan, its smoothed loss
-at each decision step (:class:`SmoothedLoss`), which the cross-seed monitor
-(:mod:`polypythia.stability`) reads; the driver adds the monitor's verdicts to the rows it draws.
+at each decision step (:class:`SmoothedLoss`), which the seed-band monitor
+(:mod:`polypythia.driver.seedband`) reads; the driver adds the monitor's verdicts to the rows it draws.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ fails it with ``failure_reason=stalled``. :func:`close_open_runs` ends every job
 when the sweep stops (interrupted, stalled, a process that died too often), with its reason.
 
 A job has ``launcher.max_retries`` retries in all: Ray's own retries of a dead process and the
-watchdog's of a stalled one share them (:func:`failed_attempts`); a rewind by the cross-seed monitor
+watchdog's of a stalled one share them (:func:`failed_attempts`); a rewind by the seed-band monitor
 (:mod:`polypythia.driver.actions`) is not a failed attempt.
 """
 

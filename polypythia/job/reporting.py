@@ -87,7 +87,7 @@ class MLflowCallback(Callback):
 
 class ProgressCallback(Callback):
     """Reports step, loss and speed to the launcher's live table (at most once a second), with every
-    step's loss since the last report (the board keeps the smoothed loss the cross-seed monitor reads)."""
+    step's loss since the last report (the board keeps the smoothed loss the seed-band monitor reads)."""
 
     def __init__(self, report: Callable[[dict], None], total_steps: int, waiting: Callable[[], bool] = lambda: False):
         self.report = report
