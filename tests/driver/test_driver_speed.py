@@ -1,4 +1,4 @@
-"""The driver at ten times the study: the cross-seed monitor keeps its table from poll to poll instead of
+"""The driver at ten times the study: the seed-band monitor keeps its table from poll to poll instead of
 rebuilding it (polypythia/driver/seedband.py), and decides exactly as the rebuild did; the live table shows
 what fits the terminal."""
 

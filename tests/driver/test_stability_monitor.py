@@ -1,4 +1,4 @@
-"""The sweep's live cross-seed monitor (polypythia/driver/seedband.py), fed like the driver feeds it: jobs'
+"""The sweep's seed-band monitor (polypythia/driver/seedband.py), fed like the driver feeds it: jobs'
 progress reports into a progress board, the board's rows polled into the monitor. Unit tests need no
 Ray and no MLflow (a fake client records what would be written); one integration test runs the real
 launcher with a diverging seed."""

@@ -233,6 +233,33 @@ def test_an_interrupted_prepare_closes_the_parent_run_it_made(tmp_path, cache_di
     assert calls == [("tag", "parent-1", "failure_reason", "interrupted"), ("end", "parent-1", "KILLED")]
 
 
+def test_the_stop_action_returns_the_stopped_outcome_and_closes_the_run_at_once(tmp_path, cache_dir, monkeypatch):
+    from polypythia.driver import watchdog
+    from polypythia.driver.actions import MonitorActions, Taken
+    from polypythia.driver.seedband import Decision, SeedBandMonitor
+    from polypythia.driver.seedbandlog import MonitorLog
+    from polypythia.jobspec import JobState
+
+    jobs = [tiny_job(tmp_path, cache_dir, seed=1, monitor__action="stop")]
+    monitor, cancelled, tags, ended = SeedBandMonitor([]), [], {}, []
+    monkeypatch.setattr(watchdog, "ended", lambda ref: False)  # its task still runs
+    monkeypatch.setattr(watchdog, "cancel", cancelled.append)
+    client = SimpleNamespace(
+        set_tag=lambda run_id, k, v: tags.__setitem__((run_id, k), v),
+        set_terminated=lambda run_id, status: ended.append((run_id, status)),
+    )
+    watch = MonitorLog(monitor, client, {}, jobs)
+    watch.run_ids = {0: "run0"}
+    board = SimpleNamespace(update=SimpleNamespace(remote=lambda i, u: None))
+    alert = Decision(0, "s/tiny", 16, 9.0, 12.0, 8.0, 4)
+    result = MonitorActions(jobs, monitor).act("task-0", 0, alert, {"step": 20, "total": 40}, board, watch)
+    assert result.taken is Taken.STOPPED and result.outcome.state is JobState.STOPPED and result.outcome.ok
+    assert cancelled == ["task-0"] and ended == [("run0", "KILLED")]
+    assert tags[("run0", "failure_reason")].startswith(
+        "stopped by the cross-seed monitor (monitor.action=stop) at step 20"
+    )
+
+
 def test_the_driver_rewinds_a_run_that_finished_before_its_alert_and_counts_its_rewinds(tmp_path, cache_dir, capsys):
     from polypythia.driver.actions import KEEP, MonitorActions, Taken
     from polypythia.driver.seedband import Decision, SeedBandMonitor
