@@ -1,7 +1,11 @@
-"""Helpers shared by the top-level tests (kept out of conftest.py, whose module name is not unique)."""
+"""Helpers shared by the tests in every folder (kept out of conftest.py, whose module name is not unique):
+tiny jobs, launching ``launch.py``, reading a study's runs back, watching listening sockets."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -162,3 +166,69 @@ def beyond_loopback(seen: dict[tuple[str, str], set[int]]) -> list[tuple[str, st
     import ipaddress
 
     return [(ip, command) for ip, command in seen if not ipaddress.ip_address(ip.removeprefix("::ffff:")).is_loopback]
+
+
+def job(tmp_path: Path, **overrides) -> dict:
+    """A tiny/smoke job's config dict writing under ``tmp_path``; ``a__b=v`` sets ``a.b``."""
+    raw = {
+        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
+        "budget": {
+            "name": "smoke",
+            "steps": 6,
+            "global_batch_size": 4,
+            "micro_batch_size": 2,
+            "seq_length": 32,
+            "checkpoint_every_steps": 3,
+        },
+        "data": {"cache_dir": str(tmp_path / "cache")},
+        "home": str(tmp_path),
+        "runs_dir": str(tmp_path / "runs"),
+        "tracking": {"dir": str(tmp_path / "mlflow"), "uri": None},
+    }
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split("__")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return raw
+
+
+def indexed(folder: Path) -> dict:
+    return {"data__kind": "indexed", "data__path": str(folder / "d"), "data__tokenizer": str(folder / "tokenizer.json")}
+
+
+def launch(tmp_path, *overrides, uri=None, timeout=600, env_extra=None, listeners=None):
+    """``launch.py overrides``; with ``listeners`` (a dict), the listening sockets of its processes are
+    sampled while it runs into it (:attr:`ListenerWatch.seen`)."""
+    from polypythia.train.distributed import RENDEZVOUS_ENV
+
+    env = {**os.environ, "POLYPYTHIA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for key in RENDEZVOUS_ENV:  # set by in-process tests
+        env.pop(key, None)
+    if uri:
+        env["MLFLOW_TRACKING_URI"] = uri
+    env.update(env_extra or {})
+    command = [sys.executable, "launch.py", *overrides]
+    if listeners is None:
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    with subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        with ListenerWatch(proc.pid) as watch:
+            try:
+                stdout, stderr = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                raise
+        listeners.update(watch.seen)
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
+def child_runs(client, study):
+    exp = client.get_experiment_by_name(study)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("polypythia.kind") == "sweep"]
+    children = [r for r in runs if r.data.tags.get("polypythia.kind") == "job"]
+    return parents, children

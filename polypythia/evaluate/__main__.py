@@ -215,11 +215,11 @@ def main(argv: list[str] | None = None) -> int:
             targets,
             options,
             mlflow_client,
-            use_ray=not args.no_ray,
-            ray_address=args.ray_address,
-            num_gpus_per_run=args.num_gpus_per_run,
             out_dir=args.out,
             reference_seed=args.reference_seed,
+            execution=runner.Execution(
+                use_ray=not args.no_ray, ray_address=args.ray_address, num_gpus_per_run=args.num_gpus_per_run
+            ),
         )
     except PolypythiaError as exc:
         exit_with(exc)

@@ -62,7 +62,7 @@ def evaluation_pass(
     ``job_pid`` is the training job's process (``train.fault.kill_in_evaluation`` kills it);
     ``device`` is where the validation loss is computed; ``heartbeat`` is called after each checkpoint."""
     from polypythia.config.jobconfig import job_config
-    from polypythia.evaluate.runner import EvalOptions, evaluate_run
+    from polypythia.evaluate.runner import EvalOptions, Execution, evaluate_run
     from polypythia.runtime.env import quiet_libraries
 
     quiet_libraries()
@@ -78,8 +78,12 @@ def evaluation_pass(
                 tracking_uri=tracking_uri,
                 run_id=run_id,
                 options=EvalOptions(tasks=(), device=device),
-                use_ray=False,
-                heartbeat=_both(_kill_fault(cfg, job_pid), heartbeat),
+                execution=Execution(
+                    use_ray=False,
+                    show_progress=False,
+                    echo=log.info,
+                    heartbeat=_both(_kill_fault(cfg, job_pid), heartbeat),
+                ),
             )
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

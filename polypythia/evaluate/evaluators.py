@@ -23,10 +23,12 @@ an Evaluator subclass here and :func:`register` an instance (registration order 
 Weight statistics have two definitions (``EvalOptions.weight_stats``, ``polypythias`` or ``hu``,
 see weight_stats.py). Each weights file records its own (key ``weight_stats``; a file without it
 predates the choice and holds ``hu`` values). A run's ``weight_stats`` tag says which definition
-its ``weights/*`` metrics follow (job.py sets it; a run without it that has weights predates it:
-``hu``). Weights are copied from MLflow only when that definition is the one asked for, and logged
-to a run only when it has no weights yet or weights of the same definition (the tag is then set);
-otherwise the values stay in the result files and tables, so that no series mixes definitions.
+its ``weights/*`` metrics follow (a training job sets it when it opens its MLflow run,
+:func:`polypythia.job.mlflowrun.run_tags`, from ``train.weight_stats``; a run without it that has
+weights predates it: ``hu``). Weights are copied from MLflow only when that definition is the one
+asked for, and logged to a run only when it has no weights yet or weights of the same definition
+(this evaluator's :meth:`tags_when_logged` then sets the tag); otherwise the values stay in the
+result files and tables, so that no series mixes definitions.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ by name: it asks the registry.
 Idempotence. Before any work the driver *plans*: an evaluator whose stored result is current is
 done; one whose values the run already has in MLflow (runs trained before evaluation moved off the
 step loop logged them at every checkpoint) gets its result file from them without loading a model. Only what is left is computed,
-one Ray task per run (or in-process with ``use_ray=False``); the driver then logs to MLflow every
+one Ray task per run (or in-process with ``Execution(use_ray=False)``); the driver then logs to MLflow every
 value of a current result file that the run lacks at that step (unless the evaluator says the run's
 metrics are of another kind), and writes the tables from the result files. A second pass therefore
 loads no model and logs nothing: it prints "nothing to do". A stale result (e.g. a task run with
@@ -204,6 +204,20 @@ def log_new_metrics(mlflow_client, target: RunTarget, options: EvalOptions, logg
 # ----------------------------------------------------------------------------- the whole pass
 
 
+@dataclass(frozen=True)
+class Execution:
+    """Where an evaluation runs and how it reports: on Ray (at ``ray_address``, or a local instance) or
+    in this process; a progress bar or not; ``echo`` for its lines; ``heartbeat`` called after each
+    evaluated checkpoint (a sweep's stall watchdog counts it as progress)."""
+
+    use_ray: bool = True
+    ray_address: str | None = None
+    num_gpus_per_run: float = 0.0
+    show_progress: bool = True
+    echo: Callable[[str], object] = print
+    heartbeat: Callable[[], None] | None = None
+
+
 @dataclass
 class Summary:
     """What one pass did; ``nothing_to_do`` when it computed and logged nothing."""
@@ -230,20 +244,16 @@ def evaluate_targets(
     options: EvalOptions,
     mlflow_client=None,
     *,
-    use_ray: bool = True,
-    ray_address: str | None = None,
-    num_gpus_per_run: float = 0.0,
     out_dir: str | Path | None = None,
     reference_seed: int | str | RunKey | None = None,
-    show_progress: bool = True,
-    echo=print,
-    heartbeat: Callable[[], None] | None = None,
+    execution: Execution | None = None,
 ) -> Summary:
     """Plan, compute what is missing, log it to MLflow, and write the tables (when ``out_dir`` is given).
 
     ``reference_seed``: the inter-seed agreement reference (see :func:`tables.agreement_table`).
-    ``heartbeat``: called after each evaluated checkpoint (a sweep's stall watchdog counts it as progress).
+    ``execution``: where the work runs and how it reports (:class:`Execution`; on Ray with a progress bar by default).
     """
+    ex = execution or Execution()
     options.check()
     reference_run(reference_seed)  # a malformed label fails before any work
     summary = Summary()
@@ -256,21 +266,21 @@ def evaluate_targets(
     work = [t for t in targets if t.plan]
     total = sum(len(t.plan) for t in work)
     if work:
-        echo(f"Evaluating {total} checkpoint(s) of {len(work)} run(s)" + ("" if use_ray else " in-process") + ".")
-        bar = _progress_bar(total, show_progress)
+        ex.echo(f"Evaluating {total} checkpoint(s) of {len(work)} run(s)" + ("" if ex.use_ray else " in-process") + ".")
+        bar = _progress_bar(total, ex.show_progress)
 
         def on_report(report: dict) -> None:
             bar.update(1)
-            if heartbeat is not None:
-                heartbeat()
+            if ex.heartbeat is not None:
+                ex.heartbeat()
             if report.get("error"):
                 summary.errors.append(f"{report['name']} step {report['step']}: {report['error']}")
             for name in report["computed"]:
                 summary.computed[name] = summary.computed.get(name, 0) + 1
 
         try:
-            if use_ray:
-                run_on_ray(work, options, on_report, ray_address, num_gpus_per_run)
+            if ex.use_ray:
+                run_on_ray(work, options, on_report, ex.ray_address, ex.num_gpus_per_run)
             else:
                 run_locally(work, options, on_report)
         finally:
@@ -279,7 +289,7 @@ def evaluate_targets(
         summary.logged_points += log_new_metrics(mlflow_client, target, options, logged[target.name])
     if out_dir is not None:
         summary.tables = write_tables(targets, options, out_dir, reference_seed)
-    echo(describe(summary))
+    ex.echo(describe(summary))
     return summary
 
 
@@ -310,10 +320,7 @@ def evaluate_run(
     run_id: str | None = None,
     options: EvalOptions | None = None,
     out_dir: str | Path | None = None,
-    use_ray: bool = False,
-    show_progress: bool = False,
-    echo=log.info,
-    heartbeat: Callable[[], None] | None = None,
+    execution: Execution | None = None,
 ) -> Summary:
     """Evaluate every checkpoint of one run trained here (e.g. right after training), in-process by default.
 
@@ -333,13 +340,5 @@ def evaluate_run(
         options = replace(options, weight_stats=cfg.train.weight_stats)
     run = mlflow_client.get_run(run_id) if mlflow_client is not None else None
     target = target_for_run_dir(run_dir, cfg=cfg, run=run)
-    return evaluate_targets(
-        [target],
-        options,
-        mlflow_client,
-        use_ray=use_ray,
-        out_dir=out_dir,
-        show_progress=show_progress,
-        echo=echo,
-        heartbeat=heartbeat,
-    )
+    execution = execution or Execution(use_ray=False, show_progress=False, echo=log.info)
+    return evaluate_targets([target], options, mlflow_client, out_dir=out_dir, execution=execution)

@@ -222,7 +222,7 @@ def _stop(monitor) -> None:
 def _evaluate(cfg: JobConfig, uri: str, run_id: str, progress: Optional[Callable[[dict], None]]) -> None:
     """Downstream tasks and agreement inputs for every checkpoint; what exists is skipped. Each
     evaluated checkpoint is reported as progress, so a sweep's stall watchdog sees a job that evaluates."""
-    from polypythia.evaluate.runner import EvalOptions, evaluate_run
+    from polypythia.evaluate.runner import EvalOptions, Execution, evaluate_run
 
     heartbeat = (lambda: progress({"state": JobState.RUNNING})) if progress is not None else None
     evaluate_run(
@@ -230,8 +230,8 @@ def _evaluate(cfg: JobConfig, uri: str, run_id: str, progress: Optional[Callable
         cfg=cfg,
         tracking_uri=uri,
         run_id=run_id,
-        heartbeat=heartbeat,
         options=EvalOptions(limit_items=cfg.train.eval_limit_items),
+        execution=Execution(use_ray=False, show_progress=False, echo=log.info, heartbeat=heartbeat),
     )
 
 

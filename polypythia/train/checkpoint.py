@@ -19,7 +19,7 @@ trainer state left as a pickle by older versions (``trainer_state.pt``) is read 
 ``torch.load(weights_only=True)``, which only rebuilds tensors and plain containers. DeepSpeed's
 own loader does unpickle ``state/`` in full; before it runs, :func:`verify` checks every file there
 against the manifest and refuses files the manifest does not list (the trust boundary this leaves
-is described in the README).
+is described in docs/training.md, "Trust boundary").
 """
 
 from __future__ import annotations

@@ -11,38 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from helpers import write_small_pair
+from helpers import indexed, job, write_small_pair
 
 from polypythia.config.jobconfig import job_config
 from polypythia.errors import ConfigError, DataError
 
 AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0  # root writes through any mode bits
-
-
-def job(tmp_path: Path, **overrides) -> dict:
-    """A tiny/smoke job's config dict writing under ``tmp_path``; ``a__b=v`` sets ``a.b``."""
-    raw = {
-        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
-        "budget": {
-            "name": "smoke",
-            "steps": 6,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "seq_length": 32,
-            "checkpoint_every_steps": 3,
-        },
-        "data": {"cache_dir": str(tmp_path / "cache")},
-        "home": str(tmp_path),
-        "runs_dir": str(tmp_path / "runs"),
-        "tracking": {"dir": str(tmp_path / "mlflow"), "uri": None},
-    }
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
 
 
 def one_sentence_error(tmp_path, match: str, **overrides) -> str:
@@ -136,10 +110,6 @@ def small_dataset(tmp_path_factory):
     folder = tmp_path_factory.mktemp("small")
     tokenizer = write_small_pair(folder, repeats=4, copies=8)
     return folder, tokenizer.get_vocab_size(with_added_tokens=True)
-
-
-def indexed(folder: Path) -> dict:
-    return {"data__kind": "indexed", "data__path": str(folder / "d"), "data__tokenizer": str(folder / "tokenizer.json")}
 
 
 def test_vocab_below_an_indexed_datasets_tokenizer(tmp_path, small_dataset):

@@ -11,8 +11,8 @@ import time
 import uuid
 
 import pytest
+from helpers import child_runs, launch
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs, launch
 
 from polypythia.net import free_port
 

@@ -13,9 +13,8 @@ import time
 import uuid
 
 import pytest
-from helpers import REPO
+from helpers import REPO, child_runs
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs
 
 from polypythia.net import free_port
 

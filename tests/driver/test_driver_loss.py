@@ -12,9 +12,8 @@ import uuid
 
 import psutil
 import pytest
-from helpers import REPO
+from helpers import REPO, child_runs, launch
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs, launch
 
 STEPS, EVERY, HANG = 40, 10, 25  # seed 2 stops making progress at step 25: its last checkpoint is step 20
 

@@ -6,46 +6,10 @@ import sys
 import uuid
 
 import pytest
-from helpers import REPO, ListenerWatch, beyond_loopback
+from helpers import REPO, beyond_loopback, child_runs, launch
 from mlflow.tracking import MlflowClient
 
-from polypythia.train.distributed import RENDEZVOUS_ENV
-
 pytestmark = pytest.mark.integration
-
-
-def launch(tmp_path, *overrides, uri=None, timeout=600, env_extra=None, listeners=None):
-    """``launch.py overrides``; with ``listeners`` (a dict), the listening sockets of its processes are
-    sampled while it runs into it (tests/helpers.py: ListenerWatch.seen)."""
-    env = {**os.environ, "POLYPYTHIA_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for key in RENDEZVOUS_ENV:  # set by in-process tests
-        env.pop(key, None)
-    if uri:
-        env["MLFLOW_TRACKING_URI"] = uri
-    env.update(env_extra or {})
-    command = [sys.executable, "launch.py", *overrides]
-    if listeners is None:
-        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    with subprocess.Popen(
-        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    ) as proc:
-        with ListenerWatch(proc.pid) as watch:
-            try:
-                stdout, stderr = proc.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                raise
-        listeners.update(watch.seen)
-    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
-
-
-def child_runs(client, study):
-    exp = client.get_experiment_by_name(study)
-    runs = client.search_runs([exp.experiment_id])
-    parents = [r for r in runs if r.data.tags.get("polypythia.kind") == "sweep"]
-    children = [r for r in runs if r.data.tags.get("polypythia.kind") == "job"]
-    return parents, children
 
 
 def test_data_seed_sweep_logs_every_step_once_and_keeps_the_runs_apart(tmp_path, mlflow_uri, cache_dir):

@@ -295,8 +295,8 @@ def test_a_sweep_tags_the_diverging_seed_logs_the_band_and_stops_it(tmp_path, ml
     succeeds. All five train at once (0.4 CPU each). Seed 3 hangs after step 39 (a test fault) so that
     it is still running whenever its alert is decided (a tiny run may otherwise finish first, and a
     run that trained all its steps is not stopped: its alert is an alert only)."""
+    from helpers import child_runs, launch
     from mlflow.tracking import MlflowClient
-    from test_launch import child_runs, launch
 
     study = f"monitor-{uuid.uuid4().hex[:8]}"
     out = launch(
@@ -364,8 +364,8 @@ def test_a_rewound_seed_goes_on_in_the_same_run_from_an_earlier_checkpoint_on_ot
     are moved aside. The fault is still on after the rewind, so seed 3 alerts again: with
     ``monitor.max_rewinds=1`` that second alert is an alert only. (A tiny run may finish before its
     alert is decided: it is then rewound all the same, its end being the abandoned branch.)"""
+    from helpers import child_runs, launch
     from mlflow.tracking import MlflowClient
-    from test_launch import child_runs, launch
 
     from polypythia.train import checkpoint as ckpt
     from polypythia.train import rewind as rw

@@ -5,8 +5,8 @@ import uuid
 from pathlib import Path
 
 import pytest
+from helpers import child_runs, launch
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs, launch
 
 from polypythia.job.threads import job_threads
 

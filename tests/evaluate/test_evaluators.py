@@ -47,7 +47,10 @@ def test_a_registered_evaluator_needs_no_other_change(tmp_path, monkeypatch):
     assert [e.name for e in evaluators.selected(options)] == ["weights", "valid", "step_digits"]
 
     summary = runner.evaluate_targets(
-        targets_from_folder(root, out), options, use_ray=False, out_dir=out, show_progress=False, echo=lambda _: None
+        targets_from_folder(root, out),
+        options,
+        out_dir=out,
+        execution=runner.Execution(use_ray=False, show_progress=False, echo=lambda _: None),
     )
     assert summary.computed == {"step_digits": 4} and measure.calls == 4
     (first, _) = targets_from_folder(root, out)
@@ -60,7 +63,9 @@ def test_a_registered_evaluator_needs_no_other_change(tmp_path, monkeypatch):
 
     assert (
         runner.evaluate_targets(
-            targets_from_folder(root, out), options, use_ray=False, show_progress=False, echo=lambda _: None
+            targets_from_folder(root, out),
+            options,
+            execution=runner.Execution(use_ray=False, show_progress=False, echo=lambda _: None),
         ).nothing_to_do
         and measure.calls == 4
     )

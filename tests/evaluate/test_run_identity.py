@@ -56,7 +56,10 @@ def test_three_data_seeds_of_one_seed_are_three_runs(tmp_path):
         ("tiny", 1, 3, "w1-d3"),
     ]
     summary = runner.evaluate_targets(
-        targets, options, use_ray=False, out_dir=out, show_progress=False, echo=lambda _: None
+        targets,
+        options,
+        out_dir=out,
+        execution=runner.Execution(use_ray=False, show_progress=False, echo=lambda _: None),
     )
     assert summary.nothing_to_do  # every result is there: the tables are written from the files
 

@@ -125,17 +125,17 @@ def test_second_pass_loads_no_model(tmp_path, make_tiny_model, counted):
     root = save_folder_study(tmp_path / "ckpts", make_tiny_model)
     options = EvalOptions(limit_items=5)
     targets = targets_from_folder(root, tmp_path / "out")
-    first = runner.evaluate_targets(targets, options, use_ray=False, out_dir=tmp_path / "out", show_progress=False)
+    first = runner.evaluate_targets(
+        targets, options, out_dir=tmp_path / "out", execution=runner.Execution(use_ray=False, show_progress=False)
+    )
     assert counted == {"weights": 4, "valid": 0, "tasks": 4}  # one lm-eval run per checkpoint for both tasks
     assert first.computed == {WHAT: 4 for WHAT in ("weights", *TASK_NAMES)} and first.skipped["unavailable"] == 4
     lines = []
     second = runner.evaluate_targets(
         targets_from_folder(root, tmp_path / "out"),
         options,
-        use_ray=False,
         out_dir=tmp_path / "out",
-        show_progress=False,
-        echo=lines.append,
+        execution=runner.Execution(use_ray=False, show_progress=False, echo=lines.append),
     )
     assert counted == {"weights": 4, "valid": 0, "tasks": 4} and second.nothing_to_do
     assert lines[0].startswith("nothing to do")
@@ -143,9 +143,7 @@ def test_second_pass_loads_no_model(tmp_path, make_tiny_model, counted):
     runner.evaluate_targets(
         targets_from_folder(root, tmp_path / "out"),
         EvalOptions(limit_items=3),
-        use_ray=False,
-        show_progress=False,
-        echo=lines.append,
+        execution=runner.Execution(use_ray=False, show_progress=False, echo=lines.append),
     )
     assert counted == {"weights": 4, "valid": 0, "tasks": 8}
 
@@ -154,7 +152,10 @@ def test_tables_are_tidy_and_agreement_uses_smallest_seed(tmp_path, make_tiny_mo
     root = save_folder_study(tmp_path / "ckpts", make_tiny_model, names=("pythia-tiny-seed2", "pythia-tiny-seed5"))
     out = tmp_path / "out"
     runner.evaluate_targets(
-        targets_from_folder(root, out), EvalOptions(limit_items=4), use_ray=False, out_dir=out, show_progress=False
+        targets_from_folder(root, out),
+        EvalOptions(limit_items=4),
+        out_dir=out,
+        execution=runner.Execution(use_ray=False, show_progress=False),
     )
     metrics = pd.read_csv(out / "checkpoint_metrics.csv")
     assert list(metrics.columns) == ["model", "seed", "weight_seed", "data_seed", "step", "metric", "value"]
@@ -178,7 +179,9 @@ def test_weight_results_follow_the_definition(tmp_path, make_tiny_model, counted
     out = tmp_path / "out"
     options = EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2)
     assert options.weight_stats == "polypythias"
-    runner.evaluate_targets(targets_from_folder(root, out), options, use_ray=False, show_progress=False)
+    runner.evaluate_targets(
+        targets_from_folder(root, out), options, execution=runner.Execution(use_ray=False, show_progress=False)
+    )
     assert counted == {"weights": 4, "valid": 0, "tasks": 4}
     checkpoint = targets_from_folder(root, out)[0].checkpoints[1]
     stored = read_result(checkpoint, "weights")
@@ -188,7 +191,7 @@ def test_weight_results_follow_the_definition(tmp_path, make_tiny_model, counted
 
     hu = EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2, weight_stats="hu")
     summary = runner.evaluate_targets(
-        targets_from_folder(root, out), hu, use_ray=False, out_dir=out, show_progress=False
+        targets_from_folder(root, out), hu, out_dir=out, execution=runner.Execution(use_ray=False, show_progress=False)
     )
     assert counted == {"weights": 4 + 1 + 4, "valid": 0, "tasks": 4}  # + 1: the test's own call above
     assert summary.computed == {"weights": 4}
@@ -205,7 +208,9 @@ def test_weight_results_follow_the_definition(tmp_path, make_tiny_model, counted
     assert evaluators.REGISTRY["weights"].is_current(legacy, hu) and not evaluators.REGISTRY["weights"].is_current(
         legacy, options
     )
-    assert runner.evaluate_targets(targets_from_folder(root, out), hu, use_ray=False, show_progress=False).nothing_to_do
+    assert runner.evaluate_targets(
+        targets_from_folder(root, out), hu, execution=runner.Execution(use_ray=False, show_progress=False)
+    ).nothing_to_do
 
 
 def test_unknown_definition_is_refused():
@@ -283,7 +288,9 @@ def test_validation_loss_from_indexed_data(tmp_path, make_tiny_model, counted):
     valid = {"kind": "indexed", "prefix": str(prefix), "seq_length": 16, "max_rows": 5}
     targets = targets_from_folder(root, tmp_path / "out", valid)
     runner.evaluate_targets(
-        targets, EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2), use_ray=False, show_progress=False
+        targets,
+        EvalOptions(tasks=(TASK_NAMES[0],), limit_items=2),
+        execution=runner.Execution(use_ray=False, show_progress=False),
     )
     result = read_result(targets[0].checkpoints[0], "valid")
     assert counted["valid"] == 1 and result["rows"] == 5
@@ -315,8 +322,8 @@ def test_help_and_unknown_experiment(tmp_path, mlflow_uri):
 @pytest.mark.integration
 @pytest.mark.slow  # long: runs in make test-slow (CI runs both)
 def test_two_seed_study_end_to_end(tmp_path, mlflow_uri, cache_dir):
+    from helpers import launch
     from mlflow.tracking import MlflowClient
-    from test_launch import launch
 
     study = f"eval-{uuid.uuid4().hex[:8]}"
     trained = launch(

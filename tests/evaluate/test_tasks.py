@@ -69,7 +69,7 @@ def test_random_model_runs_offline_at_about_chance(checkpoint_dir, monkeypatch):
     next_line = results["polypythia_stdlib_next_line"]
     assert next_line.predictions.shape == (ITEMS,) and set(next_line.predictions) <= {0, 1, 2, 3}
     answers = np.array(
-        [json.loads(l)["answer"] for l in (TASKS_DIR / "stdlib_next_line.jsonl").read_text().splitlines()][:ITEMS]
+        [json.loads(row)["answer"] for row in (TASKS_DIR / "stdlib_next_line.jsonl").read_text().splitlines()][:ITEMS]
     )
     assert next_line.accuracy == pytest.approx(np.mean(next_line.predictions == answers))
     assert 0.05 < next_line.accuracy < 0.6  # untrained: about chance (0.25)

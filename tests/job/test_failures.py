@@ -5,9 +5,8 @@ import uuid
 
 import numpy as np
 import pytest
-from helpers import tiny_job, train_here
+from helpers import child_runs, launch, tiny_job, train_here
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs, launch
 
 pytestmark = pytest.mark.integration
 

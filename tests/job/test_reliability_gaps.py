@@ -104,7 +104,7 @@ def test_read_only_home_as_os_access_reports_it(tmp_path, monkeypatch):
 
 def small_job(tmp_path: Path, folder: Path, **overrides) -> dict:
     """A tiny/smoke job on the .bin/.idx pair ``folder/d`` with ``folder/tokenizer.json``."""
-    from test_bad_inputs import indexed, job
+    from helpers import indexed, job
 
     return job(tmp_path, **indexed(folder), **overrides)
 

@@ -8,9 +8,8 @@ import sys
 import uuid
 
 import pytest
-from helpers import REPO
+from helpers import REPO, child_runs, launch
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs, launch
 
 STEPS = 24  # long enough that the sweep's tail (seed 3 alone on two cores) trains for many steps
 

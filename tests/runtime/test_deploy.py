@@ -10,9 +10,8 @@ import uuid
 
 import pytest
 import yaml
-from helpers import REPO
+from helpers import REPO, child_runs
 from mlflow.tracking import MlflowClient
-from test_launch import child_runs
 
 from polypythia.net import free_port
 

@@ -76,7 +76,11 @@ def test_server_restart_mid_run_loses_and_duplicates_nothing(own_server):
             # started again, twice at once, as `tracking start` does (preferring port 5050): one
             # server, back at the recorded address
             uris: list[str] = []
-            starts = [threading.Thread(target=lambda: uris.append(tracking.start_server(server_dir))) for _ in range(2)]
+
+            def start_one(uris: list[str] = uris) -> None:
+                uris.append(tracking.start_server(server_dir))
+
+            starts = [threading.Thread(target=start_one) for _ in range(2)]
             for t in starts:
                 t.start()
             for t in starts:
