@@ -3,7 +3,8 @@ and the training itself.
 
 :func:`run` is called once per (model, seed) with everything it needs as arguments: in a sweep by
 :func:`polypythia.job.worker.run_job`, inside the Ray task the sweep submitted for the job; without
-``-m`` by :func:`run_from_hydra`, Hydra's task function (``launch.py``), in the launching process.
+``-m`` by :func:`polypythia.driver.single.run_from_hydra`, Hydra's task function (``launch.py``), in the
+launching process.
 The job owns the run's folder while it runs, and checks it against its config before it touches
 MLflow (:mod:`polypythia.runfolder`); the MLflow run id is remembered there, so a job that is
 started again (a retry, a re-launch) continues the same run (:mod:`polypythia.job.mlflowrun`) and skips
@@ -13,7 +14,6 @@ the steps already logged.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Optional, Sequence
 
 from polypythia import runfolder
@@ -24,7 +24,6 @@ from polypythia.job.mlflowrun import OpenedRun, open_run
 from polypythia.job.reporting import MLflowCallback, ProgressCallback
 from polypythia.job.threads import threads_log
 from polypythia.jobspec import JobState, RewindRequest
-from polypythia.runtime.env import quiet_libraries
 from polypythia.tracking import client as tracking
 from polypythia.train.callbacks import Callback, TrainResult
 from polypythia.train.loop import train
@@ -264,47 +263,3 @@ def teardown() -> None:
 
     sys.stdout.flush()
     sys.stderr.flush()
-
-
-def _print_progress(run_name: str, every_s: float = 10.0) -> Callable[[dict], None]:
-    """Without a sweep there is no live table: the same board, printed as a line every ``every_s``."""
-    from polypythia.driver.progress import ProgressBoard, line
-
-    board = ProgressBoard([run_name])
-    last_print = [0.0]
-
-    def report(update: dict) -> None:
-        board.update(0, update)
-        row = board.rows[0]
-        if time.monotonic() - last_print[0] >= every_s or row["step"] == row["total"]:
-            last_print[0] = time.monotonic()
-            print(line(row), flush=True)
-
-    return report
-
-
-def run_from_hydra(cfg) -> dict:
-    """Hydra's task function for a job without ``-m``: validate this job's config and run it here.
-
-    (A sweep does not call it: each of its jobs runs :func:`polypythia.job.worker.run_job` in a Ray worker.)
-    """
-    from hydra.core.hydra_config import HydraConfig
-
-    from polypythia.config.jobconfig import job_config
-    from polypythia.errors import exit_with
-
-    hydra_cfg = HydraConfig.get()
-    try:
-        job_cfg = job_config(cfg, hydra_cfg.runtime.cwd)
-        quiet_libraries()
-        return run(
-            job_cfg,
-            tracking_uri=None,
-            parent_run_id=None,
-            overrides=list(hydra_cfg.overrides.task),
-            progress=_print_progress(job_cfg.run_name),
-        )
-    except PolypythiaError as exc:
-        exit_with(exc)
-    finally:
-        teardown()

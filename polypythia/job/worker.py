@@ -33,6 +33,7 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     from polypythia import runfolder
     from polypythia.config.jobconfig import job_config
     from polypythia.job import run as job
+    from polypythia.runtime.env import quiet_libraries
     from polypythia.train.distributed import clear_rendezvous
 
     configure_logging(spec.logging_config, spec.debug_loggers)
@@ -57,7 +58,7 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
 
                 apply(cfg.run_dir, spec.rewind)
             other_ranks = start_other_ranks(spec, placement_group) if spec.world_size > 1 else []
-            job.quiet_libraries()
+            quiet_libraries()
             summary = job.run(
                 cfg,
                 tracking_uri=spec.tracking_uri,
@@ -131,7 +132,7 @@ def start_other_ranks(spec: JobSpec, placement_group: Any) -> list:
 def run_other_rank(spec: JobSpec, rank: int, master_addr: str, master_port: int) -> list[float]:
     """A data-parallel rank other than 0: trains in step with rank 0, tracks nothing itself."""
     from polypythia.config.jobconfig import job_config
-    from polypythia.job.run import quiet_libraries
+    from polypythia.runtime.env import quiet_libraries
     from polypythia.train.distributed import set_rendezvous
     from polypythia.train.loop import train
 
