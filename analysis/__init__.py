@@ -4,14 +4,18 @@ Read a study from MLflow, lm-evaluation-harness result files or a tidy CSV into 
 (``model, seed, step, metric, value``) and analyse it, from a notebook::
 
     from analysis import load_study, cross_seed_stats, find_spikes, find_outliers, fit_training_maps
-    study = load_study("my-study", tracking_uri="http://127.0.0.1:5000")
+    study = load_study("my-study", tracking_uri="http://127.0.0.1:5050")
     stats = cross_seed_stats(study.metrics)
 
-or from the shell: ``python -m analysis <source> --out DIR`` (see ``--help``).
+or from the shell: ``python -m analysis <source> --out DIR`` (see ``--help``). Port 5050 is the local
+tracking server's first choice (``polypythia.runtime.env.DEFAULT_TRACKING_PORT``); it takes the next free
+port when that one is busy, and ``python -m polypythia.tracking.client status`` prints the URI it runs on.
 """
 
 from analysis.errors import AnalysisError
-from analysis.load import Study, load_lm_eval_folder, load_mlflow, load_study, load_tidy_file, sort_models, tidy
+from analysis.lmeval import load_lm_eval_folder
+from analysis.load import load_study
+from analysis.mlflow_load import load_mlflow
 from analysis.outliers import (
     OutlierRule,
     decision_threshold,
@@ -32,6 +36,8 @@ from analysis.stats import (
     spread_test,
 )
 from analysis.summary import final_loss_summary, print_summary
+from analysis.table_file import load_tidy_file
+from analysis.tidy_table import Study, sort_models, tidy
 from analysis.training_maps import TrainingMaps, fit_training_maps
 
 __all__ = [

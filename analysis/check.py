@@ -8,7 +8,7 @@ Per run it lists:
 * identical metrics at consecutive checkpoints (every ``weights/*`` value equal, or every metric when
   there are none): a hint that the checkpoints are the same (published Pythia: step 0 = step 1);
 * lm-eval result files whose config names another model, step or number of shots than their path
-  (the ones :mod:`analysis.lmeval` leaves out).
+  (:mod:`analysis.lmeval` reads them as their config says, or leaves them out when it names no Pythia model).
 
 A folder of checkpoints (``<name>/step<S>/`` with config.json and weights) is checked on the weights
 themselves by :mod:`polypythia.evaluate.integrity` (identical files, descent from the run's own step 0).

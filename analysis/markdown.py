@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.load import sort_models
 from analysis.outliers import STANDARDISED_METRIC
+from analysis.rules import knobs_of, registered
+from analysis.tidy_table import sort_models
 from polypythia.study import label_order, seed_design
 
 MAX_TABLE_ROWS = 40
@@ -67,6 +68,13 @@ def runs_section(study, runs: pd.DataFrame) -> list[str]:
             markdown_table(bad[["model", "seed", "run_id", "status", "diverged"]]),
         ]
     return lines
+
+
+def outliers_section(outliers: pd.DataFrame, knobs: dict) -> list[str]:
+    """How each registered outlier rule decides (:mod:`analysis.rules`), then the outlier rows."""
+    judged = ", ".join(f"`{m}`" for m in sorted(set(outliers["metric"]))) or "none flagged"
+    described = " ".join(rule.describe(knobs_of(rule, knobs)) for rule in registered())
+    return ["## Outlier runs\n", f"{described} Metrics with outliers: {judged}.\n", markdown_table(outliers)]
 
 
 def maps_section(maps) -> list[str]:
@@ -137,20 +145,7 @@ def write_report(study, tables: dict, result, options, path: Path) -> Path:
     ]
     if (Path(path).parent / "analysis_loss_curves.png").exists():
         lines.append("![loss curves](analysis_loss_curves.png)\n")
-    rule = options.outlier_rule
-    judged = ", ".join(f"`{m}`" for m in sorted(set(tables["outliers"]["metric"]))) or "none flagged"
-    lines += [
-        "## Outlier runs\n",
-        f"`calibrated`: a run starts an episode where its distance from the other runs (leave-one-out mean, "
-        f"their SD pooled over up to {rule.scale_window} past checkpoints) exceeds `threshold_sd`, the level a "
-        f"healthy study of the same shape exceeds anywhere with probability {rule.false_alarm_rate:g} "
-        f"(correlated-noise null models, see docs/analysis.md); the episode lasts while the run stays beyond "
-        f"the study's +/-{rule.band_sd:g} SD band and has recovered when it is back inside. "
-        f"`band_deviation_sd` is the study's plain leave-one-out deviation at the onset. "
-        f"`mad_{options.mad_threshold:g}`: a final value with |x - median| / (1.4826 MAD) > "
-        f"{options.mad_threshold:g} and 1% from the median. Metrics with outliers: {judged}.\n",
-        markdown_table(tables["outliers"]),
-    ]
+    lines += outliers_section(tables["outliers"], options.knobs())
     lines += maps_section(tables["maps"])
     if study.notes:
         lines += ["## Notes\n", *[f"- {note}" for note in study.notes], ""]

@@ -36,75 +36,79 @@ band (``band_sd``, 2 SD) on the same side, and has *recovered* when it comes bac
 A second rule, for studies' final losses: ``mad`` - |x - median| / (1.4826 MAD) > 3.5 over the
 runs' final values, which must also be 1% away from the median (a loss 0.3% off is not an
 outlier whatever its robust z-score).
+
+The rules are a registry (:mod:`analysis.rules`: ``calibrated`` and ``mad``, one module each):
+:func:`find_outliers` prepares what they judge and runs every registered rule.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from polypythia import stability
-from polypythia.stability import (  # re-exported: the calibration lives with the live monitor's rule
-    CALIBRATION_STUDIES as CALIBRATION_STUDIES,
+from analysis.rules import OUTLIER_COLUMNS as OUTLIER_COLUMNS
+from analysis.rules import Judged, knobs_of, outlier_frame, registered, wide_by_seed
+from analysis.rules.calibrated import OutlierRule, band_deviation, episodes, first_alerts, flag_trajectory_outliers
+from analysis.rules.mad import (
+    MIN_SEEDS_FOR_MAD,
+    MadKnobs,
+    final_row,
+    final_rows,
+    flag_mad_outliers,
+    mad_flags,
+    robust_deviation,
 )
-from polypythia.stability import (
-    MAD_TO_SD,
-    _others,
+from polypythia.stability import (  # re-exported: the calibration lives with the live monitor's rule
+    CALIBRATION_STUDIES,
+    NULL_MODELS,
+    _deviation_array,
+    _window_mean,
     decision_threshold,
     for_study_length,
+    largest_null_deviations,
+    null_studies,
     pooled_deviation,
 )
-from polypythia.stability import (
-    NULL_MODELS as NULL_MODELS,
-)
-from polypythia.stability import (
-    _deviation_array as _deviation_array,
-)
-from polypythia.stability import (
-    _window_mean as _window_mean,
-)
-from polypythia.stability import (
-    largest_null_deviations as largest_null_deviations,
-)
-from polypythia.stability import (
-    null_studies as null_studies,
-)
-from polypythia.study import PER_STEP_FAMILIES, label_order, parse_run_label
+from polypythia.study import PER_STEP_FAMILIES, label_order
+
+__all__ = [  # the names other modules and benchmarks import from here
+    "CALIBRATION_STUDIES",
+    "MIN_SEEDS_FOR_MAD",
+    "NULL_MODELS",
+    "OUTLIER_COLUMNS",
+    "MadKnobs",
+    "OutlierRule",
+    "_deviation_array",
+    "_window_mean",
+    "band_deviation",
+    "decision_threshold",
+    "episodes",
+    "final_row",
+    "final_rows",
+    "first_alerts",
+    "flag_mad_outliers",
+    "flag_trajectory_outliers",
+    "for_study_length",
+    "largest_null_deviations",
+    "mad_flags",
+    "null_studies",
+    "outlier_frame",
+    "pooled_deviation",
+    "robust_deviation",
+    "wide_by_seed",
+]
 
 DEFAULT_TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
 STANDARDISED_METRIC = "standardised_accuracy"
-OUTLIER_COLUMNS = [
-    "model",
-    "seed",
-    "weight_seed",
-    "data_seed",
-    "metric",
-    "rule",
-    "onset_step",
-    "end_step",
-    "n_checkpoints_out",
-    "onset_deviation_sd",
-    "max_deviation_sd",
-    "band_deviation_sd",
-    "threshold_sd",
-    "recovered",
-    "recovery_step",
-]
+DEFAULT_LOSS_SIGNAL = "valid/loss"  # the loss the trajectory rule judges when no metric is named
 # Metric families that are not trajectories to judge runs by: the per-step families (spikes.py and
 # the replay's smoothed loss look at training curves) and the weight statistics (training maps).
 NOT_OUTLIER_TARGETS = (*PER_STEP_FAMILIES, "weights/")
-
-
-class OutlierRule(stability.OutlierRule):
-    """The knobs of the trajectory rule (see the module docstring; the rule's numeric core is
-    :mod:`polypythia.stability`, shared with the sweep's live monitor); a bad knob is an AnalysisError."""
-
-    error = AnalysisError
-
-
-# ---------------------------------------------------------------------------------------------
-# Deviations
 
 
 def accuracy_metric(task: str, metrics: set[str]) -> str | None:
@@ -140,251 +144,37 @@ def standardised_accuracy(metrics: pd.DataFrame, tasks=DEFAULT_TASKS) -> pd.Data
     return score[["model", "seed", "step", "metric", "value"]].dropna()
 
 
-def wide_by_seed(metrics: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
-    """Per model, a (step x run) table of one metric, runs in seed order."""
-    rows = metrics[metrics["metric"] == metric]
-    tables = {}
-    for model, group in rows.groupby("model", observed=True):
-        table = group.pivot_table(index="step", columns="seed", values="value", aggfunc="last", observed=True)
-        tables[str(model)] = table[sorted(table.columns, key=label_order)]
-    return tables
+def standardised_score(metrics: pd.DataFrame, tasks) -> pd.DataFrame | None:
+    """The ``standardised_accuracy`` rows, or None when none of ``tasks`` has accuracies."""
+    present = set(map(str, metrics["metric"].unique()))
+    if not any(accuracy_metric(t, present) for t in tasks):
+        return None
+    return standardised_accuracy(metrics, tasks)
 
 
-def band_deviation(table: pd.DataFrame) -> pd.DataFrame:
-    """The study's band: each run's distance from the mean of all other runs at that step, in their SD."""
-    values = table.to_numpy(dtype="float64")
-    present = ~np.isnan(values)
-    count, mean, variance = _others(np.nan_to_num(values), present)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        deviation = (values - mean) / np.sqrt(variance)
-    deviation[~present | (count < 2) | ~(variance > 0)] = np.nan
-    return pd.DataFrame(deviation, index=table.index, columns=table.columns)
+def with_standardised_accuracy(metrics: pd.DataFrame, score: pd.DataFrame | None) -> pd.DataFrame:
+    """The metrics plus the ``standardised_accuracy`` rows of :func:`standardised_score`, if any."""
+    if score is None:
+        return metrics
+    score = score.copy()
+    columns = {}
+    for column in ("model", "metric"):  # concatenate as categoricals: 14M strings would take minutes
+        categories = list(pd.unique(pd.Series([*map(str, metrics[column].cat.categories), *score[column]])))
+        columns[column] = metrics[column].cat.set_categories(categories)
+        score[column] = pd.Categorical(score[column], categories=categories)
+    # assign: the study's rows are copied once, by the concatenation (a copy first cost 4-8 s at 144M rows)
+    return pd.concat([metrics.assign(**columns), score], ignore_index=True)
 
 
-def robust_deviation(table: pd.DataFrame) -> pd.DataFrame:
-    """Each run's distance from the median over runs, in robust SDs (1.4826 x MAD) (step x run)."""
-    values = table.to_numpy(dtype="float64")
-    median = np.nanmedian(values, axis=1, keepdims=True)
-    mad = np.nanmedian(np.abs(values - median), axis=1, keepdims=True) * MAD_TO_SD
-    # With MAD = 0 (half the seeds identical) fall back to the mean absolute deviation.
-    fallback = np.nanmean(np.abs(values - median), axis=1, keepdims=True) * 1.2533
-    scale = np.where(mad > 0, mad, fallback)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        deviation = (values - median) / scale
-    deviation[(scale == 0).repeat(values.shape[1], axis=1)] = 0.0
-    return pd.DataFrame(deviation, index=table.index, columns=table.columns)
-
-
-# ---------------------------------------------------------------------------------------------
-# Episodes
-
-
-def episodes(
-    steps: np.ndarray,
-    deviation: np.ndarray,
-    threshold: float,
-    band_sd: float,
-    min_checkpoints: int = 1,
-    band: np.ndarray | None = None,
-) -> list[dict]:
-    """Stretches that start where |deviation| > threshold and last while the run stays beyond
-    ``band_sd`` on the same side and more than ``band_sd`` away from its own level before the onset
-    (the median of its last three deviations: a healthy run may sit persistently off-centre);
-    recovered when a later checkpoint is back inside the band or at its own level."""
-    valid = ~np.isnan(deviation)
-    steps, deviation = steps[valid], deviation[valid]
-    band = band[valid] if band is not None else np.full(len(steps), np.nan)
-    found, start = [], 0
-    while start < len(steps):
-        if abs(deviation[start]) <= threshold:
-            start += 1
-            continue
-        side = np.sign(deviation[start])
-        level = float(np.median(deviation[max(0, start - 3) : start])) if start else 0.0
-        stop = start + 1
-        while stop < len(steps) and side * deviation[stop] > band_sd and side * (deviation[stop] - level) > band_sd:
-            stop += 1
-        stretch = deviation[start:stop]
-        if np.sum(np.abs(stretch) > threshold) >= min_checkpoints:
-            recovered = stop < len(steps)
-            found.append(
-                {
-                    "onset_step": int(steps[start]),
-                    "end_step": int(steps[stop - 1]),
-                    "n_checkpoints_out": int(stop - start),
-                    "onset_deviation_sd": float(stretch[0]),
-                    "max_deviation_sd": float(stretch[np.argmax(np.abs(stretch))]),
-                    "band_deviation_sd": float(band[start]),
-                    "threshold_sd": float(threshold),
-                    "recovered": bool(recovered),
-                    "recovery_step": int(steps[stop]) if recovered else None,
-                }
-            )
-        start = stop
-    return found
-
-
-def outlier_frame(rows: list[dict]) -> pd.DataFrame:
-    """Outlier rows with the seeds of each run label filled in, in the column order of OUTLIER_COLUMNS."""
-    for row in rows:
-        seeds = parse_run_label(row["seed"])
-        row["weight_seed"], row["data_seed"] = seeds if seeds else (None, None)
-    frame = pd.DataFrame(rows, columns=OUTLIER_COLUMNS)
-    return frame.astype({"recovery_step": "Int64", "weight_seed": "Int64", "data_seed": "Int64", "seed": str})
-
-
-def flag_trajectory_outliers(metrics: pd.DataFrame, metric: str, rule: OutlierRule = OutlierRule()) -> pd.DataFrame:
-    """Outlier episodes of every run of every model on one metric (the calibrated rule)."""
-    rows = []
-    for model, table in wide_by_seed(metrics, metric).items():
-        table = table.dropna(how="all")
-        rule = for_study_length(rule, table.shape[0])
-        threshold = decision_threshold(table.shape[1], table.shape[0], rule)
-        if not np.isfinite(threshold):
-            continue
-        deviation, band = pooled_deviation(table, rule), band_deviation(table)
-        steps = table.index.to_numpy()
-        for seed in table.columns:
-            for episode in episodes(
-                steps, deviation[seed].to_numpy(), threshold, rule.band_sd, rule.min_checkpoints, band[seed].to_numpy()
-            ):
-                rows.append({"model": model, "seed": str(seed), "metric": metric, "rule": "calibrated", **episode})
-    return outlier_frame(rows)
-
-
-def final_row(table: pd.DataFrame, final_fraction: float = 0.01) -> pd.DataFrame:
-    """One row holding each run's final value: the mean of its values in the last ``final_fraction``
-    of its steps (1%: 1,430 steps of a 143,000-step loss curve, the last checkpoint or two of an
-    evaluation metric), because a single step of a training loss is too noisy to compare seeds.
-    Runs may stop at different steps (e.g. after divergence); each uses its own last steps."""
-    finals = {}
-    for seed in table.columns:
-        values = table[seed].dropna()
-        if values.empty:
-            continue
-        steps = values.index.to_numpy()
-        start = steps[-1] - final_fraction * (steps[-1] - steps[0])
-        finals[seed] = values[steps >= start].mean()
-    return pd.DataFrame([finals], index=[table.index[-1]])
-
-
-def finals_from_blocks(
-    metrics: pd.DataFrame, metric: str, final_fraction: float, blocks: pd.DataFrame
-) -> dict[str, pd.DataFrame] | None:
-    """:func:`final_rows` from run slices (None when a run of ``metric`` has a non-finite value)."""
-    steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
-    out: dict[str, pd.DataFrame] = {}
-    runs = blocks[(blocks["metric"] == metric).to_numpy()]
-    for model, group in runs.groupby("model", sort=False):
-        finals, last_step = {}, None
-        for run in sorted(group.itertuples(), key=lambda run: label_order(str(run.seed))):
-            run_steps, run_values = steps[run.start : run.stop], values[run.start : run.stop]
-            if not np.isfinite(run_values).all():
-                return None
-            first_kept = run_steps[-1] - final_fraction * (run_steps[-1] - run_steps[0])
-            finals[str(run.seed)] = pd.Series(run_values[run_steps >= first_kept]).mean()
-            last_step = int(run_steps[-1]) if last_step is None else max(last_step, int(run_steps[-1]))
-        out[str(model)] = pd.DataFrame([finals], index=[last_step])
-    return out
-
-
-def final_rows(
-    metrics: pd.DataFrame, metric: str, final_fraction: float = 0.01, blocks: pd.DataFrame | None = None
-) -> dict[str, pd.DataFrame]:
-    """Per model, :func:`final_row` of its (step x run) table of ``metric`` (:func:`wide_by_seed`).
-
-    The same numbers without building that table when, as :func:`analysis.load.tidy` leaves them, each
-    run's rows are contiguous, with rising steps and finite values: a dense loss curve of 143,000
-    steps per run would otherwise be pivoted into a (steps x runs) table only to average its last 1%.
-    Otherwise the table is built. ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (then the
-    runs are read as slices, without selecting the metric's rows first)."""
-    if blocks is not None:
-        finals_by_model = finals_from_blocks(metrics, metric, final_fraction, blocks)
-        if finals_by_model is not None:
-            return finals_by_model
-    rows = metrics[(metrics["metric"] == metric).to_numpy()]
-    out: dict[str, pd.DataFrame] = {}
-    for model, group in rows.groupby("model", observed=True, sort=True):
-        codes, labels = pd.factorize(group["seed"])  # run labels: a few categories, not a string per row
-        steps, values = group["step"].to_numpy(), group["value"].to_numpy(dtype="float64")
-        starts = np.r_[0, np.flatnonzero(codes[1:] != codes[:-1]) + 1]
-        ends = np.r_[starts[1:], len(codes)]
-        seeds = np.asarray([str(labels[code]) for code in codes[starts]], dtype=object)
-        within = np.ones(len(steps), dtype=bool)
-        within[starts] = False
-        contiguous = (
-            len(set(seeds)) == len(starts) and (np.diff(steps)[within[1:]] > 0).all() and np.isfinite(values).all()
-        )
-        if not contiguous:
-            out[str(model)] = final_row(wide_by_seed(group, metric)[str(model)], final_fraction)
-            continue
-        finals = {}
-        for seed, start, end in sorted(zip(seeds, starts, ends), key=lambda block: label_order(block[0])):
-            run_steps = steps[start:end]
-            first_kept = run_steps[-1] - final_fraction * (run_steps[-1] - run_steps[0])
-            finals[seed] = pd.Series(values[start:end][run_steps >= first_kept]).mean()
-        out[str(model)] = pd.DataFrame([finals], index=[int(steps.max())])
-    return out
-
-
-MIN_SEEDS_FOR_MAD = 5  # with 3 or 4 runs the MAD is one neighbour's distance: too unstable to flag on
-
-
-def mad_flags(values: pd.Series, threshold: float, min_relative_deviation: float = 0.01) -> list[str]:
-    """The final-value rule on one value per run (index: run labels): the runs whose robust z-score
-    |x - median| / (1.4826 MAD) exceeds ``threshold`` and whose distance from the median exceeds
-    ``min_relative_deviation`` x |median|. With ten runs from one distribution the MAD itself is so
-    noisy that some run exceeds 3.5 in about one study in eight; the relative floor keeps a run 0.3%
-    off from being called an outlier. Needs ``MIN_SEEDS_FOR_MAD`` runs; fewer flag nothing."""
-    if len(values) < MIN_SEEDS_FOR_MAD:
-        return []
-    deviation = robust_deviation(values.to_frame().T).iloc[0]
-    median = values.median()
-    flagged = (deviation.abs() > threshold) & ((values - median).abs() > min_relative_deviation * abs(median))
-    return sorted((str(seed) for seed in values.index[flagged]), key=label_order)
-
-
-def flag_mad_outliers(
-    metrics: pd.DataFrame,
-    metric: str,
-    threshold: float = 3.5,
-    min_relative_deviation: float = 0.01,
-    blocks: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """Outlier rows of :func:`mad_flags` on each run's final value (:func:`final_row`) of ``metric``."""
-    rows = []
-    for model, final in final_rows(metrics, metric, blocks=blocks).items():
-        values = final.iloc[0].dropna()
-        deviation = robust_deviation(final).iloc[0]
-        for seed in mad_flags(values, threshold, min_relative_deviation):
-            dev = float(deviation[seed])
-            rows.append(
-                {
-                    "model": model,
-                    "seed": str(seed),
-                    "metric": metric,
-                    "rule": f"mad_{threshold:g}",
-                    "onset_step": int(final.index[0]),
-                    "end_step": int(final.index[0]),
-                    "n_checkpoints_out": 1,
-                    "onset_deviation_sd": dev,
-                    "max_deviation_sd": dev,
-                    "band_deviation_sd": np.nan,
-                    "threshold_sd": threshold,
-                    "recovered": False,
-                    "recovery_step": None,
-                }
-            )
-    return outlier_frame(rows)
-
-
-def default_outlier_metrics(metrics: pd.DataFrame, has_score: bool) -> list[str]:
+def default_outlier_metrics(
+    metrics: pd.DataFrame, has_score: bool, loss_signal: str = DEFAULT_LOSS_SIGNAL
+) -> list[str]:
     """What the trajectory rule judges when no metric is named: the standardised accuracy when task
-    accuracies are present, and ``valid/loss``; failing both, every checkpoint metric that takes
-    continuous values (not ``train/*``, ``weights/*`` and other per-step or feature families, and
-    not integer codes such as an HMM state)."""
+    accuracies are present, and ``loss_signal`` (``valid/loss``); failing both, every checkpoint metric
+    that takes continuous values (not ``train/*``, ``weights/*`` and other per-step or feature
+    families, and not integer codes such as an HMM state)."""
     present = [str(m) for m in metrics["metric"].unique()]
-    chosen = ([STANDARDISED_METRIC] if has_score else []) + [m for m in present if m == "valid/loss"]
+    chosen = ([STANDARDISED_METRIC] if has_score else []) + [m for m in present if m == loss_signal]
     if chosen:
         return chosen
     for name in sorted(present):
@@ -397,27 +187,31 @@ def default_outlier_metrics(metrics: pd.DataFrame, has_score: bool) -> list[str]
     return chosen
 
 
-def find_outliers(
-    metrics: pd.DataFrame,
-    tasks=DEFAULT_TASKS,
-    outlier_metrics: list[str] | None = None,
-    rule: OutlierRule = OutlierRule(),
-    mad_threshold: float = 3.5,
-    final_metrics=("train/loss", "valid/loss"),
-    final_min_relative_deviation: float = 0.01,
-    score: pd.DataFrame | None = None,
-    blocks: pd.DataFrame | None = None,
-) -> pd.DataFrame:
-    """All outlier rows of a study: the calibrated trajectory rule on ``outlier_metrics`` (default:
-    :func:`default_outlier_metrics`) and the MAD rule on the final value of ``final_metrics``.
-    ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it;
-    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
+def rule_knobs(
+    rule: OutlierRule | None = None, mad_threshold: float | None = None, knobs: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The knobs per rule name: ``knobs``, with the command line's two shorthands folded in (``rule``:
+    the ``calibrated`` rule's knobs unless ``knobs`` names them; ``mad_threshold``: the ``mad`` rule's
+    threshold). Rules not named keep their defaults (:func:`analysis.rules.knobs_of`)."""
+    merged = dict(knobs or {})
+    if rule is not None and "calibrated" not in merged:
+        merged["calibrated"] = rule
+    if mad_threshold is not None:
+        merged["mad"] = replace(merged.get("mad") or MadKnobs(), threshold=mad_threshold)
+    return merged
+
+
+def trajectories(
+    metrics: pd.DataFrame, tasks, outlier_metrics: list[str] | None, score: pd.DataFrame | None
+) -> dict[str, pd.DataFrame]:
+    """The metrics the trajectory rules judge (``outlier_metrics``, default :func:`default_outlier_metrics`),
+    each with the tidy rows holding it; the standardised accuracy is computed unless ``score`` is given."""
     present = set(map(str, metrics["metric"].unique()))
     if score is None and any(accuracy_metric(t, present) for t in tasks):
         score = standardised_accuracy(metrics, tasks)
     if outlier_metrics is None:
         outlier_metrics = default_outlier_metrics(metrics, score is not None)
-    frames = []
+    chosen = {}
     for metric in outlier_metrics:
         if metric == STANDARDISED_METRIC:
             if score is None:
@@ -425,17 +219,35 @@ def find_outliers(
                     "The standardised accuracy needs task accuracies, and the study has none of "
                     f"{', '.join(tasks)}; name its tasks with --tasks or pick another --outlier-metric."
                 )
-            frames.append(flag_trajectory_outliers(score, metric, rule))
+            chosen[metric] = score
         elif metric not in present:
             raise AnalysisError(
                 f"The study has no metric {metric!r} to judge outliers on; pick one of "
                 f"{', '.join(sorted(present)[:12])}{' ...' if len(present) > 12 else ''}."
             )
         else:
-            frames.append(flag_trajectory_outliers(metrics, metric, rule))
-    for metric in final_metrics:
-        if metric in present:
-            frames.append(flag_mad_outliers(metrics, metric, mad_threshold, final_min_relative_deviation, blocks))
+            chosen[metric] = metrics
+    return chosen
+
+
+def find_outliers(
+    metrics: pd.DataFrame,
+    tasks=DEFAULT_TASKS,
+    outlier_metrics: list[str] | None = None,
+    rule: OutlierRule | None = None,
+    mad_threshold: float | None = None,
+    score: pd.DataFrame | None = None,
+    blocks: pd.DataFrame | None = None,
+    knobs: Mapping[str, Any] | None = None,
+) -> pd.DataFrame:
+    """All outlier rows of a study: every registered rule (:func:`analysis.rules.registered`) on the
+    :func:`trajectories` of ``outlier_metrics`` and the study's rows, with its knobs from
+    :func:`rule_knobs` (``rule``, ``mad_threshold`` and ``knobs``; defaults otherwise).
+    ``score``: the :func:`standardised_accuracy` of ``metrics`` and ``tasks`` when the caller has it;
+    ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
+    judged = Judged(metrics, trajectories(metrics, tasks, outlier_metrics, score), blocks)
+    chosen = rule_knobs(rule, mad_threshold, knobs)
+    frames = [r.judge(judged, knobs_of(r, chosen)) for r in registered()]
     frames = [f for f in frames if not f.empty]
     if not frames:
         return outlier_frame([])

@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis.load import sort_models  # noqa: E402
+from analysis.tidy_table import sort_models  # noqa: E402
 
 MAX_POINTS_PER_CURVE = 600
 
@@ -34,7 +34,7 @@ def seed_curves(
     metrics: pd.DataFrame, model: str, metric: str, smooth_values: int = 1, blocks: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """(step x seed) values of one metric for one model, optionally a centred rolling mean, thinned.
-    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, to take the runs as array slices."""
+    ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics``, to take the runs as array slices."""
     table = None
     if blocks is not None:
         runs = blocks[(blocks["model"] == model) & (blocks["metric"] == metric)]
@@ -85,7 +85,7 @@ def plot_loss_curves(
     blocks: pd.DataFrame | None = None,
 ) -> Path | None:
     """One panel per size: median/IQR of ``metric`` across seeds, outlier seeds drawn on top.
-    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
+    ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics``, when the caller has them."""
     models = [m for m in sort_models(metrics["model"].unique()) if has_rows(metrics, metric, m, blocks)]
     if not models:
         return None
@@ -113,7 +113,7 @@ def plot_metrics(
     metrics: pd.DataFrame, names: list[str], path: Path, blocks: pd.DataFrame | None = None
 ) -> Path | None:
     """One panel per metric: median/IQR band across seeds for each size, log-x over steps.
-    ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``, when the caller has them."""
+    ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics``, when the caller has them."""
     names = [n for n in names if has_rows(metrics, n, blocks=blocks)]
     if not names:
         return None

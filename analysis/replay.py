@@ -1,31 +1,28 @@
 """Causal replay of a finished study: when would the live monitor have raised each alert?
 
 ``python -m analysis SOURCE --replay`` walks the study in step order and, at every decision step,
-runs the outlier rule (:mod:`analysis.outliers`) on the data up to that step only; the run's
-first alert on each signal is its alert. The signals are the metrics the outlier rule judges
-(the standardised accuracy, ``valid/loss`` or ``--outlier-metric``) and, when the study has
-per-step training losses, the smoothed ``train/loss`` (mean over the previous
-``loss_window_steps`` steps), compared across runs at the same decision steps, which is what the
-live monitor sees while a sweep trains.
+runs each registered outlier rule that decides step by step (:mod:`analysis.rules`; today the
+``calibrated`` rule) on the data up to that step only; the run's first alert on each signal is its
+alert. The signals are the metrics the outlier rules judge (the standardised accuracy, ``valid/loss``
+or ``--outlier-metric``) and, when the study has per-step values of ``loss_signal`` (``train/loss``),
+that signal smoothed (mean over the previous ``loss_window_steps`` steps), compared across runs at
+the same decision steps, which is what the live monitor sees while a sweep trains.
 
-Each alert's lead time is measured against the outlier onsets of the full (offline) analysis:
-``lead_steps = onset_step - alert_step``, positive when the replay alerts earlier.
+Each alert's lead time is measured against the same rule's outlier onsets in the full (offline)
+analysis: ``lead_steps = onset_step - alert_step``, positive when the replay alerts earlier.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-from analysis.outliers import (
-    STANDARDISED_METRIC,
-    OutlierRule,
-    decision_threshold,
-    default_outlier_metrics,
-    for_study_length,
-    pooled_deviation,
-    wide_by_seed,
-)
+from analysis.outliers import STANDARDISED_METRIC, OutlierRule, default_outlier_metrics, rule_knobs
+from analysis.rules import knobs_of, registered, wide_by_seed
+from analysis.rules.calibrated import first_alerts as first_alerts
 from analysis.stats import checkpoint_steps
 from polypythia.study import label_order, parse_run_label
 
@@ -35,19 +32,30 @@ ALERT_COLUMNS = [
     "weight_seed",
     "data_seed",
     "signal",
+    "rule",
     "alert_step",
     "deviation_sd",
     "threshold_sd",
     "onset_step",
     "lead_steps",
 ]
-SMOOTHED_LOSS = "train/loss (smoothed)"
+LOSS_SIGNAL = "train/loss"  # the per-step signal replayed smoothed, as the sweep's live monitor sees it
 
 
-def smoothed_loss(metrics: pd.DataFrame, steps: np.ndarray, window_steps: int) -> pd.DataFrame:
-    """Tidy rows of each run's mean ``train/loss`` over the ``window_steps`` steps up to each of ``steps``."""
+def smoothed_name(signal: str) -> str:
+    """The name of a smoothed per-step signal among the replay's signals."""
+    return f"{signal} (smoothed)"
+
+
+SMOOTHED_LOSS = smoothed_name(LOSS_SIGNAL)
+
+
+def smoothed_loss(
+    metrics: pd.DataFrame, steps: np.ndarray, window_steps: int, signal: str = LOSS_SIGNAL
+) -> pd.DataFrame:
+    """Tidy rows of each run's mean ``signal`` over the ``window_steps`` steps up to each of ``steps``."""
     rows = []
-    for (model, seed), run in metrics[metrics["metric"] == "train/loss"].groupby(["model", "seed"], observed=True):
+    for (model, seed), run in metrics[metrics["metric"] == signal].groupby(["model", "seed"], observed=True):
         run = run.sort_values("step")
         at, values = run["step"].to_numpy(), run["value"].to_numpy(dtype="float64")
         totals = np.r_[0.0, np.cumsum(values)]
@@ -62,7 +70,7 @@ def smoothed_loss(metrics: pd.DataFrame, steps: np.ndarray, window_steps: int) -
                     "model": str(model),
                     "seed": str(seed),
                     "step": steps[keep],
-                    "metric": SMOOTHED_LOSS,
+                    "metric": smoothed_name(signal),
                     "value": mean[keep],
                 }
             )
@@ -74,65 +82,63 @@ def smoothed_loss(metrics: pd.DataFrame, steps: np.ndarray, window_steps: int) -
     )
 
 
-def first_alerts(table: pd.DataFrame, signal: str, rule: OutlierRule) -> list[dict]:
-    """Each run's first alert on one (step x run) table, deciding at every step from rows up to it."""
-    table = table.dropna(how="all")
-    rule = for_study_length(rule, table.shape[0])
-    threshold = decision_threshold(table.shape[1], table.shape[0], rule)  # the planned schedule is known ahead
-    alerts: dict[str, dict] = {}
-    for position, step in enumerate(table.index):
-        latest = pooled_deviation(table.iloc[: position + 1], rule).iloc[-1]  # nothing after `step` is read
-        for seed, deviation in latest.items():
-            if str(seed) not in alerts and np.isfinite(deviation) and abs(deviation) > threshold:
-                alerts[str(seed)] = {
-                    "seed": str(seed),
-                    "signal": signal,
-                    "alert_step": int(step),
-                    "deviation_sd": float(deviation),
-                    "threshold_sd": float(threshold),
-                }
-    return list(alerts.values())
+def signals(
+    metrics: pd.DataFrame,
+    outlier_metrics: list[str] | None,
+    score: pd.DataFrame | None,
+    loss_window_steps: int | None,
+    loss_signal: str,
+) -> list[tuple[str, pd.DataFrame]]:
+    """(signal, tidy rows holding it): the metrics the outlier rules judge, and the smoothed
+    ``loss_signal`` when the study has per-step values of it."""
+    if outlier_metrics is None:
+        outlier_metrics = default_outlier_metrics(metrics, score is not None)
+    found = [(m, score if m == STANDARDISED_METRIC and score is not None else metrics) for m in outlier_metrics]
+    if (metrics["metric"] == loss_signal).any():
+        steps = checkpoint_steps(metrics)
+        window = loss_window_steps or max(1, int(metrics["step"].max()) // 100)
+        smoothed = smoothed_loss(metrics, steps[steps > 0], window, loss_signal)
+        found.append((smoothed_name(loss_signal), smoothed))
+    return found
+
+
+def with_lead_times(frame: pd.DataFrame, outliers: pd.DataFrame, labels: dict[str, str]) -> pd.DataFrame:
+    """The alerts with each run's first offline onset of the same rule (``labels``: rule name ->
+    its ``rule`` column in ``outliers``) and ``lead_steps = onset_step - alert_step``."""
+    onsets = pd.DataFrame(columns=["model", "seed", "rule", "onset_step"])
+    if not outliers.empty:
+        by_label = {label: name for name, label in labels.items()}
+        ours = outliers[outliers["rule"].isin(list(by_label))].assign(rule=lambda f: f["rule"].map(by_label))
+        onsets = ours.groupby(["model", "seed", "rule"])["onset_step"].min().rename("onset_step").reset_index()
+    frame = frame.merge(
+        onsets.astype({"model": str, "seed": str, "rule": str}), on=["model", "seed", "rule"], how="left"
+    )
+    frame["lead_steps"] = frame["onset_step"] - frame["alert_step"]
+    return frame
 
 
 def replay(
     metrics: pd.DataFrame,
     outliers: pd.DataFrame,
     outlier_metrics: list[str] | None = None,
-    rule: OutlierRule = OutlierRule(),
+    rule: OutlierRule | None = None,
     score: pd.DataFrame | None = None,
     loss_window_steps: int | None = None,
+    loss_signal: str = LOSS_SIGNAL,
+    knobs: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """The alerts of a causal replay (columns ``ALERT_COLUMNS``), with lead times against ``outliers``
-    (the offline analysis's episodes, :func:`analysis.outliers.find_outliers`)."""
-    signals = []
-    if outlier_metrics is None:
-        outlier_metrics = default_outlier_metrics(metrics, score is not None)
-    for metric in outlier_metrics:
-        source = score if metric == STANDARDISED_METRIC and score is not None else metrics
-        signals.append((metric, source))
-    if (metrics["metric"] == "train/loss").any():
-        steps = checkpoint_steps(metrics)
-        last = int(metrics["step"].max())
-        window = loss_window_steps or max(1, last // 100)
-        signals.append((SMOOTHED_LOSS, smoothed_loss(metrics, steps[steps > 0], window)))
-    rows = []
-    for signal, source in signals:
+    """The alerts of a causal replay (columns ``ALERT_COLUMNS``) of every registered rule that decides
+    step by step, with lead times against ``outliers`` (the offline analysis's episodes,
+    :func:`analysis.outliers.find_outliers`); knobs as :func:`analysis.outliers.rule_knobs` takes them."""
+    chosen, labels, rows = rule_knobs(rule, None, knobs), {}, []
+    for signal, source in signals(metrics, outlier_metrics, score, loss_window_steps, loss_signal):
         for model, table in wide_by_seed(source, signal).items():
-            rows += [{"model": model, **alert} for alert in first_alerts(table, signal, rule)]
-    frame = pd.DataFrame(rows, columns=["model", "seed", "signal", "alert_step", "deviation_sd", "threshold_sd"])
-    onsets = (
-        (
-            outliers[outliers["rule"] == "calibrated"]
-            .groupby(["model", "seed"])["onset_step"]
-            .min()
-            .rename("onset_step")
-            .reset_index()
-        )
-        if not outliers.empty
-        else pd.DataFrame(columns=["model", "seed", "onset_step"])
-    )
-    frame = frame.merge(onsets.astype({"model": str, "seed": str}), on=["model", "seed"], how="left")
-    frame["lead_steps"] = frame["onset_step"] - frame["alert_step"]
+            for each in registered():
+                alerts = each.first_alerts(table, signal, knobs_of(each, chosen))
+                labels[each.name] = each.label(knobs_of(each, chosen))
+                rows += [{"model": model, "rule": each.name, **alert} for alert in alerts or []]
+    columns = ["model", "seed", "signal", "rule", "alert_step", "deviation_sd", "threshold_sd"]
+    frame = with_lead_times(pd.DataFrame(rows, columns=columns), outliers, labels)
     seeds = [parse_run_label(label) or (None, None) for label in frame["seed"]]
     frame["weight_seed"] = pd.array([w for w, _ in seeds], dtype="Int64")
     frame["data_seed"] = pd.array([d for _, d in seeds], dtype="Int64")

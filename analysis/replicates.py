@@ -149,7 +149,7 @@ def floor_lines(table: pd.DataFrame) -> list[str]:
 
 
 def set_study_replicates_aside(study) -> None:
-    """Move a loaded :class:`analysis.load.Study`'s further replicates out of its metrics and runs into
+    """Move a loaded :class:`analysis.tidy_table.Study`'s further replicates out of its metrics and runs into
     ``study.replicates``; ``study.floor`` and one note per model give the nondeterminism floor."""
     study.metrics, study.replicates = set_aside(study.metrics)
     if study.replicates.empty:

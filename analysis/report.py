@@ -22,18 +22,20 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.load import Study, run_blocks, sort_models
 from analysis.outliers import (
     DEFAULT_TASKS,
     STANDARDISED_METRIC,
     OutlierRule,
     accuracy_metric,
     find_outliers,
-    standardised_accuracy,
+    rule_knobs,
+    standardised_score,
+    with_standardised_accuracy,
 )
 from analysis.spikes import find_spikes
 from analysis.stats import checkpoint_steps, compare_models, cross_seed_stats, final_values, spread_test
-from analysis.training_maps import TrainingMaps, start_training_maps
+from analysis.tidy_table import Study, run_blocks, sort_models
+from analysis.training_maps import MapOptions, MapsJob, TrainingMaps, start_training_maps
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ class AnalysisOptions:
     tasks: tuple[str, ...] = DEFAULT_TASKS
     outlier_metrics: list[str] | None = None  # None: the standardised accuracy and valid/loss (see outliers.py)
     outlier_rule: OutlierRule = field(default_factory=OutlierRule)
-    mad_threshold: float = 3.5
+    mad_threshold: float | None = None  # the mad rule's threshold (None: its default, 3.5)
+    rule_knobs: dict = field(default_factory=dict)  # other knobs per outlier rule name (analysis/rules/)
     spike_window_values: int = 1000
     spike_threshold_sd: float = 7.0
     map_features: list[str] | None = None  # default: every weights/* metric
@@ -60,6 +63,10 @@ class AnalysisOptions:
     n_resamples: int = 2000
     random_state: int = 0
     make_plots: bool = True
+
+    def knobs(self) -> dict:
+        """The knobs of each outlier rule (:func:`analysis.outliers.rule_knobs`)."""
+        return rule_knobs(self.outlier_rule, self.mad_threshold, self.rule_knobs)
 
 
 @dataclass
@@ -77,28 +84,6 @@ class AnalysisResult:
     figures: list[Path] = field(default_factory=list)
     seconds_by_stage: dict[str, float] = field(default_factory=dict)
     cpu_seconds_by_stage: dict[str, float] = field(default_factory=dict)  # this process only (not the map workers)
-
-
-def standardised_score(metrics: pd.DataFrame, tasks) -> pd.DataFrame | None:
-    """The ``standardised_accuracy`` rows, or None when none of ``tasks`` has accuracies."""
-    present = set(map(str, metrics["metric"].unique()))
-    if not any(accuracy_metric(t, present) for t in tasks):
-        return None
-    return standardised_accuracy(metrics, tasks)
-
-
-def with_standardised_accuracy(metrics: pd.DataFrame, score: pd.DataFrame | None) -> pd.DataFrame:
-    """The metrics plus the ``standardised_accuracy`` rows of :func:`standardised_score`, if any."""
-    if score is None:
-        return metrics
-    score = score.copy()
-    columns = {}
-    for column in ("model", "metric"):  # concatenate as categoricals: 14M strings would take minutes
-        categories = list(pd.unique(pd.Series([*map(str, metrics[column].cat.categories), *score[column]])))
-        columns[column] = metrics[column].cat.set_categories(categories)
-        score[column] = pd.Categorical(score[column], categories=categories)
-    # assign: the study's rows are copied once, by the concatenation (a copy first cost 4-8 s at 144M rows)
-    return pd.concat([metrics.assign(**columns), score], ignore_index=True)
 
 
 def key_metrics(metrics: pd.DataFrame, tasks) -> list[str]:
@@ -150,60 +135,81 @@ def timed(seconds: dict, stage: str, cpu_seconds: dict | None = None):
     return Timer()
 
 
-def compute(
-    study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None, while_maps_fit=None
-) -> dict:
-    """All tables of the analysis (no files written).
+def map_options(options: AnalysisOptions) -> MapOptions:
+    """The training maps' knobs among the analysis options."""
+    return MapOptions(
+        features=options.map_features,
+        max_states=options.max_states,
+        restarts=options.n_restarts,
+        states=options.map_states,
+        criterion=options.map_criterion,
+        heldout_fraction=options.map_heldout_fraction,
+        split_seed=options.map_split_seed,
+        steps=options.map_steps,
+        n_jobs=options.map_jobs,
+    )
 
-    The training maps' HMM fits start first and run in worker processes (for a large study, see
-    :func:`analysis.training_maps.fit_all`) while this process computes the statistics, spikes and
-    outliers, and then calls ``while_maps_fit(tables)`` (when given) with every table but the maps;
-    ``seconds["training_maps"]`` is the wall time from their start until the maps are ready, so it
-    overlaps the other stages."""
-    score = standardised_score(study.metrics, options.tasks)
-    metrics = with_standardised_accuracy(study.metrics, score)
-    names = key_metrics(metrics, options.tasks)
-    maps_started, maps_cpu = time.perf_counter(), time.process_time()
-    maps_job, maps_error = None, None
+
+@dataclass
+class MapsStart:
+    """The training maps once started (:func:`start_maps`): the running job or the error that stopped it."""
+
+    job: MapsJob | None
+    error: AnalysisError | None
+    started: float  # perf_counter at the start
+    cpu_seconds: float  # this process's CPU time spent starting them
+
+
+def start_maps(metrics: pd.DataFrame, options: AnalysisOptions) -> MapsStart:
+    """Start the HMM fits (in worker processes for a large study, see :func:`analysis.map_fit.fit_all`)."""
+    started, cpu = time.perf_counter(), time.process_time()
+    job, error = None, None
     try:
-        maps_job = start_training_maps(
-            metrics,
-            options.map_features,
-            options.max_states,
-            options.n_restarts,
-            states=options.map_states,
-            criterion=options.map_criterion,
-            heldout_fraction=options.map_heldout_fraction,
-            split_seed=options.map_split_seed,
-            steps=options.map_steps,
-            n_jobs=options.map_jobs,
-        )
+        job = start_training_maps(metrics, map_options(options))
+    except AnalysisError as failure:
+        error = failure
+    return MapsStart(job, error, started, time.process_time() - cpu)
+
+
+def finish_maps(start: MapsStart, study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None):
+    """Wait for the maps (None when they were skipped, with a note; an error when they were asked for)."""
+    maps, waited_cpu = None, time.process_time()
+    try:
+        if start.error is not None:
+            raise start.error
+        maps = start.job.result()
+        study.notes.extend(maps.notes)
     except AnalysisError as error:
-        maps_error = error
-    maps_cpu = time.process_time() - maps_cpu
-    with timed(seconds, "stats", cpu_seconds):
+        if options.map_features or options.map_states is not None:  # asked for: an error, not a skipped note
+            raise
+        study.notes.append(f"Training maps skipped: {error}")
+    seconds["training_maps"] = time.perf_counter() - start.started
+    if cpu_seconds is not None:  # this process's part: preparing, selecting, decoding (the fits run in workers)
+        cpu_seconds["training_maps"] = start.cpu_seconds + time.process_time() - waited_cpu
+    return maps
+
+
+def study_tables(study: Study, metrics: pd.DataFrame, options: AnalysisOptions, score, timer) -> dict:
+    """The statistics, spikes and outliers of the study (``timer(stage)``: a :func:`timed` block)."""
+    names = key_metrics(metrics, options.tasks)
+    with timer("stats"):
         blocks = run_blocks(metrics)  # each run's rows as slices (None unless laid out as tidy() leaves them)
+        steps = checkpoint_steps(metrics)
         stats = cross_seed_stats(
-            metrics, steps=checkpoint_steps(metrics), n_resamples=options.n_resamples, random_state=options.random_state
+            metrics, steps=steps, n_resamples=options.n_resamples, random_state=options.random_state
         )
         finals = {name: final_values(metrics, name, blocks=blocks) for name in names}  # once per metric
         comparisons = size_comparisons(metrics, names, options, finals)
         spread = pd.DataFrame([spread_test(metrics, n, values=finals[n]) for n in names])
-    with timed(seconds, "spikes", cpu_seconds):
+    with timer("spikes"):
         spike_scores, spikes = find_spikes(
             metrics, window_values=options.spike_window_values, threshold_sd=options.spike_threshold_sd, blocks=blocks
         )
-    with timed(seconds, "outliers", cpu_seconds):
+    with timer("outliers"):
         outliers = find_outliers(
-            study.metrics,
-            options.tasks,
-            options.outlier_metrics,
-            options.outlier_rule,
-            options.mad_threshold,
-            score=score,
-            blocks=blocks,
+            study.metrics, options.tasks, options.outlier_metrics, score=score, blocks=blocks, knobs=options.knobs()
         )  # study.metrics: a prefix
-    tables = {
+    return {
         "metrics": metrics,
         "names": names,
         "stats": stats,
@@ -215,79 +221,26 @@ def compute(
         "maps": None,
         "blocks": blocks,
     }
+
+
+def compute(
+    study: Study, options: AnalysisOptions, seconds: dict, cpu_seconds: dict | None = None, while_maps_fit=None
+) -> dict:
+    """All tables of the analysis (no files written).
+
+    The training maps' HMM fits start first and run in worker processes (for a large study, see
+    :func:`analysis.map_fit.fit_all`) while this process computes the statistics, spikes and
+    outliers, and then calls ``while_maps_fit(tables)`` (when given) with every table but the maps;
+    ``seconds["training_maps"]`` is the wall time from their start until the maps are ready, so it
+    overlaps the other stages."""
+    score = standardised_score(study.metrics, options.tasks)
+    metrics = with_standardised_accuracy(study.metrics, score)
+    maps = start_maps(metrics, options)
+    tables = study_tables(study, metrics, options, score, lambda stage: timed(seconds, stage, cpu_seconds))
     if while_maps_fit is not None:
         while_maps_fit(tables)
-    maps, waited_cpu = None, time.process_time()
-    try:
-        if maps_error is not None:
-            raise maps_error
-        maps = maps_job.result()
-        study.notes.extend(maps.notes)
-    except AnalysisError as error:
-        if options.map_features or options.map_states is not None:  # asked for: an error, not a skipped note
-            raise
-        study.notes.append(f"Training maps skipped: {error}")
-    seconds["training_maps"] = time.perf_counter() - maps_started
-    if cpu_seconds is not None:  # this process's part: preparing, selecting, decoding (the fits run in workers)
-        cpu_seconds["training_maps"] = maps_cpu + time.process_time() - waited_cpu
-    tables["maps"] = maps
+    tables["maps"] = finish_maps(maps, study, options, seconds, cpu_seconds)
     return tables
-
-
-def outlier_seeds(outliers: pd.DataFrame, runs: pd.DataFrame) -> dict[str, set[str]]:
-    """Per model, the run labels flagged by any outlier rule or tagged diverged / not FINISHED."""
-    seeds: dict[str, set[str]] = {}
-    for row in outliers.itertuples():
-        seeds.setdefault(str(row.model), set()).add(str(row.seed))
-    bad = runs[(runs["diverged"].astype(bool)) | (runs["status"].astype(str) == "FAILED")]
-    for row in bad.itertuples():
-        seeds.setdefault(str(row.model), set()).add(str(row.seed))
-    return seeds
-
-
-def curve_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The PNGs of the report that do not need the training maps: loss curves and key metrics."""
-    from analysis import plots  # matplotlib is imported only when figures are drawn
-
-    metrics, flagged = tables["metrics"], outlier_seeds(tables["outliers"], runs)
-    blocks = tables.get("blocks")  # each run's rows as slices, when the table is laid out for it
-    figures = [
-        plots.plot_loss_curves(metrics, flagged, out_dir / "analysis_loss_curves.png", blocks=blocks),
-        plots.plot_metrics(
-            metrics, [n for n in tables["names"] if n != "train/loss"], out_dir / "analysis_metrics.png", blocks=blocks
-        ),
-    ]
-    return [f for f in figures if f is not None]
-
-
-def map_figures(tables: dict, runs: pd.DataFrame, out_dir: Path) -> list[Path]:
-    """The PNGs of the training maps (none without maps)."""
-    from analysis import plots
-
-    metrics, flagged, figures = tables["metrics"], outlier_seeds(tables["outliers"], runs), []
-    maps = tables["maps"]
-    if maps is not None:
-        names = set(map(str, metrics["metric"].unique()))
-        score_name = next(
-            (n for n in (STANDARDISED_METRIC, "valid/loss", "train/loss") if n in names), maps.features[0]
-        )
-        score = metrics[metrics["metric"] == score_name]
-        for model in sort_models(maps.paths["model"].unique()):
-            departing = set(maps.departures.loc[maps.departures["model"] == model, "seed"])
-            figures.append(
-                plots.plot_training_map(
-                    score,
-                    maps.paths,
-                    model,
-                    flagged.get(model, set()) | departing,
-                    out_dir / f"analysis_training_map_{model}.png",
-                    score_name,
-                )
-            )
-            figures.append(
-                plots.plot_map_selection(maps.selection, model, out_dir / f"analysis_map_selection_{model}.png")
-            )
-    return [f for f in figures if f is not None]
 
 
 def write_tables(tables: dict, runs: pd.DataFrame, out_dir: Path) -> None:
@@ -312,6 +265,7 @@ def run_analysis(
 ) -> AnalysisResult:
     """Analyse a study into ``out_dir`` (created); when it came from MLflow, also log the folder as artifacts."""
     from analysis.markdown import write_report
+    from analysis.report_figures import curve_figures, map_figures
 
     options = options or AnalysisOptions()
     out_dir = Path(out_dir)
@@ -353,7 +307,7 @@ def run_analysis(
 
 def log_artifacts(study: Study, out_dir: Path) -> str:
     """Log ``out_dir`` under ``analysis/`` of the sweep's parent run, or of a new ``polypythia.kind=analysis`` run."""
-    from analysis.load import mlflow_client
+    from analysis.mlflow_load import mlflow_client
 
     client, _ = mlflow_client(study.tracking_uri)
     run_id = study.parent_run_id

@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.tidy_table import run_blocks
+
 SPIKE_METRICS = ("train/loss", "train/grad_norm")
 SCORE_COLUMNS = ["model", "seed", "metric", "n_values", "n_spike_values", "spike_score", "n_spikes"]
 SPIKE_COLUMNS = [
@@ -84,9 +86,7 @@ def spikes_of_series(
 def runs_of(metrics: pd.DataFrame, names, blocks: pd.DataFrame | None = None):
     """(model, seed, metric), steps and values of each run of the metrics in ``names``, steps ascending,
     in (model, seed, metric) order: array slices of the table when it is laid out as ``tidy`` leaves it
-    (:func:`analysis.load.run_blocks`), else grouped and sorted."""
-    from analysis.load import run_blocks
-
+    (:func:`analysis.tidy_table.run_blocks`), else grouped and sorted."""
     blocks = run_blocks(metrics, names) if blocks is None else blocks[blocks["metric"].isin(list(names)).to_numpy()]
     if blocks is not None:
         steps, values = metrics["step"].to_numpy(), metrics["value"].to_numpy(dtype="float64")
@@ -113,7 +113,7 @@ def find_spikes(
     """Spike scores (one row per run and metric) and the spike list (one row per spike).
 
     ``window_values`` counts logged values, not steps (a run that logs every 10 steps looks back
-    10,000 steps with the default 1,000). ``blocks``: :func:`analysis.load.run_blocks` of ``metrics``.
+    10,000 steps with the default 1,000). ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics``.
     """
     scores, spikes = [], []
     for (model, seed, metric), steps, values in runs_of(metrics, spike_metrics, blocks):

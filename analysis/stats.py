@@ -241,7 +241,7 @@ def multi_bootstrap(
 def last_row_per_run(rows: pd.DataFrame) -> np.ndarray:
     """Positions of each (model, seed) run's row with the largest step (of equal steps, the later row),
     runs in (model, seed) order: the categories' order (sizes by parameter count, run labels 0, 1, ...,
-    10) or, for plain columns, sorted. One pass over the rows when, as :func:`analysis.load.tidy` leaves
+    10) or, for plain columns, sorted. One pass over the rows when, as :func:`analysis.tidy_table.tidy` leaves
     them, each run's rows are contiguous with rising steps; otherwise a stable sort."""
 
     def codes(column: pd.Series) -> np.ndarray:
@@ -269,7 +269,7 @@ def final_values(
     metrics: pd.DataFrame, metric: str, step: int | None = None, blocks: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """One value per (model, seed) of ``metric``: at ``step``, or at each run's last logged step (runs in
-    model and run-label order, see :func:`last_row_per_run`). ``blocks``: :func:`analysis.load.run_blocks`
+    model and run-label order, see :func:`last_row_per_run`). ``blocks``: :func:`analysis.tidy_table.run_blocks`
     of ``metrics``, to read each run's last row directly."""
     if step is None and blocks is not None:
         runs = blocks[(blocks["metric"] == metric).to_numpy()]

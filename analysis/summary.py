@@ -12,8 +12,9 @@ import pandas as pd
 
 from analysis.configs import check_one_training_config
 from analysis.errors import AnalysisError
-from analysis.load import find_experiment, mlflow_client, runs_table, sort_models
+from analysis.mlflow_load import find_experiment, mlflow_client, runs_table
 from analysis.outliers import MIN_SEEDS_FOR_MAD, mad_flags
+from analysis.tidy_table import sort_models
 from analysis.values import final_per_run
 from polypythia.study import label_order, parse_run_label, search_job_runs
 

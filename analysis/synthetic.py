@@ -1,7 +1,8 @@
 """Synthetic studies with known ground truth, for tests, the benchmark and trying the analysis.
 
 A study has per-step ``train/loss`` and ``train/grad_norm`` curves, and at the Pythia checkpoint
-steps 14 ``weights/*`` features, ``valid/loss`` and ``eval/<task>/acc`` for four tasks. Outlier
+steps the ``weights/*`` features (the statistics in ``WEIGHT_STATISTICS`` of
+polypythia/evaluate/weight_stats.py), ``valid/loss`` and ``eval/<task>/acc`` for four tasks. Outlier
 seeds (accuracy collapse from a given step, optional partial recovery, with the weight features
 falling back to an earlier phase) and loss spikes at given steps can be injected.
 """
@@ -13,10 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.load import tidy
+from analysis.tidy_table import tidy
 
 TASKS = ("arc_easy", "lambada_openai", "piqa", "sciq")
-# The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there).
+# The names polypythia/evaluate/weight_stats.py logs (FEATURE_NAMES there, which
+# tests/analysis/test_training_maps.py checks; not imported, so that a synthetic study needs no torch).
 WEIGHT_FEATURES = tuple(
     f"weights/{name}"
     for name in (
@@ -117,7 +119,7 @@ def checkpoint_values(
     spec: StudySpec, rng: np.random.Generator, model: str, steps: np.ndarray, phase_means: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Weight features, validation loss and task accuracies, (seeds x checkpoints) each, of every seed of
-    one size (per seed: its 14 features, validation loss, then each task's accuracy noise, in seed order)."""
+    one size (per seed: its weight features, validation loss, then each task's accuracy noise, in seed order)."""
     progress = 1 / (1 + np.exp(-(np.log1p(steps) - 7.5)))  # 0 at init, ~1 at the end
     n_steps, n_features = len(steps), len(WEIGHT_FEATURES)
     noise = rng.standard_normal((spec.n_seeds, n_steps * (n_features + 1 + len(TASKS))))
@@ -148,9 +150,9 @@ def checkpoint_values(
 
 def synthetic_study(spec: StudySpec | None = None, dense_loss: bool = True) -> pd.DataFrame:
     """A tidy table (model, seed, step, metric, value) following ``spec``, built column by column in the
-    order :func:`analysis.load.tidy` gives (model, seed, metric, step), with categorical model, seed and
+    order :func:`analysis.tidy_table.tidy` gives (model, seed, metric, step), with categorical model, seed and
     metric columns (a 500-run study with dense curves is 143 million rows, about 2.5 GB)."""
-    from analysis.load import sort_models
+    from analysis.tidy_table import sort_models
     from polypythia.study import label_order
 
     spec = spec or StudySpec()
@@ -219,11 +221,9 @@ def correlated_study(
     offset_share: float = 0.4,
     spread: float = 0.04,
     dips: tuple[Dip, ...] = (),
-    model: str = "410m",
-    metric: str = "score",
     random_state: int = 0,
 ) -> pd.DataFrame:
-    """A one-metric study shaped like the PolyPythias training-map score: a sigmoid in log-step from
+    """A one-metric study (``score`` of model ``410m``) shaped like the PolyPythias training-map score: a sigmoid in log-step from
     about -1.1 to 1.05 on the study's 27 evaluation checkpoints, each run off the median by a constant
     offset (``offset_share`` of the variance) plus AR(1) noise correlated ``correlation`` between
     consecutive checkpoints, total cross-seed SD ``spread``; ``dips`` planted on top."""
@@ -242,10 +242,10 @@ def correlated_study(
     return tidy(
         pd.DataFrame(
             {
-                "model": model,
+                "model": "410m",
                 "seed": seeds.ravel(),
                 "step": step_grid.ravel(),
-                "metric": metric,
+                "metric": "score",
                 "value": values.ravel(),
             }
         )

@@ -4,7 +4,7 @@ A metric value that is NaN or infinite, an accuracy outside [0, 1], or a loss or
 is a fault of whatever wrote it (a diverged run, a broken evaluation, a hand-edited table). One such
 value would decide a mean or a standard deviation alone (an accuracy of 1e300 gave a mean of 3e299
 and an infinite SD), so :func:`set_aside` drops them and says how many, of which metrics, in one note.
-A run whose loss *ended* non-finite is also reported as diverged (:func:`analysis.load.non_finite_endings`).
+A run whose loss *ended* non-finite is also reported as diverged (:func:`analysis.tidy_table.non_finite_endings`).
 :func:`final_per_run` is what a run's final value is, in the summary and the nondeterminism floor.
 """
 

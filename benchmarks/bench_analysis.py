@@ -21,9 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from analysis.load import Study, runs_from_metrics
 from analysis.report import AnalysisOptions, run_analysis
 from analysis.synthetic import Collapse, Spike, StudySpec, synthetic_study
+from analysis.tidy_table import Study, runs_from_metrics
 
 SIZES = ("14m", "31m", "70m", "160m", "410m")
 

@@ -13,7 +13,7 @@ eye (:func:`unstable_runs`); a run is unstable when any of these holds:
   diverged   its MLflow run ended in a non-finite loss or not FINISHED (``analysis.load``); every
              cell trains with ``train.loss_ceiling`` = ln(vocabulary), the loss of a uniform guess,
              and ``train.loss_ceiling_steps=50``, so a run that stays worse than chance for 50
-             steps is stopped by the job's own divergence check (``polypythia.train.faults``)
+             steps is stopped by the job's own divergence check (``polypythia.train.guards``)
   outlier    an outlier episode against its sibling seeds in the same cell: the calibrated
              trajectory rule of ``analysis.outliers.find_outliers`` on ``valid/loss`` at every
              checkpoint, or its final-value MAD rule (5 or more seeds), both with the defaults of
@@ -106,7 +106,7 @@ def parse_variant(text: str) -> tuple[str, tuple[str, ...]]:
 
 
 def unstable_runs(study, spike_window: int = 128, spike_sd: float = 6.0) -> dict[str, list[str]]:
-    """Per run label (seed) of ``study`` (an :class:`analysis.load.Study` of one cell), the reasons it
+    """Per run label (seed) of ``study`` (an :class:`analysis.tidy_table.Study` of one cell), the reasons it
     counts as unstable (empty: stable); see the module docstring for the three rules."""
     from analysis.outliers import find_outliers
     from analysis.spikes import find_spikes
@@ -172,7 +172,7 @@ def done_seeds(uri: str | None, study: str) -> set[int]:
     if uri is None:
         return set()
     from analysis.errors import AnalysisError
-    from analysis.load import find_experiment, mlflow_client, runs_table
+    from analysis.mlflow_load import find_experiment, mlflow_client, runs_table
     from polypythia.study import search_job_runs
 
     try:

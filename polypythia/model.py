@@ -6,7 +6,7 @@ transformers initialises every matrix as N(0, 0.02); Pythia (GPT-NeoX ``init_met
 ``output_layer_init_method: wang_init``) does not, so :func:`init_pythia_weights` re-initialises.
 
 The sizes (14m ... 410m) are the files in ``conf/model/`` (:func:`polypythia.config.jobconfig.model_preset`);
-:meth:`polypythia.config.jobconfig.ModelConfig.build` builds one. Sources: EleutherAI/pythia
+:meth:`polypythia.config.schema.ModelConfig.build` builds one. Sources: EleutherAI/pythia
 ``models/*/pythia-*.yml`` (GPT-NeoX configs) and the Pythia paper (Biderman et al. 2023,
 arXiv:2304.01373); GPT-NeoX ``megatron/model/init_functions.py`` for ``small_init`` and ``wang_init``.
 """
@@ -18,14 +18,8 @@ import math
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-from polypythia.recipe import PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
-
-VOCAB_MULTIPLE = 128  # GPT-NeoX "make-vocab-size-divisible-by"
-
-
-def padded_vocab_size(tokenizer_vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
-    """GPT-NeoX pads the embedding to a multiple of 128 rows (50,277 -> 50,304)."""
-    return int(math.ceil(tokenizer_vocab_size / multiple) * multiple)
+from polypythia.recipe import ATTN_IMPLEMENTATION, PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
+from polypythia.recipe import padded_vocab_size as padded_vocab_size  # the rule, re-exported (benchmarks)
 
 
 def gpt_neox_config(
@@ -95,7 +89,7 @@ def build_model(
     vocab_size: int,
     weight_seed: int,
     max_positions: int = PYTHIA_MAX_POSITIONS,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = ATTN_IMPLEMENTATION,
     qk_layernorm: bool = False,
 ) -> GPTNeoXForCausalLM:
     """Build a Pythia-initialised GPT-NeoX whose weights depend only on ``weight_seed``; with

@@ -38,6 +38,7 @@ class OutlierRule:
     min_checkpoints: int = 1  # checkpoints beyond the threshold needed to start an episode
     causal: bool = True  # pool over past checkpoints only (False: centred window, offline only)
     error: ClassVar[type[Exception]] = ValueError  # what a bad knob raises (the analysis: AnalysisError)
+    DEFAULT: ClassVar[OutlierRule]  # every knob at its default (one shared instance: the rule is frozen)
 
     def __post_init__(self):
         if not 0 < self.false_alarm_rate < 0.5:
@@ -49,6 +50,9 @@ class OutlierRule:
                 "The outlier rule needs band_sd > 0, scale_window >= 1, min_runs >= 3 and "
                 "min_checkpoints >= 1; check the --band-sd / --min-checkpoints options."
             )
+
+
+OutlierRule.DEFAULT = OutlierRule()
 
 
 def for_study_length(rule: OutlierRule, n_steps: int) -> OutlierRule:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from hydra import compose, initialize_config_dir
 
-from analysis.load import Study, runs_from_metrics, tidy
+from analysis.tidy_table import Study, runs_from_metrics, tidy
 from polypythia.config.jobconfig import job_config, model_preset
 
 REPO = Path(__file__).resolve().parent.parent

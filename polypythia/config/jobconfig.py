@@ -1,25 +1,24 @@
-"""The typed schema of one job's configuration, its defaults, and its validation.
+"""One job's configuration: the :class:`JobConfig` that gathers the sections, its named checks, and
+its registration with Hydra.
 
-One source of truth. Each default is written once, in the dataclasses below: they are both the
-schema (the keys and their types) and the default values. They are registered with Hydra's
-ConfigStore as ``polypythia_defaults``, which ``conf/config.yaml`` puts first in its defaults
-list, so Hydra composes them like any config file (Hydra 1.3, "Structured Config schema" and
-"Config Store API": https://hydra.cc/docs/1.3/tutorials/structured_config/schema,
-https://hydra.cc/docs/1.3/tutorials/structured_config/config_store). The YAML files under
-``conf/`` hold only what differs from these defaults: the model sizes (``conf/model/``, the one
-Pythia size table, each entry citing its GPT-NeoX config) and the budgets (``conf/budget/``),
-which the dataclasses leave ``MISSING``, plus the data kinds and the study presets.
+Each default is written once, in a dataclass: the sections' in :mod:`polypythia.config.schema` (and
+:mod:`polypythia.config.monitor`), the job's own keys (study, seeds, home, ...) in :class:`JobConfig`
+below. They are both the schema (the keys and their types) and the default values, registered with
+Hydra's ConfigStore as ``polypythia_defaults``, which ``conf/config.yaml`` puts first in its defaults
+list (Hydra 1.3, "Structured Config schema" and "Config Store API":
+https://hydra.cc/docs/1.3/tutorials/structured_config/schema,
+https://hydra.cc/docs/1.3/tutorials/structured_config/config_store). The YAML files under ``conf/``
+hold only what differs from these defaults: the model sizes (``conf/model/``, each citing its GPT-NeoX
+config) and the budgets (``conf/budget/``), which the dataclasses leave ``MISSING``, the data kinds and
+the study presets. Why dataclasses rather than YAML: a job's config is also built from plain dicts
+outside Hydra (tests, benchmarks, an evaluation rebuilding a run's config from its MLflow params), and
+those rely on the defaults being where the types are. The environment's defaults (``POLYPYTHIA_HOME``,
+the tracking port, ...) come from :mod:`polypythia.runtime.env`.
 
-Why dataclasses rather than YAML as the source: a job's config is also built from plain dicts
-outside Hydra (tests, benchmarks, the evaluation rebuilding a run's config from its MLflow params,
-data-parallel ranks), and those rely on the defaults being where the types are. The environment's
-defaults (``POLYPYTHIA_HOME``, the tracking port, ...) come from :mod:`polypythia.runtime.env`.
-
-The defaults are stored untyped (a plain dict, as the Config Store API allows), so Hydra composes
-without checking types; :func:`job_config` then turns one composed config into a :class:`JobConfig`,
-checking types (through OmegaConf's structured configs) and values (in ``check()`` methods), so that
-every user mistake, a wrong type included, surfaces as one :class:`ConfigError` sentence before any
-job starts.
+The defaults are stored untyped, so Hydra composes without checking types; :func:`job_config` then
+turns one composed config into a :class:`JobConfig`, checking types (OmegaConf's structured configs)
+and values (:data:`JOB_CHECKS`), so that every mistake surfaces as one :class:`ConfigError` sentence
+before any job starts.
 """
 
 from __future__ import annotations
@@ -27,41 +26,41 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from polypythia.config.fault import FaultConfig
 from polypythia.config.limits import check_limits
-from polypythia.config.schema import (  # re-exported: the sections of a JobConfig
-    BudgetConfig as BudgetConfig,
+from polypythia.config.monitor import MonitorConfig
+from polypythia.config.preflight import (
+    CPU_SLOW_HOURS,
+    CPU_TRAIN_FLOPS_PER_S,
+    budget_tokens,
+    check_token_ids,
+    format_duration,
+    short_count,
+    training_params,
+    writable_folder_problem,
 )
-from polypythia.config.schema import (
-    DataConfig as DataConfig,
-)
-from polypythia.config.schema import (
-    FaultConfig as FaultConfig,
-)
-from polypythia.config.schema import (
-    LauncherConfig as LauncherConfig,
-)
-from polypythia.config.schema import (
-    ModelConfig as ModelConfig,
-)
-from polypythia.config.schema import (
-    MonitorConfig as MonitorConfig,
-)
-from polypythia.config.schema import (
-    TrackingConfig as TrackingConfig,
-)
-from polypythia.config.schema import (
-    TrainConfig as TrainConfig,
-)
+from polypythia.config.schema import BudgetConfig, DataConfig, LauncherConfig, ModelConfig, TrackingConfig, TrainConfig
 from polypythia.errors import ConfigError
+from polypythia.recipe import GPT_NEOX_20B_TOKENS, VOCAB_MULTIPLE
 from polypythia.runtime import env as runtime_env
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # Hydra's config folder (launch.py's config_path)
 DEFAULTS_NAME = "polypythia_defaults"  # the ConfigStore entry conf/config.yaml starts from
+__all__ = [  # the sections of a JobConfig, re-exported beside it
+    "BudgetConfig",
+    "DataConfig",
+    "FaultConfig",
+    "LauncherConfig",
+    "ModelConfig",
+    "MonitorConfig",
+    "TrackingConfig",
+    "TrainConfig",
+]
 
 
 # DeepSpeed's fp16 optimizer at ZeRO stage 0 with a torch optimizer (FP16_UnfusedOptimizer) divides
@@ -78,7 +77,8 @@ FP16_ZERO0_REFUSED = (
 
 @dataclass
 class JobConfig:
-    """One job: one (model, seed) training run. Every field's default is here (or MISSING)."""
+    """One job: one (model, seed) training run. The job's own keys have their defaults here, each section
+    in its own class."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -100,83 +100,9 @@ class JobConfig:
     runs_dir: str = "${home}/runs"  # checkpoints: <runs_dir>/<study>/<run_name>/
 
     def check(self) -> None:
-        from polypythia.config.preflight import (
-            CPU_SLOW_HOURS,
-            CPU_TRAIN_FLOPS_PER_S,
-            budget_tokens,
-            check_token_ids,
-            format_duration,
-            short_count,
-            training_params,
-            writable_folder_problem,
-        )
-        from polypythia.recipe import PYTHIA_VOCAB_SIZE
-
-        for key in ("seed", "weight_seed", "data_seed", "replicate"):
-            value = getattr(self, key)
-            if value is not None and value < 0:
-                raise ConfigError(f"{key} must be a non-negative integer, got {value}.")
-        check_folder_name("study", self.study)
-        check_folder_name("model.name", self.model.name)
-        self.model.check()
-        self.launcher.check()  # before the budget, whose batch check divides by launcher.workers_per_run
-        self.budget.check(self.launcher.workers_per_run)
-        self.data.check()
-        self.train.check()
-        self.tracking.check()
-        self.monitor.check()
-        check_limits(self)  # the lower bounds of durations and counts (polypythia.config.limits)
-        if self.train.precision == "fp16" and self.launcher.num_gpus_per_job <= 0:
-            raise ConfigError(
-                "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
-                "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
-            )
-        fp16 = self.train.precision == "fp16" or (self.train.precision == "auto" and self.launcher.num_gpus_per_job > 0)
-        if fp16 and self.train.zero_stage == 0:
-            raise ConfigError(FP16_ZERO0_REFUSED)
-        if self.budget.seq_length > self.model.max_positions:
-            raise ConfigError(
-                f"budget.seq_length ({self.budget.seq_length}) exceeds model.max_positions ({self.model.max_positions}), "
-                "the longest sequence the model is built for; lower budget.seq_length or raise model.max_positions."
-            )
-        if self.model.vocab_size is not None:
-            size, tokenizer = self.data.tokenizer_vocab_size()
-            if self.model.vocab_size < size:
-                raise ConfigError(
-                    f"model.vocab_size ({self.model.vocab_size}) is below the {size} tokens of {tokenizer}, so some "
-                    f"token ids would have no embedding row; set model.vocab_size to at least {size}, or null for "
-                    "the tokenizer's vocabulary padded to a multiple of 128."
-                )
-        self.check_run_dir()
-        check_token_ids(self)  # a sample of indexed data's tokens against the model's vocabulary
-        folders = [("runs_dir", self.runs_dir)]
-        folders += [("tracking.dir", self.tracking.dir)] if not self.tracking.uri else []
-        folders += [("data.cache_dir", self.data.cache_dir)] if self.data.kind == "embedded" else []
-        for key, folder in folders:
-            problem = writable_folder_problem(folder)
-            if problem:
-                home = os.path.abspath(self.home)
-                under_home = os.path.commonpath([os.path.abspath(folder), home]) == home
-                fix = (
-                    f"set {runtime_env.HOME_ENV} (or home=...) to a folder you can write to"
-                    if under_home
-                    else f"set {key} to a folder you can write to"
-                )
-                raise ConfigError(f"{key}={folder} cannot be written ({problem}); {fix}.")
-        if self.launcher.num_gpus_per_job <= 0 and not self.launcher.allow_slow:
-            vocab = self.model.vocab_size or (
-                -(-self.data.vocab_size // 128) * 128 if self.data.kind == "embedded" else PYTHIA_VOCAB_SIZE
-            )
-            params, tokens = training_params(self.model, vocab), budget_tokens(self.budget)
-            seconds = 6.0 * params * tokens / CPU_TRAIN_FLOPS_PER_S
-            if seconds > CPU_SLOW_HOURS * 3600:
-                raise ConfigError(
-                    f"model={self.model.name} budget={self.budget.name} on the CPU (launcher.num_gpus_per_job=0) would "
-                    f"take about {format_duration(seconds)} per run (6 x {short_count(params)} weights x "
-                    f"{short_count(tokens)} tokens at an assumed {CPU_TRAIN_FLOPS_PER_S:.0e} FLOP/s, what 2 CPU cores "
-                    "reached); give it GPUs (launcher.num_gpus_per_job=1), pick a smaller budget, or set "
-                    "launcher.allow_slow=true to run anyway."
-                )
+        """Every check of :data:`JOB_CHECKS`, in order: the first problem is raised as one sentence."""
+        for check in JOB_CHECKS:
+            check(self)
 
     @property
     def effective_weight_seed(self) -> int:
@@ -219,6 +145,117 @@ def check_folder_name(key: str, name: str) -> None:
             f"{key} must be a plain name (it names a folder under runs_dir), without '/' and other than "
             f"'.' or '..', got {name!r}; pick a name such as 'pythia-seeds'."
         )
+
+
+# --- the checks JobConfig.check runs, in order ------------------------------------------------------
+
+
+def check_seeds(cfg: JobConfig) -> None:
+    for key in ("seed", "weight_seed", "data_seed", "replicate"):
+        value = getattr(cfg, key)
+        if value is not None and value < 0:
+            raise ConfigError(f"{key} must be a non-negative integer, got {value}.")
+
+
+def check_names(cfg: JobConfig) -> None:
+    check_folder_name("study", cfg.study)
+    check_folder_name("model.name", cfg.model.name)
+
+
+def check_sections(cfg: JobConfig) -> None:
+    """Each section's own checks (:mod:`polypythia.config.schema`)."""
+    cfg.model.check()
+    cfg.launcher.check()  # before the budget, whose batch check divides by launcher.workers_per_run
+    cfg.budget.check(cfg.launcher.workers_per_run)
+    cfg.data.check()
+    cfg.train.check()
+    cfg.tracking.check()
+    cfg.monitor.check()
+
+
+def check_precision(cfg: JobConfig) -> None:
+    """fp16 needs a GPU, and (:data:`FP16_ZERO0_REFUSED`) a ZeRO stage above 0."""
+    gpus = cfg.launcher.num_gpus_per_job > 0
+    if cfg.train.precision == "fp16" and not gpus:
+        raise ConfigError(
+            "train.precision=fp16 needs a GPU per worker (DeepSpeed has no fp16 on CPU): set "
+            "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
+        )
+    fp16 = cfg.train.precision == "fp16" or (cfg.train.precision == "auto" and gpus)
+    if fp16 and cfg.train.zero_stage == 0:
+        raise ConfigError(FP16_ZERO0_REFUSED)
+
+
+def check_seq_length(cfg: JobConfig) -> None:
+    if cfg.budget.seq_length > cfg.model.max_positions:
+        raise ConfigError(
+            f"budget.seq_length ({cfg.budget.seq_length}) exceeds model.max_positions ({cfg.model.max_positions}), "
+            "the longest sequence the model is built for; lower budget.seq_length or raise model.max_positions."
+        )
+
+
+def check_vocab_size(cfg: JobConfig) -> None:
+    """A set ``model.vocab_size`` holds every token id of the tokenizer."""
+    if cfg.model.vocab_size is None:
+        return
+    size, tokenizer = cfg.data.tokenizer_vocab_size()
+    if cfg.model.vocab_size < size:
+        raise ConfigError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is below the {size} tokens of {tokenizer}, so some "
+            f"token ids would have no embedding row; set model.vocab_size to at least {size}, or null for "
+            f"the tokenizer's vocabulary padded to a multiple of {VOCAB_MULTIPLE}."
+        )
+
+
+def check_folders_writable(cfg: JobConfig) -> None:
+    """The folders the job writes to can be written, the fix naming home when they lie under it."""
+    folders = [("runs_dir", cfg.runs_dir)]
+    folders += [("tracking.dir", cfg.tracking.dir)] if not cfg.tracking.uri else []
+    folders += [("data.cache_dir", cfg.data.cache_dir)] if cfg.data.kind == "embedded" else []
+    for key, folder in folders:
+        problem = writable_folder_problem(folder)
+        if problem:
+            home = os.path.abspath(cfg.home)
+            under_home = os.path.commonpath([os.path.abspath(folder), home]) == home
+            fix = (
+                f"set {runtime_env.HOME_ENV} (or home=...) to a folder you can write to"
+                if under_home
+                else f"set {key} to a folder you can write to"
+            )
+            raise ConfigError(f"{key}={folder} cannot be written ({problem}); {fix}.")
+
+
+def check_cpu_time(cfg: JobConfig) -> None:
+    """A CPU job whose budget would take longer than :data:`CPU_SLOW_HOURS` needs ``launcher.allow_slow``."""
+    if cfg.launcher.num_gpus_per_job > 0 or cfg.launcher.allow_slow:
+        return
+    tokenizer_size = cfg.data.vocab_size if cfg.data.kind == "embedded" else GPT_NEOX_20B_TOKENS
+    params = training_params(cfg.model, cfg.model.padded_vocab_size(tokenizer_size))
+    tokens = budget_tokens(cfg.budget)
+    seconds = 6.0 * params * tokens / CPU_TRAIN_FLOPS_PER_S
+    if seconds > CPU_SLOW_HOURS * 3600:
+        raise ConfigError(
+            f"model={cfg.model.name} budget={cfg.budget.name} on the CPU (launcher.num_gpus_per_job=0) would "
+            f"take about {format_duration(seconds)} per run (6 x {short_count(params)} weights x "
+            f"{short_count(tokens)} tokens at an assumed {CPU_TRAIN_FLOPS_PER_S:.0e} FLOP/s, what 2 CPU cores "
+            "reached); give it GPUs (launcher.num_gpus_per_job=1), pick a smaller budget, or set "
+            "launcher.allow_slow=true to run anyway."
+        )
+
+
+JOB_CHECKS: tuple[Callable[[JobConfig], None], ...] = (
+    check_seeds,
+    check_names,
+    check_sections,
+    check_limits,  # the lower bounds of durations and counts (polypythia.config.limits)
+    check_precision,
+    check_seq_length,
+    check_vocab_size,
+    JobConfig.check_run_dir,
+    check_token_ids,  # a sample of indexed data's tokens against the model's vocabulary
+    check_folders_writable,
+    check_cpu_time,
+)
 
 
 _PATH_FIELDS = (

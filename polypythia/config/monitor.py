@@ -28,8 +28,8 @@ class MonitorConfig:
 
     every_steps: int = 10  # the in-step signals every this many optimizer steps (0: off)
     spikes: bool = True  # spike detection on train/loss and train/grad_norm, every step
-    spike_window: int = 128
-    spike_threshold_sd: float = 6.0
+    spike_window: int = 128  # OLMo-core StabilityMonitorCallback: window_size=128 ...
+    spike_threshold_sd: float = 6.0  # ... threshold_std=6
     spike_min_values: Optional[int] = None  # previous values a verdict needs (null: the whole window)
     cross_seed: bool = True  # in a sweep, the driver compares each run's smoothed train/loss with its sibling seeds' (polypythia.stability)
     cross_seed_every_steps: Optional[int] = (

@@ -1,5 +1,5 @@
-"""The sections of a job's configuration (model, budget, data, train, tracking, launcher): typed
-fields, their defaults and their checks. :mod:`polypythia.config.jobconfig` assembles them into one
+"""The sections of a job's configuration (model, budget, data, train, tracking, launcher; monitor and
+train.fault in modules of their own): typed fields, their defaults and their checks. :mod:`polypythia.config.jobconfig` assembles them into one
 :class:`~polypythia.config.jobconfig.JobConfig`, registers the defaults with Hydra and validates; see its
 docstring for why the defaults live here rather than in YAML.
 """
@@ -13,10 +13,17 @@ from typing import TYPE_CHECKING, Optional
 
 from omegaconf import MISSING
 
-from polypythia.config.monitor import MonitorConfig  # noqa: F401  (a section of the schema, in its own module)
+from polypythia.config.fault import FaultConfig
+from polypythia.config.monitor import MonitorConfig as MonitorConfig  # a section, in its own module
 from polypythia.config.preflight import is_file_store, tokenizer_file_size
 from polypythia.errors import ConfigError
-from polypythia.recipe import PYTHIA_MAX_POSITIONS, PYTHIA_VOCAB_SIZE
+from polypythia.recipe import (
+    ATTN_IMPLEMENTATION,
+    PYTHIA_MAX_POSITIONS,
+    PYTHIA_VOCAB_SIZE,
+    VOCAB_MULTIPLE,
+    padded_vocab_size,
+)
 from polypythia.runtime import env as runtime_env
 
 if TYPE_CHECKING:
@@ -32,7 +39,7 @@ class ModelConfig:
     hidden_size: int = MISSING
     num_heads: int = MISSING
     lr: float = MISSING  # peak learning rate of the cosine schedule
-    # null: the tokenizer's vocabulary padded to a multiple of 128, as GPT-NeoX does.
+    # null: the tokenizer's vocabulary padded to a multiple of 128, as GPT-NeoX does (recipe.padded_vocab_size)
     vocab_size: Optional[int] = None
     max_positions: int = PYTHIA_MAX_POSITIONS
     # LayerNorm on each head's queries and keys (polypythia.qknorm; Wortsman et al. 2023); not Pythia's recipe
@@ -53,13 +60,11 @@ class ModelConfig:
         if self.vocab_size is not None and self.vocab_size < 1:
             raise ConfigError(
                 f"model.vocab_size must be at least 1, or null for the tokenizer's vocabulary padded to a "
-                f"multiple of 128, got {self.vocab_size}."
+                f"multiple of {VOCAB_MULTIPLE}, got {self.vocab_size}."
             )
 
     def padded_vocab_size(self, tokenizer_vocab_size: int) -> int:
-        """``vocab_size``, or (null) the tokenizer's vocabulary padded to a multiple of 128."""
-        from polypythia.model import padded_vocab_size
-
+        """``vocab_size``, or (null) the tokenizer's vocabulary padded (:func:`polypythia.recipe.padded_vocab_size`)."""
         return self.vocab_size or padded_vocab_size(tokenizer_vocab_size)
 
     def gpt_neox_config(self, vocab_size: int = PYTHIA_VOCAB_SIZE) -> GPTNeoXConfig:
@@ -68,7 +73,9 @@ class ModelConfig:
 
         return gpt_neox_config(self.num_layers, self.hidden_size, self.num_heads, vocab_size, self.max_positions)
 
-    def build(self, vocab_size: int, weight_seed: int, attn_implementation: str = "sdpa") -> GPTNeoXForCausalLM:
+    def build(
+        self, vocab_size: int, weight_seed: int, attn_implementation: str = ATTN_IMPLEMENTATION
+    ) -> GPTNeoXForCausalLM:
         """The network with Pythia's initialisation, its weights decided by ``weight_seed`` alone."""
         from polypythia.model import build_model
 
@@ -172,41 +179,6 @@ class DataConfig:
 
 
 @dataclass
-class FaultConfig:
-    """Fault injection, for testing how a study survives failures and how the stability monitor sees
-    an instability (all off by default). Steps count optimizer steps from 1, as the logged metrics do."""
-
-    nan_at_step: Optional[int] = None  # report a NaN loss at this step ...
-    nan_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
-    kill_at_step: Optional[int] = None  # SIGKILL the job's process once, after this step ...
-    kill_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job) ...
-    kill_ranks: Optional[list[int]] = None  # ... and these data-parallel ranks (null: every rank)
-    lr_boost_at_step: Optional[int] = None  # multiply the learning rate of this optimizer step and every later one ...
-    lr_boost: float = 10.0  # ... by this factor ...
-    lr_boost_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
-    repeat_batch_at_step: Optional[int] = None  # train this step on a batch of one token repeated ...
-    repeat_batch_steps: int = 1  # ... and as many steps from it as this ...
-    repeat_batch_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
-    hang_at_step: Optional[int] = None  # sleep forever after this step (the stall watchdog's test) ...
-    hang_seeds: Optional[list[int]] = None  # ... in jobs with these seeds (null: every job)
-    kill_in_evaluation: bool = (
-        False  # SIGKILL the job once, as soon as a checkpoint evaluation pass has done one checkpoint
-    )
-
-    def check(self) -> None:
-        for key in ("nan_at_step", "kill_at_step", "lr_boost_at_step", "repeat_batch_at_step", "hang_at_step"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"train.fault.{key} must be a step of at least 1 (steps count from 1), got {value}.")
-        if not (self.lr_boost > 0 and math.isfinite(self.lr_boost)):
-            raise ConfigError(
-                f"train.fault.lr_boost must be a positive factor on the learning rate, got {self.lr_boost}."
-            )
-        if self.repeat_batch_steps < 1:
-            raise ConfigError(f"train.fault.repeat_batch_steps must be at least 1, got {self.repeat_batch_steps}.")
-
-
-@dataclass
 class TrainConfig:
     """The Pythia optimiser recipe (EleutherAI/pythia ``models/*/pythia-*.yml``, GPT-NeoX): Adam
     (0.9, 0.95), eps 1e-8, weight decay 0.1, gradient clipping 1.0, ZeRO stage 1; fp16 with dynamic
@@ -222,7 +194,7 @@ class TrainConfig:
     z_loss: float = (
         0.0  # coefficient of log(Z)^2 of the output softmax added to the loss (PaLM: 1e-4); 0: off, as Pythia
     )
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = ATTN_IMPLEMENTATION  # "sdpa" (torch's fused kernel), "eager", ...
     activation_checkpointing: bool = False
     compile: bool = False
     threads: Optional[int] = None  # torch intra-op threads; null: the CPUs Ray gave the job
@@ -344,9 +316,3 @@ class LauncherConfig:
             raise ConfigError(
                 f"launcher.stall_timeout_s must be 0 (off) or a number of seconds, got {self.stall_timeout_s}."
             )
-
-
-# What the CPU estimate assumes: a training step of 6 x N FLOPs per token at this rate. Measured on this
-# project's development machine (2 cores AMD EPYC, no GPU; README "Performance"): a 70m step of 1,024
-# tokens (N = 23.1M with the embedded 8,192-token vocabulary) took 1.19 s, i.e. 6 x 23.1M x 1,024 / 1.19
-# = 1.2e11 FLOP/s for the whole machine; 1e11 is that, rounded down. Other CPUs differ: the estimate is a

@@ -121,7 +121,7 @@ class SeedBandMonitor:
     ``step`` are not its own (a rewound run's abandoned branch, see :mod:`polypythia.driver.actions`):
     they are not read, and :meth:`forget` lets the new branch be decided again."""
 
-    def __init__(self, groups: list[Group], rule: OutlierRule = OutlierRule()):
+    def __init__(self, groups: list[Group], rule: OutlierRule = OutlierRule.DEFAULT):
         self.groups = [g for g in groups if g.members]
         self.rule = rule
         self.latest: dict[int, Decision] = {}  # each run's last decision with a deviation

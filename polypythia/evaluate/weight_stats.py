@@ -1,4 +1,4 @@
-"""Per-checkpoint weight statistics: the 14 features that training maps are fitted on.
+"""Per-checkpoint weight statistics: the features that training maps are fitted on (:data:`WEIGHT_STATISTICS`).
 
 Hu, Chen, Saphra and Cho ("Latent State Models of Training Dynamics", TMLR 2023) describe a
 checkpoint by statistics of its weight matrices; a Gaussian HMM over these features, fitted on
@@ -11,7 +11,7 @@ the mean, median and variance of all weights pooled together, and of all biases.
 
 Two definitions. The paper's prose and the code PolyPythias released for its training maps
 (EleutherAI/pythia, branch ``polypythias``, ``polypythias/training-maps/extract_metrics.py``)
-do not compute the same numbers, so both are offered, under the same 14 ``FEATURE_NAMES``:
+do not compute the same numbers, so both are offered, under the same ``FEATURE_NAMES``:
 
 ``"polypythias"`` (the default): exactly what that released code computes, so that our maps can
 be compared with the published PolyPythias ones. It iterates the parameters of a transformers 4.x
@@ -54,65 +54,44 @@ torch's float32 vector norms of a 50304 x 1024 embedding are a few percent off o
 torch 2.13), so its L1 and L2 can differ from ours by that rounding; everything else agrees to
 float32 precision. ``benchmarks/bench_weight_stats.py`` times a 410m-shaped model under both
 definitions.
+
+The statistics are a table, :data:`WEIGHT_STATISTICS`: a row names a statistic, says what it is taken
+over (each weight matrix, then averaged over the matrices; or all weights, or all biases, pooled) and
+gives its function (of a :class:`Matrix` or of a :class:`Pooled`). A new statistic is one new row;
+``FEATURE_NAMES`` (the order of the ``weights/*`` metrics) follows the table.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from polypythia.errors import PolypythiaError
-
-FEATURE_NAMES: tuple[str, ...] = (
-    "l1",
-    "l2",
-    "trace",
-    "spectral",
-    "code_sparsity",
-    "computational_sparsity",
-    "sv_mean",
-    "sv_var",
-    "w_mean",
-    "w_median",
-    "w_var",
-    "b_mean",
-    "b_median",
-    "b_var",
+from polypythia.evaluate.weight_parameters import (
+    _LAYER_PATTERN,
+    WeightStatsError,
+    _block_parameters,
+    _polypythias_keeps,
+    block_matrices,
+    hf4_name,
+    polypythias_parameters,
 )
+from polypythia.evaluate.weight_parameters import split_qkv as split_qkv
 
-# The two definitions (see the module docstring); FEATURE_NAMES are the same under both.
+# The two definitions (see the module docstring); the statistics are the same under both.
 DEFINITIONS: tuple[str, ...] = ("polypythias", "hu")
 DEFAULT_DEFINITION = "polypythias"
-
-# Suffixes of the four stored linear layers of a GPT-NeoX block (any prefix, e.g. "module.").
-_QKV = "attention.query_key_value"
-_BLOCK_LINEARS = (_QKV, "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-_LAYER_PATTERN = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(" + "|".join(re.escape(n) for n in _BLOCK_LINEARS) + r")\.(weight|bias)$"
-)
-
-# The parameters of a transformers 4.x GPTNeoXForCausalLM, below "gpt_neox." (any prefix before it) ...
-_HF4_BODY = re.compile(
-    r"(?:^|\.)(?P<tail>embed_in\.weight|final_layer_norm\.(?:weight|bias)|layers\.\d+\.(?:input_layernorm|"
-    r"post_attention_layernorm|" + "|".join(re.escape(n) for n in _BLOCK_LINEARS) + r")\.(?:weight|bias))$"
-)
-# ... and its output head: "embed_out" under transformers 4.x, "lm_head" under 5.x.
-_HF4_HEAD = re.compile(r"(?:^|\.)(?:embed_out|lm_head)\.weight$")
 
 # extract_metrics.py zeroes singular values below this before their mean and variance.
 _POLYPYTHIAS_SV_FLOOR = 1e-5
 
 # How many same-shaped matrices go through svdvals at once: bounds the memory of the stack.
 _SVD_BATCH_MATRICES = 16
-
-
-class WeightStatsError(PolypythiaError, ValueError):
-    """A model or checkpoint that the weight statistics cannot be computed from."""
 
 
 def check_definition(definition: str) -> str:
@@ -122,96 +101,6 @@ def check_definition(definition: str) -> str:
             f"Unknown weight-statistics definition '{definition}'; choose one of {', '.join(DEFINITIONS)}."
         )
     return definition
-
-
-def split_qkv(qkv_weight: torch.Tensor, num_attention_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Split a fused GPT-NeoX (3 d, d) query_key_value weight into Q, K and V, each (d, d).
-
-    Rows are [heads, 3, head_dim]-interleaved (see the module docstring); each returned matrix
-    has rows ordered (head, head_dim), as the model's own query/key/value states are.
-    """
-    rows, d_model = qkv_weight.shape
-    if rows != 3 * d_model or d_model % num_attention_heads:
-        raise WeightStatsError(
-            f"query_key_value weight of shape {tuple(qkv_weight.shape)} does not fit "
-            f"{num_attention_heads} heads: expected (3 d, d) with d divisible by the head count."
-        )
-    head_dim = d_model // num_attention_heads
-    per_head = qkv_weight.reshape(num_attention_heads, 3, head_dim, d_model)
-    return tuple(per_head[:, j].reshape(d_model, d_model) for j in range(3))  # type: ignore[return-value]
-
-
-_NO_BLOCKS = (
-    "No GPT-NeoX block weights found (expected names like "
-    "'gpt_neox.layers.0.attention.query_key_value.weight'); pass a GPTNeoXForCausalLM or its state dict."
-)
-
-
-def _block_parameters(state_dict: Mapping[str, torch.Tensor]) -> dict[tuple[int, str, str], torch.Tensor]:
-    """(layer, linear name, 'weight'|'bias') -> tensor, for the block linears of a state dict."""
-    found = {}
-    for name, tensor in state_dict.items():
-        match = _LAYER_PATTERN.search(name)
-        if match:
-            found[(int(match.group(1)), match.group(2), match.group(3))] = tensor
-    if not any(kind == "weight" for _, _, kind in found):
-        raise WeightStatsError(_NO_BLOCKS)
-    return found
-
-
-def block_matrices(state_dict: Mapping[str, torch.Tensor], num_attention_heads: int) -> list[torch.Tensor]:
-    """The ``hu`` matrices: Q, K, V, attention out, MLP in, MLP out, layer by layer."""
-    weights = {
-        (layer, _BLOCK_LINEARS.index(linear)): t
-        for (layer, linear, kind), t in _block_parameters(state_dict).items()
-        if kind == "weight"
-    }
-    matrices = []
-    for (layer, linear_index), tensor in sorted(weights.items()):
-        if _BLOCK_LINEARS[linear_index] == _QKV:
-            matrices.extend(split_qkv(tensor, num_attention_heads))
-        else:
-            matrices.append(tensor)
-    return matrices
-
-
-def hf4_name(name: str) -> str | None:
-    """The transformers 4.x ``GPTNeoXForCausalLM.named_parameters()`` name of a state-dict entry.
-
-    ``module.gpt_neox.layers.0.attention.dense.weight`` -> ``gpt_neox.layers.0.attention.dense.weight``,
-    ``layers.0...`` (a bare GPTNeoXModel) -> ``gpt_neox.layers.0...``, ``lm_head.weight`` (5.x) ->
-    ``embed_out.weight``. None for an entry that is no parameter of that model (e.g. a buffer).
-    """
-    if _HF4_HEAD.search(name):
-        return "embed_out.weight"
-    match = _HF4_BODY.search(name)
-    return "gpt_neox." + match.group("tail") if match else None
-
-
-def _polypythias_keeps(hf4: str | None) -> bool:
-    """extract_metrics.py's rule on a 4.x parameter name: skip ``embed*`` and anything with ``norm``."""
-    return hf4 is not None and not hf4.startswith("embed") and "norm" not in hf4.lower()
-
-
-def polypythias_parameters(state_dict: Mapping[str, torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """(weight matrices, biases) as the released PolyPythias extraction collects them.
-
-    Every kept ``.weight`` becomes one matrix ``view(shape[0], -1)`` (the fused QKV stays one
-    3 d x d matrix; ``gpt_neox.embed_in.weight`` is kept, the head skipped), every ``.bias`` a bias.
-    """
-    weights, biases, blocks = [], [], False
-    for name, tensor in state_dict.items():
-        hf4 = hf4_name(name)
-        if not _polypythias_keeps(hf4):
-            continue
-        if hf4.endswith(".weight"):
-            weights.append(tensor.reshape(tensor.shape[0], -1))
-            blocks = blocks or ".layers." in hf4
-        elif hf4.endswith(".bias"):
-            biases.append(tensor.reshape(-1))
-    if not blocks:
-        raise WeightStatsError(_NO_BLOCKS)
-    return weights, biases
 
 
 def _singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -230,59 +119,133 @@ def _singular_values(matrices: list[torch.Tensor]) -> list[torch.Tensor]:
     return result  # type: ignore[return-value]
 
 
-def matrix_features(matrices: list[torch.Tensor], *, unbiased: bool = False, sv_floor: float = 0.0) -> dict[str, float]:
-    """The eight per-matrix statistics, each averaged over ``matrices``.
+class Matrix:
+    """One weight matrix as the per-matrix statistics read it: float64 copies of the matrix and of its
+    singular values, computed once and shared by the statistics of the table."""
 
-    ``sv_floor``: singular values below it count as 0 in their mean and variance (not in the
-    spectral norm); ``unbiased``: their variance with ddof = 1 instead of 0.
-    """
-    per_matrix = {name: [] for name in FEATURE_NAMES[:8]}
-    for matrix, singular in zip(matrices, _singular_values(matrices)):
-        matrix = matrix.double()
-        singular = singular.double()
-        l1, l2 = matrix.abs().sum().item(), torch.linalg.norm(matrix).item()
-        trace, spectral = torch.diagonal(matrix).sum().item(), singular.max().item()
-        if sv_floor:
-            singular = torch.where(singular < sv_floor, torch.zeros_like(singular), singular)
-        per_matrix["l1"].append(l1)
-        per_matrix["l2"].append(l2)
-        per_matrix["trace"].append(trace)
-        per_matrix["spectral"].append(spectral)
-        per_matrix["code_sparsity"].append(l1 / l2)
-        per_matrix["computational_sparsity"].append(trace / spectral)
-        per_matrix["sv_mean"].append(singular.mean().item())
-        per_matrix["sv_var"].append(
-            singular.var(unbiased=unbiased).item() if singular.numel() > unbiased else float("nan")
-        )
-    return {name: float(np.mean(values)) for name, values in per_matrix.items()}
+    def __init__(self, matrix: torch.Tensor, singular: torch.Tensor, unbiased: bool, sv_floor: float):
+        self.matrix, self.all_singular = matrix.double(), singular.double()
+        self.unbiased, self.sv_floor = unbiased, sv_floor
+
+    @cached_property
+    def l1(self) -> float:
+        return self.matrix.abs().sum().item()
+
+    @cached_property
+    def l2(self) -> float:
+        return torch.linalg.norm(self.matrix).item()
+
+    @cached_property
+    def trace(self) -> float:
+        return torch.diagonal(self.matrix).sum().item()
+
+    @cached_property
+    def spectral(self) -> float:
+        return self.all_singular.max().item()  # before the floor
+
+    @cached_property
+    def singular(self) -> torch.Tensor:
+        """The singular values, those below ``sv_floor`` counted as 0 (for their mean and variance)."""
+        values = self.all_singular
+        return torch.where(values < self.sv_floor, torch.zeros_like(values), values) if self.sv_floor else values
+
+    def singular_var(self) -> float:
+        values = self.singular
+        return values.var(unbiased=self.unbiased).item() if values.numel() > self.unbiased else float("nan")
 
 
-def pooled_features(
-    tensors: list[torch.Tensor], prefix: str, *, unbiased: bool = False, lower_median: bool = False
-) -> dict[str, float]:
-    """Mean, median and variance of all entries of ``tensors`` pooled together.
+class Pooled:
+    """All entries of some tensors pooled together, as the pooled statistics read them.
 
     ``unbiased``: the variance with ddof = 1 (``torch.var``) instead of 0 (``numpy.var``);
     ``lower_median``: for an even count the lower middle value (``torch.median``) instead of the
     mean of the two (``numpy.median``). Mean and variance are accumulated tensor by tensor in
     float64 (two passes), so no float64 copy of all weights is made; the median needs one float32
-    copy of every entry.
+    copy of every entry. NaN for no entries."""
+
+    def __init__(self, tensors: list[torch.Tensor], unbiased: bool, lower_median: bool):
+        self.tensors, self.unbiased, self.lower_median = tensors, unbiased, lower_median
+        self.count = sum(t.numel() for t in tensors)
+
+    @cached_property
+    def mean(self) -> float:
+        if not self.count:
+            return float("nan")
+        return sum(t.detach().double().sum().item() for t in self.tensors) / self.count
+
+    def var(self) -> float:
+        if self.count <= self.unbiased:
+            return float("nan")
+        squares = sum((t.detach().double() - self.mean).square().sum().item() for t in self.tensors)
+        return squares / (self.count - self.unbiased)
+
+    def median(self) -> float:
+        if not self.count:
+            return float("nan")
+        flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in self.tensors]).numpy()
+        if self.lower_median:
+            middle = (self.count - 1) // 2
+            flat.partition(middle)
+            return float(flat[middle])
+        return float(np.median(flat, overwrite_input=True))
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One row of :data:`WEIGHT_STATISTICS`: ``over`` is ``"matrix"`` (``of`` takes a :class:`Matrix`;
+    the feature is its mean over the weight matrices), ``"weights"`` or ``"biases"`` (``of`` takes the
+    :class:`Pooled` entries of all of them)."""
+
+    name: str
+    over: str
+    of: Callable[[Matrix | Pooled], float]
+
+
+WEIGHT_STATISTICS: tuple[Statistic, ...] = (
+    Statistic("l1", "matrix", lambda m: m.l1),
+    Statistic("l2", "matrix", lambda m: m.l2),
+    Statistic("trace", "matrix", lambda m: m.trace),
+    Statistic("spectral", "matrix", lambda m: m.spectral),
+    Statistic("code_sparsity", "matrix", lambda m: m.l1 / m.l2),
+    Statistic("computational_sparsity", "matrix", lambda m: m.trace / m.spectral),
+    Statistic("sv_mean", "matrix", lambda m: m.singular.mean().item()),
+    Statistic("sv_var", "matrix", lambda m: m.singular_var()),
+    Statistic("w_mean", "weights", lambda p: p.mean),
+    Statistic("w_median", "weights", lambda p: p.median()),
+    Statistic("w_var", "weights", lambda p: p.var()),
+    Statistic("b_mean", "biases", lambda p: p.mean),
+    Statistic("b_median", "biases", lambda p: p.median()),
+    Statistic("b_var", "biases", lambda p: p.var()),
+)
+FEATURE_NAMES: tuple[str, ...] = tuple(statistic.name for statistic in WEIGHT_STATISTICS)
+MATRIX_FEATURES: tuple[str, ...] = tuple(s.name for s in WEIGHT_STATISTICS if s.over == "matrix")
+
+
+def matrix_features(matrices: list[torch.Tensor], *, unbiased: bool = False, sv_floor: float = 0.0) -> dict[str, float]:
+    """The per-matrix statistics of :data:`WEIGHT_STATISTICS`, each averaged over ``matrices``.
+
+    ``sv_floor``: singular values below it count as 0 in their mean and variance (not in the
+    spectral norm); ``unbiased``: their variance with ddof = 1 instead of 0.
     """
-    nan = {f"{prefix}_mean": float("nan"), f"{prefix}_median": float("nan"), f"{prefix}_var": float("nan")}
-    count = sum(t.numel() for t in tensors)
-    if not count:
-        return nan
-    mean = sum(t.detach().double().sum().item() for t in tensors) / count
-    squares = sum((t.detach().double() - mean).square().sum().item() for t in tensors)
-    var = squares / (count - unbiased) if count > unbiased else float("nan")
-    flat = torch.cat([t.detach().reshape(-1).float().cpu() for t in tensors]).numpy()
-    if lower_median:
-        middle = (count - 1) // 2
-        flat.partition(middle)
-        median = float(flat[middle])
-    else:
-        median = float(np.median(flat, overwrite_input=True))
-    return {f"{prefix}_mean": mean, f"{prefix}_median": median, f"{prefix}_var": var}
+    rows = [s for s in WEIGHT_STATISTICS if s.over == "matrix"]
+    per_matrix: dict[str, list[float]] = {s.name: [] for s in rows}
+    for matrix, singular in zip(matrices, _singular_values(matrices)):
+        view = Matrix(matrix, singular, unbiased, sv_floor)
+        for statistic in rows:
+            per_matrix[statistic.name].append(statistic.of(view))
+    return {name: float(np.mean(values)) for name, values in per_matrix.items()}
+
+
+def pooled_features(
+    weights: list[torch.Tensor], biases: list[torch.Tensor], *, unbiased: bool = False, lower_median: bool = False
+) -> dict[str, float]:
+    """The pooled statistics of :data:`WEIGHT_STATISTICS`: over all ``weights`` or all ``biases``
+    (see :class:`Pooled` for ``unbiased`` and ``lower_median``)."""
+    pooled = {
+        "weights": Pooled(weights, unbiased, lower_median),
+        "biases": Pooled(biases, unbiased, lower_median),
+    }
+    return {s.name: s.of(pooled[s.over]) for s in WEIGHT_STATISTICS if s.over != "matrix"}
 
 
 def _as_state_dict(model_or_state_dict) -> tuple[Mapping[str, torch.Tensor], int | None]:
@@ -298,7 +261,7 @@ def _as_state_dict(model_or_state_dict) -> tuple[Mapping[str, torch.Tensor], int
 def weight_stats(
     model_or_state_dict, num_attention_heads: int | None = None, definition: str = DEFAULT_DEFINITION
 ) -> dict[str, float]:
-    """The 14 training-map features (names in ``FEATURE_NAMES``) of a GPT-NeoX model.
+    """The training-map features (the statistics in :data:`WEIGHT_STATISTICS`) of a GPT-NeoX model.
 
     Accepts a ``GPTNeoXForCausalLM`` or a state dict with Hugging Face GPT-NeoX names (any
     prefix, transformers 4.x or 5.x naming). ``definition`` is ``"polypythias"`` (the released
@@ -311,17 +274,20 @@ def weight_stats(
     if definition == "polypythias":
         weights, biases = polypythias_parameters(state_dict)
         features = matrix_features(weights, unbiased=True, sv_floor=_POLYPYTHIAS_SV_FLOOR)
-        features.update(pooled_features(weights, "w", unbiased=True, lower_median=True))
-        features.update(pooled_features(biases, "b", unbiased=True, lower_median=True))
-        return {name: features[name] for name in FEATURE_NAMES}
+        features.update(pooled_features(weights, biases, unbiased=True, lower_median=True))
+        return {s.name: features[s.name] for s in WEIGHT_STATISTICS}
     heads = num_attention_heads or config_heads
     if heads is None:
         raise WeightStatsError("num_attention_heads is needed to split the fused QKV weight of a state dict; pass it.")
     parameters = _block_parameters(state_dict)
     features = matrix_features(block_matrices(state_dict, heads))
-    features.update(pooled_features([t for (_, _, k), t in sorted(parameters.items()) if k == "weight"], "w"))
-    features.update(pooled_features([t for (_, _, k), t in sorted(parameters.items()) if k == "bias"], "b"))
-    return {name: features[name] for name in FEATURE_NAMES}
+    by_kind = sorted(parameters.items())
+    features.update(
+        pooled_features(
+            [t for (_, _, k), t in by_kind if k == "weight"], [t for (_, _, k), t in by_kind if k == "bias"]
+        )
+    )
+    return {s.name: features[s.name] for s in WEIGHT_STATISTICS}
 
 
 def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
@@ -339,7 +305,8 @@ def _checkpoint_files(checkpoint_dir: Path) -> list[Path]:
 
 
 def weight_stats_from_checkpoint(checkpoint_dir: str | Path, definition: str = DEFAULT_DEFINITION) -> dict[str, float]:
-    """The 14 features of a saved Hugging Face GPT-NeoX checkpoint folder, without building the model.
+    """The features (:data:`WEIGHT_STATISTICS`) of a saved Hugging Face GPT-NeoX checkpoint folder, without
+    building the model.
 
     Reads ``config.json`` (the head count, for ``hu``) and from the safetensors file(s) only the
     tensors the definition uses: the block linears, plus ``gpt_neox.embed_in.weight`` for

@@ -9,7 +9,7 @@ import:
   ``tracking.uri``, ``launcher.address``) are built from the names below (polypythia/config/jobconfig.py).
 - :func:`apply` sets the MLflow client settings (and, for offline evaluation, the Hugging Face
   offline flags) where they are unset; it is called at start-up by whatever opens an MLflow client
-  (:func:`polypythia.tracking.client.client`, ``analysis.load.mlflow_client``) or runs lm-eval.
+  (:func:`polypythia.tracking.client.client`, ``analysis.mlflow_load.mlflow_client``) or runs lm-eval.
 - :func:`ray_env_vars` is the ``env_vars`` of the Ray runtime environment of every task a sweep or
   an evaluation starts, so that workers have these settings before they import anything; they
   include glibc allocator settings that spare a CPU training step its page faults (ALLOCATOR_ENV).

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +39,7 @@ from polypythia.files import FileLock, read_json, write_json_atomic
 from polypythia.net import free_port, port_free
 from polypythia.runtime import env as runtime_env
 from polypythia.runtime.env import DEFAULT_TRACKING_HOST, DEFAULT_TRACKING_PORT
+from polypythia.tracking import processes as procs
 from polypythia.tracking import store as trackingstore
 
 log = logging.getLogger(__name__)
@@ -75,56 +75,17 @@ def read_state(server_dir: str | Path) -> dict | None:
     return state
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except OSError:
-        return False
-
-
-def _command_line(pid: int) -> str:
-    """The command line of process ``pid`` ("" if there is none, or it cannot be read)."""
-    proc = Path(f"/proc/{pid}/cmdline")
-    if Path("/proc/self/cmdline").exists():
-        try:
-            return proc.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            return ""
-    try:  # no /proc (macOS): ask ps
-        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
 def serves(pid: int | None, server_dir: str | Path) -> bool:
     """Whether process ``pid`` is an MLflow server of the database in ``server_dir``."""
-    if not pid or not _pid_alive(pid):
+    if not pid or not procs.pid_alive(pid):
         return False
-    command = _command_line(pid)
+    command = procs.command_line(pid)
     state = read_state(server_dir) or {}  # a PostgreSQL-backed server: its database's URI, without password
     return "mlflow" in command and (
         str(Path(server_dir).resolve() / DATABASE) in command
         or bool(state.get("backend"))
         and state["backend"] in command
     )
-
-
-def _serves_database(proc, database: str) -> bool:
-    """Whether ``proc`` (a psutil.Process) belongs to an MLflow server of ``database``: the ``mlflow
-    server`` command names it on its command line, the uvicorn (or gunicorn) processes it starts have
-    it in their environment (MLflow 3 passes the backend store as ``_MLFLOW_SERVER_FILE_STORE``)."""
-    import psutil
-
-    try:
-        command = " ".join(proc.cmdline())
-        if "mlflow" in command and database in command:
-            return True
-        store = database if "://" in database else f"sqlite:///{database}"  # a PostgreSQL URI, or a SQLite file
-        return proc.environ().get("_MLFLOW_SERVER_FILE_STORE") == store
-    except (psutil.Error, OSError):  # gone, or another user's
-        return False
 
 
 def _recorded_port(state: dict) -> int:
@@ -135,34 +96,11 @@ def server_processes(server_dir: str | Path, state: dict | None = None) -> list:
     """The live processes (psutil.Process) of the server recorded in ``server_dir``: those of the
     process group its pid leads, and those listening on its recorded port, that serve the folder's
     database. Found also when the recorded ``mlflow server`` itself is gone."""
-    import psutil
-
     state = read_state(server_dir) if state is None else state
     if not state:
         return []
     database = state.get("backend") or str(Path(server_dir).resolve() / DATABASE)  # PostgreSQL's URI has no password
-    group, port = state.get("pid"), _recorded_port(state)
-    found = []
-    for proc in psutil.process_iter():
-        if proc.pid == os.getpid() or not _serves_database(proc, database):
-            continue
-        try:
-            in_group = bool(group) and os.getpgid(proc.pid) == group
-        except OSError:
-            continue
-        if in_group or _listens_on(proc, port):
-            found.append(proc)
-    return found
-
-
-def _listens_on(proc, port: int) -> bool:
-    """Whether ``proc`` (a psutil.Process) listens on TCP ``port``."""
-    import psutil
-
-    try:
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in proc.net_connections(kind="inet"))
-    except (psutil.Error, OSError):
-        return False
+    return procs.serving(database, state.get("pid"), _recorded_port(state))
 
 
 def _running(server_dir: Path, state: dict | None) -> bool:
@@ -173,7 +111,7 @@ def _running(server_dir: Path, state: dict | None) -> bool:
         return False
     port = _recorded_port(state)
     return serves(state.get("pid"), server_dir) or any(
-        _listens_on(p, port) for p in server_processes(server_dir, state)
+        procs.listens_on(p, port) for p in server_processes(server_dir, state)
     )
 
 
@@ -207,9 +145,7 @@ def _pick_port(host: str, preferred: int, wait_s: float = 5.0) -> int:
 
 def _choose_port(state: dict | None, host: str, port: int) -> int:
     """The port the database was served at before (on ``host``), else ``port``, else any free one."""
-    recorded = (
-        int(state.get("port") or state["uri"].rsplit(":", 1)[-1]) if state and state.get("host", host) == host else 0
-    )
+    recorded = _recorded_port(state) if state and state.get("host", host) == host else 0
     if not recorded:
         return _pick_port(host, port)
     chosen = _pick_port(host, recorded)
@@ -224,6 +160,76 @@ def _choose_port(state: dict | None, host: str, port: int) -> int:
     return chosen
 
 
+def _unlistenable(host: str, exc: BaseException) -> TrackingError:
+    return TrackingError(
+        f"The tracking server cannot listen on {host} ({exc}); give --host (tracking.host) "
+        f"an address of this machine, such as {DEFAULT_TRACKING_HOST}."
+    )
+
+
+def _check_address(server_dir: Path, host: str, port: int) -> None:
+    """The port is a port, the host resolves, and the folder exists or can be made."""
+    if not 0 <= port <= 65535:
+        raise TrackingError(
+            f"The tracking server's port must be a TCP port from 1 to 65535 (or 0 for any free "
+            f"port), got {port}; give --port (tracking.port) such a port."
+        )
+    try:
+        socket.getaddrinfo(host, port)  # a name that resolves to nothing: refused before a folder is made
+    except (OSError, UnicodeError) as exc:
+        raise _unlistenable(host, exc) from None
+    try:
+        server_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise TrackingError(
+            f"The tracking server's folder {server_dir} cannot be created ({exc.strerror}); give "
+            "--dir (tracking.dir) a folder you can write to."
+        ) from None
+
+
+def _launch(server_dir: Path, host: str, port: int, backend: tuple[str, dict[str, str]], artifacts: str | None):
+    """Start ``mlflow server`` detached (a session leader, so its workers share its process group);
+    ``backend``: the database URI without password, and the environment that carries the password."""
+    backend_uri, backend_env = backend
+    options = {
+        "--host": host,
+        "--port": str(port),
+        "--backend-store-uri": backend_uri,
+        "--artifacts-destination": trackingstore.artifacts_uri(server_dir, artifacts),
+        "--workers": "2",
+    }
+    cmd = [sys.executable, "-m", "mlflow", "server", *(part for option in options.items() for part in option)]
+    env = {**os.environ, **runtime_env.MLFLOW_SERVER_ENV, **backend_env}
+    with open(server_dir / "server.log", "ab") as out:
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            cwd=server_dir,
+        )
+
+
+def _await_health(proc, server_dir: Path, uri: str, timeout_s: float) -> None:
+    """Return once the server answers at ``uri``; a server that exits or stays silent is an error."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = (server_dir / "server.log").read_text(errors="replace")[-600:]
+            raise TrackingError(
+                f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}"
+            )
+        if is_healthy(uri):
+            return
+        time.sleep(0.25)
+    procs.kill_group(proc.pid)
+    raise TrackingError(
+        f"The MLflow server did not answer on {uri} within {timeout_s:.0f} s; see {server_dir / 'server.log'}."
+    )
+
+
 def start_server(
     server_dir: str | Path,
     host: str = DEFAULT_TRACKING_HOST,
@@ -236,127 +242,27 @@ def start_server(
     else on ``port`` (0: any free port; the next free one if taken); its runs in SQLite in
     ``server_dir`` or in ``backend_store_uri`` (PostgreSQL, :mod:`polypythia.tracking.store`)."""
     server_dir = Path(server_dir).resolve()
-    if not 0 <= port <= 65535:
-        raise TrackingError(
-            f"The tracking server's port must be a TCP port from 1 to 65535 (or 0 for any free "
-            f"port), got {port}; give --port (tracking.port) such a port."
-        )
-    try:
-        socket.getaddrinfo(host, port)  # a name that resolves to nothing: refused before a folder is made
-    except (OSError, UnicodeError) as exc:
-        raise TrackingError(
-            f"The tracking server cannot listen on {host} ({exc}); give --host (tracking.host) "
-            f"an address of this machine, such as {DEFAULT_TRACKING_HOST}."
-        ) from None
-    try:
-        server_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise TrackingError(
-            f"The tracking server's folder {server_dir} cannot be created ({exc.strerror}); give "
-            "--dir (tracking.dir) a folder you can write to."
-        ) from None
+    _check_address(server_dir, host, port)
     with _lock(server_dir, timeout_s + 30):
         state = read_state(server_dir)
-        backend, backend_env = trackingstore.command_uri(trackingstore.backend_uri(server_dir, backend_store_uri))
+        database = trackingstore.backend_uri(server_dir, backend_store_uri)
+        backend = trackingstore.command_uri(database)
         if _running(server_dir, state):
-            trackingstore.check_same_backend(server_dir, state, backend)
+            trackingstore.check_same_backend(server_dir, state, backend[0])
             return state["uri"]
-        trackingstore.check_database(trackingstore.backend_uri(server_dir, backend_store_uri))
+        trackingstore.check_database(database)
         try:
             port = _choose_port(state, host, port)
         except OSError as exc:
-            raise TrackingError(
-                f"The tracking server cannot listen on {host} ({exc}); give --host (tracking.host) "
-                f"an address of this machine, such as {DEFAULT_TRACKING_HOST}."
-            ) from None
+            raise _unlistenable(host, exc) from None
         uri = f"http://{host}:{port}"
-        cmd = [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            host,
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            backend,
-            "--artifacts-destination",
-            trackingstore.artifacts_uri(server_dir, artifacts_destination),
-            "--workers",
-            "2",
-        ]
-        env = {**os.environ, **runtime_env.MLFLOW_SERVER_ENV, **backend_env}
-        with open(server_dir / "server.log", "ab") as out:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-                env=env,
-                cwd=server_dir,
-            )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                tail = (server_dir / "server.log").read_text(errors="replace")[-600:]
-                raise TrackingError(
-                    f"The MLflow server exited at start (code {proc.returncode}); see {server_dir / 'server.log'}: {tail}"
-                )
-            if is_healthy(uri):
-                write_json_atomic(
-                    server_dir / STATE_FILE,
-                    {
-                        "pid": proc.pid,
-                        "uri": uri,
-                        "host": host,
-                        "port": port,
-                        **({"backend": backend} if backend_store_uri else {}),
-                    },
-                )
-                return uri
-            time.sleep(0.25)
-        _kill_group(proc.pid)
-        raise TrackingError(
-            f"The MLflow server did not answer on {uri} within {timeout_s:.0f} s; see {server_dir / 'server.log'}."
-        )
-
-
-def _end(processes: list, timeout_s: float = 10.0) -> None:
-    """SIGTERM each of ``processes`` (psutil.Process), and SIGKILL those still alive after ``timeout_s``."""
-    import psutil
-
-    for proc in processes:
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=timeout_s)
-
-
-def _kill_group(pid: int, timeout_s: float = 10.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except OSError:
-        return
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and _pid_alive(pid):
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            pass
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError:
-        pass
+        proc = _launch(server_dir, host, port, backend, artifacts_destination)
+        _await_health(proc, server_dir, uri, timeout_s)
+        record = {"pid": proc.pid, "uri": uri, "host": host, "port": port}
+        if backend_store_uri:
+            record["backend"] = backend[0]
+        write_json_atomic(server_dir / STATE_FILE, record)
+        return uri
 
 
 def stop_server(server_dir: str | Path) -> bool:
@@ -369,19 +275,19 @@ def stop_server(server_dir: str | Path) -> bool:
     with _lock(server_dir, 60.0):
         state = read_state(server_dir)
         pid = state.get("pid")
-        processes = server_processes(server_dir, state)
+        found = server_processes(server_dir, state)
         leader = bool(pid) and serves(pid, server_dir)
-        if not leader and pid and _pid_alive(pid):
+        if not leader and pid and procs.pid_alive(pid):
             log.warning(
                 "The recorded MLflow server pid %d now belongs to another program (not the server of %s); "
                 "it was left alone.",
                 pid,
                 server_dir,
             )
-        _end(processes)
+        procs.end(found)
         if pid:
             write_json_atomic(server_dir / STATE_FILE, {**state, "pid": None})
-        return bool(processes)
+        return bool(found)
 
 
 def default_server_dir() -> Path:

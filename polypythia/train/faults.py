@@ -1,18 +1,16 @@
-"""The job's own callbacks, switched on by its config: divergence detection, the stability monitor
-(:mod:`polypythia.train.monitor`, ``monitor.*``), and fault injection (``train.fault``) to test how a
-study survives failures (a NaN loss at a step, a SIGKILL after a step) and how the monitor sees an
-instability (a learning rate boosted from a step on, a batch of one repeated token).
+"""Fault injection (``train.fault``), as callbacks: to test how a study survives failures (a NaN
+loss at a step, a SIGKILL after a step, a hang) and how the stability monitor sees an instability
+(a learning rate boosted from a step on, a batch of one repeated token). All off by default; the
+training guards that catch what these faults cause are :mod:`polypythia.train.guards`.
 
 Steps count optimizer steps from 1, as the logged metrics do: the fault of step ``S`` shows at
 MLflow step ``S``. Their priorities place them around the callbacks a job is given: the NaN is
-injected first, so tracking and progress see it as if training had produced it; the monitor then
-adds its signals, before the job's callbacks log them; the kill and the divergence check come
-last, so the step is recorded before the process dies or the run stops.
+injected first, so tracking and progress see it as if training had produced it; the kill comes
+last, so the step is recorded before the process dies.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -21,38 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from polypythia.config.jobconfig import JobConfig
-from polypythia.errors import DivergenceError
 from polypythia.train.callbacks import Callback, TrainStart
-from polypythia.train.monitor import StabilityMonitor
-from polypythia.train.skipstep import SkipStep
-
-
-class DivergenceCheck(Callback):
-    """Stops the run (:class:`DivergenceError` carrying the step) at a non-finite loss, or when the
-    loss stays above ``ceiling`` for ``patience`` consecutive steps."""
-
-    priority = -200
-
-    def __init__(self, ceiling: float | None, patience: int):
-        self.ceiling = ceiling
-        self.patience = patience
-        self.above_ceiling = 0  # consecutive steps so far
-
-    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
-        loss = metrics["train/loss"]
-        if not math.isfinite(loss):
-            raise DivergenceError(
-                f"Training diverged: the loss at step {step} is {loss}; the run was stopped and its checkpoints kept.",
-                step,
-            )
-        ceiling = self.ceiling
-        self.above_ceiling = self.above_ceiling + 1 if ceiling is not None and loss > ceiling else 0
-        if self.above_ceiling and self.above_ceiling >= self.patience:
-            raise DivergenceError(
-                f"Training diverged: the loss stayed above train.loss_ceiling={ceiling} for "
-                f"{self.above_ceiling} steps (to step {step}); the run was stopped and its checkpoints kept.",
-                step,
-            )
 
 
 class InjectNaN(Callback):
@@ -140,7 +107,7 @@ class RepeatBatch(Callback):
 
     priority = 200
 
-    def __init__(self, step: int, steps: int = 1):
+    def __init__(self, step: int, steps: int):
         self.steps = range(step, step + steps)
 
     def on_batch(self, step: int, rows: np.ndarray) -> np.ndarray:
@@ -163,15 +130,10 @@ class HangAtStep(Callback):
             time.sleep(3600)
 
 
-def callbacks_from_config(cfg: JobConfig) -> list[Callback]:
-    """The divergence check, the stability monitor, the skip-step action (``monitor.action=skip_step``),
-    and the faults ``train.fault`` injects into this job (by its seed)."""
+def fault_callbacks(cfg: JobConfig) -> list[Callback]:
+    """The faults ``train.fault`` injects into this job (by its seed); none by default."""
     fault = cfg.train.fault
-    callbacks: list[Callback] = [DivergenceCheck(cfg.train.loss_ceiling, cfg.train.loss_ceiling_steps)]
-    if cfg.monitor.every_steps or cfg.monitor.spikes:
-        callbacks.append(StabilityMonitor.from_config(cfg))
-    if cfg.monitor.action == "skip_step":
-        callbacks.append(SkipStep.from_config(cfg))
+    callbacks: list[Callback] = []
     if fault.nan_at_step is not None and _applies(cfg, fault.nan_seeds):
         callbacks.append(InjectNaN(fault.nan_at_step))
     if fault.kill_at_step is not None and _applies(cfg, fault.kill_seeds):

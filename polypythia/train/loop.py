@@ -10,10 +10,11 @@ checkpoints) go through :class:`~polypythia.train.callbacks.Callback` hooks; the
 set-up, then for each step the batch, the step, its metrics and the callbacks, then the end. The
 pieces live in their own modules: :mod:`~polypythia.train.engine` (model, optimizer, DeepSpeed),
 :mod:`~polypythia.train.resume`, :mod:`~polypythia.train.step`, :mod:`~polypythia.train.checkpointer`,
-:mod:`~polypythia.train.faults` (divergence detection and fault injection, as callbacks) and
-:mod:`~polypythia.train.monitor` (the stability monitor, a callback that probes sampled steps) and
-:mod:`~polypythia.train.rewind` (the batches a rewound run skips) and :mod:`~polypythia.train.skipstep`
-(``monitor.action=skip_step``: updates skipped inside the step).
+:mod:`~polypythia.train.guards` (the job's own callbacks: divergence detection, the stability monitor of
+:mod:`~polypythia.train.monitor`, a callback that probes sampled steps, and
+:mod:`~polypythia.train.skipstep`, ``monitor.action=skip_step``: updates skipped inside the step),
+:mod:`~polypythia.train.faults` (fault injection, as callbacks) and :mod:`~polypythia.train.rewind`
+(the batches a rewound run skips).
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from typing import Sequence
 import torch
 
 from polypythia.config.jobconfig import JobConfig
-from polypythia.model import padded_vocab_size
 from polypythia.train.callbacks import Callback, TrainResult, TrainStart, in_order
 from polypythia.train.checkpointer import Checkpointer
 from polypythia.train.data import load_training_data
 from polypythia.train.distributed import init_distributed
 from polypythia.train.engine import build_engine, build_training_model, set_threads
-from polypythia.train.faults import callbacks_from_config
+from polypythia.train.guards import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index
 from polypythia.train.rewind import load as load_rewinds
@@ -47,7 +47,7 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
     set_threads(cfg)
     rank, world_size = init_distributed()
     data = load_training_data(cfg)
-    vocab_size = cfg.model.vocab_size or padded_vocab_size(data.tokenizer_vocab_size)
+    vocab_size = cfg.model.padded_vocab_size(data.tokenizer_vocab_size)
     model = build_training_model(cfg, vocab_size)
     plan = plan_resume(cfg, world_size)  # before the engine: a resume across worker counts configures it
     engine = build_engine(cfg, model, world_size, load_universal=plan.load_universal)
@@ -89,21 +89,14 @@ def train(cfg: JobConfig, callbacks: Sequence[Callback] = ()) -> TrainResult:
             engine, forward, rows, budget.micro_batch_size, probes, cfg.train.z_loss, skip
         )
         metrics = {**step_metrics(step, loss, grad_norm, time.perf_counter() - started), **extra}
-        for (
-            cb
-        ) in callbacks:  # may stop the run (divergence) or change the metrics (fault injection, the monitor's signals)
+        # may stop the run (divergence) or change the metrics (fault injection, the monitor's signals)
+        for cb in callbacks:
             cb.on_step_end(done, metrics)
         losses.append(metrics["train/loss"])
         checkpointer.save_if_due(done, losses[-1])
 
-    result = TrainResult(
-        cfg.run_name,
-        budget.steps,
-        start_step,
-        final_loss=losses[-1] if losses else last_loss,
-        losses=losses,
-        checkpoints=checkpointer.saved,
-    )
+    final_loss = losses[-1] if losses else last_loss
+    result = TrainResult(cfg.run_name, budget.steps, start_step, final_loss, losses, checkpointer.saved)
     for cb in callbacks:
         cb.on_train_end(result)
     return result

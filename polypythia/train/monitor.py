@@ -47,13 +47,15 @@ reduced it and not yet clipped, applied or freed it). The forward signals are pe
 micro-batch of rank 0's share is what the job logs); they hook the training forward itself, or,
 with ``train.compile``, a separate no-grad eager forward of the same micro-batch.
 
-Spikes: every step, :class:`~polypythia.train.spikes.SpikeDetector` (OLMo-core's rule: more than 6
-SDs above the mean of the previous 128 values) watches ``train/loss`` and ``train/grad_norm``; a
+Spikes: every step, :class:`~polypythia.train.spikes.SpikeDetector` (OLMo-core's rule: more than
+``monitor.spike_threshold_sd`` SDs above the mean of the previous ``monitor.spike_window`` values) watches ``train/loss`` and ``train/grad_norm``; a
 spike adds ``monitor/spike/loss`` (or ``monitor/spike/grad_norm``), its height in SDs, to that
 step's metrics, logs a warning with the batch behind it, and is kept in ``TrainResult.spikes``
 (:class:`Spike` as a dict). The batch of step ``S`` (logged at MLflow step ``S``) is the global
 batch at 0-based index ``S - 1``: rows ``[(S-1) B, S B)`` of the seeded order, B the global batch
-size, which ``polypythia-batch --step S`` prints. The detectors start empty after a resume.
+size, which ``polypythia-batch --step S`` prints. The detectors' windows are kept in every
+checkpoint's trainer state (:meth:`StabilityMonitor.trainer_state`), so a resumed or rewound run
+judges its next steps against the values before the checkpoint it restarts from.
 
 Cost: the probe of a sampled step copies this rank's fp32 weights once (for the update ratio,
 freed after the step), reads the gradient, the Adam state and the weights a few times each, and
@@ -70,19 +72,20 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
+from polypythia.config.jobconfig import JobConfig
+from polypythia.config.monitor import MonitorConfig
+from polypythia.config.schema import TrainConfig
 from polypythia.train.callbacks import Callback, StepProbe, TrainResult, TrainStart
-from polypythia.train.signals import FORWARD_CHUNK, UpdateSignals, group_of  # noqa: F401  (group_of: part of the monitor's API)
+from polypythia.train.signals import FORWARD_CHUNK, UpdateSignals
 from polypythia.train.spikes import SpikeDetector
-
-if TYPE_CHECKING:
-    from polypythia.config.jobconfig import JobConfig
 
 log = logging.getLogger(__name__)
 
+STATE_KEY = "stability_monitor"  # its entry in a checkpoint's trainer state: the spike windows
 SPIKE_METRICS = {"train/loss": "monitor/spike/loss", "train/grad_norm": "monitor/spike/grad_norm"}
 
 
@@ -204,24 +207,18 @@ class StabilityMonitor(Callback):
 
     priority = 100
 
-    def __init__(
-        self,
-        every_steps: int = 10,
-        spikes: bool = True,
-        spike_window: int = 128,
-        spike_threshold_sd: float = 6.0,
-        spike_min_values: Optional[int] = None,
-        max_grad_norm: float = 1.0,
-        beta2: float = 0.95,
-        eps: float = 1e-8,
-        global_batch_size: int = 1,
-    ):
-        self.every_steps = every_steps
+    def __init__(self, monitor: MonitorConfig, train: TrainConfig, global_batch_size: int):
+        """``monitor``: what to sample and the spike rule; ``train``: the clipping norm and Adam's beta2
+        and eps the signals recompute; ``global_batch_size``: to name the rows of a spike's batch."""
+        self.every_steps = monitor.every_steps
         self.global_batch_size = global_batch_size
-        self.max_grad_norm, self.beta2, self.eps = max_grad_norm, beta2, eps
+        self.max_grad_norm, self.beta2, self.eps = train.gradient_clipping, train.adam_beta2, train.adam_eps
         self.detectors = (
-            {metric: SpikeDetector(spike_window, spike_threshold_sd, spike_min_values) for metric in SPIKE_METRICS}
-            if spikes
+            {
+                metric: SpikeDetector(monitor.spike_window, monitor.spike_threshold_sd, monitor.spike_min_values)
+                for metric in SPIKE_METRICS
+            }
+            if monitor.spikes
             else {}
         )
         self.spikes: list[Spike] = []
@@ -231,22 +228,12 @@ class StabilityMonitor(Callback):
         self._probe: Optional[_Probe] = None
 
     @classmethod
-    def from_config(cls, cfg: "JobConfig") -> "StabilityMonitor":
-        m, t = cfg.monitor, cfg.train
-        return cls(
-            m.every_steps,
-            m.spikes,
-            m.spike_window,
-            m.spike_threshold_sd,
-            m.spike_min_values,
-            t.gradient_clipping,
-            t.adam_beta2,
-            t.adam_eps,
-            cfg.budget.global_batch_size,
-        )
+    def from_config(cls, cfg: JobConfig) -> "StabilityMonitor":
+        return cls(cfg.monitor, cfg.train, cfg.budget.global_batch_size)
 
     def on_train_start(self, start: TrainStart) -> None:
         self.rank = start.rank
+        self.load_state_dict(start.trainer_state.get(STATE_KEY, {}))
         if self.every_steps and start.engine is not None:
             model = start.engine.module
             self.update_signals = UpdateSignals(model, self.max_grad_norm, self.beta2, self.eps)
@@ -287,6 +274,19 @@ class StabilityMonitor(Callback):
                     *spike.batch_rows,
                     step,
                 )
+
+    def state_dict(self) -> dict:
+        """The spike detectors' windows, as plain data."""
+        return {metric: detector.state_dict() for metric, detector in self.detectors.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Windows saved by :meth:`state_dict`; a metric it lacks (an older checkpoint) starts empty."""
+        for metric, detector in self.detectors.items():
+            if metric in state:
+                detector.load_state_dict(state[metric])
+
+    def trainer_state(self) -> dict:
+        return {STATE_KEY: self.state_dict()} if self.detectors else {}
 
     def on_train_end(self, result: TrainResult) -> None:
         result.spikes.extend(asdict(s) for s in self.spikes)

@@ -23,6 +23,7 @@ import torch
 from polypythia.config.jobconfig import JobConfig
 from polypythia.errors import CheckpointError
 from polypythia.train import checkpoint as ckpt
+from polypythia.train import trainerstate as trainer_state
 from polypythia.train import universal
 from polypythia.train.distributed import barrier
 from polypythia.train.engine import effective_zero_stage, optimizer_order, resolve_precision
@@ -53,7 +54,7 @@ def plan_resume(cfg: JobConfig, world_size: int) -> ResumePlan:
     latest = ckpt.latest_valid_checkpoint(run_dir)
     if latest is None:
         return ResumePlan(None, {}, stage, False)
-    state = ckpt.load_trainer_state(latest.path)
+    state = trainer_state.load_trainer_state(latest.path)
     saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
     if not universal.needs_conversion(saved_world, saved_stage, world_size, stage):
         return ResumePlan(latest, state, stage, False)
@@ -91,7 +92,7 @@ def resume(engine, plan: ResumePlan) -> tuple[int, float]:
         _load_across_worker_counts(engine, latest, state)
     else:
         engine.load_checkpoint(str(latest.path / "state"), tag=ckpt.STATE_TAG, load_module_strict=True)
-    ckpt.set_rng_state(state["rng"])
+    trainer_state.set_rng_state(state["rng"])
     log.info("Resuming %s from checkpoint step %d.", latest.path.parent.parent.name, latest.step)
     return int(state["step"]), float(state.get("loss", float("nan")))
 

@@ -40,6 +40,7 @@ from typing import Optional
 
 import torch
 
+from polypythia.config.monitor import MonitorConfig
 from polypythia.train.callbacks import Callback, TrainStart
 from polypythia.train.spikes import SpikeDetector
 
@@ -58,7 +59,7 @@ def min_previous_values(window: int) -> int:
 class SkipStepRule:
     """OLMo-core's skip decision on the loss and the gradient norm (see the module docstring)."""
 
-    def __init__(self, window: int = 128, threshold_sd: float = 6.0):
+    def __init__(self, window: int, threshold_sd: float):
         minimum = min_previous_values(window)
         self.loss = SpikeDetector(window, threshold_sd, minimum, ddof=1)
         self.grad_norm = SpikeDetector(window, threshold_sd, minimum, ddof=1)
@@ -96,17 +97,14 @@ class SkipStep(Callback):
 
     priority = 150  # before the job's own callbacks, so that they log train/skipped_step
 
-    def __init__(self, window: int = 128, threshold_sd: float = 6.0):
-        self.rule = SkipStepRule(window, threshold_sd)
+    def __init__(self, monitor: MonitorConfig):
+        """``monitor.skip_window`` and ``monitor.skip_threshold_sd`` set the rule."""
+        self.rule = SkipStepRule(monitor.skip_window, monitor.skip_threshold_sd)
         self.rank = 0
         self.skipped_steps: list[int] = []  # of this process's steps
         self._values: Optional[tuple[float, Optional[float]]] = None
         self._grad_norm_source = None
         self._decision: Optional[bool] = None
-
-    @classmethod
-    def from_config(cls, cfg) -> "SkipStep":
-        return cls(cfg.monitor.skip_window, cfg.monitor.skip_threshold_sd)
 
     def on_train_start(self, start: TrainStart) -> None:
         self.rank = start.rank

@@ -10,7 +10,8 @@ skip_step_optimizer.py``) skips an update on the same 6-sigma rule over the last
 detector with ``ddof=1``). The
 offline analysis (``analysis/spikes.py``) applies a band of the same shape to the logged series
 after the fact; :class:`SpikeDetector` is the online half, with no dependency beyond the standard
-library, so the driver can run it on values it reads back as well.
+library, so the driver can run it on values it reads back as well. The window and the threshold
+are the job's config (``monitor.spike_window``, ``monitor.skip_window``, ...: :mod:`polypythia.config.monitor`).
 """
 
 from __future__ import annotations
@@ -18,15 +19,13 @@ from __future__ import annotations
 import math
 from collections import deque
 
-OLMO_WINDOW = 128
-OLMO_THRESHOLD_SD = 6.0
 MIN_SD = 1e-10  # a flatter window flags nothing (OLMo-core's guard against dividing by ~0)
 
 
 class SpikeDetector:
     """Flags a value more than ``threshold_sd`` SDs above the mean of the ``window`` values before it.
 
-    ``min_values`` (default: the whole window, as OLMo-core) is how many previous values a verdict
+    ``min_values`` (None: the whole window, as OLMo-core) is how many previous values a verdict
     needs; a smaller number lets short runs be checked early, on a shorter, noisier window.
     Non-finite values (a NaN loss, an fp16 overflow's infinite gradient norm) are neither flagged
     nor remembered: a NaN is the divergence check's business, and one would poison the window.
@@ -36,8 +35,8 @@ class SpikeDetector:
 
     def __init__(
         self,
-        window: int = OLMO_WINDOW,
-        threshold_sd: float = OLMO_THRESHOLD_SD,
+        window: int,
+        threshold_sd: float,
         min_values: int | None = None,
         ddof: int = 0,
     ):

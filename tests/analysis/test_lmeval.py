@@ -9,7 +9,7 @@ import pytest
 from analysis import AnalysisError, load_study
 from analysis.__main__ import main
 from analysis.check import CONFIG_PATH_DISAGREE
-from analysis.lmeval import lm_eval_metrics, task_shots
+from analysis.lmeval_file import lm_eval_metrics, task_shots
 from analysis.lmeval_layout import pythia_identity
 from analysis.load import choose_source
 from polypythia.evaluate.integrity import FOREIGN_FILE
@@ -17,13 +17,14 @@ from polypythia.evaluate.integrity import FOREIGN_FILE
 STAMP = "2024-09-01T10-00-00.000000"
 
 
-def suite_file(root, folder, setting, name, step, values, pretrained=None, shots=None, accelerate=False):
-    """An lm-eval 0.3 file as the Pythia suite published it: results (with stderrs and a perplexity),
-    versions and config; ``values`` maps task -> acc."""
-    size = folder.removeprefix("pythia-")
+def suite_file(root, where, name, step, values, pretrained=None, shots=None, accelerate=False):
+    """An lm-eval 0.3 file as the Pythia suite published it, ``root/where/<name>_step<step>.json`` (``where``:
+    the model folder and its setting folder, ``pythia-160m/zero-shot``): results (with stderrs and a
+    perplexity), versions and config; ``values`` maps task -> acc."""
+    size = where.split("/")[0].removeprefix("pythia-")
     pretrained = pretrained or f"EleutherAI/pythia-v1.1-{size}"
     args = f"pretrained={pretrained},revision=step{step}"
-    shots = (5 if setting == "five-shot" else 0) if shots is None else shots
+    shots = (5 if where.endswith("/five-shot") else 0) if shots is None else shots
     results = {
         task: {"acc": acc, "acc_stderr": 0.01, "acc_norm": acc + 0.02, "acc_norm_stderr": 0.01}
         for task, acc in values.items()
@@ -44,7 +45,7 @@ def suite_file(root, folder, setting, name, step, values, pretrained=None, shots
             "description_dict": {},
         },
     }
-    path = root / folder / setting / f"{name}_step{step}.json" if setting else root / folder / f"{name}_step{step}.json"
+    path = root / where / f"{name}_step{step}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2))
     return path
@@ -85,13 +86,13 @@ def suite(tmp_path):
         size = folder.removeprefix("pythia-")
         for i, step in enumerate(steps):
             accs = {"arc_easy": 0.3 + offset + 0.01 * i, "piqa": 0.55 + offset + 0.01 * i}
-            suite_file(root, folder, "zero-shot", size, step, accs, accelerate=step == 0)
+            suite_file(root, f"{folder}/zero-shot", size, step, accs, accelerate=step == 0)
             for task, acc in accs.items():
                 expected[(size, 0, step, f"{task}/acc")] = acc
                 expected[(size, 0, step, f"{task}/acc_norm")] = acc + 0.02
             expected[(size, 0, step, "lambada_openai/ppl")] = 30.0 + step / 1e4
             expected[(size, 0, step, "lambada_openai/acc")] = 0.3
-        suite_file(root, folder, "five-shot", f"{size}-5shot", 143000, {"arc_easy": 0.7 + offset})
+        suite_file(root, f"{folder}/five-shot", f"{size}-5shot", 143000, {"arc_easy": 0.7 + offset})
         expected[(size, 0, 143000, "arc_easy@5shot/acc")] = 0.7 + offset
         expected[(size, 0, 143000, "arc_easy@5shot/acc_norm")] = 0.72 + offset
         expected[(size, 0, 143000, "lambada_openai@5shot/ppl")] = 30.0 + 14.3
@@ -149,17 +150,16 @@ def test_a_file_whose_config_and_path_disagree_is_read_as_its_config_says_and_fo
     # Path says step 3000, config step 1000 (which 160m_step1000.json gives: that one wins); path says step 4000,
     # config step 2000 (no other file: read at 2000); path says 160m, config 410m; a 5-shot run in zero-shot/.
     for path_step, config_step in ((3000, 1000), (4000, 2000)):
-        suite_file(root, "pythia-160m", "zero-shot", "160m", path_step, {"arc_easy": 0.9}).write_text(
+        suite_file(root, "pythia-160m/zero-shot", "160m", path_step, {"arc_easy": 0.9}).write_text(
             (zero / f"160m_step{path_step}.json")
             .read_text()
             .replace(f"revision=step{path_step}", f"revision=step{config_step}")
         )
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 13000, {"arc_easy": 0.8}, pretrained="EleutherAI/pythia-410m")
-    suite_file(root, "pythia-160m", "zero-shot", "160m", 23000, {"arc_easy": 0.7}, shots=5)
+    suite_file(root, "pythia-160m/zero-shot", "160m", 13000, {"arc_easy": 0.8}, pretrained="EleutherAI/pythia-410m")
+    suite_file(root, "pythia-160m/zero-shot", "160m", 23000, {"arc_easy": 0.7}, shots=5)
     suite_file(
         root,
-        "pythia-160m",
-        "zero-shot",
+        "pythia-160m/zero-shot",
         "160m",
         33000,
         {"arc_easy": 0.6},
@@ -199,12 +199,11 @@ def test_setting_folders_other_than_shots_are_read_only_on_their_own(tmp_path, c
     """The suite re-evaluated checkpoints for its gender-bias case study in baseline/ (the same model, other
     values) and intervention/ (another model): read from above, they would mix with zero-shot/."""
     root = tmp_path / "pythia-v1"
-    suite_file(root, "pythia-410m-deduped", "zero-shot", "410m-deduped", 143000, {"arc_easy": 0.51})
-    suite_file(root, "pythia-410m-deduped", "baseline", "baseline-410m-deduped", 143000, {"arc_easy": 0.52})
+    suite_file(root, "pythia-410m-deduped/zero-shot", "410m-deduped", 143000, {"arc_easy": 0.51})
+    suite_file(root, "pythia-410m-deduped/baseline", "baseline-410m-deduped", 143000, {"arc_easy": 0.52})
     suite_file(
         root,
-        "pythia-410m-deduped",
-        "intervention",
+        "pythia-410m-deduped/intervention",
         "intervention-410m-deduped",
         143000,
         {"arc_easy": 0.53},
@@ -231,8 +230,8 @@ def test_setting_folders_other_than_shots_are_read_only_on_their_own(tmp_path, c
 
 def test_undated_files_that_contradict_each_other_are_an_error(tmp_path):
     root = tmp_path / "evals"
-    suite_file(root, "pythia-70m", "zero-shot", "70m", 1000, {"arc_easy": 0.40})
-    suite_file(root, "pythia-70m", "0-shot", "70m", 1000, {"arc_easy": 0.41})
+    suite_file(root, "pythia-70m/zero-shot", "70m", 1000, {"arc_easy": 0.40})
+    suite_file(root, "pythia-70m/0-shot", "70m", 1000, {"arc_easy": 0.41})
     with pytest.raises(
         AnalysisError,
         match=r"give different values of arc_easy/acc for model 70m seed 0 step 1000 "
@@ -248,7 +247,7 @@ def test_undated_files_that_contradict_each_other_are_an_error(tmp_path):
 
 def test_files_of_neither_layout_are_counted_not_read(tmp_path):
     root = tmp_path / "evals"
-    suite_file(root / "pythia-v1", "pythia-70m", "zero-shot", "70m", 1000, {"arc_easy": 0.40})
+    suite_file(root / "pythia-v1", "pythia-70m/zero-shot", "70m", 1000, {"arc_easy": 0.40})
     # The old suite's files (another model of the same folder name) and a baseline suite's.
     old = root / "pythia-v0" / "pythia-70m" / "zero-shot" / "pythia-70m-0shot-global_step1000_eval_results_1.json"
     old.parent.mkdir(parents=True)
@@ -256,7 +255,7 @@ def test_files_of_neither_layout_are_counted_not_read(tmp_path):
     (root / "opt").mkdir()
     (root / "opt" / "opt-125m.json").write_text(json.dumps({"results": {"arc_easy": {"acc": 0.2}}}))
     # A file right in pythia-v1/ has no model folder: "pythia-v1" names none.
-    suite_file(root, "pythia-v1", None, "70m", 2000, {"arc_easy": 0.3})
+    suite_file(root, "pythia-v1", "70m", 2000, {"arc_easy": 0.3})
     study = load_study(root)
     assert sorted(study.metrics["step"].unique()) == [1000] and set(study.metrics["model"].astype(str)) == {"70m"}
     assert [n for n in study.notes if "neither" in n] == [

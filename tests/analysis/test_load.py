@@ -151,7 +151,7 @@ def test_published_evals_drop_mislabeled_files_and_keep_latest_per_task(tmp_path
     # A newer rerun of seed 3 at step 1000 holds arc_easy only: sciq must keep the older file's value.
     write_eval(tmp_path, "pythia-410m-seed3", 1000, late, {"arc_easy": 0.35})
 
-    with caplog.at_level("WARNING", logger="analysis.load"):
+    with caplog.at_level("WARNING", logger="analysis"):
         study = load_study(tmp_path)
     metrics = study.metrics
     assert sorted(metrics["seed"].astype(str).unique(), key=int) == ["0", "3", "10"]
@@ -306,19 +306,19 @@ def test_table_errors_and_repeated_rows(tmp_path):
 
 def test_table_loader_passes_non_finite_values_on(tmp_path, monkeypatch):
     """The loaders keep NaN/inf rows; whether they stay is tidy()'s decision."""
-    import analysis.load as load
+    import analysis.table_file as table_file
 
     seen = {}
-    real_tidy = load.tidy
+    real_tidy = table_file.tidy
 
     def spy(frame, notes=None):
         seen["values"] = frame["value"].tolist()
         return real_tidy(frame, notes)
 
-    monkeypatch.setattr(load, "tidy", spy)
+    monkeypatch.setattr(table_file, "tidy", spy)
     path = tmp_path / "diverged.csv"
     path.write_text("model,seed,step,metric,value\n70m,1,1,loss,5.0\n70m,1,2,loss,nan\n70m,1,3,loss,inf\n")
-    load.load_tidy_file(path)
+    table_file.load_tidy_file(path)
     values = seen["values"]
     assert values[0] == 5.0 and np.isnan(values[1]) and np.isinf(values[2])
 

@@ -127,7 +127,7 @@ def test_final_values_of_dense_curves_equal_those_of_the_pivoted_table(outlier_s
 
     study = outlier_study.copy()
     study.loc[(study.metric == "train/loss") & (study.model == "70m") & (study.seed == "5"), "value"] += 1.0
-    from analysis.load import run_blocks
+    from analysis.tidy_table import run_blocks
 
     blocks = run_blocks(study)
     for metric in ("train/loss", "valid/loss"):

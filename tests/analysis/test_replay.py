@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 
 from analysis import find_outliers
 from analysis.__main__ import main
@@ -36,3 +37,23 @@ def test_replay_command_writes_alerts(tmp_path):
     assert main([str(path), "--replay", "--outlier-metric", "score", "--out", str(tmp_path / "out")]) == 0
     alerts = pd.read_csv(tmp_path / "out" / "alerts.csv")
     assert alerts[["seed", "alert_step", "lead_steps"]].values.tolist() == [[2, 93_000, 0]]
+
+
+def test_the_replayed_per_step_signal_is_a_parameter(outlier_study):
+    """replay(..., loss_signal=...) smooths that signal: the mean of each run's values over the window."""
+    import numpy as np
+
+    from analysis.replay import smoothed_loss, smoothed_name
+
+    rows = smoothed_loss(outlier_study, np.array([10_000]), 1_000, "train/grad_norm")
+    assert set(rows["metric"]) == {smoothed_name("train/grad_norm")} == {"train/grad_norm (smoothed)"}
+    run = outlier_study[
+        (outlier_study["metric"] == "train/grad_norm")
+        & (outlier_study["model"] == "70m")
+        & (outlier_study["seed"].astype(str) == "2")
+    ]
+    expected = run.loc[(run["step"] > 9_000) & (run["step"] <= 10_000), "value"].mean()
+    (got,) = rows.loc[(rows["model"] == "70m") & (rows["seed"] == "2"), "value"]
+    assert got == pytest.approx(expected)
+    alerts = replay(outlier_study, find_outliers(outlier_study), loss_signal="train/grad_norm")
+    assert SMOOTHED_LOSS not in set(alerts["signal"])

@@ -49,8 +49,8 @@ def test_unrecovered_spike_and_parameters():
 
 
 def test_spikes_do_not_depend_on_the_row_order(outlier_study):
-    """Array slices of a tidy table (analysis.load.run_blocks) and grouping a shuffled one agree."""
-    from analysis.load import run_blocks
+    """Array slices of a tidy table (analysis.tidy_table.run_blocks) and grouping a shuffled one agree."""
+    from analysis.tidy_table import run_blocks
 
     assert run_blocks(outlier_study) is not None
     shuffled = outlier_study.sample(frac=1, random_state=0)

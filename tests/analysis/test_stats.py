@@ -107,6 +107,6 @@ def test_final_values_are_each_runs_last_value_in_label_order(stable_study):
     assert sorted(values["value"]) == sorted(last["value"])
     shuffled = final_values(stable_study.sample(frac=1, random_state=0), "train/loss")
     pd.testing.assert_frame_equal(values, shuffled)
-    from analysis.load import run_blocks
+    from analysis.tidy_table import run_blocks
 
     pd.testing.assert_frame_equal(values, final_values(stable_study, "train/loss", blocks=run_blocks(stable_study)))

@@ -22,21 +22,24 @@ STEPS = np.asarray(POLYPYTHIAS_EVAL_STEPS)
 FALL_BACK_STEP = int(STEPS[-4])  # 113,000: the last four checkpoints
 
 
+N_FEATURES = 4  # features of a planted study
+NOISE = 0.25  # SD of each feature's noise per checkpoint
+LATE = 4  # checkpoints at the end for which a falling-back seed returns to an earlier phase
+
+
 def planted_study(
     n_states: int = 4,
     n_seeds: int = 10,
     steps=STEPS,
-    n_features: int = 4,
-    noise: float = 0.25,
     fall_back: dict | None = None,
-    late: int = 4,
     model: str = "410m",
     random_state: int = 0,
 ):
     """Features on a piecewise-constant trajectory: ``n_states`` phases of equal numbers of checkpoints,
-    phase p at p * direction (one direction of size ~1 per feature) plus N(0, noise) per checkpoint.
-    ``fall_back`` {seed: phase}: that seed returns to an earlier phase for its last ``late`` checkpoints
-    (default: seed 3 to phase 1 and seed 4 to phase 0, like the study's two 410M outliers)."""
+    phase p at p * direction (one direction of size ~1 per feature, N_FEATURES of them) plus N(0, NOISE)
+    per checkpoint. ``fall_back`` {seed: phase}: that seed returns to an earlier phase for its last
+    LATE checkpoints (default: seed 3 to phase 1 and seed 4 to phase 0, like the study's two 410M outliers)."""
+    n_features, noise, late = N_FEATURES, NOISE, LATE
     fall_back = {3: 1, 4: 0} if fall_back is None else fall_back
     rng = np.random.default_rng(random_state)
     steps = np.asarray(steps)
@@ -269,3 +272,12 @@ def test_maps_do_not_depend_on_worker_processes():
     pd.testing.assert_frame_equal(here.selection, workers.selection)
     pd.testing.assert_frame_equal(here.paths, workers.paths)
     assert set(here.paths["model"]) == {"70m", "410m"}
+
+
+def test_synthetic_studies_log_the_statistics_of_the_weight_table():
+    """analysis/synthetic.py names the weights/* features without importing torch: they must be the rows
+    of WEIGHT_STATISTICS, in order."""
+    from analysis.synthetic import WEIGHT_FEATURES
+    from polypythia.evaluate.weight_stats import WEIGHT_STATISTICS
+
+    assert WEIGHT_FEATURES == tuple(f"weights/{statistic.name}" for statistic in WEIGHT_STATISTICS)

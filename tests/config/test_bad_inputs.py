@@ -481,6 +481,7 @@ def test_cli_summary_of_a_csv_shows_the_diverged_seed(tmp_path, capsys, no_track
 def test_analysis_folder_without_results_is_an_experiment_name(tmp_path, capsys, no_tracking, monkeypatch):
     import analysis.load as load
     import analysis.summary as summary
+    import analysis.tidy_table as tidy_table
 
     folder = tmp_path / "my-study"
     (folder / "sub").mkdir(parents=True)
@@ -496,8 +497,8 @@ def test_analysis_folder_without_results_is_an_experiment_name(tmp_path, capsys,
     def fake_load_mlflow(experiment, **kwargs):
         seen["experiment"] = experiment
         frame = pd.DataFrame({"model": "70m", "seed": [1], "step": [1], "metric": "train/loss", "value": [3.0]})
-        return load.Study(
-            metrics=load.tidy(frame), runs=load.runs_from_metrics(frame), source=experiment, kind="mlflow"
+        return tidy_table.Study(
+            metrics=tidy_table.tidy(frame), runs=tidy_table.runs_from_metrics(frame), source=experiment, kind="mlflow"
         )
 
     monkeypatch.setattr(load, "load_mlflow", fake_load_mlflow)

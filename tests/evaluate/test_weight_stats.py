@@ -1,4 +1,4 @@
-"""The 14 weight features under both definitions: numpy/torch recomputations on a tiny GPT-NeoX, and
+"""The weight features (WEIGHT_STATISTICS) under both definitions: numpy/torch recomputations on a tiny GPT-NeoX, and
 hand-computed values on small hand-built state dicts for every point where the two definitions differ."""
 
 import math
@@ -12,6 +12,9 @@ from polypythia.evaluate.weight_stats import (
     DEFAULT_DEFINITION,
     DEFINITIONS,
     FEATURE_NAMES,
+    MATRIX_FEATURES,
+    WEIGHT_STATISTICS,
+    Statistic,
     WeightStatsError,
     block_matrices,
     hf4_name,
@@ -21,6 +24,24 @@ from polypythia.evaluate.weight_stats import (
 )
 
 TINY_HEADS = 4  # as in conftest.build_tiny_model
+# The training-map features studies have logged as weights/<name> (Hu et al. 2023; the released
+# PolyPythias extraction computes the same set): the table must keep these names in this order.
+PUBLISHED_FEATURES = (
+    "l1",
+    "l2",
+    "trace",
+    "spectral",
+    "code_sparsity",
+    "computational_sparsity",
+    "sv_mean",
+    "sv_var",
+    "w_mean",
+    "w_median",
+    "w_var",
+    "b_mean",
+    "b_median",
+    "b_var",
+)
 
 
 def numpy_matrices(model) -> list[np.ndarray]:
@@ -45,7 +66,7 @@ def numpy_features(model) -> dict[str, float]:
         l1, l2, spectral = np.abs(m).sum(), np.linalg.norm(m), np.linalg.norm(m, 2)
         trace = sum(m[i, i] for i in range(min(m.shape)))
         rows.append([l1, l2, trace, spectral, l1 / l2, trace / spectral, s.mean(), s.var()])
-    features = dict(zip(FEATURE_NAMES[:8], np.mean(rows, axis=0)))
+    features = dict(zip(MATRIX_FEATURES, np.mean(rows, axis=0)))
     block = [
         (n, p.detach().numpy().astype(np.float64))
         for n, p in model.named_parameters()
@@ -62,10 +83,28 @@ def numpy_features(model) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("definition", DEFINITIONS)
-def test_names_are_the_fourteen_features(tiny_model, definition):
+def test_names_are_the_statistics_of_the_table(tiny_model, definition):
     stats = weight_stats(tiny_model, definition=definition)
-    assert tuple(stats) == FEATURE_NAMES and len(FEATURE_NAMES) == 14
+    assert tuple(stats) == FEATURE_NAMES == tuple(s.name for s in WEIGHT_STATISTICS)
+    assert FEATURE_NAMES == PUBLISHED_FEATURES  # logged studies stay readable
     assert all(isinstance(v, float) and math.isfinite(v) for v in stats.values())
+
+
+def test_a_new_statistic_is_one_row_of_the_table(tiny_model, monkeypatch):
+    """A row added to WEIGHT_STATISTICS is computed under both definitions, per matrix or pooled."""
+    from polypythia.evaluate import weight_stats as module
+
+    rows = (
+        Statistic("fro_squared", "matrix", lambda m: m.l2**2),
+        Statistic("w_count", "weights", lambda p: float(p.count)),
+    )
+    before = {d: weight_stats(tiny_model, definition=d) for d in DEFINITIONS}
+    monkeypatch.setattr(module, "WEIGHT_STATISTICS", module.WEIGHT_STATISTICS + rows)
+    for definition in DEFINITIONS:
+        stats = weight_stats(tiny_model, definition=definition)
+        assert tuple(stats) == (*FEATURE_NAMES, "fro_squared", "w_count")
+        assert {k: stats[k] for k in FEATURE_NAMES} == before[definition]
+        assert stats["w_count"] > 0 and stats["fro_squared"] >= stats["l2"] ** 2  # Jensen: mean of squares
 
 
 def test_default_definition_is_polypythias(tiny_model):
@@ -216,7 +255,7 @@ def released_extract_metrics(named_parameters) -> dict[str, float]:
             torch.mean(singular_vals).item(),
             torch.var(singular_vals).item(),
         ]
-        for key, value in zip(FEATURE_NAMES[:8], values):
+        for key, value in zip(MATRIX_FEATURES, values):
             per_matrix.setdefault(key, []).append(value)
     metrics = {key: float(np.mean(values)) for key, values in per_matrix.items()}
     for parts, prefix in ((weights, "w"), (biases, "b")):

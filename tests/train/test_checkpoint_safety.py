@@ -14,6 +14,7 @@ from helpers import train_here as run
 
 from polypythia.errors import CheckpointError
 from polypythia.train import checkpoint as ckpt
+from polypythia.train import trainerstate as trainer_state
 from polypythia.train.distributed import SHM_COMM_OP, BuildLockError, check_build_locks
 
 
@@ -63,26 +64,28 @@ def test_trainer_state_is_json_and_safetensors_and_restores_every_rng(tmp_path):
     random.gauss(0, 1)  # a cached Gaussian in Python's RNG state
     ckpt.save_trainer_state(tmp_path, state)
     expected = (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist())
-    loaded = ckpt.load_trainer_state(tmp_path)
+    loaded = trainer_state.load_trainer_state(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trainer_state.json", "trainer_state.safetensors"]
     assert loaded["step"] == 5 and loaded["zero_stage"] == 0 and np.isnan(loaded["loss"])
-    ckpt.set_rng_state(loaded["rng"])
+    trainer_state.set_rng_state(loaded["rng"])
     assert (random.random(), np.random.rand(3).tolist(), torch.rand(3).tolist()) == expected
 
 
 def test_a_legacy_pickled_trainer_state_is_read_as_data_only(tmp_path):
-    torch.save({"step": 3, "world_size": 1, "loss": 2.5, "rng": ckpt.rng_state()}, tmp_path / "trainer_state.pt")
+    torch.save(
+        {"step": 3, "world_size": 1, "loss": 2.5, "rng": trainer_state.rng_state()}, tmp_path / "trainer_state.pt"
+    )
     assert ckpt.is_resumable(tmp_path) is False  # no state/ yet
     (tmp_path / "state").mkdir()
     assert ckpt.is_resumable(tmp_path)
-    legacy = ckpt.load_trainer_state(tmp_path)
+    legacy = trainer_state.load_trainer_state(tmp_path)
     assert legacy["step"] == 3
-    ckpt.set_rng_state(legacy["rng"])
+    trainer_state.set_rng_state(legacy["rng"])
 
     marker = tmp_path / "ran"
     torch.save({"step": 3, "rng": RunsCode(marker)}, tmp_path / "trainer_state.pt")
     with pytest.raises(CheckpointError, match="trainer_state.pt, a pickle .* is not loaded"):
-        ckpt.load_trainer_state(tmp_path)
+        trainer_state.load_trainer_state(tmp_path)
     assert not marker.exists()
 
 

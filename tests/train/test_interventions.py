@@ -14,10 +14,12 @@ import pytest
 import torch
 from helpers import on_two_ranks, record_attention_logit_maxima, tiny_job, train_here
 
+from polypythia.config.monitor import MonitorConfig
 from polypythia.errors import ConfigError
 from polypythia.train.callbacks import Callback
 from polypythia.train.skipstep import SkipStepAdamW, SkipStepRule, min_previous_values
 
+OLMO = MonitorConfig()  # the default skip rule: OLMo-core's 6 SDs over the previous 128 values
 PROBE = torch.arange(40).reshape(2, 20) % 97  # a fixed input for comparing logits
 
 
@@ -217,8 +219,8 @@ def _noisy_run(seed, steps=600):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_skip_rule_decides_as_olmo_core(seed):
     losses, grad_norms = _noisy_run(seed)
-    rule = SkipStepRule(128, 6.0)
-    ours = [0.0 if rule.decide(l, g) else 1.0 for l, g in zip(losses, grad_norms)]
+    rule = SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd)
+    ours = [0.0 if rule.decide(loss, g) else 1.0 for loss, g in zip(losses, grad_norms)]
     assert ours == _olmo_step_factors(losses, grad_norms)
     assert 0 < ours.count(0.0) < 40  # some planted spikes skip, the lower ones do not
 
@@ -226,13 +228,13 @@ def test_the_skip_rule_decides_as_olmo_core(seed):
 def test_the_skip_rule_waits_for_64_values_uses_the_sample_sd_is_one_sided_and_keeps_skipped_values():
     assert min_previous_values(128) == 63
     base = [1.0, 2.0] * 40  # mean 1.5; population SD 0.5, sample SD a little more
-    rule = SkipStepRule()
+    rule = SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd)
     for value in base[:62]:
         assert not rule.decide(value, 1.0 + value)
     assert not rule.decide(100.0, 1.0)  # 63rd value: no verdict yet, but it enters the window
     assert len(rule.loss.values) == 63
 
-    rule = SkipStepRule()
+    rule = SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd)
     for value in base[:63]:
         rule.decide(value, 1.0 + value)
     n, mean = 63, sum(base[:63]) / 63
@@ -248,14 +250,17 @@ def test_the_skip_rule_waits_for_64_values_uses_the_sample_sd_is_one_sided_and_k
 
 def test_the_skip_rule_state_round_trips_through_json():
     losses, grad_norms = _noisy_run(5, steps=300)
-    whole, first = SkipStepRule(), SkipStepRule()
-    for l, g in zip(losses[:150], grad_norms[:150]):
-        whole.decide(l, g)
-        first.decide(l, g)
-    resumed = SkipStepRule()
+    whole, first = (
+        SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd),
+        SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd),
+    )
+    for loss, g in zip(losses[:150], grad_norms[:150]):
+        whole.decide(loss, g)
+        first.decide(loss, g)
+    resumed = SkipStepRule(OLMO.skip_window, OLMO.skip_threshold_sd)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
-    assert [whole.decide(l, g) for l, g in zip(losses[150:], grad_norms[150:])] == [
-        resumed.decide(l, g) for l, g in zip(losses[150:], grad_norms[150:])
+    assert [whole.decide(loss, g) for loss, g in zip(losses[150:], grad_norms[150:])] == [
+        resumed.decide(loss, g) for loss, g in zip(losses[150:], grad_norms[150:])
     ]
 
 
@@ -309,13 +314,19 @@ def test_a_forced_high_step_is_skipped_and_the_windows_survive_a_resume(tmp_path
     assert not all(torch.equal(a, b) for a, b in zip(record.weights[("before", 9)], record.weights[("after", 9)]))
 
     final = Path(cfg.run_dir) / "checkpoints" / "step12"
-    windows = json.loads((final / "trainer_state.json").read_text())["skip_step"]
+    state = json.loads((final / "trainer_state.json").read_text())
+    windows, monitor_windows = state["skip_step"], state["stability_monitor"]
     assert len(windows["loss"]["values"]) == 8 and windows["loss"]["values"][-1] == record.metrics[12]["train/loss"]
     shutil.rmtree(final)
     resumed = Record()
     train_here(cfg, [resumed])  # from step 6
     assert min(resumed.metrics) == 7 and [s for s, m in resumed.metrics.items() if m["train/skipped_step"]] == [10]
-    assert json.loads((final / "trainer_state.json").read_text())["skip_step"] == windows
+    resumed_state = json.loads((final / "trainer_state.json").read_text())
+    assert resumed_state["skip_step"] == windows
+    # the stability monitor's spike windows (monitor.spikes, on by default) survive the resume too:
+    # all 12 steps' values, not only the 6 the resumed run saw
+    spikes = resumed_state["stability_monitor"]
+    assert spikes == monitor_windows and len(spikes["train/loss"]["values"]) == 12
 
 
 def _zero2_rank(rank, port, tmp_path, cache_dir, queue):

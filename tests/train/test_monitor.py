@@ -1,6 +1,7 @@
 """The live stability monitor (polypythia.train.monitor), the spike detector, and the instability faults."""
 
 import copy
+import json
 import math
 from types import SimpleNamespace
 
@@ -10,11 +11,15 @@ import torch
 from helpers import on_two_ranks, record_attention_logit_maxima, tiny_job, train_here
 from safetensors.torch import load_file
 
+from polypythia.config.monitor import MonitorConfig
+from polypythia.config.schema import TrainConfig
 from polypythia.errors import ConfigError
-from polypythia.train.callbacks import Callback, TrainResult
-from polypythia.train.faults import BoostLR, RepeatBatch, callbacks_from_config
-from polypythia.train.monitor import ForwardSignals, StabilityMonitor, UpdateSignals, group_of
+from polypythia.train.callbacks import Callback, TrainResult, TrainStart
+from polypythia.train.faults import BoostLR, RepeatBatch
+from polypythia.train.guards import callbacks_from_config
+from polypythia.train.monitor import ForwardSignals, StabilityMonitor
 from polypythia.train.schedule import lr_at
+from polypythia.train.signals import UpdateSignals, group_of
 from polypythia.train.spikes import SpikeDetector
 
 GROUPS = ["embed", "layer0.attn", "layer0.mlp", "layer1.attn", "layer1.mlp", "head"]
@@ -139,31 +144,72 @@ def test_spike_detector_flags_a_planted_spike_and_not_noise():
     values = 3.0 + 0.1 * rng.standard_normal(2000)
     values[1500] = 3.0 + 0.1 * 12  # 12 SDs above the noise's mean
     values[1700] = 3.0 - 0.1 * 12  # a dip is no spike
-    detector = SpikeDetector()  # OLMo-core: 6 SDs over the previous 128 values
+    detector = SpikeDetector(128, 6.0)  # OLMo-core: 6 SDs over the previous 128 values
     flagged = {i: h for i, v in enumerate(values) if (h := detector.update(v)) is not None}
     assert list(flagged) == [1500] and 10 < flagged[1500] < 14
     # nothing is judged before the window is full, unless asked; non-finite values are skipped
-    early = SpikeDetector(window=128)
+    early = SpikeDetector(window=128, threshold_sd=6.0)
     assert all(early.update(v) is None for v in [1.0, 1.1, 0.9] * 10 + [100.0])
-    short = SpikeDetector(window=128, min_values=5)
+    short = SpikeDetector(window=128, threshold_sd=6.0, min_values=5)
     assert [short.update(v) for v in [1.0, 1.1, 0.9, 1.0, 1.1]] == [None] * 5
     assert short.update(float("nan")) is None and short.update(float("inf")) is None and len(short.values) == 5
     assert short.update(100.0) > 6
 
 
-def test_monitor_reports_spikes_with_their_batch():
-    monitor = StabilityMonitor(every_steps=0, spike_window=8, global_batch_size=4)
-    rng = np.random.default_rng(1)
+def spike_monitor() -> StabilityMonitor:
+    """A monitor of spikes only, on a window of 8 values."""
+    return StabilityMonitor(MonitorConfig(every_steps=0, spike_window=8), TrainConfig(), global_batch_size=4)
+
+
+def run_monitor(monitor: StabilityMonitor, steps, spike_at: int, seed: int = 1) -> list[dict]:
+    """Steps of noisy losses and gradient norms through ``monitor``, a loss of 9 at ``spike_at``; the
+    noise of step ``s`` is the same whichever steps run."""
     seen = []
-    for step in range(1, 21):
+    for step in steps:
+        rng = np.random.default_rng([seed, step])
         metrics = {
             "train/loss": 5.0 + 0.01 * rng.standard_normal(),
             "train/grad_norm": 1.0 + 0.01 * rng.standard_normal(),
         }
-        if step == 15:
+        if step == spike_at:
             metrics["train/loss"] = 9.0
         monitor.on_step_end(step, metrics)
         seen.append(metrics)
+    return seen
+
+
+def restarted(monitor: StabilityMonitor, trainer_state: dict, start_step: int) -> StabilityMonitor:
+    """``monitor`` started as a job resumed at ``start_step`` from a checkpoint with ``trainer_state``."""
+    start = TrainStart(0, 1, start_step, 512, 0, 0, (), data=None, trainer_state=trainer_state)
+    monitor.on_train_start(start)
+    return monitor
+
+
+def test_the_monitors_spike_windows_survive_a_resume_and_a_rewind():
+    """Saved in the trainer state (as JSON) at step 10 and handed back on a restart from it, the
+    windows judge step 13 as the run that never stopped does; a monitor started empty cannot (it has
+    3 values, its window needs 8)."""
+    whole = spike_monitor()
+    whole_seen = run_monitor(whole, range(1, 21), spike_at=13)
+    first = spike_monitor()
+    run_monitor(first, range(1, 11), spike_at=13)
+    saved = json.loads(json.dumps(first.trainer_state()))
+    assert len(saved["stability_monitor"]["train/loss"]["values"]) == 8
+    resumed = restarted(spike_monitor(), saved, 10)
+    assert run_monitor(resumed, range(11, 21), spike_at=13) == whole_seen[10:]
+    assert "monitor/spike/loss" in whole_seen[12]
+    empty = restarted(spike_monitor(), {}, 10)
+    assert not any("monitor/spike/loss" in m for m in run_monitor(empty, range(11, 21), spike_at=13))
+    # a rewind restarts from an older checkpoint: its windows, not the ones the run reached later
+    later = spike_monitor()
+    run_monitor(later, range(1, 16), spike_at=13)
+    rewound = restarted(later, saved, 10)
+    assert run_monitor(rewound, range(11, 21), spike_at=13) == whole_seen[10:]
+
+
+def test_monitor_reports_spikes_with_their_batch():
+    monitor = spike_monitor()
+    seen = run_monitor(monitor, range(1, 21), spike_at=15)
     assert [i + 1 for i, m in enumerate(seen) if "monitor/spike/loss" in m] == [15]
     assert not any("monitor/spike/grad_norm" in m for m in seen)
     result = TrainResult("tiny-seed1", 20, 0, 5.0)

@@ -225,7 +225,8 @@ def test_the_job_guards_run_around_the_given_callbacks(tmp_path):
     check come after them, so a diverged step is still recorded."""
     from polypythia.errors import DivergenceError
     from polypythia.train.callbacks import in_order
-    from polypythia.train.faults import DivergenceCheck, InjectNaN, KillAtStep, callbacks_from_config
+    from polypythia.train.faults import InjectNaN, KillAtStep
+    from polypythia.train.guards import DivergenceCheck, callbacks_from_config
     from polypythia.train.monitor import StabilityMonitor
 
     cfg = tiny_job(

@@ -42,7 +42,7 @@ def test_same_batch_in_separate_processes_and_equal_to_training_data(tmp_path, c
         name: viewer_process(tmp_path, cache_dir, f"{name}.json", *ov)
         for name, ov in [("a", ["data_seed=3"]), ("b", ["data_seed=3"]), ("other", ["data_seed=4"])]
     }
-    for name, proc in procs.items():
+    for proc in procs.values():
         out, err = proc.communicate(timeout=120)
         assert proc.returncode == 0, err
         assert f"Batch behind train/loss at step {STEP} (0-based batch index {STEP - 1}), data seed" in out
