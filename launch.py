@@ -13,7 +13,7 @@ import polypythia.config.jobconfig  # noqa: F401  (registers the config defaults
 
 @hydra.main(config_path="conf", config_name="config", version_base=None)
 def main(cfg: DictConfig) -> dict:
-    from polypythia.job.run import run_from_hydra
+    from polypythia.driver.single import run_from_hydra
 
     return run_from_hydra(cfg)
 

@@ -3,7 +3,7 @@ machine the driver runs on, at ten times the PolyPythias study (450 jobs) by def
 
 Each poll the driver (every 2 s) reads the progress board's rows (Ray pickles them: simulated with
 pickle), checks every job for a stall (polypythia.driver.watchdog),
-runs the cross-seed monitor and writes its decisions (polypythia.driver.seedband.MonitorLog.watch, against
+runs the cross-seed monitor and writes its decisions (polypythia.driver.seedbandlog.MonitorLog.watch, against
 an MLflow client that only counts calls), looks for alerts to act on (polypythia.driver.actions) and redraws
 the live table (polypythia.driver.progress.ProgressDisplay, a rich Live table on a simulated terminal of 50
 lines, whose redraws are counted too). Side by side, on the same simulated rows: the driver before this
@@ -184,9 +184,10 @@ def measure(args: argparse.Namespace, jobs: list, before: bool) -> tuple[list[fl
 
     from polypythia.driver.actions import MonitorActions
     from polypythia.driver.progress import ProgressDisplay
-    from polypythia.driver.seedband import CrossSeedMonitor, MonitorLog, plan_groups
+    from polypythia.driver.seedband import SeedBandMonitor, plan_groups
+    from polypythia.driver.seedbandlog import MonitorLog
 
-    monitor = (RebuildingMonitor if before else CrossSeedMonitor)(plan_groups(jobs))
+    monitor = (RebuildingMonitor if before else SeedBandMonitor)(plan_groups(jobs))
     client = CountingClient([j.run_name for j in jobs])
     watch = MonitorLog(monitor, client, {"bench": "parent"}, jobs)
     actions = MonitorActions(jobs, monitor)

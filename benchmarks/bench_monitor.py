@@ -214,7 +214,7 @@ def launch_study(home: Path, plan: StudyPlan, args: argparse.Namespace) -> tuple
     return wall_s, siblings
 
 
-# The driver's log line of an alert (polypythia/driver/seedband.py, MonitorLog.watch).
+# The driver's log line of an alert (polypythia/driver/seedbandlog.py, MonitorLog.watch).
 ALERT_LINE = re.compile(r"Cross-seed alert: \S*-seed(\d+) at step (\d+): .*? from its (\d+) siblings'")
 ALERT_TAG = re.compile(r"step=(\d+) signal=(\S+) deviation=([-+0-9.eEinfa]+)")
 

@@ -248,11 +248,11 @@ def main() -> None:
     import torch
 
     from polypythia.data.embedded import ensure_embedded_dataset
-    from polypythia.job import run as job
+    from polypythia.runtime import env as runtime_env
     from polypythia.tracking import client as tracking
 
     torch.set_num_threads(args.threads)
-    job.quiet_libraries()
+    runtime_env.quiet_libraries()
     with bench_home("bench_train_", args.home) as home:
         os.environ["POLYPYTHIA_HOME"] = str(home)
         print(machine_description())

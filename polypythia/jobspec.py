@@ -7,11 +7,14 @@ Three frozen dataclasses, in the order a job meets them:
 - :class:`JobSpec`: everything the worker process needs to run that job (made by the sweep once the
   tracking server and the parent runs exist, read by :func:`polypythia.job.worker.run_job`);
 - :class:`JobOutcome`: how the job ended (made by the worker, or by the sweep when the worker's
-  process died too often or the cross-seed monitor stopped it; read by the sweep's report and by
+  process died too often or the seed-band monitor stopped it; read by the sweep's report and by
   the launcher).
 
-A :class:`RewindRequest` rides in a :class:`JobSpec` when the sweep's cross-seed monitor rolls a
+A :class:`RewindRequest` rides in a :class:`JobSpec` when the sweep's seed-band monitor rolls a
 run back (``monitor.action=rewind``, see :mod:`polypythia.driver.actions`).
+
+A job's state (:class:`JobState`) is one of a few fixed strings, on the progress board's rows and in
+a :class:`JobOutcome`.
 
 Nothing here holds a live object (no Ray handle, no Hydra config), so each pickles to any process.
 """
@@ -19,10 +22,35 @@ Nothing here holds a live object (no Ray handle, no Hydra config), so each pickl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Optional
 
-STOPPED = "stopped"  # a JobOutcome state: the cross-seed monitor ended the run (monitor.action=stop)
-TASK_STARTED_ENV = "POLYPYTHIA_TASK_STARTED"  # set by the worker when a job's Ray task begins (Unix seconds)
+
+class JobState(str, Enum):
+    """Where a job is: its progress-board row's ``state`` and its :attr:`JobOutcome.state`. A ``str``
+    enum, so that a member equals, hashes, prints and pickles as its plain value (``"running"``): rows,
+    logs and MLflow tags keep the strings they had."""
+
+    PENDING = "pending"  # on the board, before its worker's first report
+    RUNNING = "running"
+    FINISHED = "finished"  # trained to its last step (or, on a relaunch, before it)
+    FAILED = "failed"  # a Python error, a process that died too often, or too many stalls
+    DIVERGED = "diverged"  # the loss left the finite numbers (polypythia.errors.DivergenceError)
+    STOPPED = "stopped"  # ended by the seed-band monitor (monitor.action=stop): no failure of the sweep
+    STALLED = "stalled"  # a board state: no progress for launcher.stall_timeout_s, killed by the watchdog
+    REWINDING = "rewinding"  # a board state: killed, to start again from an earlier checkpoint
+
+    __hash__ = str.__hash__  # as its value: "running" finds JobState.RUNNING in a set or dict
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+# A job in these states reaches no further step (the seed band waits for it no longer).
+ENDED_STATES = frozenset({JobState.FINISHED, JobState.FAILED, JobState.DIVERGED, JobState.STOPPED})
 
 
 @dataclass(frozen=True)
@@ -37,7 +65,7 @@ class JobRequest:
 
 @dataclass(frozen=True)
 class RewindRequest:
-    """Roll the run back before its cross-seed alert: to its newest checkpoint strictly before
+    """Roll the run back before its seed-band alert: to its newest checkpoint strictly before
     ``decision_step``, skipping the next ``skip_batches`` batches (None: as many as steps rewound).
     ``number`` counts the run's rewinds from 1; a request already recorded in the run folder is not
     applied again (see :mod:`polypythia.train.rewind`)."""
@@ -69,7 +97,7 @@ class JobSpec:
 class JobOutcome:
     """How one job ended."""
 
-    state: str  # "finished", "failed", "diverged" or "stopped" (by the cross-seed monitor, monitor.action=stop)
+    state: JobState  # FINISHED, FAILED, DIVERGED or STOPPED
     summary: Optional[dict[str, Any]] = None  # polypythia.job.run.run's summary when finished: run_id, final_loss, ...
     error: Optional[BaseException] = None  # what ended it otherwise
     reason: str = ""  # that error in one line, for the sweep's report
@@ -77,10 +105,10 @@ class JobOutcome:
 
     @property
     def finished(self) -> bool:
-        return self.state == "finished"
+        return self.state == JobState.FINISHED
 
     @property
     def ok(self) -> bool:
-        """Whether the job ended as the sweep asked: trained to its end, or stopped by the cross-seed
+        """Whether the job ended as the sweep asked: trained to its end, or stopped by the seed-band
         monitor (``monitor.action=stop`` did what it was told: not a failure of the sweep)."""
-        return self.state in ("finished", STOPPED)
+        return self.state in (JobState.FINISHED, JobState.STOPPED)

@@ -39,36 +39,18 @@ MLFLOW_RECORD = "mlflow_run.json"
 # Keys that do not change what a run trains: where and how it runs, what it evaluates and logs
 # besides training, and how its steps are computed (the same sums, in other pieces or kernels).
 # A key is exempt if it equals one of these or lies under one ending in ".".
-FREE_KEYS = (
-    "tracking.",
-    "launcher.",
-    "home",
-    "runs_dir",
-    "data.cache_dir",
-    "seed",
-    "weight_seed",
-    "data_seed",
-    "replicate",
-    "budget.name",
-    "budget.micro_batch_size",
-    "budget.checkpoint_every_steps",
-    "budget.log_spaced_checkpoints",
-    "train.threads",
-    "train.peak_tflops",
-    "train.compile",
-    "train.activation_checkpointing",
-    "train.attn_implementation",
-    "train.loss_ceiling",
-    "train.loss_ceiling_steps",
-    "train.eval_every_checkpoint",
-    "train.evaluate_after_training",
-    "train.eval_limit_items",
-    "train.keep_resume_states",
+# fmt: off
+FREE_KEYS = (  # one line per section of the config
+    "tracking.", "launcher.", "home", "runs_dir", "data.cache_dir",
+    "seed", "weight_seed", "data_seed", "replicate",
+    "budget.name", "budget.micro_batch_size", "budget.checkpoint_every_steps", "budget.log_spaced_checkpoints",
+    "train.threads", "train.peak_tflops", "train.compile", "train.activation_checkpointing", "train.attn_implementation",
+    "train.loss_ceiling", "train.loss_ceiling_steps",
+    "train.eval_every_checkpoint", "train.evaluate_after_training", "train.eval_limit_items", "train.keep_resume_states",
     "train.fault.",
-    "monitor.action",
-    "monitor.skip_batches",
-    "monitor.max_rewinds",  # what the driver does; rewinds.json keeps what it did
+    "monitor.action", "monitor.skip_batches", "monitor.max_rewinds",  # what the driver does; rewinds.json keeps it
 )
+# fmt: on
 BY_FILE_NAME = ("data.path", "data.tokenizer")  # the same dataset may move: compared by file name only
 SHOWN_DIFFERENCES = 4
 _STEP_DIR = re.compile(r"^step(\d+)$")
@@ -212,28 +194,32 @@ def check_config(cfg: JobConfig) -> None:
         return
     diffs = training_differences(saved, to_dict(cfg))
     if diffs:
-        shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
-        more = f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else ""
         raise RunFolderError(
-            f"Run {cfg.run_dir} was started with another training configuration ({shown}{more}); "
+            f"Run {cfg.run_dir} was started with another training configuration ({_shown(diffs)}); "
             f"{_way_forward(cfg.run_dir)}."
         )
 
 
-def _trainer_states(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """(step, trainer_state.json) of the run's sealed checkpoints, newest first."""
+def _shown(diffs: list[tuple[str, Any, Any]]) -> str:
+    """The first :data:`SHOWN_DIFFERENCES` differences, and how many more."""
+    shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
+    return shown + (f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else "")
+
+
+def _checkpoint_files(run_dir: str | Path, name: str) -> list[Path]:
+    """The file ``name`` of each of the run's checkpoints that has one, newest first."""
     found = [
-        (int(m.group(1)), p / "trainer_state.json")
+        (int(m.group(1)), p / name)
         for p in (Path(run_dir) / "checkpoints").glob("step*")
-        if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()
+        if (m := _STEP_DIR.match(p.name)) and (p / name).is_file()
     ]
-    return sorted(found, reverse=True)
+    return [path for _, path in sorted(found, reverse=True)]
 
 
 def checkpoint_config(run_dir: str | Path) -> tuple[Path, dict[str, Any] | None] | None:
     """(checkpoint folder, the config its trainer state keeps, or None if it predates keeping one) of
     the run's newest checkpoint with a readable trainer state; None without one."""
-    for _, path in _trainer_states(run_dir):
+    for path in _checkpoint_files(run_dir, "trainer_state.json"):  # the sealed checkpoints
         try:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -244,11 +230,9 @@ def checkpoint_config(run_dir: str | Path) -> tuple[Path, dict[str, Any] | None]
 
 
 def _refuse(cfg: JobConfig, diffs: list[tuple[str, Any, Any]], source: str) -> None:
-    shown = ", ".join(f"{k}={new!r} (was {old!r})" for k, old, new in diffs[:SHOWN_DIFFERENCES])
-    more = f" and {len(diffs) - SHOWN_DIFFERENCES} more" if len(diffs) > SHOWN_DIFFERENCES else ""
     raise RunFolderError(
         f"Run {cfg.run_dir} has no {CONFIG_RECORD}, and {source} was trained with another "
-        f"training configuration ({shown}{more}); {_way_forward(cfg.run_dir)}."
+        f"training configuration ({_shown(diffs)}); {_way_forward(cfg.run_dir)}."
     )
 
 
@@ -286,14 +270,10 @@ def config_known(cfg: JobConfig) -> bool:
 def check_checkpoint(cfg: JobConfig) -> None:
     """:class:`RunFolderError` if the newest checkpoint in ``cfg.run_dir`` holds another network
     than ``cfg.model`` (for runs older than ``run_config.json``, and as a second line of defence)."""
-    steps = sorted(
-        (int(m.group(1)), p)
-        for p in (Path(cfg.run_dir) / "checkpoints").glob("step*")
-        if (m := _STEP_DIR.match(p.name)) and (p / "config.json").is_file()
-    )
-    if not steps:
+    found = _checkpoint_files(cfg.run_dir, "config.json")
+    if not found:
         return
-    path = steps[-1][1] / "config.json"
+    path = found[0]
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -347,8 +327,9 @@ def write_mlflow_record(run_dir: str | Path, run_id: str, tracking_uri: str) -> 
 def check_relaunch(cfg: JobConfig) -> None:
     """Everything a launch can check about the run's folder before anything starts: that no other
     job owns it, that it was started with the same training config (its record, else its newest
-    checkpoint's), that its newest checkpoint holds the same network, and that its MLflow record is readable. Raises a :class:`ConfigError`
-    (a :class:`RunFolderError`) in one sentence; a folder that does not exist yet passes."""
+    checkpoint's), that its newest checkpoint holds the same network, and that its MLflow record is
+    readable. Raises a :class:`ConfigError` (a :class:`RunFolderError`) in one sentence; a folder that
+    does not exist yet passes."""
     if not Path(cfg.run_dir).is_dir():
         return
     check_not_in_use(cfg.run_dir)

@@ -21,7 +21,9 @@ for a job launched without ``-m``.
 import copy
 import os
 import signal
+import threading
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -78,11 +80,10 @@ class PolypythiaRayLauncher(Launcher):
                 sweep.prepare()
             except PolypythiaError as exc:  # a user's mistake: one line, no traceback, no job started
                 exit_with(exc)
-            signal.signal(signal.SIGINT, _raise_interrupt)
-            signal.signal(
-                signal.SIGTERM, _raise_interrupt
-            )  # stops the sweep as Ctrl-C does (after ray.init's own handler)
-            outcomes = sweep.run()
+            stop = threading.Event()
+            signal.signal(signal.SIGINT, partial(_raise_interrupt, stop))
+            signal.signal(signal.SIGTERM, partial(_raise_interrupt, stop))  # as Ctrl-C (after ray.init's handler)
+            outcomes = sweep.run(stop)
         except KeyboardInterrupt:  # the sweep stopped its jobs and marked their MLflow runs KILLED
             print(
                 "\npolypythia: interrupted; the jobs were stopped and their MLflow runs marked KILLED "
@@ -117,12 +118,10 @@ class PolypythiaRayLauncher(Launcher):
         return job_cfg
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    """Ctrl-C and SIGTERM during a sweep: KeyboardInterrupt, and the sweep's STOP flag, which its loop
+def _raise_interrupt(stop: threading.Event, signum: int, frame: Any) -> None:
+    """Ctrl-C and SIGTERM during a sweep: KeyboardInterrupt, and ``stop`` set, which the sweep's loop
     also checks (a KeyboardInterrupt raised inside a library call, Ray's or MLflow's, may be lost)."""
-    from polypythia.driver.sweep import STOP
-
-    STOP.set()
+    stop.set()
     raise KeyboardInterrupt
 
 

@@ -1,5 +1,5 @@
-"""What the sweep's driver does when the cross-seed monitor (:mod:`polypythia.driver.seedband`) alerts on a
-run: ``monitor.action`` of that run.
+"""What the sweep's driver does when the seed-band monitor (:mod:`polypythia.driver.seedband`) alerts on a
+run: ``monitor.action`` of that run. :meth:`MonitorActions.act` says what it did as an :class:`ActionResult`.
 
 - ``none`` (the default), and ``skip_step`` (which acts inside the job, on its own steps:
   :mod:`polypythia.train.skipstep`): the alert only (the ``stability.alert`` tag, ``monitor/band_deviation``,
@@ -22,30 +22,49 @@ run: ``monitor.action`` of that run.
 While a rewound run waits for its new attempt, its row on the progress board shows step 0, so the
 monitor sees none of its abandoned values; once the new attempt reports its first step (the
 checkpoint it went back to), the monitor forgets its decisions after that step
-(:meth:`CrossSeedMonitor.forget`) and judges the new branch afresh.
+(:meth:`~polypythia.driver.seedband.SeedBandMonitor.forget`) and judges the new branch afresh.
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
+from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Optional
 
 from polypythia.config.monitor import DRIVER_ACTIONS
 from polypythia.driver import watchdog
-from polypythia.driver.seedband import CrossSeedMonitor, Decision, MonitorLog
-from polypythia.jobspec import STOPPED, JobOutcome, RewindRequest
+from polypythia.driver.seedband import Decision, SeedBandMonitor
+from polypythia.driver.seedbandlog import MonitorLog
+from polypythia.jobspec import JobOutcome, JobState, RewindRequest
 
-log = logging.getLogger(__name__)
-
-REWINDING = "rewinding"  # a board state: killed, to be started again from an earlier checkpoint
 ACTION_TAG = "stability.action"
+
+
+class Taken(Enum):
+    """What :meth:`MonitorActions.act` did to a job."""
+
+    KEEP = "keep"  # nothing changes for the job: the alert is noted only
+    RESUBMIT = "resubmit"  # (killed if it ran, then) to be submitted again: its JobSpec carries the rewind
+    STOPPED = "stopped"  # ended: its outcome is in the result
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """The result of acting on one alert: what was done, and the job's outcome when it was stopped."""
+
+    taken: Taken
+    outcome: Optional[JobOutcome] = None  # with Taken.STOPPED only
+
+
+KEEP = ActionResult(Taken.KEEP)
+RESUBMIT = ActionResult(Taken.RESUBMIT)
 
 
 class MonitorActions:
     """The driver's actions on alerts, per job; :meth:`act` is called at every poll of the board."""
 
-    def __init__(self, jobs: list[Any], monitor: CrossSeedMonitor):
+    def __init__(self, jobs: list[Any], monitor: SeedBandMonitor):
         self.jobs = jobs
         self.monitor = monitor
         self.handled: dict[int, Decision] = {}  # the alert last acted on, per job
@@ -88,36 +107,33 @@ class MonitorActions:
         board: Any,
         watch: MonitorLog,
         rewind_wait_s: float = 30.0,
-    ) -> tuple[str, Optional[JobOutcome]]:
-        """Act on ``alert`` of job ``index`` (task ``ref``, None when it had finished): ("keep", None)
-        when nothing changes, ("resubmit", None) when it is to be submitted again (killed first if it
-        ran), ("stopped", outcome) when it was ended."""
+    ) -> ActionResult:
+        """Act on ``alert`` of job ``index`` (task ``ref``, None when it had finished): stop it, rewind
+        it (kill it if it runs, to be submitted again), or, when that is not to be done, note the alert."""
         job = self.jobs[index]
         self.handled[index] = alert
         step = row.get("step", 0)
         running = ref is not None and not watchdog.ended(ref)
         if job.monitor.action == "stop":
             if running and step < (row.get("total") or float("inf")):
-                return "stopped", self._stop(ref, index, alert, step, board, watch)
+                return ActionResult(Taken.STOPPED, self._stop(ref, index, alert, step, board, watch))
             self._say(index, f"alert only: the run had trained all its steps (alert {alert.describe()})", watch)
-            return "keep", None
+            return KEEP
         if self.rewinds[index] >= job.monitor.max_rewinds:
             text = f"alert only: monitor.max_rewinds={job.monitor.max_rewinds} reached (alert {alert.describe()})"
             self._say(index, text, watch)
-            return "keep", None
+            return KEEP
         if ref is not None:
             watchdog.cancel(ref)
             watchdog.wait_ended(ref, rewind_wait_s)  # its run folder's lock dies with its process
         else:  # it finished on the abandoned branch: its MLflow run trains again
-            run_id = _quietly(watch._run_id, index)
-            if run_id is not None:
-                _quietly(watch.client.update_run, run_id, status="RUNNING")
+            watch.reopen(index)
         self.rewinds[index] += 1
         number = self.rewinds[index]
         self.requests[index] = RewindRequest(number, alert.step, job.monitor.skip_batches, alert.describe())
         self.awaiting[index] = row.get("attempt") or 0
         self.monitor.alerts.pop(index, None)  # a new branch may alert again
-        board.update.remote(index, {"state": REWINDING, "step": 0})
+        board.update.remote(index, {"state": JobState.REWINDING, "step": 0})
         when = f"at step {step}" if running else "after it had finished"
         self._say(
             index,
@@ -125,33 +141,19 @@ class MonitorActions:
             f"checkpoint before step {alert.step}",
             watch,
         )
-        return "resubmit", None
+        return RESUBMIT
 
     def _stop(self, ref: Any, index: int, alert: Decision, step: int, board: Any, watch: MonitorLog) -> JobOutcome:
         watchdog.cancel(ref)
-        board.update.remote(index, {"state": STOPPED})
+        board.update.remote(index, {"state": JobState.STOPPED})
         reason = f"stopped by the cross-seed monitor (monitor.action=stop) at step {step}: alert {alert.describe()}"
         self._say(index, f"stopped at step {step} (alert {alert.describe()})", watch)
-        run_id = _quietly(watch._run_id, index)
-        if run_id is not None:  # closed now, not at the sweep's end, so the UI shows it at once
-            _quietly(watch.client.set_tag, run_id, "failure_reason", reason)
-            _quietly(watch.client.set_terminated, run_id, status="KILLED")
-        return JobOutcome(state=STOPPED, reason=reason)
+        watch.close(index, "KILLED", reason)  # now, not at the sweep's end, so the UI shows it at once
+        return JobOutcome(state=JobState.STOPPED, reason=reason)
 
     def _say(self, index: int, text: str, watch: MonitorLog) -> None:
         """A line on the console, a note for the outcome, and the run's ``stability.action`` tag."""
         name = self.jobs[index].run_name
         print(f"[monitor] {name}: {text}", flush=True)
         self.notes.setdefault(index, []).append(text)
-        run_id = _quietly(watch._run_id, index)
-        if run_id is not None:
-            _quietly(watch.client.set_tag, run_id, ACTION_TAG, text[:5000])
-
-
-def _quietly(call, *args, **kwargs) -> Any:
-    """``call(...)``, or None after a logged warning: a tracking hiccup must not stop the sweep."""
-    try:
-        return call(*args, **kwargs)
-    except Exception as exc:  # noqa: BLE001
-        log.warning("The monitor's action could not reach MLflow: %s", exc)
-        return None
+        watch.tag(index, ACTION_TAG, text)

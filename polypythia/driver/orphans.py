@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from polypythia import runfolder
+from polypythia.jobspec import JobOutcome, JobState
 from polypythia.study import JOB_KIND, KIND_TAG, PARENT_TAG, SWEEP_KIND, search_job_runs
 
 log = logging.getLogger(__name__)
@@ -196,6 +197,24 @@ def describe(name: str, p: Plan, every_steps: int) -> Optional[str]:
             f"(checkpoints every {every_steps} steps), none logged twice."
         )
     return None
+
+
+def skip_finished(client: Any, jobs: list[Any], parent_runs: dict[str, str], board: Any) -> dict[int, JobOutcome]:
+    """Say what this launch does with each run that has been launched before (skipped, or resumed from
+    which step, losing how many); the outcomes of those that finished before (marked finished on the
+    progress ``board``, and adopted by the study's parent run in ``parent_runs``)."""
+    skipped = {}
+    for i, job in enumerate(jobs):
+        p = plan(client, job)
+        line = describe(job.run_name, p, job.budget.checkpoint_every_steps)
+        if line:
+            print(line, flush=True)
+        if p.state == "finished":  # (a Plan's own word: "new", "finished" or "resumes")
+            adopt(client, p.run_id, parent_runs[job.study])
+            board.update.remote(i, {"state": JobState.FINISHED, "step": job.budget.steps, "total": job.budget.steps})
+            summary = {"run_id": p.run_id, "run_name": job.run_name, "final_loss": p.final_loss, "skipped": True}
+            skipped[i] = JobOutcome(state=JobState.FINISHED, summary=summary)
+    return skipped
 
 
 def adopt(client: Any, run_id: str, parent_run_id: str) -> None:

@@ -1,11 +1,11 @@
-"""The sweep's live progress: a table of every job's state, step, loss, speed, ETA and cross-seed
-deviation.
+"""The sweep's live progress: a table of every job's state, step, loss, speed, ETA and deviation
+from its seed band.
 
 Jobs report to a :class:`ProgressBoard` (a Ray actor in a sweep); the driver polls it and redraws
 a rich table on a terminal, or prints one readable line per job now and then when the output is a
 file or a pipe (CI logs, ``nohup``). The board also keeps, per job that has a plan, its smoothed loss
-at each decision step (:class:`SmoothedLoss`), which the cross-seed monitor
-(:mod:`polypythia.stability`) reads; the driver adds the monitor's verdicts to the rows it draws.
+at each decision step (:class:`SmoothedLoss`), which the seed-band monitor
+(:mod:`polypythia.driver.seedband`) reads; the driver adds the monitor's verdicts to the rows it draws.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from polypythia.jobspec import JobState
 
 
 class SmoothedLoss:
@@ -52,7 +54,7 @@ class ProgressBoard:
         self.rows: dict[int, dict[str, Any]] = {
             i: {
                 "name": n,
-                "state": "pending",
+                "state": JobState.PENDING,
                 "step": 0,
                 "total": None,
                 "loss": math.nan,
@@ -113,19 +115,19 @@ def cross_seed_text(row: dict[str, Any], markup: bool = True) -> str:
 def state_note(row: dict[str, Any], markup: bool = False) -> str:
     """What a running job is doing besides training: waiting for the tracking server (its points are
     held back, see :class:`polypythia.tracking.client.MetricsLogger`), or evaluating its checkpoints."""
-    if row["state"] != "running":
+    if row["state"] != JobState.RUNNING:
         return ""
     if row.get("tracking_waiting"):
         return " [yellow](waiting for the tracking server)[/]" if markup else " (waiting for the tracking server)"
     return " (evaluating checkpoints)" if row.get("evaluating") else ""
 
 
-URGENT_STATES = ("failed", "diverged", "stalled", "retrying", "rewinding")
+URGENT_STATES = (JobState.FAILED, JobState.DIVERGED, JobState.STALLED, JobState.REWINDING)
 
 
 def shown_rows(rows: dict[int, dict[str, Any]], max_rows: Optional[int]) -> tuple[list, Counter]:
     """The rows a table of ``max_rows`` has room for, in job order: the jobs that need a look first
-    (an alert, a failure, a stall, a retry), then running ones, then the rest; and the states of the
+    (an alert, a failure, a stall, a rewind), then running ones, then the rest; and the states of the
     rows left out (a terminal shows some 40 rows, and drawing 450 costs the driver ~0.2 s of CPU)."""
     if max_rows is None or len(rows) <= max_rows:
         return sorted(rows.items()), Counter()
@@ -133,7 +135,7 @@ def shown_rows(rows: dict[int, dict[str, Any]], max_rows: Optional[int]) -> tupl
     def rank(item):  # noqa: E306
         row = item[1]
         urgent = row.get("alert") is not None or row["state"] in URGENT_STATES
-        return (0 if urgent else 1 if row["state"] == "running" else 2, item[0])
+        return (0 if urgent else 1 if row["state"] == JobState.RUNNING else 2, item[0])
 
     order = sorted(rows.items(), key=rank)
     return sorted(order[:max_rows]), Counter(row["state"] for _, row in order[max_rows:])
@@ -153,12 +155,13 @@ def render(rows: dict[int, dict[str, Any]], max_rows: Optional[int] = None) -> T
         table.add_column(col, justify=justify)
     now = time.time()
     colours = {
-        "running": "cyan",
-        "finished": "green",
-        "failed": "red",
-        "diverged": "yellow",
-        "retrying": "magenta",
-        "stalled": "bold red",
+        JobState.RUNNING: "cyan",
+        JobState.FINISHED: "green",
+        JobState.FAILED: "red",
+        JobState.DIVERGED: "yellow",
+        JobState.STOPPED: "magenta",
+        JobState.STALLED: "bold red",
+        JobState.REWINDING: "magenta",
     }
     kept, rest = shown_rows(rows, max_rows)
     for _, row in kept:
@@ -173,7 +176,7 @@ def render(rows: dict[int, dict[str, Any]], max_rows: Optional[int] = None) -> T
             step,
             "-" if loss != loss else f"{loss:.4f}",
             "-" if tps != tps else f"{tps:,.0f}",
-            _fmt_eta(eta_seconds(row, now)) if state == "running" else "-",
+            _fmt_eta(eta_seconds(row, now)) if state == JobState.RUNNING else "-",
             cross_seed_text(row),
         )
     if rest:

@@ -1,37 +1,30 @@
-"""The sweep's live cross-seed monitor: each run's smoothed loss against its sibling seeds', decided
-while the sweep trains, with the rule of :mod:`polypythia.stability` (the offline analysis's).
+"""The sweep's seed-band monitor: each run's smoothed loss against its sibling seeds' band, decided
+while the sweep trains, with the rule of :mod:`polypythia.stability` (the offline analysis's). (Not
+the in-step signals monitor of each job, :mod:`polypythia.train.monitor`, which watches one run's own
+steps.)
 
 Each run's smoothed loss (the mean of its ``train/loss`` over the last ``monitor.loss_window_steps``
 steps, default 1% of the budget) is kept by the progress board at a fixed grid of decision steps:
 its checkpoint steps, or every ``monitor.cross_seed_every_steps`` steps, the same for every run of a
-group (one study and model). :class:`CrossSeedMonitor` compares a run with its siblings at a step as
+group (one study and model). :class:`SeedBandMonitor` compares a run with its siblings at a step as
 soon as at least ``rule.min_runs`` of the group have a smoothed loss there, from that step's and
 earlier steps' values only, and alerts when |deviation| exceeds :func:`decision_threshold` for the
 group's runs x planned decision steps, so that a group of healthy seeds alerts anywhere with
-probability ``rule.false_alarm_rate`` (0.1%). :class:`MonitorLog` writes what it decides to MLflow:
-``monitor/band_deviation`` on each run at every decision step, the ``stability.alert`` tag on a run
-that alerts, and the band (``seeds/loss_median``, ``_p25``, ``_p75``, ``_min``, ``_max``) on the
-sweep's parent run once every run of the group has reached the step or ended.
+probability ``rule.false_alarm_rate`` (0.1%). :class:`~polypythia.driver.seedbandlog.MonitorLog`
+writes what it decides to MLflow.
 """
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from polypythia.jobspec import ENDED_STATES, JobState
 from polypythia.stability import OutlierRule, _deviation_array, decision_threshold, for_study_length
-from polypythia.study import search_job_runs
-from polypythia.tracking.client import MAX_METRICS_PER_BATCH
 from polypythia.tracking.ui import SEEDS_PREFIX, seeds_band_metrics
-
-log = logging.getLogger(__name__)
-
-ENDED_STATES = ("finished", "failed", "diverged", "stopped")  # a run in these reaches no further step
 
 
 def decision_steps(cfg: Any) -> tuple[int, ...]:
@@ -106,14 +99,14 @@ class Decision:
 
 @dataclass(frozen=True)
 class Band:
-    """The cross-seed band of a group at one decision step, once every run has reached it or ended."""
+    """The seed band of a group at one decision step, once every run has reached it or ended."""
 
     study: str
     step: int
     metrics: dict[str, float]
 
 
-class CrossSeedMonitor:
+class SeedBandMonitor:
     """Decides from the progress board's rows (``row["smoothed"]``: step -> smoothed loss) which runs
     leave their siblings' band; :meth:`observe` returns what is new since the last call.
 
@@ -185,7 +178,7 @@ class CrossSeedMonitor:
         table = self._tables.setdefault(number, _Table(group))
         table.update(rows)  # the new smoothed losses only (a run gone back to an earlier step: its column anew)
         ended = np.array([rows.get(i, {}).get("state") in ENDED_STATES for i in group.members])
-        running = np.array([rows.get(i, {}).get("state") == "running" for i in group.members])
+        running = np.array([rows.get(i, {}).get("state") == JobState.RUNNING for i in group.members])
         for position in table.open_positions():  # steps done (banded, every run there decided) are not looked at again
             step, reached, present = group.grid[position], table.reached[position], ~np.isnan(table.values[position])
             complete = bool(reached.any() and (reached | ended).all())  # no run will add a value at this step
@@ -273,94 +266,3 @@ class _Table:
 
     def reopen_after(self, step: int) -> None:
         self.closed &= np.asarray(self.grid) <= step
-
-
-class MonitorLog:
-    """Feeds the board's rows to a :class:`CrossSeedMonitor` and writes what it decides: a log line
-    per alert, and MLflow (the runs' ``monitor/band_deviation`` and ``stability.alert``, the parent
-    runs' band). An MLflow error is logged, never raised: the monitor must not fail a sweep."""
-
-    def __init__(self, monitor: CrossSeedMonitor, client: Any, parent_runs: dict[str, str], jobs: list[Any]):
-        self.monitor = monitor
-        self.client = client
-        self.parent_runs = parent_runs  # study -> the sweep's run in it
-        self.names = {i: (job.study, job.run_name) for i, job in enumerate(jobs)}
-        self.run_ids: dict[int, str] = {}  # job -> its MLflow run, once found
-        self.untagged: list[Decision] = []  # alerts whose tag is not written yet (retried at each watch)
-        self.alerted: dict[int, int] = {}  # job -> its alerts tagged: stability.alert, then stability.alert.2, ...
-        self.logged: set[tuple[int, int]] = set()  # (job, step) with a monitor/band_deviation point
-
-    def watch(self, rows: dict[int, dict[str, Any]]) -> None:
-        try:
-            decisions, bands = self.monitor.observe(rows)
-        except Exception:  # noqa: BLE001 - a monitor's fault must not stop the training it watches
-            log.exception("The cross-seed monitor failed; it is off for the rest of the sweep.")
-            self.monitor.groups = []
-            return
-        alerts = [d for d in decisions if self.monitor.alerts.get(d.index) is d]
-        self.untagged += alerts
-        for d in alerts:
-            log.warning(
-                "Cross-seed alert: %s at step %d: its smoothed train/loss %.4f is %+.1f SDs from its %d "
-                "siblings' in %s (threshold %.1f).",
-                self.names[d.index][1],
-                d.step,
-                d.loss,
-                d.deviation,
-                d.siblings,
-                d.group,
-                d.threshold,
-            )
-        try:
-            self._write(decisions, bands)
-        except Exception as exc:  # noqa: BLE001 - a tracking hiccup must not stop the sweep
-            log.warning("Could not write the cross-seed monitor's decisions to MLflow: %s", exc)
-
-    def marks(self, rows: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        """``rows`` with each run's verdict: ``deviation`` (its latest) and ``alert`` (its first alert's step)."""
-        marked = {}
-        for i, row in rows.items():
-            latest, alert = self.monitor.latest.get(i), self.monitor.alerts.get(i)
-            marked[i] = {
-                **row,
-                "deviation": None if latest is None else latest.deviation,
-                "alert": None if alert is None else alert.step,
-            }
-        return marked
-
-    def _write(self, decisions: list[Decision], bands: list[Band]) -> None:
-        from mlflow.entities import Metric
-
-        for d in list(self.untagged):  # the alerts first: they matter most (a rewound run's next: .2, .3, ...)
-            if (run_id := self._run_id(d.index)) is not None:
-                count = self.alerted.get(d.index, 0) + 1
-                self.client.set_tag(run_id, "stability.alert" + (f".{count}" if count > 1 else ""), d.describe())
-                self.alerted[d.index] = count
-                self.untagged.remove(d)
-        now = int(time.time() * 1000)
-        points: dict[int, list] = {}
-        for d in decisions:  # a step decided again (a rewound run's) keeps its first point: none twice
-            if not math.isnan(d.deviation) and (d.index, d.step) not in self.logged:
-                self.logged.add((d.index, d.step))
-                points.setdefault(d.index, []).append(Metric("monitor/band_deviation", d.deviation, now, d.step))
-        for index, metrics in points.items():
-            self._log(self._run_id(index), metrics)
-        by_study: dict[str, list] = {}
-        for band in bands:
-            by_study.setdefault(band.study, []).extend(Metric(k, v, now, band.step) for k, v in band.metrics.items())
-        for study, metrics in by_study.items():
-            self._log(self.parent_runs[study], metrics)
-
-    def _log(self, run_id: str | None, metrics: list) -> None:
-        for start in range(0, len(metrics), MAX_METRICS_PER_BATCH) if run_id else ():
-            self.client.log_batch(run_id, metrics=metrics[start : start + MAX_METRICS_PER_BATCH])
-
-    def _run_id(self, index: int) -> str | None:
-        """The job's MLflow run: the child of the sweep's parent run that has the job's run name."""
-        if index not in self.run_ids:
-            study = self.names[index][0]
-            parent = self.parent_runs[study]
-            experiment = self.client.get_run(parent).info.experiment_id
-            found = {run.info.run_name: run.info.run_id for run in search_job_runs(self.client, experiment, parent)}
-            self.run_ids.update({i: found[name] for i, (s, name) in self.names.items() if s == study and name in found})
-        return self.run_ids.get(index)

@@ -9,7 +9,6 @@ back as :class:`~polypythia.jobspec.JobOutcome` values.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import Counter
@@ -21,21 +20,19 @@ from polypythia import runfolder
 from polypythia.config.jobconfig import JobConfig, job_config, to_dict
 from polypythia.config.sweepwide import check_sweep_wide
 from polypythia.driver import orphans as driverloss
-from polypythia.driver import watchdog
-from polypythia.driver.actions import MonitorActions
+from polypythia.driver import parentruns, report, watchdog
+from polypythia.driver.actions import MonitorActions, Taken
 from polypythia.driver.progress import ProgressBoard, ProgressDisplay
-from polypythia.driver.seedband import CrossSeedMonitor, MonitorLog, plan_groups
+from polypythia.driver.seedband import SeedBandMonitor, plan_groups
+from polypythia.driver.seedbandlog import MonitorLog
 from polypythia.driver.trackingstart import TrackingStart
 from polypythia.errors import ConfigError, last_line
 from polypythia.job import worker
-from polypythia.jobspec import STOPPED, JobOutcome, JobRequest, JobSpec
+from polypythia.jobspec import JobOutcome, JobRequest, JobSpec, JobState
 from polypythia.runtime import raysetup
-from polypythia.study import KIND_TAG, SWEEP_KIND
 from polypythia.tracking import client as tracking
-from polypythia.tracking import ui as mlflow_ui
 
-log = logging.getLogger(__name__)
-STOP = threading.Event()  # set by the launcher's SIGINT/SIGTERM handler (hydra_plugins/polypythia_launcher)
+POLL_S = 2.0  # the driver's poll: on 2 cores a busier driver slows the steps
 
 # Called once per study after the sweep's outcome is printed, with (tracking URI, study, parent
 # run id); the launcher hands in the cross-seed summary of ``analysis``.
@@ -50,9 +47,7 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
             runfolder.check_relaunch(jobs[-1])  # the run's folder: not in use, same training config
         except ConfigError as exc:
             raise ConfigError(f"Job #{i}: {exc}") from None
-    check_sweep_wide(
-        jobs
-    )  # launcher.address, tracking.uri, ...: one value for the whole sweep (polypythia.config.sweepwide)
+    check_sweep_wide(jobs)  # launcher.address, tracking.uri, ...: one value for the whole sweep
     names = Counter((j.study, j.run_name) for j in jobs)
     repeated = [f"{study}/{name}" for (study, name), n in names.items() if n > 1]
     if repeated:
@@ -65,20 +60,29 @@ def _validate_all(requests: list[JobRequest], launch_dir: str) -> list[JobConfig
 
 class Sweep:
     """``Sweep(requests, launch_dir)`` validates every job; :meth:`prepare` sets up what they share;
-    :meth:`run` runs them all and returns their outcomes in order."""
+    :meth:`run` runs them all and returns their outcomes in order: a loop of named steps at each poll
+    (jobs that ended, the board's rows, stalled jobs, the seed band's alerts), as
+    :func:`polypythia.train.loop.train` is a loop of steps."""
 
     def __init__(self, requests: list[JobRequest], launch_dir: str, on_finished: Optional[FinishedHook] = None):
         self.requests = requests
         self.jobs = _validate_all(requests, launch_dir)  # relative paths are relative to launch_dir
         self.launcher = self.jobs[0].launcher  # its sweep-wide keys only (address, progress): the same in every job
         self.on_finished = on_finished
-        self.monitor = CrossSeedMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds'
+        self.monitor = SeedBandMonitor(plan_groups(self.jobs))  # each run's loss against its sibling seeds' band
         self.actions = MonitorActions(self.jobs, self.monitor)  # monitor.action: stop or rewind a run that alerts
         self.retries_left: dict[int, int] = {}  # per job, once the driver has ended one of its attempts
         self.tracking_uri: str | None = None
         self.parent_runs: dict[str, str] = {}  # study -> the sweep's MLflow run in it
         self._started_ray = False
         self.placement_groups: dict[int, Any] = {}
+        # what run() keeps from poll to poll
+        self.pending: dict[Any, int] = {}  # Ray task -> job
+        self.outcomes: dict[int, JobOutcome] = {}
+        self.rows: dict[int, dict] = {}  # the progress board's, at the last poll
+        self.stalls: Counter = Counter()  # per job
+        self.ended: Counter = Counter()  # attempts the driver ended (stalled, rewound), per job
+        self.board = self.watch = self.heartbeat = self._run_job = None  # made by _start_jobs
 
     # -- setup shared by all jobs, before any starts ----------------------------------------
 
@@ -133,23 +137,8 @@ class Sweep:
         self.placement_groups = raysetup.reserve_workers(self.jobs)
 
     def _open_parent_runs(self, uri: str, links: list[str]) -> None:
-        """One parent run per study, and (into ``links``) the line with the link that opens the study's
-        training runs in the MLflow UI."""
         self.tracking_uri = uri
-        client = tracking.client(uri)
-        stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-        for study in sorted({j.study for j in self.jobs}):
-            exp_id = tracking.experiment_id(client, study)
-            links.extend(driverloss.close_dead_sweeps(client, exp_id))  # sweeps of the study whose driver died
-            jobs = [j.run_name for j in self.jobs if j.study == study]
-            run = client.create_run(
-                exp_id,
-                run_name=f"sweep-{stamp}",
-                tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(jobs), **driverloss.driver_tags()},
-            )
-            self.parent_runs[study] = run.info.run_id
-            view = mlflow_ui.open_sweep_view(client, exp_id, run.info.run_id)  # loss charts first (tracking.ui)
-            links.append(f"Study {study} in MLflow: {mlflow_ui.study_url(uri, exp_id, run.info.run_id, view_id=view)}")
+        parentruns.open_parent_runs(tracking.client(uri), uri, self.jobs, self.parent_runs, links)
 
     # -- running -----------------------------------------------------------------------------
 
@@ -189,195 +178,160 @@ class Sweep:
             "name": job.run_name,
         }
 
-    def run(self) -> list[JobOutcome]:
+    def run(self, stop: Optional[threading.Event] = None) -> list[JobOutcome]:
         """Submit every job to :func:`polypythia.job.worker.run_job` and wait for all, showing progress;
         then close the parent runs, shut down what :meth:`prepare` started and print the outcome.
+        ``stop``: set by a Ctrl-C or SIGTERM handler (the launcher's); the loop ends at its next poll, as
+        on a KeyboardInterrupt, which a library call (Ray's, MLflow's) may have swallowed.
 
         Returns each job's outcome, in order.
         """
-        import ray
-
-        # max_calls=1: a fresh worker process per job, so no process group or CUDA state leaks.
-        run_job = ray.remote(max_calls=1)(worker.run_job)
-        outcomes: dict[int, JobOutcome] = {}
-        rows: dict[int, dict] = {}
-        pending: dict[Any, int] = {}
+        stop = stop or threading.Event()
         interrupted = False
         try:
-            board = (
-                ray.remote(ProgressBoard)
-                .options(num_cpus=0)
-                .remote([j.run_name for j in self.jobs], self.monitor.plans())
-            )
-            watch = MonitorLog(self.monitor, tracking.client(self.tracking_uri), self.parent_runs, self.jobs)
-
-            def submit(i: int) -> Any:
-                return run_job.options(**self._task_options(i)).remote(
-                    self.job_spec(i), board, self.placement_groups.get(i)
-                )
-
-            outcomes.update(self._skip_finished(board))  # a relaunch: runs that finished before are not trained again
-            pending = {submit(i): i for i in range(len(self.jobs)) if i not in outcomes}
-            heartbeat = driverloss.Heartbeat(watch.client, list(self.parent_runs.values()))  # polypythia.driver.orphans
-            stalls: Counter = Counter()
-            ended: Counter = Counter()  # attempts the driver ended (stalled, rewound)
+            self._start_jobs()
             with ProgressDisplay(enabled=self.launcher.progress) as display:
-                while pending and not STOP.is_set():  # STOP: a Ctrl-C or SIGTERM that a library call swallowed
-                    done, _ = ray.wait(
-                        list(pending), num_returns=len(pending), timeout=2.0
-                    )  # 2 s: on 2 cores a busier driver slows the steps
-                    for ref in done:
-                        index = pending.pop(ref)
-                        try:
-                            outcomes[index] = ray.get(ref)
-                        except Exception as exc:  # noqa: BLE001 - its process died more often than retries allow
-                            outcomes[index] = JobOutcome(state="failed", error=exc, reason=last_line(exc))
-                            board.update.remote(index, {"state": "failed"})
-                    rows = ray.get(board.snapshot.remote())
-                    for ref, index in list(pending.items()):  # the stall watchdog
-                        if watchdog.stalled(rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
-                            del pending[ref]
-                            ended[index] += 1
-                            outcome = self._kill_stalled(index, ref, rows[index], stalls, ended, board)
-                            if outcome is None:
-                                pending[submit(index)] = index
-                            else:
-                                outcomes[index] = outcome
-                    self.actions.restarted(rows)  # a rewound run's new attempt: the monitor forgets its abandoned steps
-                    watch.watch(rows)
-                    for ref, index, alert in self.actions.due(pending, outcomes):  # monitor.action: stop or rewind
-                        what, outcome = self.actions.act(ref, index, alert, rows[index], board, watch)
-                        if what == "stopped":
-                            del pending[ref]
-                            outcomes[index] = outcome
-                        elif what == "resubmit":
-                            pending.pop(ref, None)
-                            outcomes.pop(index, None)
-                            ended[index] += ref is not None
-                            self._set_retries(index, rows[index], ended)
-                            pending[submit(index)] = index
-                    display.update(watch.marks(rows))
-                    heartbeat.beat()
-            if STOP.is_set():
-                raise KeyboardInterrupt  # noqa: E701
-            rows = ray.get(board.snapshot.remote())  # the jobs' last reports
-            watch.watch({i: {**row, "state": outcomes[i].state} for i, row in rows.items()})
+                while self.pending and not stop.is_set():
+                    self._collect_ended()  # waits up to POLL_S for a job to end
+                    self._read_board()
+                    self._restart_stalled()
+                    self._act_on_alerts()
+                    display.update(self.watch.marks(self.rows))
+                    self.heartbeat.beat()
+            if stop.is_set():
+                raise KeyboardInterrupt
+            self._read_last_reports()
         except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the launcher turns it into one)
             interrupted = True
-            for ref in pending:
+            for ref in self.pending:
                 watchdog.cancel(ref)
             raise
         finally:
-            self._finish(outcomes, interrupted)
-        results = [replace(outcomes[i], attempts=rows.get(i, {}).get("attempt", 1) or 1) for i in range(len(self.jobs))]
-        self._report(results)
+            self._finish(self.outcomes, interrupted)
+        results = [
+            replace(self.outcomes[i], attempts=self.rows.get(i, {}).get("attempt", 1) or 1)
+            for i in range(len(self.jobs))
+        ]
+        report.print_outcome(self.jobs, results, self.monitor.alerts, self.actions)
+        if self.on_finished is not None:
+            report.call_finished_hook(self.on_finished, self.tracking_uri, self.parent_runs)
         return results
 
-    def _skip_finished(self, board: Any) -> dict[int, JobOutcome]:
-        """Say what this launch does with each run that has been launched before (skipped, or resumed
-        from which step, losing how many); the outcomes of those that finished before."""
-        client, skipped = tracking.client(self.tracking_uri), {}
-        for i, job in enumerate(self.jobs):
-            plan = driverloss.plan(client, job)
-            line = driverloss.describe(job.run_name, plan, job.budget.checkpoint_every_steps)
-            if line:
-                print(line, flush=True)
-            if plan.state == "finished":
-                driverloss.adopt(client, plan.run_id, self.parent_runs[job.study])
-                board.update.remote(i, {"state": "finished", "step": job.budget.steps, "total": job.budget.steps})
-                skipped[i] = JobOutcome(
-                    state="finished",
-                    summary={
-                        "run_id": plan.run_id,
-                        "run_name": job.run_name,
-                        "final_loss": plan.final_loss,
-                        "skipped": True,
-                    },
-                )
-        return skipped
+    # -- the steps of a poll -----------------------------------------------------------------
 
-    def _set_retries(self, index: int, row: dict, ended: Counter) -> int:
+    def _start_jobs(self) -> None:
+        """The progress board, the seed-band log and the heartbeat; the outcome of each run that
+        finished at an earlier launch (not trained again), and every other job submitted."""
+        import ray
+
+        # max_calls=1: a fresh worker process per job, so no process group or CUDA state leaks.
+        self._run_job = ray.remote(max_calls=1)(worker.run_job)
+        names = [j.run_name for j in self.jobs]
+        self.board = ray.remote(ProgressBoard).options(num_cpus=0).remote(names, self.monitor.plans())
+        client = tracking.client(self.tracking_uri)
+        self.watch = MonitorLog(self.monitor, client, self.parent_runs, self.jobs)
+        self.outcomes.update(driverloss.skip_finished(client, self.jobs, self.parent_runs, self.board))
+        for index in range(len(self.jobs)):
+            if index not in self.outcomes:
+                self._submit(index)
+        self.heartbeat = driverloss.Heartbeat(client, list(self.parent_runs.values()))  # polypythia.driver.orphans
+
+    def _submit(self, index: int) -> None:
+        ref = self._run_job.options(**self._task_options(index)).remote(
+            self.job_spec(index), self.board, self.placement_groups.get(index)
+        )
+        self.pending[ref] = index
+
+    def _collect_ended(self) -> None:
+        """The outcomes of the jobs whose task ended (a task whose process died more often than its
+        retries allow: failed)."""
+        import ray
+
+        pending = list(self.pending)
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
+        for ref in done:
+            index = self.pending.pop(ref)
+            try:
+                self.outcomes[index] = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - its process died more often than retries allow
+                self.outcomes[index] = JobOutcome(state=JobState.FAILED, error=exc, reason=last_line(exc))
+                self.board.update.remote(index, {"state": JobState.FAILED})
+
+    def _read_board(self) -> None:
+        import ray
+
+        self.rows = ray.get(self.board.snapshot.remote())
+
+    def _restart_stalled(self) -> None:
+        """The stall watchdog: a stalled job is killed, and submitted again or failed."""
+        for ref, index in list(self.pending.items()):
+            if watchdog.stalled(self.rows[index], time.time(), self.jobs[index].launcher.stall_timeout_s):
+                del self.pending[ref]
+                self.ended[index] += 1
+                outcome = self._kill_stalled(index, ref, self.rows[index])
+                if outcome is None:
+                    self._submit(index)
+                else:
+                    self.outcomes[index] = outcome
+
+    def _act_on_alerts(self) -> None:
+        """The seed band: a rewound run's new attempt makes the monitor forget its abandoned steps; the
+        monitor judges the new rows; ``monitor.action`` stops or rewinds a run that alerts."""
+        self.actions.restarted(self.rows)
+        self.watch.watch(self.rows)
+        for ref, index, alert in self.actions.due(self.pending, self.outcomes):
+            result = self.actions.act(ref, index, alert, self.rows[index], self.board, self.watch)
+            if result.taken is Taken.STOPPED:
+                del self.pending[ref]
+                self.outcomes[index] = result.outcome
+            elif result.taken is Taken.RESUBMIT:
+                self.pending.pop(ref, None)
+                self.outcomes.pop(index, None)
+                self.ended[index] += ref is not None
+                self._set_retries(index, self.rows[index])
+                self._submit(index)
+
+    def _read_last_reports(self) -> None:
+        """The jobs' last reports, judged by the seed band with each job's final state."""
+        self._read_board()
+        self.watch.watch({i: {**row, "state": self.outcomes[i].state} for i, row in self.rows.items()})
+
+    def _set_retries(self, index: int, row: dict) -> int:
         """Job ``index``'s failed attempts so far; its next attempt gets the rest of ``launcher.max_retries``."""
-        failed = watchdog.failed_attempts(row, ended[index], self.actions.rewinds[index])
+        failed = watchdog.failed_attempts(row, self.ended[index], self.actions.rewinds[index])
         self.retries_left[index] = max(0, self.jobs[index].launcher.max_retries - failed)
         return failed
 
-    def _kill_stalled(
-        self, index: int, ref: Any, row: dict, stalls: Counter, ended: Counter, board: Any
-    ) -> Optional[JobOutcome]:
+    def _kill_stalled(self, index: int, ref: Any, row: dict) -> Optional[JobOutcome]:
         """Kill job ``index``'s stalled process; None when it is to be retried, else its outcome."""
         job = self.jobs[index]
         timeout = job.launcher.stall_timeout_s
         watchdog.cancel(ref)
-        stalls[index] += 1
-        retry = self._set_retries(index, row, ended) <= job.launcher.max_retries
-        what = "retrying it (it resumes from its checkpoint)" if retry else f"failed after {stalls[index]} stall(s)"
+        self.stalls[index] += 1
+        retry, stalls = self._set_retries(index, row) <= job.launcher.max_retries, self.stalls[index]
+        what = "retrying it (it resumes from its checkpoint)" if retry else f"failed after {stalls} stall(s)"
         tail = "\n    ".join(watchdog.last_lines(self.requests[index].logging_config, row))
         print(
             f"[watchdog] {job.run_name}: stalled (no progress for {timeout:g} s, last reported step {row.get('step', 0)}); "
             f"killed, {what}. Its last log lines:\n    {tail}",
             flush=True,
         )
-        board.update.remote(index, {"state": watchdog.STALLED})
+        self.board.update.remote(index, {"state": JobState.STALLED})
         if retry:
             return None
-        return JobOutcome(
-            state="failed", reason=f"stalled: no progress for {timeout:g} s (last reported step {row.get('step', 0)})"
-        )
+        reason = f"{JobState.STALLED}: no progress for {timeout:g} s (last reported step {row.get('step', 0)})"
+        return JobOutcome(state=JobState.FAILED, reason=reason)
 
     def _finish(self, outcomes: dict[int, JobOutcome], interrupted: bool = False) -> None:
+        """Close the parent runs (and the job runs left open), then shut down what :meth:`prepare` started."""
         client = tracking.client(self.tracking_uri)
-        reasons: dict[str, dict[str, tuple[str, str]]] = {}  # per study: run name -> (status, failure_reason)
-        for i, job in enumerate(self.jobs):
-            if i not in outcomes or not outcomes[i].finished:
-                reasons.setdefault(job.study, {})[job.run_name] = watchdog.closing(outcomes.get(i))
-        for study, run_id in self.parent_runs.items():
-            failed = any(i not in outcomes or not outcomes[i].ok for i, j in enumerate(self.jobs) if j.study == study)
-            try:
-                if (
-                    study in reasons
-                ):  # job runs left RUNNING: killed, stalled, stopped, or a process that died too often
-                    watchdog.close_open_runs(client, run_id, reasons[study])
-                if interrupted:
-                    client.set_tag(run_id, "failure_reason", watchdog.INTERRUPTED)
-                client.set_terminated(run_id, status="KILLED" if interrupted else "FAILED" if failed else "FINISHED")
-            except Exception as exc:  # noqa: BLE001 - a dead server must not hide the jobs' outcome
-                log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
+        parentruns.close_parent_runs(client, self.jobs, self.parent_runs, outcomes, interrupted)
         self.shutdown()
 
     def _close_parents(self, status: str, reason: str) -> None:
         """End the parent runs made so far (a failed or interrupted :meth:`prepare`)."""
-        client = tracking.client(self.tracking_uri) if self.parent_runs else None
-        for run_id in self.parent_runs.values():
-            try:
-                client.set_tag(run_id, "failure_reason", reason[:5000])
-                client.set_terminated(run_id, status=status)
-            except Exception as exc:  # noqa: BLE001 - the error that stopped prepare() matters more
-                log.error("Could not close the sweep's MLflow run %s: %s", run_id, exc)
-
-    def _report(self, results: list[JobOutcome]) -> None:
-        print("\nSweep outcome:", flush=True)
-        for index, (job, outcome) in enumerate(zip(self.jobs, results)):
-            retries = outcome.attempts - 1 - self.actions.rewinds[index]
-            retried = f" (retried {retries}x)" if retries > 0 else ""
-            alert = self.monitor.alerts.get(index)
-            flagged = "" if alert is None else f"; cross-seed ALERT ({alert.describe()})"
-            flagged += "".join(f"; {note}" for note in self.actions.notes.get(index, []) if outcome.state != STOPPED)
-            if outcome.finished:
-                summary = outcome.summary
-                before = " (already finished before this launch)" if summary.get("skipped") else ""
-                print(
-                    f"  {job.run_name}: finished{retried}{before}, final loss {summary['final_loss']:.4f}, MLflow run {summary['run_id']}{flagged}"
-                )
-            else:
-                print(f"  {job.run_name}: {outcome.state}{retried}: {outcome.reason or 'did not finish'}{flagged}")
-        if self.on_finished is None:
-            return
-        for study, run_id in self.parent_runs.items():
-            try:
-                self.on_finished(self.tracking_uri, study, run_id)
-            except Exception as exc:  # noqa: BLE001 - the summary must not fail a finished sweep
-                log.error("Could not print the cross-seed summary: %s", exc)
+        if self.parent_runs:
+            parentruns.end_parent_runs(tracking.client(self.tracking_uri), self.parent_runs, status, reason)
 
     def shutdown(self) -> None:
         import ray

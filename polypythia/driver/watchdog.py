@@ -7,7 +7,7 @@ fails it with ``failure_reason=stalled``. :func:`close_open_runs` ends every job
 when the sweep stops (interrupted, stalled, a process that died too often), with its reason.
 
 A job has ``launcher.max_retries`` retries in all: Ray's own retries of a dead process and the
-watchdog's of a stalled one share them (:func:`failed_attempts`); a rewind by the cross-seed monitor
+watchdog's of a stalled one share them (:func:`failed_attempts`); a rewind by the seed-band monitor
 (:mod:`polypythia.driver.actions`) is not a failed attempt.
 """
 
@@ -18,12 +18,11 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Optional
 
-from polypythia.jobspec import STOPPED, JobOutcome
+from polypythia.jobspec import JobOutcome, JobState
 
 log = logging.getLogger(__name__)
 
-STALLED = "stalled"
-INTERRUPTED = "interrupted"
+INTERRUPTED = "interrupted"  # the failure_reason of a run that a Ctrl-C or SIGTERM ended
 
 
 def stalled(row: dict[str, Any], now: float, timeout_s: float) -> bool:
@@ -32,7 +31,7 @@ def stalled(row: dict[str, Any], now: float, timeout_s: float) -> bool:
     return (
         bool(timeout_s)
         and timeout_s > 0
-        and row.get("state") == "running"
+        and row.get("state") == JobState.RUNNING
         and updated is not None
         and now - updated >= timeout_s
     )
@@ -92,9 +91,9 @@ def closing(outcome: Optional[JobOutcome]) -> tuple[str, str]:
     """(status, failure_reason) of the MLflow run of a job that did not finish (None: interrupted)."""
     if outcome is None:
         return "KILLED", INTERRUPTED
-    if outcome.state == STOPPED:
+    if outcome.state == JobState.STOPPED:
         return "KILLED", outcome.reason
-    return "FAILED", STALLED if outcome.reason.startswith(STALLED) else outcome.reason
+    return "FAILED", JobState.STALLED.value if outcome.reason.startswith(JobState.STALLED) else outcome.reason
 
 
 def close_open_runs(client, parent_run_id: str, reasons: dict[str, tuple[str, str]]) -> None:

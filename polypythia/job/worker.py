@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from polypythia.jobspec import TASK_STARTED_ENV, JobOutcome, JobSpec
+from polypythia.jobspec import JobOutcome, JobSpec, JobState
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +27,13 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     ``progress_board`` is the sweep's :class:`~polypythia.driver.progress.ProgressBoard` actor; a job of
     several workers gets the Ray placement group reserved for it, one bundle per rank.
     """
-    # When the task began (tagged on the run; bench_sweep.py's start-up), so before the imports below:
-    # torch, DeepSpeed and transformers take seconds, and they are start-up too.
-    os.environ[TASK_STARTED_ENV] = f"{time.time():.3f}"
+    # When the task began (the run's task_started tag; bench_sweep.py's start-up), so before the imports
+    # below: torch, DeepSpeed and transformers take seconds, and they are start-up too.
+    task_started = time.time()
     from polypythia import runfolder
     from polypythia.config.jobconfig import job_config
     from polypythia.job import run as job
+    from polypythia.runtime.env import quiet_libraries
     from polypythia.train.distributed import clear_rendezvous
 
     configure_logging(spec.logging_config, spec.debug_loggers)
@@ -46,7 +47,7 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
     def report_progress(update: dict) -> None:
         progress_board.update.remote(spec.index, update)
 
-    report_progress({"state": "running"})  # before its first step (and the stall watchdog's clock restarts)
+    report_progress({"state": JobState.RUNNING})  # before its first step (and the stall watchdog's clock restarts)
 
     with owner:  # job.run claims it again (claims nest); held until the other ranks are done too
         other_ranks = []
@@ -57,7 +58,7 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
 
                 apply(cfg.run_dir, spec.rewind)
             other_ranks = start_other_ranks(spec, placement_group) if spec.world_size > 1 else []
-            job.quiet_libraries()
+            quiet_libraries()
             summary = job.run(
                 cfg,
                 tracking_uri=spec.tracking_uri,
@@ -65,8 +66,9 @@ def run_job(spec: JobSpec, progress_board: Any, placement_group: Any = None) -> 
                 overrides=spec.overrides,
                 progress=report_progress,
                 rewind=spec.rewind,
+                task_started=task_started,
             )
-            outcome = JobOutcome(state="finished", summary=summary)
+            outcome = JobOutcome(state=JobState.FINISHED, summary=summary)
         except Exception as exc:  # noqa: BLE001 - the job's failure, reported by the sweep
             outcome = failure_outcome(exc)
         finally:
@@ -84,7 +86,7 @@ def failure_outcome(exc: BaseException) -> JobOutcome:
     """The outcome of a job that raised ``exc``."""
     from polypythia.errors import DivergenceError
 
-    state = "diverged" if isinstance(exc, DivergenceError) else "failed"
+    state = JobState.DIVERGED if isinstance(exc, DivergenceError) else JobState.FAILED
     return JobOutcome(state=state, error=exc, reason=f"{type(exc).__name__}: {exc}")
 
 
@@ -130,7 +132,7 @@ def start_other_ranks(spec: JobSpec, placement_group: Any) -> list:
 def run_other_rank(spec: JobSpec, rank: int, master_addr: str, master_port: int) -> list[float]:
     """A data-parallel rank other than 0: trains in step with rank 0, tracks nothing itself."""
     from polypythia.config.jobconfig import job_config
-    from polypythia.job.run import quiet_libraries
+    from polypythia.runtime.env import quiet_libraries
     from polypythia.train.distributed import set_rendezvous
     from polypythia.train.loop import train
 

@@ -30,7 +30,6 @@ from polypythia.train.checkpointer import Checkpointer
 from polypythia.train.data import load_training_data
 from polypythia.train.distributed import init_distributed
 from polypythia.train.engine import build_engine, build_training_model
-from polypythia.train.threads import fix_threads
 from polypythia.train.guards import callbacks_from_config
 from polypythia.train.resume import plan_resume, resume
 from polypythia.train.rewind import batch_index
@@ -38,6 +37,7 @@ from polypythia.train.rewind import load as load_rewinds
 from polypythia.train.schedule import checkpoint_steps
 from polypythia.train.skipstep import SkipStep
 from polypythia.train.step import StepMetrics, matmul_params, train_step
+from polypythia.train.threads import fix_threads
 
 __all__ = ["Callback", "TrainResult", "TrainStart", "train"]
 

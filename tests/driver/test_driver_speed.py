@@ -1,4 +1,4 @@
-"""The driver at ten times the study: the cross-seed monitor keeps its table from poll to poll instead of
+"""The driver at ten times the study: the seed-band monitor keeps its table from poll to poll instead of
 rebuilding it (polypythia/driver/seedband.py), and decides exactly as the rebuild did; the live table shows
 what fits the terminal."""
 
@@ -12,12 +12,13 @@ import pytest
 from rich.console import Console
 
 from polypythia.driver.progress import ProgressBoard, ProgressDisplay, render
-from polypythia.driver.seedband import ENDED_STATES, Band, CrossSeedMonitor, Decision, Group
+from polypythia.driver.seedband import Band, Decision, Group, SeedBandMonitor
+from polypythia.jobspec import ENDED_STATES
 from polypythia.stability import _deviation_array, for_study_length
 from polypythia.tracking.ui import SEEDS_PREFIX, seeds_band_metrics
 
 
-class RebuildingMonitor(CrossSeedMonitor):
+class RebuildingMonitor(SeedBandMonitor):
     """The monitor as it was before the incremental table (commit 54874b8): every poll rebuilds each
     group's table from every row. Kept here, verbatim, as the reference the new one must match."""
 
@@ -122,7 +123,7 @@ def test_the_incremental_monitor_decides_exactly_as_the_rebuilding_one(seed):
     alerts = 0
     for rows, forgotten, groups in simulate(seed):
         if new is None:
-            new, old = CrossSeedMonitor(copy.deepcopy(groups)), RebuildingMonitor(copy.deepcopy(groups))
+            new, old = SeedBandMonitor(copy.deepcopy(groups)), RebuildingMonitor(copy.deepcopy(groups))
         for index, back in forgotten:
             new.forget(index, back)
             old.forget(index, back)

@@ -74,3 +74,37 @@ def test_polypythia_imports_neither_analysis_nor_the_launcher():
                 f"{path.relative_to(REPO)}: {n}" for n in names if n.split(".")[0] in ("analysis", "hydra_plugins")
             ]
     assert not offenders
+
+
+def test_a_job_state_is_its_plain_string_wherever_it_goes():
+    from polypythia.jobspec import ENDED_STATES, JobOutcome, JobState
+
+    assert JobState.STOPPED == "stopped" and "stopped" in ENDED_STATES and JobState.RUNNING not in ENDED_STATES
+    assert (str(JobState.FAILED), f"{JobState.FAILED:>7}", {JobState.RUNNING: 1}["running"]) == ("failed", " failed", 1)
+    outcome = pickle.loads(pickle.dumps(JobOutcome(state=JobState.STOPPED)))
+    assert outcome.state is JobState.STOPPED and outcome.ok and not outcome.finished
+    assert JobOutcome(state="finished").ok  # a plain string still reads as its state
+
+
+def test_a_set_stop_event_ends_the_sweep_as_an_interrupt_and_closes_its_runs(tmp_path, monkeypatch):
+    """The launcher's Ctrl-C/SIGTERM handler sets the event it handed to Sweep.run: the loop ends, the
+    pending tasks are cancelled and the parent runs are closed as interrupted (no Ray here)."""
+    import threading
+
+    from polypythia.driver import watchdog
+
+    sweep = Sweep([JobRequest(config=composed_job("model=tiny", "budget=smoke", "home=home"))], str(tmp_path))
+    cancelled, finished = [], []
+
+    def start_jobs():
+        sweep.pending = {"task-0": 0}
+
+    monkeypatch.setattr(sweep, "_start_jobs", start_jobs)
+    monkeypatch.setattr(sweep, "_collect_ended", lambda: pytest.fail("the loop polled after the stop"))
+    monkeypatch.setattr(sweep, "_finish", lambda outcomes, interrupted: finished.append(interrupted))
+    monkeypatch.setattr(watchdog, "cancel", cancelled.append)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(stop)
+    assert cancelled == ["task-0"] and finished == [True]

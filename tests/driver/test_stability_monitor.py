@@ -1,4 +1,4 @@
-"""The sweep's live cross-seed monitor (polypythia/driver/seedband.py), fed like the driver feeds it: jobs'
+"""The sweep's seed-band monitor (polypythia/driver/seedband.py), fed like the driver feeds it: jobs'
 progress reports into a progress board, the board's rows polled into the monitor. Unit tests need no
 Ray and no MLflow (a fake client records what would be written); one integration test runs the real
 launcher with a diverging seed."""
@@ -15,7 +15,8 @@ import pytest
 from helpers import tiny_job
 
 from polypythia.driver.progress import ProgressBoard, SmoothedLoss, line, render
-from polypythia.driver.seedband import CrossSeedMonitor, Group, MonitorLog, decision_steps, loss_window, plan_groups
+from polypythia.driver.seedband import Group, SeedBandMonitor, decision_steps, loss_window, plan_groups
+from polypythia.driver.seedbandlog import MonitorLog
 
 STEPS = 40
 SEEDS = (1, 2, 3, 4, 5)
@@ -90,7 +91,7 @@ def smoothed(curve, step, window):
 
 def test_only_the_diverging_seed_alerts_after_its_divergence_and_the_band_is_right(tmp_path):
     jobs = sweep_jobs(tmp_path)
-    monitor = CrossSeedMonitor(plan_groups(jobs))
+    monitor = SeedBandMonitor(plan_groups(jobs))
     board = ProgressBoard([j.run_name for j in jobs], monitor.plans())
     runs = curves()
     # two waves, as on a machine with room for three jobs at a time: seeds 4 and 5 start late
@@ -132,7 +133,7 @@ def test_live_decisions_are_the_causal_replays(tmp_path):
     from analysis.replay import SMOOTHED_LOSS, first_alerts, smoothed_loss
 
     jobs = sweep_jobs(tmp_path, window=3)
-    monitor = CrossSeedMonitor(plan_groups(jobs))
+    monitor = SeedBandMonitor(plan_groups(jobs))
     board = ProgressBoard([j.run_name for j in jobs], monitor.plans())
     runs = curves()
     feed(board, monitor, runs, starts={i: 0 for i in runs}, chunk=5)
@@ -186,11 +187,11 @@ class FakeClient:
 
 def test_the_driver_writes_alert_tag_deviations_and_parent_band(tmp_path, caplog):
     jobs = sweep_jobs(tmp_path)
-    monitor = CrossSeedMonitor(plan_groups(jobs))
+    monitor = SeedBandMonitor(plan_groups(jobs))
     board = ProgressBoard([j.run_name for j in jobs], monitor.plans())
     client = FakeClient("parent-1", [j.run_name for j in jobs])
     log = MonitorLog(monitor, client, {jobs[0].study: "parent-1"}, jobs)
-    with caplog.at_level("WARNING", logger="polypythia.driver.seedband"):
+    with caplog.at_level("WARNING", logger="polypythia.driver.seedbandlog"):
         feed(board, monitor, curves(), starts={0: 0, 1: 0, 2: 0, 3: 6, 4: 9}, log=log)
     grid = decision_steps(jobs[0])
     bad = jobs[SEEDS.index(BAD_SEED)].run_name
@@ -214,7 +215,7 @@ def test_the_driver_writes_alert_tag_deviations_and_parent_band(tmp_path, caplog
 
 def test_a_tracking_hiccup_delays_the_alert_tag_and_never_stops_the_sweep(tmp_path, caplog):
     jobs = sweep_jobs(tmp_path)
-    monitor = CrossSeedMonitor(plan_groups(jobs))
+    monitor = SeedBandMonitor(plan_groups(jobs))
     board = ProgressBoard([j.run_name for j in jobs], monitor.plans())
     client = FakeClient("parent-1", [j.run_name for j in jobs])
     tag, away = client.set_tag, [1]
@@ -235,7 +236,7 @@ def test_a_tracking_hiccup_delays_the_alert_tag_and_never_stops_the_sweep(tmp_pa
 
 def test_healthy_seeds_never_alert(tmp_path):
     jobs = sweep_jobs(tmp_path, window=1, seeds=range(1, 9))
-    monitor = CrossSeedMonitor(plan_groups(jobs))
+    monitor = SeedBandMonitor(plan_groups(jobs))
     board = ProgressBoard([j.run_name for j in jobs], monitor.plans())
     runs = {i: losses_of(100 + i) for i in range(8)}
     decisions, _ = feed(board, monitor, runs, starts={i: i % 3 for i in runs}, chunk=2)
@@ -263,16 +264,16 @@ def test_groups_grids_and_windows(tmp_path):
     assert groups[1].grid == (10, 20, 30, 40) and decision_steps(jobs[0])[:4] == (1, 2, 3, 4)
     assert [g.prefix for g in groups] == ["seeds/tiny/", "seeds/other/"]  # two models in one study: seeds/tiny/loss_*
     assert loss_window(tiny_job(tmp_path, tmp_path / "cache", budget__steps=1000)) == 10
-    _, (band,) = CrossSeedMonitor([Group("s", "tiny", (5,), 1, [0, 1, 2, 3], prefix="seeds/tiny/")]).observe(
+    _, (band,) = SeedBandMonitor([Group("s", "tiny", (5,), 1, [0, 1, 2, 3], prefix="seeds/tiny/")]).observe(
         {i: {"state": "finished", "smoothed": {5: float(i)}} for i in range(4)}
     )
     assert band.metrics["seeds/tiny/loss_median"] == 1.5 and band.metrics["seeds/tiny/loss_max"] == 3.0
     # three runs are too few for the rule: the group is never decided, and the board keeps nothing for seed 9
-    small = CrossSeedMonitor(plan_groups(sweep_jobs(tmp_path, seeds=(1, 2, 3))))
+    small = SeedBandMonitor(plan_groups(sweep_jobs(tmp_path, seeds=(1, 2, 3))))
     board = ProgressBoard(["a", "b", "c"], small.plans())
     decisions, bands = feed(board, small, curves((1, 2, 3)), starts={0: 0, 1: 0, 2: 0})
     assert not decisions and len(bands) == len(decision_steps(jobs[0]))
-    assert 8 not in CrossSeedMonitor(groups).plans()
+    assert 8 not in SeedBandMonitor(groups).plans()
 
 
 def test_smoothed_loss_restarts_cleanly_after_a_resume():

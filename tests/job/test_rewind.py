@@ -157,10 +157,10 @@ def test_a_refused_rewind_is_a_tag_and_the_run_goes_on(tmp_path):
 
 
 def test_the_monitor_forgets_a_rewound_runs_abandoned_steps(tmp_path):
-    from polypythia.driver.seedband import CrossSeedMonitor, Group
+    from polypythia.driver.seedband import Group, SeedBandMonitor
 
     grid = (2, 4, 6, 8)
-    monitor = CrossSeedMonitor([Group("s", "tiny", grid, 1, [0, 1, 2, 3, 4])])
+    monitor = SeedBandMonitor([Group("s", "tiny", grid, 1, [0, 1, 2, 3, 4])])
     healthy = {i: {s: 2.0 + 0.01 * i + 0.001 * s for s in grid} for i in range(4)}
     bad = {2: 2.04, 4: 2.05, 6: 9.0, 8: 9.5}
     rows = {i: {"state": "running", "step": 8, "smoothed": healthy[i]} for i in range(4)}
@@ -233,15 +233,43 @@ def test_an_interrupted_prepare_closes_the_parent_run_it_made(tmp_path, cache_di
     assert calls == [("tag", "parent-1", "failure_reason", "interrupted"), ("end", "parent-1", "KILLED")]
 
 
+def test_the_stop_action_returns_the_stopped_outcome_and_closes_the_run_at_once(tmp_path, cache_dir, monkeypatch):
+    from polypythia.driver import watchdog
+    from polypythia.driver.actions import MonitorActions, Taken
+    from polypythia.driver.seedband import Decision, SeedBandMonitor
+    from polypythia.driver.seedbandlog import MonitorLog
+    from polypythia.jobspec import JobState
+
+    jobs = [tiny_job(tmp_path, cache_dir, seed=1, monitor__action="stop")]
+    monitor, cancelled, tags, ended = SeedBandMonitor([]), [], {}, []
+    monkeypatch.setattr(watchdog, "ended", lambda ref: False)  # its task still runs
+    monkeypatch.setattr(watchdog, "cancel", cancelled.append)
+    client = SimpleNamespace(
+        set_tag=lambda run_id, k, v: tags.__setitem__((run_id, k), v),
+        set_terminated=lambda run_id, status: ended.append((run_id, status)),
+    )
+    watch = MonitorLog(monitor, client, {}, jobs)
+    watch.run_ids = {0: "run0"}
+    board = SimpleNamespace(update=SimpleNamespace(remote=lambda i, u: None))
+    alert = Decision(0, "s/tiny", 16, 9.0, 12.0, 8.0, 4)
+    result = MonitorActions(jobs, monitor).act("task-0", 0, alert, {"step": 20, "total": 40}, board, watch)
+    assert result.taken is Taken.STOPPED and result.outcome.state is JobState.STOPPED and result.outcome.ok
+    assert cancelled == ["task-0"] and ended == [("run0", "KILLED")]
+    assert tags[("run0", "failure_reason")].startswith(
+        "stopped by the cross-seed monitor (monitor.action=stop) at step 20"
+    )
+
+
 def test_the_driver_rewinds_a_run_that_finished_before_its_alert_and_counts_its_rewinds(tmp_path, cache_dir, capsys):
-    from polypythia.driver.actions import MonitorActions
-    from polypythia.driver.seedband import CrossSeedMonitor, Decision
+    from polypythia.driver.actions import KEEP, MonitorActions, Taken
+    from polypythia.driver.seedband import Decision, SeedBandMonitor
+    from polypythia.driver.seedbandlog import MonitorLog
 
     jobs = [
         tiny_job(tmp_path, cache_dir, seed=s, monitor__action=a, monitor__max_rewinds=1)
         for s, a in ((1, "rewind"), (2, "stop"), (3, "none"))
     ]
-    monitor = CrossSeedMonitor([])
+    monitor = SeedBandMonitor([])
     actions = MonitorActions(jobs, monitor)
     updates, tags, statuses = [], {}, []
     board = SimpleNamespace(update=SimpleNamespace(remote=lambda i, u: updates.append((i, u))))
@@ -249,23 +277,25 @@ def test_the_driver_rewinds_a_run_that_finished_before_its_alert_and_counts_its_
         set_tag=lambda run_id, k, v: tags.__setitem__((run_id, k), v),
         update_run=lambda run_id, status: statuses.append((run_id, status)),
     )
-    watch = SimpleNamespace(client=client, _run_id=lambda i: f"run{i}")
+    watch = MonitorLog(monitor, client, {}, jobs)
+    watch.run_ids = {i: f"run{i}" for i in range(3)}  # found already (MonitorLog.run_id)
     finished = {i: JobOutcome(state="finished") for i in range(3)}
     for i in range(3):
         monitor.alerts[i] = Decision(i, "s/tiny", 16, 9.0, 12.0, 8.0, 4)
     due = actions.due({}, finished)
     assert [(ref, i) for ref, i, _ in due] == [(None, 0), (None, 1)]  # action none: nothing to do
     row = {"step": 40, "total": 40, "attempt": 1}
-    assert actions.act(None, 0, due[0][2], row, board, watch)[0] == "resubmit"
+    result = actions.act(None, 0, due[0][2], row, board, watch)
+    assert result.taken is Taken.RESUBMIT and result.outcome is None
     assert actions.requests[0] == RewindRequest(1, 16, None, "step=16 signal=loss deviation=+12.00")
     assert statuses == [("run0", "RUNNING")] and updates == [(0, {"state": "rewinding", "step": 0})]
     assert 0 not in monitor.alerts and actions.due({}, finished) == [(None, 1, due[1][2])]
-    assert actions.act(None, 1, due[1][2], row, board, watch) == ("keep", None)  # a finished run is not stopped
+    assert actions.act(None, 1, due[1][2], row, board, watch) == KEEP  # a finished run is not stopped
     assert tags[("run1", "stability.action")].startswith("alert only: the run had trained all its steps")
 
     actions.restarted({0: {"attempt": 2, "first_step": 10}})  # the new attempt: the monitor forgets, awaits no more
     monitor.alerts[0] = Decision(0, "s/tiny", 20, 9.0, 12.0, 8.0, 4)  # the new branch alerts again
     (again,) = actions.due({}, finished)
-    assert actions.act(None, 0, again[2], row, board, watch) == ("keep", None)
+    assert actions.act(None, 0, again[2], row, board, watch) == KEEP
     assert tags[("run0", "stability.action")].startswith("alert only: monitor.max_rewinds=1 reached")
     assert "[monitor] tiny-seed1: rewind 1 requested after it had finished" in capsys.readouterr().out
