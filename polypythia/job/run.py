@@ -142,7 +142,7 @@ def _callbacks(
     task_started: Optional[float],
 ) -> list[Callback]:
     """The job's callbacks, in the order they were always given to the loop: the rewound logger (a
-    callback too), the checkpoint evaluation, ``train/threads`` (:mod:`polypythia.job.threads`),
+    callback too), the checkpoint evaluation, ``train/threads`` (:mod:`polypythia.train.threads`),
     MLflow, then the progress board."""
     callbacks: list[Callback] = [logger] if isinstance(logger, rewindlog.RewoundLogger) else []
     callbacks += ([evaluation] if evaluation is not None else []) + threads_log(cfg)
