@@ -207,7 +207,7 @@ class TrainConfig:
     # after training: downstream tasks (lm-eval, offline) and the rest of `python -m polypythia.evaluate`
     evaluate_after_training: bool = False
     eval_limit_items: Optional[int] = None  # first items of each task only (null: all)
-    # the 14 weight statistics: "polypythias" (the released PolyPythias code) or "hu" (Hu et al. 2023 prose)
+    # the weight statistics (WEIGHT_STATISTICS in polypythia/evaluate/weight_stats.py): "polypythias" (the released PolyPythias code) or "hu" (Hu et al. 2023 prose)
     weight_stats: str = "polypythias"
     # checkpoints that keep the (large) optimizer state needed to resume; older ones keep weights only
     keep_resume_states: Optional[int] = 2

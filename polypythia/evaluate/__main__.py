@@ -95,7 +95,7 @@ def parser() -> argparse.ArgumentParser:
         "--weight-stats",
         choices=WEIGHT_STATS_DEFINITIONS,
         default=WEIGHT_STATS_DEFINITIONS[0],
-        help="definition of the 14 weight statistics: polypythias (default) computes what the released "
+        help="definition of the weight statistics (the 14 of the PolyPythias training maps): polypythias (default) computes what the released "
         "PolyPythias code does (fused QKV as one matrix, input embedding kept, unbiased variances, "
         "lower median); hu follows the prose of Hu et al. 2023 (Q/K/V split, embeddings left out, "
         "population variances). Stored results of the other definition are recomputed",

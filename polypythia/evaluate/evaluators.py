@@ -54,7 +54,7 @@ class EvalOptions:
     batch_size: int = 8  # lm-eval batch size
     device: str = "cpu"
     valid_batch_size: int = 4  # rows per forward pass of the validation loss
-    weight_stats: str = DEFAULT_DEFINITION  # the definition of the 14 weight statistics (weight_stats.py)
+    weight_stats: str = DEFAULT_DEFINITION  # the definition of the weight statistics (weight_stats.WEIGHT_STATISTICS)
 
     def check(self) -> None:
         if self.weight_stats not in DEFINITIONS:
@@ -142,7 +142,7 @@ def metric_keys(name: str) -> list[str]:
 
 
 class WeightsEvaluator(Evaluator):
-    """The 14 weight statistics of weight_stats.py, from the safetensors file (no model built)."""
+    """The weight statistics of weight_stats.WEIGHT_STATISTICS, from the safetensors file (no model built)."""
 
     name = "weights"
     keys = tuple(f"weights/{feature}" for feature in FEATURE_NAMES)
