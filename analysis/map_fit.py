@@ -29,13 +29,6 @@ WORKER_IDLE_S = 10  # idle worker processes exit after this many seconds
 TIE_RTOL = 1e-9  # held-out log-likelihoods this close are the same optimum (see better())
 
 
-def fit_one(
-    train: Split, heldout: Split, n_states: int, seed: int, n_iter: int, tol: float
-) -> tuple[dict, object] | None:
-    """One restart: fit on ``train``, score on ``heldout``; None when the fit or the scoring fails."""
-    return fit_states([(train.X, train.lengths, heldout.X, heldout.lengths)], n_states, [seed], n_iter, tol)[0][0]
-
-
 def fit_states(
     data: list[tuple], n_states: int, seeds: Sequence[int], n_iter: int, tol: float
 ) -> list[list[tuple[dict, object] | None]]:
@@ -288,11 +281,6 @@ def finish_model(data: ModelData, settings: MapSettings, fitted: dict[int, list]
     selection = [{"model": model, "best_of_n": False, "chosen": False, **row, "criterion": criterion} for row in rows]
     log.info("Training map of %s: %d states (%s)", model, n_chosen, criterion)
     return paths, majority.assign(model=model), departures, selection
-
-
-def map_one_model(model: str, wide: pd.DataFrame, settings: MapSettings, notes: list[str]):
-    """Paths, majority path, departures and selection rows of one size (AnalysisError when it cannot be mapped)."""
-    return finish_model(prepare_model(model, wide, settings, notes), settings)
 
 
 def models_of(metrics: pd.DataFrame) -> list:
