@@ -64,7 +64,7 @@ def mlflow_schedules(study) -> dict[tuple[str, str], list[int]]:
                 schedules[(str(row.model), str(row.seed))] = checkpoint_steps(
                     int(params["budget.steps"]), int(params["budget.checkpoint_every_steps"]), log_spaced
                 )
-    except Exception:  # no schedule: the Pythia one is used
+    except Exception:  # noqa: BLE001 - no schedule: the Pythia one is used
         return schedules
     return schedules
 

@@ -48,7 +48,7 @@ def find_experiment(client, name: str):
     """The MLflow experiment called ``name``; a clear error when there is none."""
     try:
         experiment = client.get_experiment_by_name(name)
-    except Exception as error:  # connection refused, bad URI, ...
+    except Exception as error:  # noqa: BLE001 - connection refused, bad URI, ...
         raise AnalysisError(
             f"The MLflow tracking server could not be reached ({type(error).__name__}); "
             "check --tracking-uri and that the server is running."

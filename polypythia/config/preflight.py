@@ -27,7 +27,7 @@ def _cached_tokenizer_size(path: str, mtime_ns: int, size: int) -> int:
 
     try:
         return Tokenizer.from_file(path).get_vocab_size(with_added_tokens=True)
-    except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for unreadable files
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"The tokenizer {path} cannot be read ({reason}); give data.tokenizer a Hugging Face tokenizer.json."

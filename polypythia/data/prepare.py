@@ -119,7 +119,7 @@ def load_tokenizer(tokenizer_file: str | Path):
         )
     try:
         return Tokenizer.from_file(str(tokenizer_file))
-    except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for unreadable files
         raise DataError(
             f"Cannot read tokenizer {tokenizer_file} ({exc}); give a Hugging Face tokenizer.json."
         ) from None

@@ -132,7 +132,7 @@ def shown_rows(rows: dict[int, dict[str, Any]], max_rows: Optional[int]) -> tupl
     if max_rows is None or len(rows) <= max_rows:
         return sorted(rows.items()), Counter()
 
-    def rank(item):  # noqa: E306
+    def rank(item):
         row = item[1]
         urgent = row.get("alert") is not None or row["state"] in URGENT_STATES
         return (0 if urgent else 1 if row["state"] == JobState.RUNNING else 2, item[0])

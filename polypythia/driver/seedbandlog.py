@@ -37,7 +37,7 @@ class MonitorLog:
     def watch(self, rows: dict[int, dict[str, Any]]) -> None:
         try:
             decisions, bands = self.monitor.observe(rows)
-        except Exception:  # noqa: BLE001 - a monitor's fault must not stop the training it watches
+        except Exception:
             log.exception("The seed-band monitor failed; it is off for the rest of the sweep.")
             self.monitor.groups = []
             return

@@ -59,7 +59,7 @@ class MLflowCallback(Callback):
         for key, value in list(self.pending_tags.items()):
             try:
                 self.client.set_tag(self.run_id, key, value)
-            except Exception as exc:  # the server is away: the logger's outage handling decides the run's fate
+            except Exception as exc:  # noqa: BLE001 - the server is away: the logger's outage handling decides the run's fate
                 log.warning("Could not tag the run with %s yet (%s); trying again at the next checkpoint.", key, exc)
                 return
             del self.pending_tags[key]

@@ -254,7 +254,7 @@ def _fail(mlflow_client, run_id: str, reason: str, was_finished: bool = False) -
         mlflow_client.set_tag(run_id, "status", JobState.FAILED.value)
         mlflow_client.set_tag(run_id, "failure_reason", reason[:5000])
         mlflow_client.set_terminated(run_id, status="FAILED")
-    except Exception as exc:  # the tracking server may be the thing that failed
+    except Exception as exc:  # noqa: BLE001 - the tracking server may be the thing that failed
         log.error("Could not mark MLflow run %s as failed: %s", run_id, exc)
 
 

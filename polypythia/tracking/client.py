@@ -105,7 +105,7 @@ def experiment_id(mlflow_client, name: str) -> str:
         return exp.experiment_id
     try:
         return mlflow_client.create_experiment(name)
-    except Exception:  # created concurrently by another job
+    except Exception:  # noqa: BLE001 - created concurrently by another job
         return mlflow_client.get_experiment_by_name(name).experiment_id
 
 
@@ -177,7 +177,7 @@ class MetricsLogger:
                     )
                     self.outage_since = None
                 return
-            except Exception as exc:  # the server is away, restarting, or overloaded: retry
+            except Exception as exc:  # noqa: BLE001 - the server is away, restarting, or overloaded: retry
                 now = time.monotonic()
                 if self.outage_since is None:
                     self.outage_since = now

@@ -29,7 +29,7 @@ def tokenizer_vocab_size(tokenizer_file: str) -> int:
 
     try:
         return Tokenizer.from_file(tokenizer_file).get_vocab_size(with_added_tokens=True)
-    except Exception as exc:  # tokenizers raises plain Exceptions for unreadable files
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises plain Exceptions for unreadable files
         raise DataError(
             f"Cannot read tokenizer {tokenizer_file} ({exc}); give a Hugging Face tokenizer.json."
         ) from None

@@ -118,7 +118,7 @@ def _load_across_worker_counts(engine, latest: ckpt.Checkpoint, state: dict) -> 
                     state.get("zero_stage", 0),
                     optimizer_order(engine.module),
                 )
-            except Exception as exc:  # every rank raises it, below
+            except Exception as exc:  # noqa: BLE001 - every rank raises it, below
                 outcome[0] = f"{type(exc).__name__}: {exc}"
         torch.distributed.broadcast_object_list(outcome, src=0, group=waiting)
         if outcome[0] is not None:

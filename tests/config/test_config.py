@@ -57,7 +57,7 @@ def test_seeds_and_run_names(tmp_path, monkeypatch):
 def test_bad_values_raise_config_error(override, fragment, tmp_path):
     try:
         raw = compose_job(*override.split())
-    except Exception as exc:  # Hydra itself may refuse the override (e.g. mandatory values)
+    except Exception as exc:  # noqa: BLE001 - Hydra itself may refuse the override (e.g. mandatory values)
         assert fragment.split(".")[0] in str(exc)
         return
     with pytest.raises(ConfigError, match=fragment):

@@ -16,7 +16,7 @@ from polypythia.tracking import server as tracking_server
 from polypythia.tracking import store as trackingstore
 
 sys.path.insert(0, str(REPO / "scripts"))
-from pg_throwaway import find_initdb, throwaway_postgres  # noqa: E402
+from pg_throwaway import find_initdb, throwaway_postgres
 
 pytestmark = pytest.mark.integration
 
