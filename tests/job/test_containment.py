@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO, tiny_job
+from helpers import REPO, job, tiny_job
 
 from polypythia.config.jobconfig import check_folder_name, job_config
 from polypythia.errors import ConfigError
@@ -89,27 +89,6 @@ def test_a_traversing_model_name_writes_nothing_outside_through_launch_py(tmp_pa
 # item 9: durations and counts below what works
 
 
-def job_dict(tmp_path: Path, **overrides) -> dict:
-    raw = {
-        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
-        "budget": {
-            "name": "smoke",
-            "steps": 6,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "seq_length": 32,
-            "checkpoint_every_steps": 3,
-        },
-        "data": {"cache_dir": str(tmp_path / "cache")},
-        "home": str(tmp_path),
-        "tracking": {"uri": None},
-    }
-    for dotted, value in overrides.items():
-        section, key = dotted.split("__")
-        raw.setdefault(section, {})[key] = value
-    return raw
-
-
 @pytest.mark.parametrize(
     "key, value, match",
     [
@@ -146,7 +125,7 @@ def job_dict(tmp_path: Path, **overrides) -> dict:
 )
 def test_a_duration_or_count_below_what_works_is_one_error(tmp_path, key, value, match):
     with pytest.raises(ConfigError, match=match) as caught:
-        job_config(job_dict(tmp_path, **{key: value}))
+        job_config(job(tmp_path, **{key: value}))
     assert "\n" not in str(caught.value) and str(caught.value).endswith(".")
 
 
@@ -167,7 +146,7 @@ def test_a_duration_or_count_below_what_works_is_one_error(tmp_path, key, value,
     ],
 )
 def test_the_bounds_themselves_are_fine(tmp_path, key, value):
-    job_config(job_dict(tmp_path, **{key: value}))
+    job_config(job(tmp_path, **{key: value}))
 
 
 def test_a_stall_timeout_below_the_reporting_interval_is_refused_by_launch_py(tmp_path):
