@@ -2,13 +2,13 @@
 
     flock /tmp/polypythia-heavy.lock .venv/bin/python scripts/screenshot_mlflow_ui.py
 
-Runs a short real sweep like ``make demo`` (``launch.py -m seed=1,2,3 model=14m`` with a budget of
-``--steps`` steps, the in-step monitor every 5 steps and the seed band every 2, so that ``train/*``,
-``valid/*``, ``seeds/*`` and ``monitor/*`` are all logged) in a fresh ``POLYPYTHIA_HOME`` (a
-temporary folder, or ``--home``), takes the link the sweep printed, opens it in headless Chromium
+Runs ``make demo``'s sweep (``launch.py -m seed=1,2,3 model=70m``, its default budget and monitor;
+with ``--steps N``, a shorter one: N steps, the in-step monitor every 5 steps and the seed band every
+2, so that ``train/*``, ``valid/*``, ``seeds/*`` and ``monitor/*`` all have points to chart) in a
+fresh ``POLYPYTHIA_HOME`` (a temporary folder, or ``--home``), takes the link the sweep printed, opens it in headless Chromium
 (Debian: ``apt-get install chromium``), waits until the charts are drawn and saves a screenshot;
 then stops the browser and the sweep's MLflow server. ``--link URL`` screenshots a link of a sweep
-already run (its server up) instead. A few minutes on 2 CPU cores (the sweep's runs: 83 s). Exit
+already run (its server up) instead. About 6 minutes on 2 CPU cores (the demo; with ``--steps 40`` at 14m, 83 s). Exit
 status 1 if no chart was drawn or the ``loss`` section of charts is not above ``monitor``.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages
@@ -144,19 +144,15 @@ SECTION_TOPS_JS = """(names => Object.fromEntries(names.map(n => {
 LINK_PREFIX = " in MLflow: "  # the line polypythia.driver.sweep prints: "Study <name> in MLflow: <link>"
 
 
-def run_sweep(home: Path, model: str, steps: int, seeds: str, more: list[str]) -> str:
-    """Run a short real sweep into ``home`` (as ``make demo`` does, smaller) and return the link it printed."""
-    overrides = [
-        "-m",
-        f"seed={seeds}",
-        f"model={model}",
+def run_sweep(home: Path, model: str, steps: int | None, seeds: str, more: list[str]) -> str:
+    """Run a real sweep into ``home`` (``make demo``'s, or ``steps`` long) and return the link it printed."""
+    shorter = [
         f"budget.steps={steps}",
         f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
         "monitor.every_steps=5",  # monitor/* points to chart
         "monitor.cross_seed_every_steps=2",  # the seeds/* band at every other step (default: the checkpoints)
-        "launcher.progress=false",
-        *more,
     ]
+    overrides = ["-m", f"seed={seeds}", f"model={model}", *(shorter if steps else []), "launcher.progress=false", *more]
     env = {**os.environ, "POLYPYTHIA_HOME": str(home)}
     print("running:", " ".join(["launch.py", *overrides]), flush=True)
     done = subprocess.run(
@@ -221,9 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--home", type=Path, default=None, help="the sweep's POLYPYTHIA_HOME (default: a temporary one)"
     )
-    parser.add_argument("--model", default="14m")
+    parser.add_argument("--model", default="70m")
     parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument(
+        "--steps", type=int, default=None, help="a shorter sweep of this many steps (default: the demo's)"
+    )
     parser.add_argument("overrides", nargs="*", help="more launch.py overrides, e.g. budget=smoke")
     parser.add_argument("--link", default=None, help="screenshot this link (a sweep's, its server up) instead")
     parser.add_argument("--width", type=int, default=1600)
