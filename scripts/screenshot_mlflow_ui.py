@@ -8,7 +8,7 @@ with ``--steps N``, a shorter one: N steps, the in-step monitor every 5 steps an
 fresh ``POLYPYTHIA_HOME`` (a temporary folder, or ``--home``), takes the link the sweep printed, opens it in headless Chromium
 (Debian: ``apt-get install chromium``), waits until the charts are drawn and saves a screenshot;
 then stops the browser and the sweep's MLflow server. ``--link URL`` screenshots a link of a sweep
-already run (its server up) instead. About 6 minutes on 2 CPU cores (the demo; with ``--steps 40`` at 14m, 83 s). Exit
+already run (its server up) instead. About 8 minutes on 2 CPU cores (the demo, 2026-12-07; with ``--steps 40`` at 14m, the runs take 83 s). Exit
 status 1 if no chart was drawn or the ``loss`` section of charts is not above ``monitor``.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: JSON messages
@@ -146,13 +146,15 @@ LINK_PREFIX = " in MLflow: "  # the line polypythia.driver.sweep prints: "Study 
 
 def run_sweep(home: Path, model: str, steps: int | None, seeds: str, more: list[str]) -> str:
     """Run a real sweep into ``home`` (``make demo``'s, or ``steps`` long) and return the link it printed."""
-    shorter = [
-        f"budget.steps={steps}",
-        f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
-        "monitor.every_steps=5",  # monitor/* points to chart
-        "monitor.cross_seed_every_steps=2",  # the seeds/* band at every other step (default: the checkpoints)
-    ]
-    overrides = ["-m", f"seed={seeds}", f"model={model}", *(shorter if steps else []), "launcher.progress=false", *more]
+    shorter = []
+    if steps:
+        shorter = [
+            f"budget.steps={steps}",
+            f"budget.checkpoint_every_steps={max(1, steps // 2)}",  # valid/loss at two checkpoints
+            "monitor.every_steps=5",  # monitor/* points to chart
+            "monitor.cross_seed_every_steps=2",  # the seeds/* band at every other step (default: the checkpoints)
+        ]
+    overrides = ["-m", f"seed={seeds}", f"model={model}", *shorter, "launcher.progress=false", *more]
     env = {**os.environ, "POLYPYTHIA_HOME": str(home)}
     print("running:", " ".join(["launch.py", *overrides]), flush=True)
     done = subprocess.run(
