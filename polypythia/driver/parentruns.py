@@ -33,7 +33,7 @@ def open_parent_runs(client: Any, uri: str, jobs: list[Any], parent_runs: dict[s
         run = client.create_run(
             exp_id,
             run_name=f"sweep-{stamp}",
-            tags={KIND_TAG: SWEEP_KIND, "jobs": ", ".join(names), **driverloss.driver_tags()},
+            tags={KIND_TAG: SWEEP_KIND, mlflow_ui.JOBS_TAG: ", ".join(names), **driverloss.driver_tags()},
         )
         parent_runs[study] = run.info.run_id
         view = mlflow_ui.open_sweep_view(client, exp_id, run.info.run_id)  # loss charts first (tracking.ui)

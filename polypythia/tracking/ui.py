@@ -153,7 +153,7 @@ def study_url(
 
 
 def _uuid(name: str) -> str:
-    """A stable id for a section or a chart of the layout (the UI only needs them unique)."""
+    """A stable id for a section or a chart of the layout, or for a saved view (the UI only needs them unique)."""
     return "polypythia-" + hashlib.sha1(name.encode()).hexdigest()[:12]
 
 
@@ -243,7 +243,7 @@ def save_study_view(
     the JSON of the search facets and the UI state (``mlflow/server/js/build/static/js/3448.*.chunk.js``,
     the module with ``Invalid saved-view envelope``; read back in ``3878.*.chunk.js``, the hook with
     ``Error loading shared view state``)."""
-    view_id = "polypythia-" + hashlib.sha1(f"{experiment_id}:{parent_run_id or ''}".encode()).hexdigest()[:12]
+    view_id = _uuid(f"{experiment_id}:{parent_run_id or ''}")
     key = SHARED_VIEW_TAG_PREFIX + view_id
     now = int(time.time() * 1000)
     created = now
@@ -309,10 +309,4 @@ def seeds_band_metrics(values_by_run: dict[str, float]) -> dict[str, float]:
     if values.size == 0:
         return {}
     p25, median, p75 = np.percentile(values, [25, 50, 75])
-    return {
-        f"{SEEDS_PREFIX}loss_median": float(median),
-        f"{SEEDS_PREFIX}loss_p25": float(p25),
-        f"{SEEDS_PREFIX}loss_p75": float(p75),
-        f"{SEEDS_PREFIX}loss_min": float(values.min()),
-        f"{SEEDS_PREFIX}loss_max": float(values.max()),
-    }
+    return dict(zip(BAND_KEYS, map(float, (median, p25, p75, values.min(), values.max()))))  # BAND_KEYS' order

@@ -44,7 +44,7 @@ def lighten_step(engine) -> None:
         optimizer.get_grad_norm_direct = lambda grads, params, norm_type=2: (
             _zero_grad_norm(optimizer, grads) if float(norm_type) == 2.0 else original(grads, params, norm_type)
         )
-    elif isinstance(getattr(engine, "torch_autocast_z0_gradscaler", None), DeepSpeedLossScaling):
+    elif scales_with_deepspeed_under_autocast(engine):
         engine.clip_fp32_gradients = lambda: None  # the loss scaling's unscale_ clips, with the same norm
     elif not (zero or engine.fp16_enabled() or engine.bfloat16_enabled()):
         engine.clip_fp32_gradients = lambda: _clip_fp32(engine)
@@ -93,8 +93,14 @@ def records_grad_norm(engine) -> bool:
         or engine.fp16_enabled()
         or engine.bfloat16_enabled()
         or engine.gradient_clipping()
-        or isinstance(getattr(engine, "torch_autocast_z0_gradscaler", None), DeepSpeedLossScaling)
+        or scales_with_deepspeed_under_autocast(engine)
     )
+
+
+def scales_with_deepspeed_under_autocast(engine) -> bool:
+    """Whether fp16's loss scaling under ``train.autocast`` is :class:`DeepSpeedLossScaling`, which
+    unscales, clips and records the step's gradient norm itself."""
+    return isinstance(getattr(engine, "torch_autocast_z0_gradscaler", None), DeepSpeedLossScaling)
 
 
 class DeepSpeedLossScaling:
