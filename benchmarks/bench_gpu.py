@@ -11,12 +11,14 @@ N counts every parameter except the input embedding. The default peak is an H100
 bf16/fp16 figure (989 TFLOP/s); pass --peak-tflops for another GPU.
 
 With --job, each shape and precision is also trained through polypythia's own training loop
-(``polypythia.train.loop.train``: the DeepSpeed engine with its fp16 or bf16 optimizer, ZeRO stage 1,
-fused AdamW, the default stability monitor, one NCCL rank) on the embedded corpus with the
-Pythia vocabulary size, and its tokens/s is printed next to the plain loop's as a ratio. The plain
-loop keeps fp32 weights under autocast; DeepSpeed keeps fp16/bf16 weights and an fp32 master copy.
+(``polypythia.train.loop.train``: the DeepSpeed engine as a job builds it, fused AdamW, the default
+stability monitor, one NCCL rank) on the embedded corpus with the Pythia vocabulary size, and its
+tokens/s is printed next to the plain loop's as a ratio. By default the job trains as the plain loop
+does, fp32 weights under autocast (``train.autocast``, ZeRO stage 0, DeepSpeed's loss scaler under
+fp16); with --no-autocast it keeps DeepSpeed's fp16/bf16 weights and fp32 master copy at ZeRO stage 1.
 
     python benchmarks/bench_gpu.py [--models 70m,160m] [--seq-length 2048] [--micro-batch 8] [--compile] [--job]
+        [--no-autocast]
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def measure_job(name: str, dtype_name: str, args, home) -> dict:
         micro_batch_size=args.micro_batch,
     )
     raw["model"]["vocab_size"] = PYTHIA_VOCAB
-    raw["train"].update(precision=dtype_name, peak_tflops=args.peak_tflops)
+    raw["train"].update(precision=dtype_name, peak_tflops=args.peak_tflops, autocast=not args.no_autocast)
     raw["launcher"]["num_gpus_per_job"] = 1
     timer, mfu = StepTimer(), KeepMfu()
     train(job_config(raw), [timer, mfu])
@@ -135,6 +137,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--job", action="store_true", help="also train each shape through polypythia's DeepSpeed loop")
+    parser.add_argument(
+        "--no-autocast", action="store_true", help="--job with train.autocast=false: DeepSpeed's fp16/bf16 weights"
+    )
     parser.add_argument(
         "--peak-tflops", type=float, default=989.0, help="the GPU's dense bf16 peak (default: H100 SXM, 989)"
     )

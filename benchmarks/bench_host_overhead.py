@@ -16,15 +16,17 @@ For each shape and precision (fp32; bf16; fp16 with dynamic loss scaling):
   norm read back as floats;
 - ``ours``: ``polypythia.train.step.train_step`` on the DeepSpeed engine exactly as a job builds it
   (``build_training_model``, ``build_engine``; one rank: ZeRO stage 0 in fp32, the configured stage
-  in bf16/fp16; with ``--autocast``, ``train.autocast=true``: fp32 weights at ZeRO 0), monitor off;
+  ``train.autocast`` in bf16/fp16, the default: fp32 weights at ZeRO 0; with ``--no-autocast``, DeepSpeed's
+  bf16/fp16 weights at the configured stage), monitor off;
 - ``ours+probe``: the same step probed by the stability monitor (every signal, as on its sampled steps).
 
-Ops are counted on one step after ``--warmup``; host time is the median step over ``--rounds``
+Ops and host reads (``item()``, ``float()``, ``tolist()`` of a tensor: a device synchronisation each on a
+GPU) are counted on one step after ``--warmup``; host time is the median step over ``--rounds``
 interleaved rounds of ``--steps`` steps (plain, ours, ours+probe in turn). Ratios: ops ours/plain,
 host time plain/ours. The last two lines are the worst monitor-off path's
 ``ops/step ratio`` and ``host time ratio``.
 
-    python benchmarks/bench_host_overhead.py [--models 70m,160m] [--precisions fp32,bf16,fp16] [--hidden 64] [--autocast]
+    python benchmarks/bench_host_overhead.py [--models 70m,160m] [--precisions fp32,bf16,fp16] [--hidden 64] [--no-autocast]
 """
 
 from __future__ import annotations
@@ -154,17 +156,29 @@ def job_cfg(home, name: str, precision: str, args):
         raw["model"]["hidden_size"] = args.hidden
     raw["model"]["vocab_size"] = args.vocab
     raw["train"]["precision"] = precision
-    if args.autocast:
-        raw["train"]["autocast"] = True
+    raw["train"]["autocast"] = not args.no_autocast
     if precision == "fp16":  # the config refuses fp16 without a GPU; the engine is tried on CPU all the same
         raw["launcher"]["num_gpus_per_job"] = 1
     return job_config(raw)
 
 
-def count_ops(variant, rows) -> collections.Counter:
-    with OpCounter() as counter:
-        variant.step(rows)
-    return counter.ops
+def count_ops(variant, rows) -> tuple[collections.Counter, int]:
+    """The aten ops of one step, and its host reads: each ``item()``/``float()`` of a tensor is an aten
+    ``_local_scalar_dense``, and each ``tolist()`` (which dispatches no aten op on CPU) is counted here; on
+    a GPU each is a device synchronisation."""
+    tolist, calls = torch.Tensor.tolist, [0]
+
+    def counted_tolist(self):
+        calls[0] += 1
+        return tolist(self)
+
+    torch.Tensor.tolist = counted_tolist
+    try:
+        with OpCounter() as counter:
+            variant.step(rows)
+    finally:
+        torch.Tensor.tolist = tolist
+    return counter.ops, counter.ops["aten._local_scalar_dense"] + calls[0]
 
 
 def measure(home, name: str, precision: str, args) -> dict:
@@ -190,16 +204,18 @@ def measure(home, name: str, precision: str, args) -> dict:
                 started = time.perf_counter()
                 variant.step(rows)
                 times[key].append(time.perf_counter() - started)
-    return {key: (ops[key], median(times[key])) for key in variants}
+    return {key: (*ops[key], median(times[key])) for key in variants}
 
 
 def report(name: str, precision: str, result: dict, top: int) -> list[tuple[str, float, float]]:
     """Prints the shape's lines; returns (variant, ops ratio, host time ratio) of ours and ours+probe."""
-    plain_ops, plain_s = result["plain"]
+    plain_ops, _, plain_s = result["plain"]
     rows = []
-    for key, (ops, seconds) in result.items():
+    for key, (ops, reads, seconds) in result.items():
         n = sum(ops.values())
-        line = f"{name:>5} {precision:<5} {key:<11} {n:7d} ops/step  {seconds * 1e3:8.2f} ms/step"
+        line = (
+            f"{name:>5} {precision:<5} {key:<11} {n:7d} ops/step  {reads:2d} host reads  {seconds * 1e3:8.2f} ms/step"
+        )
         if key != "plain":
             ops_ratio, time_ratio = n / sum(plain_ops.values()), plain_s / seconds
             line += f"   ops ratio {ops_ratio:5.2f}  host time ratio {time_ratio:5.2f}"
@@ -223,7 +239,9 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192, help="at least the embedded tokenizer's 8,192")
     parser.add_argument("--seq-length", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--autocast", action="store_true", help="ours with train.autocast=true (bf16/fp16)")
+    parser.add_argument(
+        "--no-autocast", action="store_true", help="ours with train.autocast=false: DeepSpeed's bf16/fp16 weights"
+    )
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
@@ -240,7 +258,7 @@ def main() -> None:
     print(
         f"hidden {args.hidden or 'as the shape'}, vocab {args.vocab}, seq {args.seq_length}, micro-batch 1, "
         f"{args.threads} thread(s); {args.rounds} rounds x {args.steps} steps after {args.warmup}; "
-        f"train.autocast={str(args.autocast).lower()}"
+        f"train.autocast={str(not args.no_autocast).lower()}"
     )
     found = []
     with bench_home("polypythia-host-") as home:

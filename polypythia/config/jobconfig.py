@@ -70,8 +70,8 @@ __all__ = [  # the sections of a JobConfig, re-exported beside it
 FP16_ZERO0_REFUSED = (
     "fp16 with train.zero_stage=0 is refused: DeepSpeed's fp16 optimizer at ZeRO stage 0 divides the gradients "
     "by the loss scale without engine.backward() having scaled the loss (deepspeedai/DeepSpeed PR #8393), so "
-    "every update would come out thousands of times too small; use train.zero_stage=1 (Pythia's setting) or "
-    "train.precision=bf16."
+    "every update would come out thousands of times too small; use train.zero_stage=1 (Pythia's setting), "
+    "train.precision=bf16, or train.autocast=true on one worker."
 )
 
 
@@ -174,7 +174,8 @@ def check_sections(cfg: JobConfig) -> None:
 
 
 def check_precision(cfg: JobConfig) -> None:
-    """fp16 needs a GPU, and (:data:`FP16_ZERO0_REFUSED`) a ZeRO stage above 0."""
+    """fp16 needs a GPU, and (:data:`FP16_ZERO0_REFUSED`) a ZeRO stage above 0 where DeepSpeed's fp16 weights
+    train (``train.autocast`` on one worker trains fp32 weights, without DeepSpeed's fp16 optimizer)."""
     gpus = cfg.launcher.num_gpus_per_job > 0
     if cfg.train.precision == "fp16" and not gpus:
         raise ConfigError(
@@ -182,7 +183,8 @@ def check_precision(cfg: JobConfig) -> None:
             "launcher.num_gpus_per_job=1, or use train.precision=bf16 or fp32 on CPU."
         )
     fp16 = cfg.train.precision == "fp16" or (cfg.train.precision == "auto" and gpus)
-    if fp16 and cfg.train.zero_stage == 0:
+    autocast = cfg.train.autocast and cfg.launcher.workers_per_run == 1
+    if fp16 and cfg.train.zero_stage == 0 and not autocast:
         raise ConfigError(FP16_ZERO0_REFUSED)
 
 

@@ -186,7 +186,8 @@ class TrainConfig:
 
     precision: str = "auto"  # auto: fp16 with loss scaling on GPU (as Pythia), fp32 on CPU; or fp32, fp16, bf16
     zero_stage: int = 1
-    autocast: bool = False  # 1 worker, bf16/fp16: fp32 weights + torch.autocast at ZeRO 0 (train/engine.py)
+    # one worker in bf16/fp16: fp32 weights + torch.autocast at ZeRO 0; false: DeepSpeed's bf16/fp16 weights
+    autocast: bool = True  # (polypythia/train/engine.py autocast_dtype)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8

@@ -18,7 +18,7 @@ from polypythia.train import checkpoint as ckpt
 from polypythia.train.callbacks import Callback
 from polypythia.train.data import TrainingData
 from polypythia.train.distributed import barrier
-from polypythia.train.engine import resolve_precision
+from polypythia.train.engine import fp32_weights, resolve_precision
 
 
 class Checkpointer:
@@ -91,6 +91,7 @@ class Checkpointer:
                     "world_size": torch.distributed.get_world_size(),
                     "zero_stage": engine.zero_optimization_stage(),
                     "precision": resolve_precision(cfg.train.precision),
+                    "fp32_weights": fp32_weights(cfg, torch.distributed.get_world_size()),
                     "loss": loss,
                     # what a relaunch without run_config.json is checked against
                     "config": to_dict(cfg),

@@ -30,36 +30,43 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def autocast_dtype(cfg: JobConfig, world_size: int) -> torch.dtype | None:
     """The compute dtype of ``train.autocast``, or None where DeepSpeed's bf16/fp16 weights train.
 
-    One worker in bf16 or fp16 with ``train.autocast`` trains fp32 weights at ZeRO stage 0 with
+    One worker in bf16 or fp16 (``train.autocast``, the default) trains fp32 weights at ZeRO stage 0 with
     DeepSpeed's ``torch_autocast`` section: the forward pass under ``torch.autocast``, torch's fused
     AdamW on the parameters themselves, and under fp16 DeepSpeed's own dynamic loss scaler
     (:class:`polypythia.train.lighten.DeepSpeedLossScaling`: Pythia's initial scale 2**12, window 1000,
     hysteresis 2, minimum 1). It is the plain PyTorch AMP loop, where DeepSpeed's bf16/fp16 weights
     at ZeRO-1 flatten, copy and cast every tensor around the optimizer even on one rank
     (``benchmarks/bench_host_overhead.py`` on CPU, 70m/160m layer structures, 2026-12-07: aten ops per
-    step against the plain loop 1.44-1.48 at ZeRO-1, 1.00 here; host time ratio 0.89-0.96 there,
-    0.97-1.06 here; ``benchmarks/host_overhead.md``).
+    step against the plain loop 1.44-1.48 at ZeRO-1, 1.00 here; ``benchmarks/host_overhead.md``).
+
     Memory per parameter: 16 bytes (fp32 weight and gradient, two Adam moments) plus autocast's bf16/fp16
     copies of the matrices (2) from the forward to the backward pass; ZeRO-1 on one rank holds 16 (bf16/fp16
-    weight and gradient, fp32 master, two moments) plus an fp32 copy of the gradients (4) in the step. The numerics are autocast's (fp32 weights, layer norms and softmax in fp32), not fp16 weights
-    as in GPT-NeoX: a run keeps one setting. Several workers or ZeRO-2 keep DeepSpeed's path. Off by
-    default: the checkpoints' weights are then fp32 (twice the disk of bf16/fp16), and their state
-    resumes on one worker only (:mod:`polypythia.train.resume` refuses mixed-precision ZeRO-0 state
-    across worker counts)."""
+    weight and gradient, fp32 master, two moments) plus an fp32 copy of the gradients (4) in the step. A
+    checkpoint is as large either way (fp32 weights and moments, 12 bytes, plus ``model.safetensors`` in fp32,
+    4; against bf16/fp16 weights, fp32 master and moments, 14, plus 2). The numerics are autocast's (fp32
+    weights, layer norms and softmax in fp32), not GPT-NeoX's fp16 weights: ``train.autocast=false`` keeps
+    those, on any number of workers. Several workers or ZeRO-2 take DeepSpeed's path either way; a run resumed
+    on another worker count crosses between the two (:mod:`polypythia.train.resume` says so in its log)."""
     precision = resolve_precision(cfg.train.precision)
     if cfg.train.autocast and world_size == 1 and precision in AUTOCAST_DTYPES and cfg.train.zero_stage < 2:
         return AUTOCAST_DTYPES[precision]
     return None
 
 
+def fp32_weights(cfg: JobConfig, world_size: int) -> bool:
+    """Whether the module's weights are fp32 (fp32 training, or ``train.autocast``): at ZeRO stage 0 its
+    optimizer state is then torch AdamW's over those weights, which any worker count can load."""
+    return resolve_precision(cfg.train.precision) == "fp32" or autocast_dtype(cfg, world_size) is not None
+
+
 def effective_zero_stage(cfg: JobConfig, world_size: int) -> int:
-    """ZeRO partitions optimizer state across data-parallel ranks; with one fp32 rank there is
-    nothing to partition and stage 1 only adds copies (about 15% of a 70m step on CPU), so use
-    stage 0. Mixed precision keeps the configured stage: there DeepSpeed's ZeRO optimizer is
-    what keeps the fp32 master weights, and what reads checkpoints from other worker counts.
+    """ZeRO partitions optimizer state across data-parallel ranks; with one rank of fp32 weights (fp32, or
+    ``train.autocast``) there is nothing to partition and stage 1 only adds copies (about 15% of a 70m
+    step on CPU), so use stage 0. DeepSpeed's bf16/fp16 weights keep the configured stage: there its ZeRO
+    optimizer is what keeps the fp32 master weights, and what reads checkpoints from other worker counts.
     fp16 at stage 0 is refused (:data:`polypythia.config.jobconfig.FP16_ZERO0_REFUSED`)."""
     precision = resolve_precision(cfg.train.precision)
-    if world_size == 1 and (precision == "fp32" or autocast_dtype(cfg, world_size)):
+    if world_size == 1 and fp32_weights(cfg, world_size):
         return 0
     if precision == "fp16" and cfg.train.zero_stage == 0:  # "auto" on a GPU the launcher did not ask for
         raise ConfigError(FP16_ZERO0_REFUSED)

@@ -26,7 +26,7 @@ from polypythia.train import checkpoint as ckpt
 from polypythia.train import trainerstate as trainer_state
 from polypythia.train import universal
 from polypythia.train.distributed import barrier
-from polypythia.train.engine import effective_zero_stage, optimizer_order, resolve_precision
+from polypythia.train.engine import effective_zero_stage, fp32_weights, optimizer_order, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +56,13 @@ def plan_resume(cfg: JobConfig, world_size: int) -> ResumePlan:
         return ResumePlan(None, {}, stage, False)
     state = trainer_state.load_trainer_state(latest.path)
     saved_world, saved_stage = state.get("world_size", 1), state.get("zero_stage", 0)
-    if not universal.needs_conversion(saved_world, saved_stage, world_size, stage):
+    # ZeRO-0 state on both sides loads as it is, unless one side's weights are DeepSpeed's bf16/fp16
+    crosses = stage == saved_stage == 0 and _saved_fp32_weights(state) != fp32_weights(cfg, world_size)
+    if not universal.needs_conversion(saved_world, saved_stage, world_size, stage) and not crosses:
         return ResumePlan(latest, state, stage, False)
     if state["step"] == 0:  # the initial weights, which this run builds identically from its seed
         return ResumePlan(None, {}, stage, False)
-    precision = resolve_precision(cfg.train.precision)
-    saved_precision = state.get("precision", "fp32")
-    if (stage == 0 and precision != "fp32") or (saved_stage == 0 and saved_precision != "fp32"):
-        raise CheckpointError(
-            f"Checkpoint {latest.path} (ZeRO stage {saved_stage}, {saved_world} worker(s), {saved_precision}) cannot "
-            f"resume at ZeRO stage {stage} on {world_size} worker(s) in {precision}: DeepSpeed's mixed-precision "
-            "optimizer state at ZeRO stage 0 cannot be repartitioned; resume with the worker count and "
-            "train.zero_stage it was written with."
-        )
+    _check_weights_crossing(cfg, world_size, latest, state)
     if torch.distributed.get_rank() == 0:
         log.info(
             "Checkpoint step %d was written by %d worker(s) at ZeRO stage %d; converting it for %d "
@@ -80,6 +74,39 @@ def plan_resume(cfg: JobConfig, world_size: int) -> ResumePlan:
             stage,
         )
     return ResumePlan(latest, state, stage, True)
+
+
+def _check_weights_crossing(cfg: JobConfig, world_size: int, latest: ckpt.Checkpoint, state: dict) -> None:
+    """ZeRO-0 state converts across worker counts where it is torch AdamW's over fp32 weights (fp32, or
+    ``train.autocast``); DeepSpeed's bf16/fp16 weights at ZeRO-0 keep a master copy it cannot repartition.
+    A resume that crosses between ``train.autocast``'s fp32 weights and DeepSpeed's bf16/fp16 weights
+    (one worker and several) is allowed, and logged: the run's numerics change there."""
+    stage, saved_stage = effective_zero_stage(cfg, world_size), state.get("zero_stage", 0)
+    saved_world, saved_precision = state.get("world_size", 1), state.get("precision", "fp32")
+    precision = resolve_precision(cfg.train.precision)
+    saved_fp32 = _saved_fp32_weights(state)
+    if (stage == 0 and not fp32_weights(cfg, world_size)) or (saved_stage == 0 and not saved_fp32):
+        raise CheckpointError(
+            f"Checkpoint {latest.path} (ZeRO stage {saved_stage}, {saved_world} worker(s), {saved_precision}) cannot "
+            f"resume at ZeRO stage {stage} on {world_size} worker(s) in {precision}: DeepSpeed's mixed-precision "
+            "optimizer state at ZeRO stage 0 cannot be repartitioned; resume with the worker count, train.autocast and "
+            "train.zero_stage it was written with."
+        )
+    if precision != "fp32" and saved_fp32 != fp32_weights(cfg, world_size) and torch.distributed.get_rank() == 0:
+        log.warning(
+            "Checkpoint step %d trained %s weights and this start trains %s ones (train.autocast applies to one "
+            "worker only); the losses from here on follow the new numerics. Set train.autocast=false on both "
+            "to keep DeepSpeed's %s weights throughout.",
+            latest.step,
+            "fp32" if saved_fp32 else saved_precision,
+            "fp32" if fp32_weights(cfg, world_size) else precision,
+            precision,
+        )
+
+
+def _saved_fp32_weights(state: dict) -> bool:
+    """Whether the checkpoint's module weights are fp32 (checkpoints from before ``train.autocast``: fp32 runs)."""
+    return state.get("fp32_weights", state.get("precision", "fp32") == "fp32")
 
 
 def resume(engine, plan: ResumePlan) -> tuple[int, float]:

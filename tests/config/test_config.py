@@ -50,8 +50,16 @@ def test_seeds_and_run_names(tmp_path, monkeypatch):
         ("seed=abc", "seed"),
         ("data=indexed", "data.path"),
         ("train.precision=fp16", "fp16 needs a GPU per worker"),
-        ("train.precision=fp16 launcher.num_gpus_per_job=1 train.zero_stage=0", "zero_stage=0 is refused"),
-        ("launcher.num_gpus_per_job=1 train.zero_stage=0", "zero_stage=0 is refused"),  # auto: fp16 on a GPU
+        (
+            "train.precision=fp16 launcher.num_gpus_per_job=1 train.zero_stage=0 train.autocast=false",
+            "zero_stage=0 is refused",
+        ),
+        ("launcher.num_gpus_per_job=1 train.zero_stage=0 train.autocast=false", "zero_stage=0 is refused"),  # auto
+        (  # DeepSpeed's fp16 weights on two workers, where train.autocast does not apply
+            "train.precision=fp16 launcher.num_gpus_per_job=1 train.zero_stage=0 launcher.workers_per_run=2 "
+            "budget.micro_batch_size=4",
+            "zero_stage=0 is refused",
+        ),
     ],
 )
 def test_bad_values_raise_config_error(override, fragment, tmp_path):
@@ -88,11 +96,16 @@ def test_study_presets_sweep_five_sizes_by_ten_seeds(name, budget, tmp_path):
 
 
 def test_a_job_that_finds_a_gpu_refuses_fp16_at_zero0(monkeypatch, tmp_path):
-    """precision=auto means fp16 on a GPU; a job the launcher gave no GPU may still find one."""
+    """precision=auto means fp16 on a GPU; a job the launcher gave no GPU may still find one. DeepSpeed's
+    fp16 weights at ZeRO 0 are refused there; train.autocast's fp32 weights on one worker are not."""
     from polypythia.train import engine
 
-    cfg = job_config(compose_job("model=tiny", "train.zero_stage=0"), str(tmp_path))
+    cfg = job_config(compose_job("model=tiny", "train.zero_stage=0", "train.autocast=false"), str(tmp_path))
     assert engine.effective_zero_stage(cfg, 1) == 0  # fp32 on the CPU
     monkeypatch.setattr(engine.torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match="zero_stage=0 is refused"):
         engine.effective_zero_stage(cfg, 1)
+    autocast = job_config(compose_job("model=tiny", "train.zero_stage=0"), str(tmp_path))
+    assert engine.autocast_dtype(autocast, 1) == engine.torch.float16 and engine.effective_zero_stage(autocast, 1) == 0
+    with pytest.raises(ConfigError, match="zero_stage=0 is refused"):
+        engine.effective_zero_stage(autocast, 2)

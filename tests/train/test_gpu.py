@@ -1,7 +1,8 @@
 """The GPU paths of the training job, on one CUDA GPU (skipped without one: CI has none).
 
 DeepSpeed's fp16 optimizer (dynamic loss scaling) at ZeRO stage 1 and bf16 optimizer at stages 0
-and 1, with fused AdamW, in an NCCL process group: the curve against the same run in fp32 on the CPU, the
+and 1 (``train.autocast=false``), and the default ``train.autocast`` (fp32 weights at ZeRO 0 under
+torch.autocast, DeepSpeed's loss scaler under fp16), with fused AdamW, in an NCCL process group: the curve against the same run in fp32 on the CPU, the
 seeded initial weights, ``train/mfu`` from the GPU's name, the stability monitor's signals read
 out of DeepSpeed's master weights, exact resume, and evaluation on the GPU.
 
@@ -31,16 +32,18 @@ if not torch.cuda.is_available():
 pytestmark = pytest.mark.gpu
 
 STEPS, EVERY = 10, 2
-SETTINGS = [("fp16", 1), ("bf16", 0), ("bf16", 1)]  # fp16 at ZeRO 0 is refused (test_fp16_at_zero0_is_refused)
+# (precision, train.zero_stage, train.autocast); fp16 at ZeRO 0 is refused (test_fp16_at_zero0_is_refused)
+SETTINGS = [("fp16", 1, False), ("bf16", 0, False), ("bf16", 1, False), ("fp16", 1, True), ("bf16", 1, True)]
 
 
-def gpu_job(tmp_path: Path, cache_dir: Path, precision: str, zero: int, **overrides):
+def gpu_job(tmp_path: Path, cache_dir: Path, precision: str, zero: int, autocast: bool, **overrides):
     return tiny_job(
         tmp_path,
         cache_dir,
         budget__steps=STEPS,
         train__precision=precision,
         train__zero_stage=zero,
+        train__autocast=autocast,
         launcher__num_gpus_per_job=1,
         monitor__every_steps=EVERY,
         **overrides,
@@ -83,12 +86,13 @@ class Watch(Callback):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, cache_dir):
-    """One 10-step tiny run per (precision, ZeRO stage), monitor every 2 steps."""
+    """One 10-step tiny run per setting, monitor every 2 steps."""
     out = {}
-    for precision, zero in SETTINGS:
-        cfg = gpu_job(tmp_path_factory.mktemp(f"{precision}-zero{zero}"), cache_dir, precision, zero)
+    for precision, zero, autocast in SETTINGS:
+        tmp = tmp_path_factory.mktemp(f"{precision}-zero{zero}-autocast{int(autocast)}")
+        cfg = gpu_job(tmp, cache_dir, precision, zero, autocast)
         watch = Watch()
-        out[precision, zero] = SimpleNamespace(cfg=cfg, result=train_here(cfg, [watch]), watch=watch)
+        out[precision, zero, autocast] = SimpleNamespace(cfg=cfg, result=train_here(cfg, [watch]), watch=watch)
     return out
 
 
@@ -115,30 +119,34 @@ def cpu_fp32(tmp_path_factory, cache_dir, runs):
     return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("LOSSES"))[7:])
 
 
-@pytest.mark.parametrize(("precision", "zero"), SETTINGS)
-def test_mixed_precision_on_one_gpu_follows_the_fp32_curve(runs, cpu_fp32, precision, zero):
-    run = runs[precision, zero]
+@pytest.mark.parametrize(("precision", "zero", "autocast"), SETTINGS)
+def test_mixed_precision_on_one_gpu_follows_the_fp32_curve(runs, cpu_fp32, precision, zero, autocast):
+    run = runs[precision, zero, autocast]
     w = run.watch
     assert (w.backend, w.device.type) == ("nccl", "cuda")
-    assert (w.fp16, w.bf16, w.zero) == (precision == "fp16", precision == "bf16", zero)
+    if autocast:  # fp32 weights at ZeRO 0, DeepSpeed's torch_autocast section
+        assert (w.fp16, w.bf16, w.zero, w.param_dtype) == (False, False, 0, torch.float32)
+        assert w.engine.torch_autocast_enabled()
+    else:
+        assert (w.fp16, w.bf16, w.zero) == (precision == "fp16", precision == "bf16", zero)
+        assert w.param_dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
     assert w.fused is True
-    assert w.param_dtype == (torch.float16 if precision == "fp16" else torch.bfloat16)
     assert w.step_devices == {"cuda"}  # fused AdamW keeps its step counts on the GPU
     losses = run.result.losses
     assert len(losses) == STEPS and all(math.isfinite(x) for x in losses)
     print(
-        f"{precision} ZeRO {zero}: max |GPU - CPU fp32| / CPU = "
+        f"{precision} ZeRO {zero} autocast {autocast}: max |GPU - CPU fp32| / CPU = "
         f"{max(abs(a - b) / b for a, b in zip(losses, cpu_fp32)):.2e}"
     )
     np.testing.assert_allclose(losses, cpu_fp32, rtol=1e-2)
 
 
-@pytest.mark.parametrize(("precision", "zero"), SETTINGS)
-def test_initial_weights_are_the_seeded_cpu_weights(runs, precision, zero):
+@pytest.mark.parametrize(("precision", "zero", "autocast"), SETTINGS)
+def test_initial_weights_are_the_seeded_cpu_weights(runs, precision, zero, autocast):
     """The step-0 checkpoint holds the weights the seed gives on the CPU, cast to the run's precision."""
     from transformers import AutoModelForCausalLM
 
-    run = runs[precision, zero]
+    run = runs[precision, zero, autocast]
     assert run.result.checkpoints[0].endswith("step0")
     dtype = run.watch.param_dtype
     saved = AutoModelForCausalLM.from_pretrained(run.result.checkpoints[0], dtype=dtype).state_dict()
@@ -149,14 +157,14 @@ def test_initial_weights_are_the_seeded_cpu_weights(runs, precision, zero):
         assert torch.equal(tensor, reference[key].to(tensor.dtype)), key
 
 
-@pytest.mark.parametrize(("precision", "zero"), SETTINGS)
-def test_mfu_from_the_gpu_name(runs, precision, zero):
+@pytest.mark.parametrize(("precision", "zero", "autocast"), SETTINGS)
+def test_mfu_from_the_gpu_name(runs, precision, zero, autocast):
     from polypythia.train.step import flops_per_token, peak_flops
 
     peak = peak_flops(None)
     if peak is None:
         pytest.skip(f"{torch.cuda.get_device_name()} is not in polypythia.train.step.PEAK_TFLOPS")
-    run = runs[precision, zero]
+    run = runs[precision, zero, autocast]
     m = run.cfg.model
     n = sum(p.numel() for name, p in run.watch.engine.module.named_parameters() if "embed_in" not in name)
     per_token = flops_per_token(n, m.num_layers, m.hidden_size, run.cfg.budget.seq_length)
@@ -165,11 +173,11 @@ def test_mfu_from_the_gpu_name(runs, precision, zero):
         assert 0 < metrics["train/mfu"] < 1
 
 
-@pytest.mark.parametrize(("precision", "zero"), SETTINGS)
-def test_monitor_reads_deepspeeds_master_weights(runs, precision, zero):
+@pytest.mark.parametrize(("precision", "zero", "autocast"), SETTINGS)
+def test_monitor_reads_deepspeeds_master_weights(runs, precision, zero, autocast):
     """At each sampled step the per-group gradient norms add up to the step's train/grad_norm (both
     unscaled under fp16), and the update ratios and Adam RMS come out of the fp32 master copy."""
-    run = runs[precision, zero]
+    run = runs[precision, zero, autocast]
     sampled = [s for s in range(EVERY, STEPS + 1, EVERY)]
     for step in sampled:
         metrics = run.watch.metrics[step]
@@ -188,13 +196,14 @@ def test_monitor_reads_deepspeeds_master_weights(runs, precision, zero):
     assert not any(k.startswith("monitor/") and not k.startswith("monitor/spike") for k in run.watch.metrics[1])
 
 
-def test_resume_on_the_gpu_continues_the_curve(runs, tmp_path, cache_dir):
-    """Pythia's GPU recipe (fp16, ZeRO 1): a run that crashes after step 7 resumes from its step-6
-    checkpoint with the loss scale, learning rate and optimizer state it had."""
+@pytest.mark.parametrize("autocast", [False, True])
+def test_resume_on_the_gpu_continues_the_curve(runs, tmp_path, cache_dir, autocast):
+    """Pythia's GPU recipe (fp16, ZeRO 1; with train.autocast, fp32 weights at ZeRO 0): a run that crashes
+    after step 7 resumes from its step-6 checkpoint with the loss scale, learning rate and optimizer state it had."""
     from test_train import Crash, CrashAt
 
-    reference = runs["fp16", 1]
-    cfg = gpu_job(tmp_path, cache_dir, "fp16", 1, train__keep_resume_states=None)
+    reference = runs["fp16", 1, autocast]
+    cfg = gpu_job(tmp_path, cache_dir, "fp16", 1, autocast, train__keep_resume_states=None)
     with pytest.raises(Crash):
         train_here(cfg, [CrashAt(7)])
     watch = Watch()
@@ -217,7 +226,7 @@ def test_validation_loss_on_the_gpu_matches_the_cpu(runs):
 
     from polypythia.evaluate.perplexity import validation_loss
 
-    run = runs["fp16", 1]
+    run = runs["fp16", 1, True]
     rows = torch.randint(
         0, run.watch.vocab_size, (6, run.cfg.budget.seq_length + 1), generator=torch.Generator().manual_seed(0)
     )
@@ -228,10 +237,10 @@ def test_validation_loss_on_the_gpu_matches_the_cpu(runs):
 
 
 def test_fp16_at_zero0_is_refused_where_auto_means_fp16(tmp_path, cache_dir):
-    """precision=auto is fp16 on a GPU: a job the launcher gave no GPU still refuses ZeRO 0 when it
-    finds one, before DeepSpeed starts (polypythia.config.jobconfig.FP16_ZERO0_REFUSED)."""
+    """precision=auto is fp16 on a GPU: a job the launcher gave no GPU still refuses DeepSpeed's fp16 weights
+    at ZeRO 0 when it finds one, before DeepSpeed starts (polypythia.config.jobconfig.FP16_ZERO0_REFUSED)."""
     from polypythia.errors import ConfigError
 
-    cfg = tiny_job(tmp_path, cache_dir, train__precision="auto", train__zero_stage=0)
+    cfg = tiny_job(tmp_path, cache_dir, train__precision="auto", train__zero_stage=0, train__autocast=False)
     with pytest.raises(ConfigError, match="zero_stage=0 is refused"):
         train_here(cfg)

@@ -35,6 +35,7 @@ def build(precision: str, monkeypatch, tmp_path):
         tmp_path / "cache",
         train__precision=precision,
         train__zero_stage=1,
+        train__autocast=False,
         model__vocab_size=8192,
         budget__global_batch_size=1,
         budget__micro_batch_size=1,

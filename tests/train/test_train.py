@@ -179,12 +179,13 @@ def test_model_flops_utilisation_is_logged_against_the_given_peak(tmp_path, cach
 
 
 def test_bf16_trains_on_cpu_with_bf16_weights(tmp_path, cache_dir):
-    """The mixed-precision path DeepSpeed takes on a GPU (ZeRO-1 keeps fp32 master weights); fp16
-    has no CPU kernels in DeepSpeed and is refused at configuration (tests/config/test_config.py)."""
+    """DeepSpeed's mixed-precision path (``train.autocast=false``: ZeRO-1 keeps fp32 master weights); fp16
+    has no CPU kernels in DeepSpeed and is refused at configuration (tests/config/test_config.py). The
+    default, train.autocast: tests/train/test_host_autocast.py."""
     from safetensors import safe_open
 
     fp32 = run(tiny_job(tmp_path / "fp32", cache_dir, budget__steps=3)).losses
-    cfg = tiny_job(tmp_path / "bf16", cache_dir, budget__steps=3, train__precision="bf16")
+    cfg = tiny_job(tmp_path / "bf16", cache_dir, budget__steps=3, train__precision="bf16", train__autocast=False)
     bf16 = run(cfg)
     assert bf16.losses != fp32
     np.testing.assert_allclose(bf16.losses, fp32, rtol=1e-2)

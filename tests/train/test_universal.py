@@ -27,11 +27,13 @@ def test_needs_conversion(saved, now, expected):
     assert needs_conversion(*saved, *now) is expected
 
 
-def test_one_fp32_worker_runs_zero0_and_mixed_precision_keeps_the_stage(tmp_path):
+def test_one_worker_of_fp32_weights_runs_zero0_and_deepspeeds_mixed_precision_keeps_the_stage(tmp_path):
     cfg = tiny_job(tmp_path, tmp_path, train__precision="fp32")
     assert (effective_zero_stage(cfg, 1), effective_zero_stage(cfg, 2)) == (0, 1)
-    bf16 = tiny_job(tmp_path, tmp_path, train__precision="bf16")
-    assert (effective_zero_stage(bf16, 1), effective_zero_stage(bf16, 2)) == (1, 1)
+    bf16 = tiny_job(tmp_path, tmp_path, train__precision="bf16")  # train.autocast: fp32 weights on one worker
+    assert (effective_zero_stage(bf16, 1), effective_zero_stage(bf16, 2)) == (0, 1)
+    deepspeeds = tiny_job(tmp_path, tmp_path, train__precision="bf16", train__autocast=False)
+    assert (effective_zero_stage(deepspeeds, 1), effective_zero_stage(deepspeeds, 2)) == (1, 1)
     assert "checkpoint" not in deepspeed_config(cfg, 2)
     assert deepspeed_config(cfg, 2, load_universal=True)["checkpoint"] == {"load_universal": True}
 
@@ -54,11 +56,20 @@ def test_a_step0_checkpoint_needs_no_conversion_and_stale_conversions_are_remove
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step0", "step1", "step2"]
 
 
-def test_precision_can_change_at_a_checkpoint(tmp_path, cache_dir):
-    """fp32 at ZeRO-0 up to step 2, bf16 at ZeRO-1 after it: the state crosses over."""
+@pytest.mark.parametrize("autocast", [True, False])
+def test_precision_can_change_at_a_checkpoint(tmp_path, cache_dir, autocast):
+    """fp32 at ZeRO-0 up to step 2, bf16 after it: under train.autocast at ZeRO-0 (the same state), with
+    DeepSpeed's bf16 weights at ZeRO-1 (through the universal layout)."""
     run(tiny_job(tmp_path, cache_dir, budget__steps=2))
     resumed = run(
-        tiny_job(tmp_path, cache_dir, budget__steps=4, budget__checkpoint_every_steps=2, train__precision="bf16")
+        tiny_job(
+            tmp_path,
+            cache_dir,
+            budget__steps=4,
+            budget__checkpoint_every_steps=2,
+            train__precision="bf16",
+            train__autocast=autocast,
+        )
     )
     assert resumed.start_step == 2 and len(resumed.losses) == 2
     assert all(math.isfinite(v) for v in resumed.losses)
@@ -67,6 +78,10 @@ def test_precision_can_change_at_a_checkpoint(tmp_path, cache_dir):
 def test_mixed_precision_zero0_state_is_refused_before_training(tmp_path, cache_dir):
     from polypythia.errors import CheckpointError
 
-    run(tiny_job(tmp_path, cache_dir, budget__steps=2, train__precision="bf16", train__zero_stage=0))
+    deepspeeds = {"train__precision": "bf16", "train__autocast": False}
+    run(tiny_job(tmp_path, cache_dir, budget__steps=2, train__zero_stage=0, **deepspeeds))
     with pytest.raises(CheckpointError, match="cannot resume at ZeRO stage 1 .*written with"):
-        run(tiny_job(tmp_path, cache_dir, budget__steps=4, train__precision="bf16"))
+        run(tiny_job(tmp_path, cache_dir, budget__steps=4, **deepspeeds))
+    # nor does it load as train.autocast's fp32 weights at ZeRO-0
+    with pytest.raises(CheckpointError, match="cannot resume at ZeRO stage 0 .*train.autocast"):
+        run(tiny_job(tmp_path, cache_dir, budget__steps=4, train__precision="bf16", train__zero_stage=0))
