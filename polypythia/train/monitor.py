@@ -72,7 +72,7 @@ import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 
@@ -102,8 +102,29 @@ class Spike:
     batch_rows: tuple[int, int]  # [start, end) positions of the step's global batch in the seeded order
 
 
+class _Layer(NamedTuple):
+    """One attention layer's input to its logit maximum, kept by the hooks: the output of
+    ``query_key_value`` (a reference, not a copy) and the rotary (cos, sin) the layer was handed."""
+
+    index: int
+    attn: torch.nn.Module
+    qkv: torch.Tensor
+    rotary: Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
 class ForwardSignals:
-    """Attention-logit maxima and output log Z of one forward pass, through forward hooks."""
+    """Attention-logit maxima and output log Z of one forward pass, through forward hooks.
+
+    The attention logits are recomputed a group of layers at a time, not layer by layer: the hooks keep
+    each layer's ``query_key_value`` output and rotary (cos, sin), and once a group holds as many
+    layers as fit :data:`FORWARD_CHUNK` scores (all of them for a small model), their queries and keys
+    are split, rotated and scored in one batched pass, a fixed number of ops whatever the number of
+    layers in the group. The kept outputs are held until their group is scored, a group's worth
+    at most (``3 x hidden`` values per token and layer, in the activations' dtype, beyond what the
+    forward pass keeps: on CPU neither SDPA nor eager attention keeps this tensor for the backward
+    pass, it saves the rotated queries and keys and its own copy of the values). All the maxima
+    reach the host in one read.
+    """
 
     def __init__(self, model: torch.nn.Module):
         self.attention = [m for m in model.modules() if hasattr(m, "query_key_value") and hasattr(m, "head_size")]
@@ -119,24 +140,25 @@ class ForwardSignals:
 
     @contextmanager
     def watch(self, metrics: dict[str, float]) -> Iterator[None]:
-        found: dict[str, Any] = {}
+        found: dict[str, Any] = {"rotary": {}, "group": [], "layers": [], "maxima": []}
         handles = []
         for i, attn in enumerate(self.attention):
             layer = getattr(attn, "layer_idx", None)
             layer = i if layer is None else layer
             handles.append(attn.register_forward_pre_hook(partial(self._keep_rotary, found, layer), with_kwargs=True))
-            handles.append(attn.query_key_value.register_forward_hook(partial(self._attention, found, layer, attn)))
+            handles.append(attn.query_key_value.register_forward_hook(partial(self._keep_qkv, found, layer, attn)))
         if self.head is not None:
             handles.append(self.head.register_forward_hook(partial(self._log_z, found)))
         try:
             yield
+            self._score(found)  # the last group
         finally:
             for handle in handles:
                 handle.remove()
-        layers = sorted(k for k in found if isinstance(k, int))
-        if layers:
-            maxima = torch.stack([found[k] for k in layers]).tolist()
-            metrics.update({f"monitor/attn_logit_max/layer{k}": v for k, v in zip(layers, maxima)})
+        if found["maxima"]:
+            maxima = found["maxima"]
+            maxima = (maxima[0] if len(maxima) == 1 else torch.cat(maxima)).tolist()  # the one host read
+            metrics.update({f"monitor/attn_logit_max/layer{k}": v for k, v in zip(found["layers"], maxima)})
             metrics["monitor/attn_logit_max"] = max(maxima)
         if "logz" in found:
             mean, top = found["logz"].tolist()
@@ -144,27 +166,55 @@ class ForwardSignals:
 
     @staticmethod
     def _keep_rotary(found, layer, module, args, kwargs):
-        found[("rotary", layer)] = kwargs.get("position_embeddings")
+        found["rotary"][layer] = kwargs.get("position_embeddings")
+
+    def _keep_qkv(self, found, layer, attn, module, args, qkv):
+        rotary = found["rotary"].pop(layer, None)
+        group = found["group"]
+        if group and (rotary is None) != (group[0].rotary is None):  # a group is rotated throughout or not at all
+            self._score(found)
+        group.append(_Layer(layer, attn, qkv, rotary))
+        batch, length = qkv.shape[:2]
+        heads = qkv.shape[-1] // (3 * attn.head_size)
+        if len(group) >= max(1, FORWARD_CHUNK // (batch * heads * length * length)):  # layers of scores that fit
+            self._score(found)
+
+    def _score(self, found) -> None:
+        """The kept group's logit maxima (a tensor, on the device), appended to ``found``; the group freed."""
+        group = found["group"]
+        if group:
+            found["maxima"].append(self._logit_maxima(group))
+            found["layers"].extend(layer.index for layer in group)
+            group.clear()
 
     @torch.no_grad()
-    def _attention(self, found, layer, attn, module, args, qkv):
-        rotary = found.pop(("rotary", layer), None)
-        batch, length = qkv.shape[:2]
-        head_size = attn.head_size
-        q, k, _ = qkv.detach().view(batch, length, -1, 3 * head_size).transpose(1, 2).chunk(3, dim=-1)
-        q, k = q.float(), k.float()
-        if rotary is not None:
-            cos, sin = rotary
-            q, k = self.rotary(q, k, cos.float(), sin.float())
-        scaling = getattr(attn, "scaling", head_size**-0.5)
+    def _logit_maxima(self, group: list[_Layer]) -> torch.Tensor:
+        """The largest causal logit q.k/sqrt(d) of each layer of ``group``, in fp32: the layers' q and k
+        stacked, rotated as GPT-NeoX rotates them (``apply_rotary_pos_emb``, on the first
+        ``rotary_ndims`` of each head), and scored in batches of at most :data:`FORWARD_CHUNK` scores."""
+        first = group[0]
+        qkv = first.qkv.unsqueeze(0) if len(group) == 1 else torch.stack([layer.qkv for layer in group])
+        layers, batch, length = qkv.shape[:3]
+        head_size = first.attn.head_size
+        q, k, _ = qkv.view(layers, batch, length, -1, 3 * head_size).transpose(2, 3).chunk(3, dim=-1)
+        q, k = q.float(), k.float()  # (layers, batch, heads, length, head_size)
+        if first.rotary is not None:
+            cos, sin = first.rotary  # (batch or 1, length, rotary_ndims); one model: the same for every layer
+            unsqueeze = 1
+            if any(layer.rotary[0] is not cos or layer.rotary[1] is not sin for layer in group):
+                cos, sin = (torch.stack([layer.rotary[i] for layer in group]) for i in (0, 1))
+                unsqueeze = 2
+            q, k = self.rotary(q, k, cos.float(), sin.float(), unsqueeze_dim=unsqueeze)
         future = torch.ones(length, length, dtype=torch.bool, device=q.device).triu_(1)
-        rows = max(1, FORWARD_CHUNK // (q.shape[1] * length * length))  # rows of (heads, T, T) scores at a time
+        rows = max(1, FORWARD_CHUNK // (layers * q.shape[2] * length * length))  # batch rows of scores at a time
         maxima = []
         with torch.autocast(q.device.type, enabled=False):  # fp32 scores under train.autocast too
-            for first in range(0, batch, rows):
-                scores = torch.matmul(q[first : first + rows], k[first : first + rows].transpose(-1, -2))
-                maxima.append(scores.masked_fill_(future, float("-inf")).amax())
-        found[layer] = torch.stack(maxima).amax() * scaling
+            for start in range(0, batch, rows):
+                qs, ks = (q, k) if rows >= batch else (q[:, start : start + rows], k[:, start : start + rows])
+                scores = torch.matmul(qs, ks.transpose(-1, -2))
+                maxima.append(scores.masked_fill_(future, float("-inf")).amax(dim=(1, 2, 3, 4)))
+        top = maxima[0] if len(maxima) == 1 else torch.stack(maxima).amax(0)
+        return top * getattr(first.attn, "scaling", head_size**-0.5)
 
     @staticmethod
     @torch.no_grad()

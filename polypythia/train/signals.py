@@ -201,7 +201,8 @@ class UpdateSignals:
         index = torch.tensor([frags[i].group for i in have], dtype=torch.long, device=device)
 
         norms = torch._foreach_norm([grads[i] for i in have], 2, dtype=torch.float32) if have else []
-        grad_sq = self._sum_groups(norms, index, partitioned, n, square=True) / scale**2
+        grad_sq = self._sum_groups(norms, index, partitioned, n, square=True)
+        grad_sq = grad_sq / scale**2 if scale != 1.0 else grad_sq  # no op where nothing is scaled
         total_sq, steps = total_and_adam_steps(grad_sq.sum(), frags)  # the step's first host read
         total = math.sqrt(total_sq)
         clip = min(1.0, self.max_grad_norm / (total + 1e-6)) if self.max_grad_norm > 0 else 1.0  # as DeepSpeed clips
@@ -238,7 +239,9 @@ class UpdateSignals:
         return {
             "weights": weights,
             "before": torch._foreach_mul(weights, 1.0) if weights else [],
-            "index": torch.tensor([f.group for f in frags], dtype=torch.long, device=device),
+            "index": index  # every fragment has a gradient (as a rule): the same groups, no new tensor
+            if len(have) == len(frags)
+            else torch.tensor([f.group for f in frags], dtype=torch.long, device=device),
             "partitioned": partitioned,
         }
 
