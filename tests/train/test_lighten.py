@@ -20,7 +20,7 @@ def dist():
     init_distributed()
 
 
-def build(precision: str, monkeypatch, tmp_path):
+def build(precision: str, monkeypatch, tmp_path, **overrides):
     """A real one-rank DeepSpeed ZeRO-1 engine around the tiny model, built as a job builds it; fp16 runs
     on CPU once DeepSpeed's CPU accelerator is told it has fp16 (the same code path as on a GPU)."""
     from deepspeed.accelerator import get_accelerator
@@ -34,8 +34,7 @@ def build(precision: str, monkeypatch, tmp_path):
         tmp_path,
         tmp_path / "cache",
         train__precision=precision,
-        train__zero_stage=1,
-        train__autocast=False,
+        **{"train__zero_stage": 1, "train__autocast": False, **overrides},
         model__vocab_size=8192,
         budget__global_batch_size=1,
         budget__micro_batch_size=1,
@@ -90,8 +89,20 @@ def test_fp32_foreach_clipping_equals_deepspeeds(dist):
         p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
         q.grad = p.grad.clone()
     engine = SimpleNamespace(module=model, gradient_clipping=lambda: 1.0, _global_grad_norm=None)
-    _clip_fp32(engine)
+    _clip_fp32(engine, tuple(model.parameters()))
     theirs = clip_grad_norm_(list(twin.parameters()), max_norm=1.0)
     assert float(engine._global_grad_norm) == pytest.approx(float(theirs), rel=1e-6)
     for ours, reference in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(ours.grad, reference.grad, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_step_leaves_no_gradient_on_fp32_weights(dist, monkeypatch, tmp_path, precision):
+    """fp32, and bf16 under train.autocast: engine.zero_grad clears the gradients from the parameter list
+    lighten_step made once (DeepSpeed walks the module tree each step), all of them."""
+    engine = build(precision, monkeypatch, tmp_path, train__autocast=True)
+    assert engine.zero_optimization_stage() == 0 and engine.zero_grad.__module__ == "polypythia.train.lighten"
+    engine.backward(loss_of(engine))
+    assert all(p.grad is not None for p in engine.module.parameters())
+    engine.step()
+    assert engine.was_step_applied() and all(p.grad is None for p in engine.module.parameters())
