@@ -52,7 +52,7 @@ import pandas as pd
 
 from analysis.errors import AnalysisError
 from analysis.rules import OUTLIER_COLUMNS as OUTLIER_COLUMNS
-from analysis.rules import Judged, knobs_of, outlier_frame, registered, wide_by_seed
+from analysis.rules import Judged, concat_outliers, knobs_of, outlier_frame, registered, wide_by_seed
 from analysis.rules.calibrated import OutlierRule, band_deviation, episodes, first_alerts, flag_trajectory_outliers
 from analysis.rules.mad import (
     MIN_SEEDS_FOR_MAD,
@@ -247,11 +247,9 @@ def find_outliers(
     ``blocks``: :func:`analysis.tidy_table.run_blocks` of ``metrics`` (or of a table that starts with its rows)."""
     judged = Judged(metrics, trajectories(metrics, tasks, outlier_metrics, score), blocks)
     chosen = rule_knobs(rule, mad_threshold, knobs)
-    frames = [r.judge(judged, knobs_of(r, chosen)) for r in registered()]
-    frames = [f for f in frames if not f.empty]
-    if not frames:
-        return outlier_frame([])
-    table = pd.concat(frames, ignore_index=True)
+    table = concat_outliers(r.judge(judged, knobs_of(r, chosen)) for r in registered())
+    if table.empty:
+        return table
     order = table["seed"].map(label_order)
     return (
         table.assign(_order=order)

@@ -151,6 +151,12 @@ def outlier_frame(rows: list[dict]) -> pd.DataFrame:
     return frame.astype({"recovery_step": "Int64", "weight_seed": "Int64", "data_seed": "Int64", "seed": str})
 
 
+def concat_outliers(frames) -> pd.DataFrame:
+    """The outlier rows of several judgements in one table; :func:`outlier_frame`'s empty table if none has any."""
+    frames = [f for f in frames if not f.empty]
+    return pd.concat(frames, ignore_index=True) if frames else outlier_frame([])
+
+
 def wide_by_seed(metrics: pd.DataFrame, metric: str) -> dict[str, pd.DataFrame]:
     """Per model, a (step x run) table of one metric, runs in seed order."""
     rows = metrics[metrics["metric"] == metric]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.rules import BaseRule, Judged, outlier_frame, register, wide_by_seed
+from analysis.rules import BaseRule, Judged, concat_outliers, outlier_frame, register, wide_by_seed
 from polypythia import stability
 from polypythia.stability import _others, decision_threshold, for_study_length, pooled_deviation
 
@@ -137,9 +137,9 @@ class CalibratedRule(BaseRule):
         return "calibrated"
 
     def judge(self, study: Judged, knobs: OutlierRule) -> pd.DataFrame:
-        frames = [flag_trajectory_outliers(rows, metric, knobs) for metric, rows in study.trajectories.items()]
-        frames = [f for f in frames if not f.empty]
-        return pd.concat(frames, ignore_index=True) if frames else outlier_frame([])
+        return concat_outliers(
+            flag_trajectory_outliers(rows, metric, knobs) for metric, rows in study.trajectories.items()
+        )
 
     def describe(self, knobs: OutlierRule) -> str:
         return (

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.errors import AnalysisError
-from analysis.rules import BaseRule, Judged, outlier_frame, register, wide_by_seed
+from analysis.rules import BaseRule, Judged, concat_outliers, outlier_frame, register, wide_by_seed
 from polypythia.stability import MAD_TO_SD
 from polypythia.study import label_order
 
@@ -186,13 +186,11 @@ class MadRule(BaseRule):
 
     def judge(self, study: Judged, knobs: MadKnobs) -> pd.DataFrame:
         present = study.present()
-        frames = [
+        return concat_outliers(
             flag_mad_outliers(study.metrics, metric, knobs.threshold, knobs.min_relative_deviation, study.blocks)
             for metric in knobs.metrics
             if metric in present
-        ]
-        frames = [f for f in frames if not f.empty]
-        return pd.concat(frames, ignore_index=True) if frames else outlier_frame([])
+        )
 
     def describe(self, knobs: MadKnobs) -> str:
         return (
