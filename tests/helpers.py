@@ -15,6 +15,11 @@ def tiny_job(tmp_path: Path, cache_dir: Path, **overrides):
     """A validated tiny/smoke JobConfig writing under ``tmp_path``."""
     from polypythia.config.jobconfig import job_config
 
+    return job_config(_smoke_dict(tmp_path, cache_dir, overrides))
+
+
+def _smoke_dict(tmp_path: Path, cache_dir: Path, overrides: dict, **tracking) -> dict:
+    """The tiny model on the smoke budget, writing under ``tmp_path``; ``a__b=v`` in ``overrides`` sets ``a.b``."""
     raw = {
         "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
         "budget": {
@@ -28,15 +33,15 @@ def tiny_job(tmp_path: Path, cache_dir: Path, **overrides):
         "data": {"cache_dir": str(cache_dir)},
         "home": str(tmp_path),
         "runs_dir": str(tmp_path / "runs"),
-        "tracking": {"dir": str(tmp_path / "mlflow")},
+        "tracking": {"dir": str(tmp_path / "mlflow"), **tracking},
     }
     for dotted, value in overrides.items():
         node = raw
         *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node.setdefault(p, {})
+        for key in parents:
+            node = node.setdefault(key, {})
         node[leaf] = value
-    return job_config(raw)
+    return raw
 
 
 def write_small_pair(folder: Path, repeats: int, copies: int):
@@ -170,28 +175,7 @@ def beyond_loopback(seen: dict[tuple[str, str], set[int]]) -> list[tuple[str, st
 
 def job(tmp_path: Path, **overrides) -> dict:
     """A tiny/smoke job's config dict writing under ``tmp_path``; ``a__b=v`` sets ``a.b``."""
-    raw = {
-        "model": {"name": "tiny", "num_layers": 2, "hidden_size": 64, "num_heads": 4, "lr": 1e-3},
-        "budget": {
-            "name": "smoke",
-            "steps": 6,
-            "global_batch_size": 4,
-            "micro_batch_size": 2,
-            "seq_length": 32,
-            "checkpoint_every_steps": 3,
-        },
-        "data": {"cache_dir": str(tmp_path / "cache")},
-        "home": str(tmp_path),
-        "runs_dir": str(tmp_path / "runs"),
-        "tracking": {"dir": str(tmp_path / "mlflow"), "uri": None},
-    }
-    for dotted, value in overrides.items():
-        node = raw
-        *parents, leaf = dotted.split("__")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return raw
+    return _smoke_dict(tmp_path, tmp_path / "cache", overrides, uri=None)
 
 
 def indexed(folder: Path) -> dict:
